@@ -1,0 +1,3 @@
+//! Skeleton; built out by its own issue.
+
+fn main() {}

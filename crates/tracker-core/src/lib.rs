@@ -1,0 +1,34 @@
+//! The connection tracker's core: domain types and the shared state in Redis.
+//!
+//! Any number of stateless API replicas and reaper replicas share one [`Store`].
+//! All state lives in Redis, in sorted sets scored by heartbeat time; every
+//! operation that reads-then-writes is one Lua script, so replicas never race
+//! each other and time always comes from the Redis server's clock.
+//!
+//! Layout of the crate:
+//! - [`domain`]: validated identifiers (`SessionId`, `ConnectionId`, `UserId`)
+//!   and the views clients see;
+//! - [`keys`]: which shard a session or user lives in, and why that is
+//!   cluster-safe;
+//! - [`store`]: the operations, one script each (`src/lua/*.lua`, each with a
+//!   header stating KEYS, ARGV, the return value and what it makes atomic).
+//!
+//! This crate knows nothing of HTTP, Kubernetes or SQL.
+
+pub mod domain;
+pub mod error;
+pub mod keys;
+mod scripts;
+pub mod store;
+
+pub use domain::{
+    ConnectionId, ConnectionView, EndReason, HistoryRecord, Protocol, ResourceState, SessionId,
+    SessionState, SessionView, UserAgent, UserId, ValidationError,
+};
+pub use error::{Error, Result};
+pub use keys::{KeySpace, ShardId};
+pub use store::{
+    BatchOutcome, ClaimOutcome, ClockOffset, Epoch, Expired, HeartbeatAck, IdleTimeout, Limits,
+    NewConnection, OutboxEntry, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta,
+    Stats, Store, StoreConfig,
+};

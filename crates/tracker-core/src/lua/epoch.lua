@@ -1,0 +1,14 @@
+-- epoch.lua: the shard's epoch marker, created if missing.
+--
+-- KEYS[1]  shard base
+-- ARGV     clock offset ms (unused), a fresh random marker
+-- Returns  {marker, 1 if it was created by this call else 0}
+-- Atomic   read-or-create, so concurrent callers agree on one marker. A marker
+--          that changes between two calls means the shard lost its data (a
+--          restarted node without persistence, a flush).
+
+local key = B .. ':epoch'
+local current = redis.call('GET', key)
+if current then return { current, 0 } end
+redis.call('SET', key, ARGV[2])
+return { ARGV[2], 1 }

@@ -1,0 +1,9 @@
+-- stats.lua: the maintained counters of one shard.
+--
+-- KEYS[1]  shard base
+-- ARGV     clock offset ms (unused)
+-- Returns  flat pairs {counter, value, ...} (conns, sessions, shared,
+--          proto:<protocol>, state:<state>); never scans the keyspace.
+-- Atomic   a consistent snapshot of the shard's counters (read only).
+
+return redis.call('HGETALL', K_STATS)

@@ -1,0 +1,55 @@
+//! The Lua scripts, loaded once. Each operation is its own file under `lua/`
+//! whose header states KEYS, ARGV, the return value and what it makes atomic.
+//! Shard scripts are prefixed with `lua/common.lua`, the one place that names
+//! the keys inside a shard.
+
+use redis::Script;
+
+const COMMON: &str = include_str!("lua/common.lua");
+
+/// A script and the name used in errors, logs and metrics.
+#[derive(Debug)]
+pub(crate) struct Op {
+    pub name: &'static str,
+    pub script: Script,
+}
+
+macro_rules! scripts {
+    (shard: [$($shard:ident),* $(,)?], plain: [$($plain:ident),* $(,)?]) => {
+        /// Every script of the store.
+        #[derive(Debug)]
+        pub(crate) struct Scripts {
+            $(pub $shard: Op,)*
+            $(pub $plain: Op,)*
+        }
+
+        impl Scripts {
+            pub fn load() -> Self {
+                Self {
+                    $($shard: Op {
+                        name: stringify!($shard),
+                        script: Script::new(&format!(
+                            "{COMMON}\n{}",
+                            include_str!(concat!("lua/", stringify!($shard), ".lua"))
+                        )),
+                    },)*
+                    $($plain: Op {
+                        name: stringify!($plain),
+                        script: Script::new(include_str!(concat!("lua/", stringify!($plain), ".lua"))),
+                    },)*
+                }
+            }
+        }
+    };
+}
+
+scripts! {
+    shard: [
+        register, heartbeat, heartbeat_batch, close, sweep, get_connection,
+        list_connections, session_view, due_sessions, claim_hibernation,
+        finish_hibernation, rollback_hibernation, pending_wakes, ack_wake,
+        mirror_session, forget_session, known_sessions, stats, outbox_read,
+        outbox_ack, outbox_len, epoch, reserve_user, release_user,
+    ],
+    plain: [lock_acquire, lock_release]
+}
