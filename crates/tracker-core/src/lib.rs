@@ -20,6 +20,8 @@ pub mod error;
 pub mod keys;
 mod scripts;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use domain::{
     ConnectionId, ConnectionView, EndReason, HistoryRecord, Protocol, ResourceState, SessionId,
