@@ -136,7 +136,8 @@ impl Handle {
 
     /// Deletes the Session, emitting a watch event; returns it, or `None` if it did not exist.
     pub fn delete_session(&self, namespace: &str, name: &str) -> Option<Value> {
-        self.write(|s| s.delete(&SESSIONS, namespace, name, None)).ok()
+        self.write(|s| s.delete(&SESSIONS, namespace, name, None))
+            .ok()
     }
 
     /// The stored Session, if any.
@@ -273,7 +274,10 @@ async fn wait_until<T, V>(
         if let Some(found) = check() {
             return Ok(found);
         }
-        if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+        if !matches!(
+            tokio::time::timeout_at(deadline, changes.changed()).await,
+            Ok(Ok(()))
+        ) {
             return Err(Error::Timeout {
                 waited: timeout,
                 what,
@@ -299,7 +303,9 @@ impl FakeKube {
     /// Starts the fake on `addr` (port 0 picks a free one; see [`FakeKube::addr`]).
     pub async fn start_on(addr: SocketAddr) -> Result<Self> {
         let bind_error = |source| Error::Bind { addr, source };
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_error)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let handle = Handle::new();
         let app = routes::router(handle.clone());
@@ -335,7 +341,10 @@ impl FakeKube {
     /// It keeps kube's default retries on 429/503/504; set `default_retry = false` to see them.
     pub fn kube_config(&self) -> kube::Config {
         // The URL is built from a SocketAddr, so it always parses.
-        let url = self.url().parse().expect("a socket address is a valid URI authority");
+        let url = self
+            .url()
+            .parse()
+            .expect("a socket address is a valid URI authority");
         let mut config = kube::Config::new(url);
         config.default_namespace = DEFAULT_NAMESPACE.to_owned();
         config

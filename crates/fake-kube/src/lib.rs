@@ -82,7 +82,10 @@ pub enum Error {
     Rejected { code: u16, message: String },
     /// A `wait_for_*` condition did not hold in time.
     #[error("timed out after {waited:?} waiting for {what}")]
-    Timeout { waited: Duration, what: &'static str },
+    Timeout {
+        waited: Duration,
+        what: &'static str,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

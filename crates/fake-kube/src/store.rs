@@ -98,7 +98,10 @@ impl StatusError {
     fn already_exists(res: &Resource, name: &str) -> Self {
         Self {
             reason: "AlreadyExists",
-            ..Self::new(409, format!("{} \"{name}\" already exists", res.qualified()))
+            ..Self::new(
+                409,
+                format!("{} \"{name}\" already exists", res.qualified()),
+            )
         }
     }
 
@@ -199,13 +202,27 @@ impl Store {
             .collect()
     }
 
-    pub fn create(&mut self, res: &'static Resource, ns: &str, mut obj: Value) -> StoreResult<Value> {
+    pub fn create(
+        &mut self,
+        res: &'static Resource,
+        ns: &str,
+        mut obj: Value,
+    ) -> StoreResult<Value> {
         let meta = metadata_mut(&mut obj)?;
         let name = match meta.get("name").and_then(Value::as_str) {
             Some(name) if !name.is_empty() => name.to_owned(),
-            _ => return Err(StatusError::new(422, "metadata.name: Required value: name is required")),
+            _ => {
+                return Err(StatusError::new(
+                    422,
+                    "metadata.name: Required value: name is required",
+                ))
+            }
         };
-        if meta.get("namespace").and_then(Value::as_str).is_some_and(|n| n != ns) {
+        if meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .is_some_and(|n| n != ns)
+        {
             return Err(StatusError::bad_request(
                 "the namespace of the provided object does not match the namespace sent on the request",
             ));
@@ -231,9 +248,19 @@ impl Store {
     }
 
     /// PUT: an empty `resourceVersion` is an unconditional update, otherwise it must match.
-    pub fn replace(&mut self, res: &'static Resource, ns: &str, name: &str, mut obj: Value) -> StoreResult<Value> {
+    pub fn replace(
+        &mut self,
+        res: &'static Resource,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+    ) -> StoreResult<Value> {
         let meta = metadata_mut(&mut obj)?;
-        if meta.get("name").and_then(Value::as_str).is_some_and(|n| n != name) {
+        if meta
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| n != name)
+        {
             return Err(StatusError::bad_request(
                 "the name of the object does not match the name on the URL",
             ));
@@ -243,7 +270,13 @@ impl Store {
     }
 
     /// RFC 7386 merge patch; a `metadata.resourceVersion` in the patch is a precondition.
-    pub fn merge_patch(&mut self, res: &'static Resource, ns: &str, name: &str, patch: &Value) -> StoreResult<Value> {
+    pub fn merge_patch(
+        &mut self,
+        res: &'static Resource,
+        ns: &str,
+        name: &str,
+        patch: &Value,
+    ) -> StoreResult<Value> {
         let mut obj = self.get(res, ns, name)?;
         self.check_version(res, ns, name, patch)?;
         merge(&mut obj, patch);
@@ -251,7 +284,13 @@ impl Store {
     }
 
     /// Server-side apply, reduced to create-or-merge; returns whether it created the object.
-    pub fn apply(&mut self, res: &'static Resource, ns: &str, name: &str, patch: &Value) -> StoreResult<(Value, bool)> {
+    pub fn apply(
+        &mut self,
+        res: &'static Resource,
+        ns: &str,
+        name: &str,
+        patch: &Value,
+    ) -> StoreResult<(Value, bool)> {
         if self.objects.contains_key(&key(res, ns, name)) {
             return Ok((self.merge_patch(res, ns, name, patch)?, false));
         }
@@ -262,7 +301,13 @@ impl Store {
         Ok((self.create(res, ns, obj)?, true))
     }
 
-    pub fn delete(&mut self, res: &'static Resource, ns: &str, name: &str, precondition: Option<&str>) -> StoreResult<Value> {
+    pub fn delete(
+        &mut self,
+        res: &'static Resource,
+        ns: &str,
+        name: &str,
+        precondition: Option<&str>,
+    ) -> StoreResult<Value> {
         let key = key(res, ns, name);
         let Some(mut obj) = self.objects.get(&key).cloned() else {
             return Err(StatusError::not_found(res, name));
@@ -282,7 +327,12 @@ impl Store {
     }
 
     /// Events for `res` (in `ns`, or all namespaces) newer than `after`, oldest first.
-    pub fn events_after(&self, res: &'static Resource, ns: Option<&str>, after: u64) -> StoreResult<Vec<Event>> {
+    pub fn events_after(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        after: u64,
+    ) -> StoreResult<Vec<Event>> {
         if after < self.compacted {
             return Err(StatusError::expired(after, self.compacted + 1));
         }
@@ -304,7 +354,13 @@ impl Store {
         self.compacted = self.resource_version;
     }
 
-    fn check_version(&self, res: &'static Resource, ns: &str, name: &str, incoming: &Value) -> StoreResult<()> {
+    fn check_version(
+        &self,
+        res: &'static Resource,
+        ns: &str,
+        name: &str,
+        incoming: &Value,
+    ) -> StoreResult<()> {
         let stored = self.get(res, ns, name)?;
         match resource_version(incoming) {
             Some(rv) if !rv.is_empty() && Some(rv) != resource_version(&stored) => {
@@ -315,14 +371,31 @@ impl Store {
     }
 
     /// Stores `new` over the existing object, keeping fields only the server may set.
-    fn update(&mut self, res: &'static Resource, ns: &str, name: &str, mut new: Value) -> StoreResult<Value> {
+    fn update(
+        &mut self,
+        res: &'static Resource,
+        ns: &str,
+        name: &str,
+        mut new: Value,
+    ) -> StoreResult<Value> {
         let key = key(res, ns, name);
         let Some(old) = self.objects.get(&key) else {
             return Err(StatusError::not_found(res, name));
         };
-        let old_meta = old.get("metadata").and_then(Value::as_object).cloned().unwrap_or_default();
+        let old_meta = old
+            .get("metadata")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         let meta = metadata_mut(&mut new)?;
-        for field in ["name", "namespace", "uid", "creationTimestamp", "generation", "resourceVersion"] {
+        for field in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "resourceVersion",
+        ] {
             match old_meta.get(field) {
                 Some(v) => meta.insert(field.into(), v.clone()),
                 None => meta.remove(field),
@@ -333,7 +406,10 @@ impl Store {
             return Ok(new);
         }
         if without_metadata_and_status(old) != without_metadata_and_status(&new) {
-            let generation = old_meta.get("generation").and_then(Value::as_i64).unwrap_or(0);
+            let generation = old_meta
+                .get("generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
             metadata_mut(&mut new)?.insert("generation".into(), (generation + 1).into());
         }
         self.resource_version += 1;
@@ -367,7 +443,8 @@ fn key(res: &'static Resource, ns: &str, name: &str) -> Key {
 }
 
 pub(crate) fn resource_version(obj: &Value) -> Option<&str> {
-    obj.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+    obj.pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
 }
 
 /// The object's metadata map, created if absent; non-objects are a client error, not a panic.
@@ -455,7 +532,9 @@ impl Selector {
         for term in split_terms(fields) {
             let (path, op) = parse_term(term);
             if matches!(op, Op::Exists | Op::NotExists) {
-                return Err(StatusError::bad_request(format!("invalid field selector: {term:?}")));
+                return Err(StatusError::bad_request(format!(
+                    "invalid field selector: {term:?}"
+                )));
             }
             terms.push((Subject::Field(format!("/{}", path.replace('.', "/"))), op));
         }
@@ -527,29 +606,63 @@ mod tests {
         assert_eq!(created["metadata"]["generation"], 1);
 
         let labelled = store
-            .merge_patch(&SESSIONS, "ns", "s", &json!({"metadata": {"labels": {"b": "c"}}}))
+            .merge_patch(
+                &SESSIONS,
+                "ns",
+                "s",
+                &json!({"metadata": {"labels": {"b": "c"}}}),
+            )
             .expect("patch labels");
         assert_eq!(resource_version(&labelled), Some("2"));
         assert_eq!(labelled["metadata"]["generation"], 1);
 
         let spec = json!({"spec": {"state": "hibernated"}});
-        let hibernated = store.merge_patch(&SESSIONS, "ns", "s", &spec).expect("patch spec");
+        let hibernated = store
+            .merge_patch(&SESSIONS, "ns", "s", &spec)
+            .expect("patch spec");
         assert_eq!(hibernated["metadata"]["generation"], 2);
-        let again = store.merge_patch(&SESSIONS, "ns", "s", &spec).expect("no-op");
+        let again = store
+            .merge_patch(&SESSIONS, "ns", "s", &spec)
+            .expect("no-op");
         assert_eq!(resource_version(&again), Some("3"));
-        assert_eq!(store.events_after(&SESSIONS, None, 0).expect("events").len(), 3);
+        assert_eq!(
+            store
+                .events_after(&SESSIONS, None, 0)
+                .expect("events")
+                .len(),
+            3
+        );
     }
 
     #[test]
     fn stale_versions_conflict() {
         let mut store = Store::default();
         store.create(&LEASES, "ns", session("l")).expect("create");
-        store.merge_patch(&LEASES, "ns", "l", &json!({"spec": {"x": 1}})).expect("patch");
+        store
+            .merge_patch(&LEASES, "ns", "l", &json!({"spec": {"x": 1}}))
+            .expect("patch");
         let stale = json!({"metadata": {"name": "l", "resourceVersion": "1"}});
-        assert_eq!(store.replace(&LEASES, "ns", "l", stale.clone()).map_err(|e| e.code), Err(409));
-        assert_eq!(store.merge_patch(&LEASES, "ns", "l", &stale).map_err(|e| e.code), Err(409));
-        assert_eq!(store.delete(&LEASES, "ns", "l", Some("1")).map_err(|e| e.code), Err(409));
-        let again = store.create(&LEASES, "ns", session("l")).map_err(|e| e.reason);
+        assert_eq!(
+            store
+                .replace(&LEASES, "ns", "l", stale.clone())
+                .map_err(|e| e.code),
+            Err(409)
+        );
+        assert_eq!(
+            store
+                .merge_patch(&LEASES, "ns", "l", &stale)
+                .map_err(|e| e.code),
+            Err(409)
+        );
+        assert_eq!(
+            store
+                .delete(&LEASES, "ns", "l", Some("1"))
+                .map_err(|e| e.code),
+            Err(409)
+        );
+        let again = store
+            .create(&LEASES, "ns", session("l"))
+            .map_err(|e| e.reason);
         assert_eq!(again, Err("AlreadyExists"));
     }
 
@@ -559,8 +672,11 @@ mod tests {
         store.create(&SESSIONS, "ns", session("a")).expect("create");
         store.compact();
         store.delete(&SESSIONS, "ns", "a", None).expect("delete");
-        assert_eq!(store.events_after(&SESSIONS, None, 0).map_err(|e| e.code), Err(410));
-        let events = store.events_after(&SESSIONS, Some("ns"), 1).expect("events");
+        let expired = store.events_after(&SESSIONS, None, 0).err();
+        assert_eq!(expired.map(|e| (e.code, e.reason)), Some((410, "Expired")));
+        let events = store
+            .events_after(&SESSIONS, Some("ns"), 1)
+            .expect("events");
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, EventType::Deleted);
         assert_eq!(resource_version(&events[0].object), Some("2"));

@@ -1,0 +1,337 @@
+//! Registering, heartbeating, listing, closing and expiring connections.
+
+use std::time::Duration;
+
+use tracker_core::testing::Backend;
+use tracker_core::{
+    ConnectionId, EndReason, IdleTimeout, Limits, Protocol, RegisterOutcome, ResourceState,
+    SessionState,
+};
+
+use crate::support::*;
+
+crate::both!(
+    a_connection_lives_from_register_to_close,
+    replaying_a_registration_is_idempotent,
+    a_late_heartbeat_never_revives_a_connection,
+    closing_a_dead_connection_archives_it_as_expired,
+    batch_heartbeats_report_exactly_the_unknown_pairs,
+    stats_follow_every_change,
+    limits_refuse_the_connection_over_the_limit,
+    a_refused_registration_gives_its_user_slot_back,
+    a_connection_id_cannot_be_taken_by_another_session,
+);
+
+async fn a_connection_lives_from_register_to_close(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    let c = conn(&s, "alice", Protocol::Vnc);
+    let reg = created(store.register(&c, Limits::default()).await.unwrap());
+    assert_eq!(reg.connection.connection_id, c.connection_id);
+    assert_eq!(reg.connection.user_agent, c.user_agent);
+    assert_eq!(reg.connection.client_ip, c.client_ip);
+    assert_eq!(
+        reg.connection.expires_at - reg.connection.last_heartbeat,
+        chrono::Duration::from_std(WINDOW).unwrap()
+    );
+    assert_eq!(reg.session.active_connections, 1);
+    assert_eq!(reg.session.distinct_users, 1);
+    assert_eq!(reg.session.state, SessionState::Unknown);
+    assert_eq!(
+        reg.session.last_connection_at,
+        Some(reg.connection.connected_at)
+    );
+
+    let got = store
+        .get_connection(c.connection_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, reg.connection);
+    assert_eq!(
+        store.list_connections(&s).await.unwrap(),
+        vec![reg.connection.clone()]
+    );
+
+    let ack = store.heartbeat(&s, c.connection_id).await.unwrap().unwrap();
+    assert!(ack.last_heartbeat >= reg.connection.last_heartbeat);
+    assert_eq!(
+        store
+            .heartbeat(&sid("desk-2"), c.connection_id)
+            .await
+            .unwrap(),
+        None,
+        "a heartbeat names its session"
+    );
+
+    assert_eq!(
+        store.close(&s, c.connection_id).await.unwrap(),
+        Some(EndReason::Closed)
+    );
+    assert_eq!(store.close(&s, c.connection_id).await.unwrap(), None);
+    assert_eq!(store.heartbeat(&s, c.connection_id).await.unwrap(), None);
+    assert_eq!(store.get_connection(c.connection_id).await.unwrap(), None);
+    assert!(store.list_connections(&s).await.unwrap().is_empty());
+
+    let view = store
+        .session(&s)
+        .await
+        .unwrap()
+        .expect("still known after close");
+    assert_eq!(view.active_connections, 0);
+    assert_eq!(view.idle_since, view.last_disconnect_at);
+    assert!(view.idle_since.is_some());
+
+    let out = outbox(&store).await;
+    assert_eq!(out.len(), 1);
+    let r = &out[0].record;
+    assert_eq!(r.connection_id, c.connection_id);
+    assert_eq!(r.session_id, s);
+    assert_eq!(r.user_id, c.user_id);
+    assert_eq!(r.protocol, Protocol::Vnc);
+    assert_eq!(r.client_ip, c.client_ip);
+    assert_eq!(r.user_agent, c.user_agent);
+    assert_eq!(r.connected_at, reg.connection.connected_at);
+    assert_eq!(r.last_heartbeat_at, ack.last_heartbeat);
+    assert_eq!(Some(r.disconnected_at), view.last_disconnect_at);
+    assert_eq!(r.end_reason, EndReason::Closed);
+
+    assert_eq!(store.session(&sid("never-seen")).await.unwrap(), None);
+}
+
+async fn replaying_a_registration_is_idempotent(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    let c = conn(&s, "alice", Protocol::Http);
+    let first = created(store.register(&c, Limits::default()).await.unwrap());
+    let RegisterOutcome::Replayed(again) = store.register(&c, Limits::default()).await.unwrap()
+    else {
+        panic!("a replay is not a new connection");
+    };
+    assert_eq!(
+        again.connection.connection_id,
+        first.connection.connection_id
+    );
+    assert_eq!(again.connection.connected_at, first.connection.connected_at);
+    assert_eq!(again.session.active_connections, 1);
+    assert_eq!(store.stats().await.unwrap().total_connections, 1);
+}
+
+async fn a_late_heartbeat_never_revives_a_connection(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    let c = conn(&s, "alice", Protocol::Websocket);
+    let reg = created(store.register(&c, Limits::default()).await.unwrap());
+
+    clock.advance(WINDOW);
+    assert_eq!(
+        store.heartbeat(&s, c.connection_id).await.unwrap(),
+        None,
+        "dead at the window"
+    );
+    assert!(store.list_connections(&s).await.unwrap().is_empty());
+    assert_eq!(store.get_connection(c.connection_id).await.unwrap(), None);
+    let view = store.session(&s).await.unwrap().unwrap();
+    assert_eq!(view.active_connections, 0);
+    assert_eq!(
+        view.idle_since,
+        Some(reg.connection.last_heartbeat + chrono::Duration::from_std(WINDOW).unwrap())
+    );
+
+    assert_eq!(sweep_all(&store).await, 1);
+    assert_eq!(
+        store.heartbeat(&s, c.connection_id).await.unwrap(),
+        None,
+        "not after the sweep"
+    );
+    assert_eq!(sweep_all(&store).await, 0, "swept once");
+    let out = outbox(&store).await;
+    assert_eq!(out.len(), 1);
+    let r = &out[0].record;
+    assert_eq!(r.end_reason, EndReason::Expired);
+    assert_eq!(r.last_heartbeat_at, reg.connection.last_heartbeat);
+    assert_eq!(r.disconnected_at, reg.connection.expires_at);
+    assert_eq!(store.stats().await.unwrap().total_connections, 0);
+}
+
+async fn closing_a_dead_connection_archives_it_as_expired(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    let c = conn(&s, "alice", Protocol::Websocket);
+    created(store.register(&c, Limits::default()).await.unwrap());
+    clock.advance(WINDOW + Duration::from_secs(5));
+    assert_eq!(
+        store.close(&s, c.connection_id).await.unwrap(),
+        Some(EndReason::Expired)
+    );
+    assert_eq!(sweep_all(&store).await, 0);
+    let out = outbox(&store).await;
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].record.end_reason, EndReason::Expired);
+}
+
+async fn batch_heartbeats_report_exactly_the_unknown_pairs(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let mut pairs = Vec::new();
+    for i in 0..30 {
+        let s = sid(&format!("desk-{i}"));
+        let c = conn(&s, "alice", Protocol::Http);
+        created(store.register(&c, Limits::default()).await.unwrap());
+        pairs.push((s, c.connection_id));
+    }
+    let closed = pairs[3].clone();
+    store.close(&closed.0, closed.1).await.unwrap();
+    let stranger = (sid("desk-7"), ConnectionId::new_random());
+    let wrong_session = (sid("desk-8"), pairs[9].1);
+    let mut batch = pairs.clone();
+    batch.insert(5, stranger.clone());
+    batch.push(wrong_session.clone());
+
+    let outcome = store.heartbeat_batch(&batch).await.unwrap();
+    assert_eq!(outcome.alive, 29);
+    assert_eq!(outcome.unknown, vec![closed, stranger, wrong_session]);
+    assert_eq!(store.heartbeat_batch(&[]).await.unwrap().alive, 0);
+}
+
+async fn stats_follow_every_change(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let (s1, s2, s3) = (sid("desk-1"), sid("desk-2"), sid("desk-3"));
+    mirror(&store, &s3, ResourceState::Running, IdleTimeout::Off, 1).await;
+    let conns = [
+        conn(&s1, "alice", Protocol::Vnc),
+        conn(&s1, "bob", Protocol::Http),
+        conn(&s2, "alice", Protocol::Websocket),
+        conn(&s2, "alice", Protocol::Websocket),
+    ];
+    for c in &conns {
+        created(store.register(c, Limits::default()).await.unwrap());
+    }
+    let st = store.stats().await.unwrap();
+    assert_eq!(st.total_connections, 4);
+    assert_eq!(st.sessions_with_connections, 2);
+    assert_eq!(st.shared_sessions, 1);
+    assert_eq!(st.connections_by_protocol[&Protocol::Websocket], 2);
+    assert_eq!(st.connections_by_protocol[&Protocol::Vnc], 1);
+    assert_eq!(st.connections_by_protocol[&Protocol::Http], 1);
+    assert_eq!(st.sessions_by_state[&SessionState::Unknown], 2);
+    assert_eq!(st.sessions_by_state[&SessionState::Idle], 1);
+    assert_eq!(st.heartbeat_window_seconds, 60);
+
+    // s3 gets a connection: idle -> running.
+    let c3 = conn(&s3, "carol", Protocol::Http);
+    created(store.register(&c3, Limits::default()).await.unwrap());
+    let st = store.stats().await.unwrap();
+    assert_eq!(st.sessions_by_state[&SessionState::Running], 1);
+    assert_eq!(st.sessions_by_state[&SessionState::Idle], 0);
+
+    for c in conns.iter().chain([&c3]) {
+        store.close(&c.session_id, c.connection_id).await.unwrap();
+    }
+    let st = store.stats().await.unwrap();
+    assert_eq!(st.total_connections, 0);
+    assert_eq!(st.sessions_with_connections, 0);
+    assert_eq!(st.shared_sessions, 0);
+    assert!(st.connections_by_protocol.values().all(|&n| n == 0));
+    assert_eq!(st.sessions_by_state[&SessionState::Unknown], 0);
+    assert_eq!(st.sessions_by_state[&SessionState::Idle], 1);
+}
+
+async fn limits_refuse_the_connection_over_the_limit(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let per_session = Limits {
+        per_session: 2,
+        per_user: 0,
+    };
+    let s = sid("desk-1");
+    let a = conn(&s, "alice", Protocol::Http);
+    created(store.register(&a, per_session).await.unwrap());
+    created(
+        store
+            .register(&conn(&s, "bob", Protocol::Http), per_session)
+            .await
+            .unwrap(),
+    );
+    let third = conn(&s, "carol", Protocol::Http);
+    assert_eq!(
+        store.register(&third, per_session).await.unwrap(),
+        RegisterOutcome::SessionLimit
+    );
+    store.close(&s, a.connection_id).await.unwrap();
+    created(store.register(&third, per_session).await.unwrap());
+
+    let per_user = Limits {
+        per_session: 0,
+        per_user: 2,
+    };
+    let first = conn(&sid("u-1"), "dave", Protocol::Vnc);
+    created(store.register(&first, per_user).await.unwrap());
+    created(
+        store
+            .register(&conn(&sid("u-2"), "dave", Protocol::Vnc), per_user)
+            .await
+            .unwrap(),
+    );
+    let over = conn(&sid("u-3"), "dave", Protocol::Vnc);
+    assert_eq!(
+        store.register(&over, per_user).await.unwrap(),
+        RegisterOutcome::UserLimit
+    );
+    created(
+        store
+            .register(&conn(&sid("u-3"), "erin", Protocol::Vnc), per_user)
+            .await
+            .unwrap(),
+    );
+    // Replaying a registration does not take a second slot.
+    assert!(matches!(
+        store.register(&first, per_user).await.unwrap(),
+        RegisterOutcome::Replayed(_)
+    ));
+    store
+        .close(&first.session_id, first.connection_id)
+        .await
+        .unwrap();
+    created(store.register(&over, per_user).await.unwrap());
+}
+
+async fn a_refused_registration_gives_its_user_slot_back(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let limits = Limits {
+        per_session: 0,
+        per_user: 1,
+    };
+    let gone = sid("gone");
+    mirror(
+        &store,
+        &gone,
+        ResourceState::Terminated,
+        IdleTimeout::Off,
+        1,
+    )
+    .await;
+    let refused = conn(&gone, "alice", Protocol::Http);
+    assert_eq!(
+        store.register(&refused, limits).await.unwrap(),
+        RegisterOutcome::Terminated
+    );
+    created(
+        store
+            .register(&conn(&sid("ok"), "alice", Protocol::Http), limits)
+            .await
+            .unwrap(),
+    );
+}
+
+async fn a_connection_id_cannot_be_taken_by_another_session(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let sessions = same_shard_sessions(&store, 2);
+    let c = conn(&sessions[0], "alice", Protocol::Http);
+    created(store.register(&c, Limits::default()).await.unwrap());
+    let mut thief = c.clone();
+    thief.session_id = sessions[1].clone();
+    assert_eq!(
+        store.register(&thief, Limits::default()).await.unwrap(),
+        RegisterOutcome::Conflict
+    );
+    assert_eq!(store.session(&sessions[1]).await.unwrap(), None);
+}

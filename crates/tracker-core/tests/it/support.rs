@@ -1,0 +1,130 @@
+use std::time::Duration;
+
+use tracker_core::testing::{self, Backend};
+use tracker_core::{
+    ClockOffset, ConnectionId, IdleTimeout, NewConnection, OutboxEntry, Protocol, RegisterOutcome,
+    Registered, ResourceState, SessionId, SessionMeta, Store, UserAgent, UserId,
+};
+
+/// Runs an async test case against the standalone Redis and the Cluster.
+#[macro_export]
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(tracker_core::testing::Backend::Standalone).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(tracker_core::testing::Backend::Cluster).await;
+                }
+            )*
+        }
+    };
+}
+
+pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// A store with a fresh prefix and a movable clock.
+pub async fn store(backend: Backend) -> (Store, ClockOffset) {
+    store_with_window(backend, WINDOW).await
+}
+
+pub async fn store_with_window(backend: Backend, window: Duration) -> (Store, ClockOffset) {
+    let cfg = testing::config(backend, window);
+    let clock = ClockOffset::default();
+    (
+        testing::connect(&cfg).await.with_clock(clock.clone()),
+        clock,
+    )
+}
+
+pub fn sid(s: &str) -> SessionId {
+    s.parse().unwrap()
+}
+
+pub fn uid(s: &str) -> UserId {
+    s.parse().unwrap()
+}
+
+pub fn conn(session: &SessionId, user: &str, protocol: Protocol) -> NewConnection {
+    NewConnection {
+        session_id: session.clone(),
+        connection_id: ConnectionId::new_random(),
+        user_id: uid(user),
+        protocol,
+        client_ip: Some("10.1.2.3".parse().unwrap()),
+        user_agent: Some(UserAgent::truncated("Mozilla/5.0 (X11; Linux x86_64) test")),
+    }
+}
+
+pub fn created(outcome: RegisterOutcome) -> Registered {
+    match outcome {
+        RegisterOutcome::Created(r) => r,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+pub async fn mirror(
+    store: &Store,
+    session: &SessionId,
+    state: ResourceState,
+    idle: IdleTimeout,
+    generation: i64,
+) {
+    let applied = store
+        .mirror_session(&SessionMeta {
+            session_id: session.clone(),
+            owner: Some("alice".into()),
+            state,
+            idle_timeout: idle,
+            generation: Some(generation),
+        })
+        .await
+        .unwrap();
+    assert!(
+        applied,
+        "mirror write of generation {generation} was refused"
+    );
+}
+
+/// Everything in every shard's outbox (reads without acknowledging).
+pub async fn outbox(store: &Store) -> Vec<OutboxEntry> {
+    let mut all = Vec::new();
+    for shard in store.keys().shards() {
+        all.extend(store.outbox_read(shard, 100_000).await.unwrap());
+    }
+    all
+}
+
+/// Sweeps every shard until nothing more expires.
+pub async fn sweep_all(store: &Store) -> usize {
+    let mut n = 0;
+    for shard in store.keys().shards() {
+        loop {
+            let got = store.sweep_shard(shard, 100).await.unwrap().len();
+            n += got;
+            if got < 100 {
+                break;
+            }
+        }
+    }
+    n
+}
+
+/// Session ids that all hash to the same shard, for same-shard cases.
+pub fn same_shard_sessions(store: &Store, n: usize) -> Vec<SessionId> {
+    let first = sid("shard-probe-0");
+    let shard = store.keys().shard_of(&first);
+    (0..)
+        .map(|i| sid(&format!("shard-probe-{i}")))
+        .filter(|s| store.keys().shard_of(s) == shard)
+        .take(n)
+        .collect()
+}
