@@ -32,5 +32,5 @@ pub use keys::{KeySpace, ShardId};
 pub use store::{
     BatchOutcome, ClaimOutcome, ClockOffset, Epoch, Expired, HeartbeatAck, IdleTimeout, Limits,
     NewConnection, OutboxEntry, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta,
-    Stats, Store, StoreConfig,
+    Stats, Store, StoreConfig, Sweep,
 };

@@ -153,6 +153,14 @@ pub struct Expired {
     pub user_id: UserId,
 }
 
+/// What one sweep call did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sweep {
+    pub expired: Vec<Expired>,
+    /// The call stopped at its budget; the shard may hold more dead connections.
+    pub more: bool,
+}
+
 /// Counters behind `GET /v1/stats`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -710,15 +718,20 @@ impl Store {
     }
 
     /// Expires up to `max` dead connections of one shard and queues their
-    /// history. Fewer than `max` back means the shard is clean for now.
-    pub async fn sweep_shard(&self, shard: ShardId, max: u32) -> Result<Vec<Expired>> {
+    /// history. Call again while [`Sweep::more`] is set.
+    pub async fn sweep_shard(&self, shard: ShardId, max: u32) -> Result<Sweep> {
         let op = &self.scripts.sweep;
-        let reply: Vec<String> = self.eval_on(op, shard, (self.window_ms(), max)).await?;
-        if reply.len() % 3 != 0 {
+        let reply: Vec<String> = self
+            .eval_on(op, shard, (self.window_ms(), max.max(1)))
+            .await?;
+        let Some((more, triples)) = reply.split_first() else {
+            return Err(bad_reply(op, &reply));
+        };
+        if triples.len() % 3 != 0 {
             return Err(bad_reply(op, &reply));
         }
-        let mut expired = Vec::with_capacity(reply.len() / 3);
-        for t in reply.chunks(3) {
+        let mut expired = Vec::with_capacity(triples.len() / 3);
+        for t in triples.chunks(3) {
             let parsed = (t[0].parse(), t[1].parse(), t[2].parse());
             let (Ok(session_id), Ok(connection_id), Ok(user_id)) = parsed else {
                 return Err(bad_reply(op, &reply));
@@ -733,7 +746,10 @@ impl Store {
             self.release_after_end(&e.user_id, &e.session_id, e.connection_id)
                 .await;
         }
-        Ok(expired)
+        Ok(Sweep {
+            expired,
+            more: more == "1",
+        })
     }
 
     /// Sessions of one shard whose idle timeout is reached (or whose claim

@@ -25,11 +25,7 @@ if hb <= now - window then
 end
 finish_conn(sid, cid, rec, hb, ended, reason)
 local after = snapshot(sid, m)
-if after.n == 0 then
-  set_meta(sid, m, 'is', ms(ended))
-end
-set_meta(sid, m, 'ld', ms(ended))
-refresh_live(sid)
+note_ended(sid, m, after.n, rec[6], ended)
 account(before, after)
 refresh_due(sid, m, after.n)
 keep_meta(sid, m, after.n)

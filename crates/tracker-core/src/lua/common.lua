@@ -5,8 +5,12 @@
 -- Cluster; a session's keys live in its shard (shard = hash(session id)).
 --
 --   B = KEYS[1] = "<prefix>:{<shard>}"     the shard base (never a key itself)
---   B:conn        HASH   connection id -> cmsgpack {sid, uid, protocol, ip, ua, connected_ms}
---   B:live        ZSET   session id -> oldest last-heartbeat of its connections (sweep index)
+--   B:conn        HASH   connection id -> cmsgpack {sid, uid, protocol, ip, ua ref, connected_ms}
+--   B:ua, B:uan   HASH   user agent id -> text / -> number of connections using it.
+--                        User agents repeat (one browser build, many users), so a
+--                        connection keeps a 13-byte reference instead of the text.
+--   B:live        ZSET   session id -> a lower bound of its connections' heartbeats
+--                        (sweep index; heartbeats do not touch it, the sweep re-scores)
 --   B:due         ZSET   session id -> ms its idle timeout is reached, or its claim lapses
 --   B:wake        ZSET   session id -> ms a wake was requested (pending wakes)
 --   B:outbox      STREAM finished connections awaiting the archiver
@@ -14,13 +18,15 @@
 --   B:known       SET    session ids mirrored from Session resources
 --   B:epoch       STRING random marker; gone means the shard lost its data
 --   B:s:<sid>:c   ZSET   connection id -> last heartbeat ms
---   B:s:<sid>:u   HASH   user id -> number of the user's connections in the session
 --   B:s:<sid>:m   HASH   session metadata:
 --       res "1" once a Session resource was mirrored; own owner; ks spec.state;
 --       ito idle timeout ms or "off"; gen resource generation;
 --       ph phase: "h" hibernating (claimed), "w" waking (wake pending);
 --       hx claim lapses at (ms); nb no hibernation before (ms, after a rollback);
---       is idle since; lc last connection; ld last disconnect (all ms).
+--       is idle since; ld last disconnect; lc last connection among those
+--       already gone (the view adds the live ones) (all ms).
+--   A session without resource gets a metadata hash only once a connection of
+--   it ends, so a busy unknown session costs one sorted set and nothing more.
 --
 -- Time is the Redis server's (TIME) plus ARGV[1], an offset in ms that is 0 in
 -- production and lets tests move the clock without sleeping.
@@ -28,6 +34,7 @@
 local B = KEYS[1]
 local K_CONN, K_LIVE, K_DUE, K_WAKE = B .. ':conn', B .. ':live', B .. ':due', B .. ':wake'
 local K_OUTBOX, K_STATS, K_KNOWN = B .. ':outbox', B .. ':stats', B .. ':known'
+local K_UA, K_UAN = B .. ':ua', B .. ':uan'
 -- Metadata of a session nobody mirrored and nobody is connected to is kept this
 -- long, so its view stays readable for a while, then it expires by itself.
 local UNKNOWN_TTL_MS = 86400000
@@ -80,12 +87,37 @@ local function state_of(m, n)
   return 'idle'
 end
 
+local function decode(raw)
+  return cmsgpack.unpack(raw)
+end
+
+-- True when the session's connections belong to at least two users. Sessions
+-- hold a handful of connections, so reading them beats keeping a per-user
+-- hash for every session.
+local function is_shared(sid)
+  local ids = redis.call('ZRANGE', skey(sid, 'c'), 0, -1)
+  if #ids < 2 then return false end
+  local first = nil
+  for _, cid in ipairs(ids) do
+    local raw = redis.call('HGET', K_CONN, cid)
+    if raw then
+      local uid = decode(raw)[2]
+      if first == nil then
+        first = uid
+      elseif uid ~= first then
+        return true
+      end
+    end
+  end
+  return false
+end
+
 -- What the counters depend on. Counters count connections until they are
 -- removed (closed or swept), so they may include a dead connection for up to
 -- one sweep interval; views filter by time instead.
 local function snapshot(sid, m)
   local n = redis.call('ZCARD', skey(sid, 'c'))
-  return { state = state_of(m, n), n = n, users = redis.call('HLEN', skey(sid, 'u')) }
+  return { state = state_of(m, n), n = n, shared = is_shared(sid) }
 end
 
 local function account(before, after)
@@ -96,8 +128,8 @@ local function account(before, after)
   if (before.n > 0) ~= (after.n > 0) then
     redis.call('HINCRBY', K_STATS, 'sessions', after.n > 0 and 1 or -1)
   end
-  if (before.users > 1) ~= (after.users > 1) then
-    redis.call('HINCRBY', K_STATS, 'shared', after.users > 1 and 1 or -1)
+  if before.shared ~= after.shared then
+    redis.call('HINCRBY', K_STATS, 'shared', after.shared and 1 or -1)
   end
 end
 
@@ -117,7 +149,7 @@ local function refresh_due(sid, m, n)
   end
 end
 
--- Keeps the sweep index at the session's oldest heartbeat.
+-- Re-scores the session in the sweep index at its oldest heartbeat.
 local function refresh_live(sid)
   local first = redis.call('ZRANGE', skey(sid, 'c'), 0, 0, 'WITHSCORES')
   if first[2] then
@@ -138,8 +170,33 @@ local function keep_meta(sid, m, n)
   end
 end
 
-local function decode(raw)
-  return cmsgpack.unpack(raw)
+-- Interns a user agent; returns the reference the record keeps: '' for none,
+-- '#<id>' for an interned text, '=<text>' when the id is taken by another
+-- text (a 48-bit hash collision: keep the text inline rather than lie).
+local function ua_ref(ua)
+  if ua == '' then return '' end
+  local id = string.sub(redis.sha1hex(ua), 1, 12)
+  local stored = redis.call('HGET', K_UA, id)
+  if stored and stored ~= ua then return '=' .. ua end
+  if not stored then redis.call('HSET', K_UA, id, ua) end
+  redis.call('HINCRBY', K_UAN, id, 1)
+  return '#' .. id
+end
+
+local function ua_text(ref)
+  local kind = string.sub(ref, 1, 1)
+  if kind == '#' then return redis.call('HGET', K_UA, string.sub(ref, 2)) or '' end
+  if kind == '=' then return string.sub(ref, 2) end
+  return ''
+end
+
+local function ua_release(ref)
+  if string.sub(ref, 1, 1) ~= '#' then return end
+  local id = string.sub(ref, 2)
+  if redis.call('HINCRBY', K_UAN, id, -1) <= 0 then
+    redis.call('HDEL', K_UAN, id)
+    redis.call('HDEL', K_UA, id)
+  end
 end
 
 -- Removes a connection and appends its history record to the outbox in the
@@ -148,47 +205,60 @@ end
 local function finish_conn(sid, cid, rec, hb, ended, reason)
   redis.call('HDEL', K_CONN, cid)
   redis.call('ZREM', skey(sid, 'c'), cid)
-  local ukey = skey(sid, 'u')
-  if redis.call('HINCRBY', ukey, rec[2], -1) <= 0 then
-    redis.call('HDEL', ukey, rec[2])
-  end
   redis.call('HINCRBY', K_STATS, 'conns', -1)
   redis.call('HINCRBY', K_STATS, 'proto:' .. rec[3], -1)
   redis.call('XADD', K_OUTBOX, '*',
-    'c', cid, 's', sid, 'u', rec[2], 'p', rec[3], 'ip', rec[4], 'ua', rec[5],
+    'c', cid, 's', sid, 'u', rec[2], 'p', rec[3], 'ip', rec[4], 'ua', ua_text(rec[5]),
     'ca', ms(rec[6]), 'da', ms(ended), 'hb', ms(hb), 'r', reason)
+  ua_release(rec[5])
+end
+
+-- After connections ended: the last-connection time survives them, and the
+-- session is idle from `ended` once none is left.
+local function note_ended(sid, m, n, connected, ended)
+  if not m.lc or tonumber(m.lc) < connected then set_meta(sid, m, 'lc', ms(connected)) end
+  if not m.ld or tonumber(m.ld) < ended then set_meta(sid, m, 'ld', ms(ended)) end
+  if n == 0 then
+    set_meta(sid, m, 'is', ms(ended))
+    redis.call('ZREM', K_LIVE, sid)
+  end
 end
 
 -- Flat connection fields: id, session, user, protocol, ip, ua, connected, heartbeat.
 local function conn_fields(cid, rec, hb)
-  return { cid, rec[1], rec[2], rec[3], rec[4], rec[5], ms(rec[6]), ms(hb) }
+  return { cid, rec[1], rec[2], rec[3], rec[4], ua_text(rec[5]), ms(rec[6]), ms(hb) }
 end
 
 -- Flat session view: exists, state, owner, live, distinct users, last connection,
 -- last disconnect, idle since, idle timeout ms, hibernates at ('' where none).
 -- "Live" here is by time, as clients define it.
 local function session_view(sid, m, now, window)
-  local ckey = skey(sid, 'c')
-  local total = redis.call('ZCARD', ckey)
-  local live = redis.call('ZRANGEBYSCORE', ckey, '(' .. ms(now - window), '+inf')
-  local exists = (next(m) ~= nil or total > 0) and '1' or '0'
-  local users, distinct = {}, 0
-  for _, cid in ipairs(live) do
-    local raw = redis.call('HGET', K_CONN, cid)
+  local all = redis.call('ZRANGE', skey(sid, 'c'), 0, -1, 'WITHSCORES')
+  local cutoff = now - window
+  local users, distinct, live, newest_hb = {}, 0, 0, nil
+  local last_conn = m.lc and tonumber(m.lc) or nil
+  for i = 1, #all, 2 do
+    local hb = tonumber(all[i + 1])
+    local raw = redis.call('HGET', K_CONN, all[i])
     if raw then
-      local uid = decode(raw)[2]
-      if not users[uid] then
-        users[uid] = true
-        distinct = distinct + 1
+      local rec = decode(raw)
+      if not last_conn or rec[6] > last_conn then last_conn = rec[6] end
+      if hb > cutoff then
+        live = live + 1
+        if not users[rec[2]] then
+          users[rec[2]] = true
+          distinct = distinct + 1
+        end
       end
     end
+    if not newest_hb or hb > newest_hb then newest_hb = hb end
   end
+  local exists = (next(m) ~= nil or #all > 0) and '1' or '0'
   local idle_since = ''
-  if #live == 0 then
-    if total > 0 then
+  if live == 0 then
+    if newest_hb then
       -- Dead but not yet swept: idle since the newest of them stopped being live.
-      local last = redis.call('ZRANGE', ckey, -1, -1, 'WITHSCORES')
-      idle_since = ms(tonumber(last[2]) + window)
+      idle_since = ms(newest_hb + window)
     elseif m.is then
       idle_since = m.is
     end
@@ -199,6 +269,6 @@ local function session_view(sid, m, now, window)
   if m.res == '1' and m.ks == 'running' and not m.ph then
     due = redis.call('ZSCORE', K_DUE, sid) or ''
   end
-  return { exists, state_of(m, #live) or 'unknown', m.own or '', #live, distinct,
-    m.lc or '', m.ld or '', idle_since, ito, due }
+  return { exists, state_of(m, live) or 'unknown', m.own or '', live, distinct,
+    last_conn and ms(last_conn) or '', m.ld or '', idle_since, ito, due }
 end

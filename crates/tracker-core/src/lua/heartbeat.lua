@@ -15,6 +15,6 @@ local hb = redis.call('ZSCORE', ckey, cid)
 if not hb or tonumber(hb) <= now - window then
   return false
 end
+-- The sweep index keeps its older score: a lower bound is all the sweep needs.
 redis.call('ZADD', ckey, now, cid)
-refresh_live(sid)
 return now

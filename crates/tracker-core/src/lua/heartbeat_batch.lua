@@ -9,7 +9,6 @@ local window = tonumber(ARGV[2])
 local now = now_ms()
 local cutoff = now - window
 local unknown = { now }
-local touched = {}
 local pair = 0
 for i = 3, #ARGV, 2 do
   pair = pair + 1
@@ -20,10 +19,6 @@ for i = 3, #ARGV, 2 do
     unknown[#unknown + 1] = pair
   else
     redis.call('ZADD', ckey, now, cid)
-    touched[sid] = true
   end
-end
-for sid in pairs(touched) do
-  refresh_live(sid)
 end
 return unknown

@@ -30,7 +30,6 @@ if existing then
   end
   -- A retried registration proves the client is alive: it counts as a heartbeat.
   redis.call('ZADD', ckey, now, cid)
-  refresh_live(sid)
   local out = { 'replayed' }
   for _, v in ipairs(conn_fields(cid, rec, now)) do out[#out + 1] = v end
   for _, v in ipairs(session_view(sid, m, now, window)) do out[#out + 1] = v end
@@ -45,18 +44,16 @@ if limit > 0 and redis.call('ZCOUNT', ckey, '(' .. ms(now - window), '+inf') >= 
 end
 
 local before = snapshot(sid, m)
-local rec = { sid, uid, proto, ip, ua, now }
+local rec = { sid, uid, proto, ip, ua_ref(ua), now }
 redis.call('HSET', K_CONN, cid, cmsgpack.pack(rec))
 redis.call('ZADD', ckey, now, cid)
-redis.call('HINCRBY', skey(sid, 'u'), uid, 1)
 redis.call('HINCRBY', K_STATS, 'conns', 1)
 redis.call('HINCRBY', K_STATS, 'proto:' .. proto, 1)
 if before.n == 0 then
   redis.call('ZADD', K_LIVE, now, sid)
 end
-set_meta(sid, m, 'lc', ms(now))
-set_meta(sid, m, 'is', nil)
-set_meta(sid, m, 'nb', nil)
+if m.is then set_meta(sid, m, 'is', nil) end
+if m.nb then set_meta(sid, m, 'nb', nil) end
 if m.res == '1' and (m.ph == 'h' or (not m.ph and m.ks == 'hibernated')) then
   -- One pending wake per session: later registrations find ph = 'w' and add none.
   set_meta(sid, m, 'ph', 'w')
@@ -66,7 +63,7 @@ end
 local after = snapshot(sid, m)
 account(before, after)
 refresh_due(sid, m, after.n)
-keep_meta(sid, m, after.n)
+if next(m) ~= nil then keep_meta(sid, m, after.n) end
 
 local out = { 'created' }
 for _, v in ipairs(conn_fields(cid, rec, now)) do out[#out + 1] = v end

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tracker_core::testing::Backend;
 use tracker_core::{
     ConnectionId, EndReason, IdleTimeout, Limits, Protocol, RegisterOutcome, ResourceState,
-    SessionState,
+    SessionState, UserAgent,
 };
 
 use crate::support::*;
@@ -20,6 +20,7 @@ crate::both!(
     limits_refuse_the_connection_over_the_limit,
     a_refused_registration_gives_its_user_slot_back,
     a_connection_id_cannot_be_taken_by_another_session,
+    user_agents_are_shared_but_never_mixed_up,
 );
 
 async fn a_connection_lives_from_register_to_close(backend: Backend) {
@@ -334,4 +335,35 @@ async fn a_connection_id_cannot_be_taken_by_another_session(backend: Backend) {
         RegisterOutcome::Conflict
     );
     assert_eq!(store.session(&sessions[1]).await.unwrap(), None);
+}
+
+async fn user_agents_are_shared_but_never_mixed_up(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let sessions = same_shard_sessions(&store, 2);
+    let mut firefox = conn(&sessions[0], "alice", Protocol::Http);
+    firefox.user_agent = Some(UserAgent::truncated("Firefox/128"));
+    let mut firefox2 = conn(&sessions[1], "bob", Protocol::Http);
+    firefox2.user_agent = firefox.user_agent.clone();
+    let mut chrome = conn(&sessions[1], "bob", Protocol::Vnc);
+    chrome.user_agent = Some(UserAgent::truncated("Chrome/131"));
+    let mut none = conn(&sessions[1], "bob", Protocol::Vnc);
+    none.user_agent = None;
+    for c in [&firefox, &firefox2, &chrome, &none] {
+        created(store.register(c, Limits::default()).await.unwrap());
+    }
+    // The first user of an interned text leaves; the other still reads it.
+    store
+        .close(&sessions[0], firefox.connection_id)
+        .await
+        .unwrap();
+    for c in [&firefox2, &chrome, &none] {
+        let got = store
+            .get_connection(c.connection_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.user_agent, c.user_agent);
+    }
+    let out = outbox(&store).await;
+    assert_eq!(out[0].record.user_agent, firefox.user_agent);
 }

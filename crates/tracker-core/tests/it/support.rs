@@ -108,9 +108,9 @@ pub async fn sweep_all(store: &Store) -> usize {
     let mut n = 0;
     for shard in store.keys().shards() {
         loop {
-            let got = store.sweep_shard(shard, 100).await.unwrap().len();
-            n += got;
-            if got < 100 {
+            let sweep = store.sweep_shard(shard, 100).await.unwrap();
+            n += sweep.expired.len();
+            if !sweep.more {
                 break;
             }
         }

@@ -1,0 +1,360 @@
+//! Store benchmark: heartbeats (single and batched), Redis memory per live
+//! connection, and sweep cost as the number of tracked connections grows.
+//!
+//! Run: `cargo bench -p tracker-core --bench store` (add `-- --quick` for a
+//! short run). It starts its own `redis-server` on a free loopback port, so
+//! memory figures are not disturbed by anything else, and runs
+//! `redis-benchmark` against that same server for the reference figures.
+//! Every loop is bounded by a count or a deadline.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::future::join_all;
+use tracker_core::{
+    ClockOffset, ConnectionId, Limits, NewConnection, Protocol, RedisMode, SessionId, Store,
+    StoreConfig, UserAgent,
+};
+
+/// An 80-byte user agent, as the memory goal specifies.
+const UA: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0 bench/1";
+
+struct Settings {
+    duration: Duration,
+    memory_connections: usize,
+    sweep_big: usize,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let settings = if quick {
+        Settings {
+            duration: Duration::from_secs(2),
+            memory_connections: 20_000,
+            sweep_big: 100_000,
+        }
+    } else {
+        Settings {
+            duration: Duration::from_secs(5),
+            memory_connections: 100_000,
+            sweep_big: 1_000_000,
+        }
+    };
+    let server = RedisServer::start()?;
+    println!(
+        "# tracker-core store benchmark (redis-server on port {})",
+        server.port
+    );
+
+    let zadd = redis_benchmark(server.port, &["-t", "zadd", "-c", "50"])?;
+    let zadd_p16 = redis_benchmark(server.port, &["-t", "zadd", "-c", "50", "-P", "16"])?;
+    println!("redis-benchmark -t zadd -c 50:        {zadd:>12.0} ops/s");
+    println!("redis-benchmark -t zadd -c 50 -P 16:  {zadd_p16:>12.0} ops/s");
+
+    let store = server.store(60).await?;
+    let single = single_heartbeats(&store, settings.duration).await?;
+    println!(
+        "store heartbeat, 50 tasks:            {:>12.0} ops/s   p50 {:.2} ms  p99 {:.2} ms   ({:.2}x zadd)",
+        single.rate,
+        single.p50_ms,
+        single.p99_ms,
+        single.rate / zadd
+    );
+    let batched = batch_heartbeats(&store, settings.duration).await?;
+    println!(
+        "store heartbeat_batch 1000, 8 tasks:  {:>12.0} pairs/s p50 {:.2} ms  p99 {:.2} ms   ({:.2}x zadd -P 16)",
+        batched.rate,
+        batched.p50_ms,
+        batched.p99_ms,
+        batched.rate / zadd_p16
+    );
+
+    for per_session in [1, 4] {
+        let bytes =
+            memory_per_connection(&server, settings.memory_connections, per_session).await?;
+        println!(
+            "redis memory per live connection ({per_session}/session, {} conns): {bytes:.0} bytes",
+            settings.memory_connections
+        );
+    }
+
+    let small = sweep_cost(&server, 10_000, 0).await?;
+    let big = sweep_cost(&server, 10_000, settings.sweep_big).await?;
+    println!(
+        "sweep 10,000 expired among 10,000 tracked:     {:>8.1} ms",
+        small.as_secs_f64() * 1e3
+    );
+    println!(
+        "sweep 10,000 expired among {:>9} tracked:   {:>8.1} ms   ({:.2}x)",
+        settings.sweep_big + 10_000,
+        big.as_secs_f64() * 1e3,
+        big.as_secs_f64() / small.as_secs_f64()
+    );
+    Ok(())
+}
+
+struct Rate {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Registers `n` connections, `per_session` to a session, 64 at a time.
+async fn register_many(
+    store: &Store,
+    n: usize,
+    per_session: usize,
+    tag: &str,
+) -> Result<Vec<(SessionId, ConnectionId)>> {
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        let chunk: Vec<_> = (i..(i + 64).min(n))
+            .map(|k| {
+                let session: SessionId = format!("{tag}-session-{}", k / per_session).parse()?;
+                Ok(NewConnection {
+                    session_id: session,
+                    connection_id: ConnectionId::new_random(),
+                    user_id: format!("user-{}", k % 1000).parse()?,
+                    protocol: Protocol::Websocket,
+                    client_ip: Some("10.20.30.40".parse()?),
+                    user_agent: Some(UserAgent::truncated(UA)),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let results = join_all(chunk.iter().map(|c| store.register(c, Limits::default()))).await;
+        for (c, r) in chunk.iter().zip(results) {
+            r.context("register")?;
+            out.push((c.session_id.clone(), c.connection_id));
+        }
+        i += chunk.len();
+    }
+    Ok(out)
+}
+
+async fn single_heartbeats(store: &Store, duration: Duration) -> Result<Rate> {
+    let conns = register_many(store, 10_000, 1, "single").await?;
+    let deadline = Instant::now() + duration;
+    let tasks = (0..50).map(|t| {
+        let store = store.clone();
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut k = t;
+            while Instant::now() < deadline {
+                let (s, c) = &conns[k % conns.len()];
+                let start = Instant::now();
+                store.heartbeat(s, *c).await?;
+                lat.push(start.elapsed());
+                k += 50;
+            }
+            anyhow::Ok(lat)
+        })
+    });
+    let mut lat = Vec::new();
+    for t in join_all(tasks).await {
+        lat.extend(t??);
+    }
+    Ok(summarize(lat, 1, duration))
+}
+
+async fn batch_heartbeats(store: &Store, duration: Duration) -> Result<Rate> {
+    const BATCH: usize = 1000;
+    let conns = register_many(store, 20_000, 1, "batch").await?;
+    let deadline = Instant::now() + duration;
+    let tasks = (0..8).map(|t| {
+        let store = store.clone();
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut k = t * BATCH;
+            while Instant::now() < deadline {
+                let start_idx = k % (conns.len() - BATCH);
+                let start = Instant::now();
+                let outcome = store
+                    .heartbeat_batch(&conns[start_idx..start_idx + BATCH])
+                    .await?;
+                lat.push(start.elapsed());
+                if !outcome.unknown.is_empty() {
+                    bail!("{} heartbeats unknown", outcome.unknown.len());
+                }
+                k += 8 * BATCH;
+            }
+            Ok(lat)
+        })
+    });
+    let mut lat = Vec::new();
+    for t in join_all(tasks).await {
+        lat.extend(t??);
+    }
+    Ok(summarize(lat, BATCH, duration))
+}
+
+fn summarize(mut lat: Vec<Duration>, per_call: usize, duration: Duration) -> Rate {
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    Rate {
+        rate: (lat.len() * per_call) as f64 / duration.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+    }
+}
+
+/// `used_memory` growth per connection, on an otherwise empty server.
+async fn memory_per_connection(server: &RedisServer, n: usize, per_session: usize) -> Result<f64> {
+    server.flush()?;
+    let store = server.store(60).await?;
+    let before = server.used_memory()?;
+    register_many(&store, n, per_session, "mem").await?;
+    let after = server.used_memory()?;
+    Ok((after - before) as f64 / n as f64)
+}
+
+/// Time to sweep 10,000 expired connections while `live` others stay tracked.
+async fn sweep_cost(server: &RedisServer, expired: usize, live: usize) -> Result<Duration> {
+    server.flush()?;
+    let clock = ClockOffset::default();
+    let store = server.store(60).await?.with_clock(clock.clone());
+    register_many(&store, expired, 2, "old").await?;
+    clock.advance(Duration::from_secs(61));
+    register_many(&store, live, 2, "live").await?;
+    let start = Instant::now();
+    let mut swept = 0;
+    for shard in store.keys().shards() {
+        loop {
+            let sweep = store.sweep_shard(shard, 1000).await?;
+            swept += sweep.expired.len();
+            if !sweep.more {
+                break;
+            }
+        }
+    }
+    let took = start.elapsed();
+    if swept != expired {
+        bail!("swept {swept}, expected {expired}");
+    }
+    Ok(took)
+}
+
+/// A private redis-server on a free loopback port, stopped on drop.
+struct RedisServer {
+    port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    fn start() -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = TempDir::new()?;
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start redis-server (is it installed? scripts/services.sh installs it)")?;
+        let server = Self {
+            port,
+            child,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if server.cli(&["ping"]).is_ok_and(|out| out.trim() == "PONG") {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("redis-server on port {port} did not answer within 5 s")
+    }
+
+    async fn store(&self, window_secs: u64) -> Result<Store> {
+        let mut cfg = StoreConfig::new(
+            vec![format!("redis://127.0.0.1:{}", self.port)],
+            RedisMode::Standalone,
+        );
+        cfg.heartbeat_window = Duration::from_secs(window_secs);
+        cfg.command_timeout = Duration::from_secs(10);
+        Ok(Store::connect(&cfg).await?)
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.cli(&["flushall"])?;
+        Ok(())
+    }
+
+    fn used_memory(&self) -> Result<i64> {
+        let info = self.cli(&["info", "memory"])?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("used_memory missing from INFO")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `redis-benchmark` requests per second for one test (its `-q` CSV output).
+fn redis_benchmark(port: u16, args: &[&str]) -> Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &port.to_string(), "-n", "300000", "--csv"])
+        .args(args)
+        .output()
+        .context("run redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // CSV: "test","rps",...; the data line follows the header.
+    text.lines()
+        .filter(|l| !l.starts_with("\"test\""))
+        .find_map(|l| {
+            l.split(',')
+                .nth(1)
+                .map(|v| v.trim_matches('"').parse::<f64>())
+        })
+        .transpose()?
+        .context("no figure in redis-benchmark output")
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("tracker-bench-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
