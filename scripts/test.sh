@@ -33,5 +33,5 @@ echo "test: TRACKER_TEST_CLUSTER_URLS=$TRACKER_TEST_CLUSTER_URLS"
 echo "test: DATABASE_URL=$DATABASE_URL"
 
 rc=0
-cargo test --workspace --locked "$@" || rc=$?
+cargo test --workspace "$@" || rc=$?
 exit "$rc"
