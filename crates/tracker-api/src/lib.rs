@@ -1,0 +1,219 @@
+//! `tracker-api`: the stateless HTTP and WebSocket replicas of the connection
+//! tracker (CONTRACT.md §1–§3).
+//!
+//! Proxies, the session API and browsers call it to register, heartbeat and
+//! close connections; it also tracks WebSockets itself. All state lives in
+//! the shared [`tracker_core::Store`], so any replica serves any call.
+//!
+//! Layout:
+//! - [`config`]: the settings (`TRACKER_*` variables and equal flags);
+//! - [`auth`]: bearer JWTs and who may act on which session;
+//! - [`error`]: the one table from error to status and code;
+//! - [`extract`]: JSON and path extractors whose rejections name the field;
+//! - [`routes`]: the router and the handlers, by concept;
+//! - [`ws`]: WebSocket tracking and its shutdown;
+//! - [`history`]: the PostgreSQL archive reader;
+//! - [`metrics`]: per-instance Prometheus metrics with bounded labels;
+//! - [`openapi`]: the generated OpenAPI document;
+//! - [`telemetry`]: logging setup for the binary.
+//!
+//! [`Application`] binds its listener at build time (port 0 in tests) and
+//! serves until a [`CancellationToken`] fires, then shuts down in order:
+//! readiness fails, the listener closes, in-flight requests finish, every
+//! WebSocket gets Close 1001 and its connection removed, all within
+//! `TRACKER_SHUTDOWN_TIMEOUT`.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod history;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+pub mod state;
+pub mod telemetry;
+pub mod ws;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracker_core::Store;
+
+use crate::auth::Authenticator;
+use crate::config::{AuthMode, Config, ConfigError};
+use crate::history::History;
+use crate::metrics::Metrics;
+use crate::state::{AppState, Inner};
+
+/// Why the application could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    // Sources are not repeated in the messages: `{:#}` prints the chain.
+    #[error("connect to redis")]
+    Store(#[from] tracker_core::Error),
+    #[error("TRACKER_DATABASE_URL is not a usable PostgreSQL URL")]
+    Database(#[from] sqlx::Error),
+    #[error("bind {addr}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A built API instance: bound, not yet serving.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    ops_listener: Option<TcpListener>,
+    state: AppState,
+    shutdown_timeout: Duration,
+}
+
+impl Application {
+    /// Connects to Redis (and prepares the lazy PostgreSQL pool), then binds.
+    pub async fn build(cfg: Config) -> Result<Self, BuildError> {
+        cfg.validate()?;
+        let store = Store::connect(&cfg.store_config()).await?;
+        let history = cfg
+            .database_url
+            .as_deref()
+            .map(|url| History::connect_lazy(url, cfg.redis_timeout))
+            .transpose()?;
+        Self::build_with(cfg, store, history).await
+    }
+
+    /// Builds around a given store and archive (tests share a clock offset
+    /// or a per-test database this way).
+    pub async fn build_with(
+        cfg: Config,
+        store: Store,
+        history: Option<History>,
+    ) -> Result<Self, BuildError> {
+        cfg.validate()?;
+        let auth = match (cfg.auth, cfg.jwt_secret.as_deref()) {
+            (AuthMode::Jwt, Some(secret)) => Authenticator::jwt(secret),
+            (AuthMode::Jwt, None) => return Err(ConfigError::MissingJwtSecret.into()),
+            (AuthMode::Disabled, _) => {
+                tracing::warn!(
+                    "TRACKER_AUTH=disabled: every request is treated as an admin. \
+                     Never run this way outside a local machine."
+                );
+                Authenticator::disabled()
+            }
+        };
+        if history.is_none() {
+            tracing::info!("TRACKER_DATABASE_URL is not set: the history endpoint answers 503");
+        }
+        let listener = bind(cfg.listen).await?;
+        let ops_listener = match cfg.metrics_listen {
+            Some(addr) if addr != cfg.listen => Some(bind(addr).await?),
+            _ => None,
+        };
+        let state = AppState::new(Inner {
+            store,
+            auth,
+            limits: cfg.limits(),
+            heartbeat_interval: cfg.heartbeat_interval,
+            heartbeat_window: cfg.heartbeat_window,
+            history,
+            metrics: Metrics::new(),
+            sockets: TaskTracker::new(),
+            draining: CancellationToken::new(),
+        });
+        Ok(Self {
+            listener,
+            ops_listener,
+            state,
+            shutdown_timeout: cfg.shutdown_timeout,
+        })
+    }
+
+    /// The bound API port (the real one when built with port 0).
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The separate metrics port, if `TRACKER_METRICS_LISTEN` asked for one.
+    pub fn ops_port(&self) -> Option<u16> {
+        self.ops_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+    }
+
+    pub fn router(&self) -> Router {
+        routes::router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` fires, then shuts down in order (see the crate doc).
+    pub async fn run_until(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let state = self.state;
+        let stop_accepting = CancellationToken::new();
+        let serve = |listener: TcpListener, router: Router| {
+            let stop = stop_accepting.clone();
+            tokio::spawn(
+                axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .into_future(),
+            )
+        };
+        let mut main = serve(self.listener, routes::router(state.clone()));
+        let ops = self
+            .ops_listener
+            .map(|l| serve(l, routes::ops_only(state.clone())));
+        tracing::info!("serving");
+
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            res = &mut main => {
+                // The server only ends by itself on an accept-loop failure.
+                return res.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            }
+        }
+
+        tracing::info!("shutting down");
+        state.draining.cancel();
+        stop_accepting.cancel();
+        state.sockets.close();
+        let drained = async {
+            if let Err(e) = main.await {
+                tracing::warn!(error = %e, "server task failed during shutdown");
+            }
+            if let Some(ops) = ops {
+                let _ = ops.await;
+            }
+            state.sockets.wait().await;
+        };
+        match tokio::time::timeout(self.shutdown_timeout, drained).await {
+            Ok(()) => tracing::info!("shutdown complete"),
+            Err(_) => tracing::warn!(
+                open_sockets = state.sockets.len(),
+                "shutdown deadline passed; exiting with work left"
+            ),
+        }
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, BuildError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BuildError::Bind { addr, source })
+}

@@ -1,0 +1,76 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations so it
+//! cannot drift from them.
+
+use std::sync::OnceLock;
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes::{connections, ops, sessions};
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Connection tracker API", version = "1"),
+    paths(
+        connections::register,
+        connections::heartbeat,
+        connections::close,
+        connections::list,
+        connections::get,
+        sessions::batch,
+        sessions::session,
+        sessions::history,
+        sessions::stats,
+        crate::ws::upgrade,
+        ops::healthz,
+        ops::readyz,
+        ops::metrics,
+        ops::openapi,
+    ),
+    components(schemas(
+        tracker_core::ConnectionView,
+        tracker_core::SessionView,
+        tracker_core::SessionState,
+        tracker_core::Protocol,
+        tracker_core::Stats,
+        crate::error::ErrorBody,
+        crate::error::ErrorDetail,
+        crate::history::HistoryRow,
+        crate::history::EventRow,
+        crate::ws::ServerFrame,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "connections", description = "Register, heartbeat and close connections"),
+        (name = "sessions", description = "Session state, history and totals"),
+        (name = "operations", description = "Health, readiness, metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document, rendered once.
+pub fn document() -> &'static String {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .unwrap_or_else(|e| format!("{{\"error\":\"openapi: {e}\"}}"))
+    })
+}

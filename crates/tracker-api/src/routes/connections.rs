@@ -1,0 +1,337 @@
+//! Registering, heartbeating, listing and closing connections.
+
+use std::net::IpAddr;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use tracker_core::domain::rfc3339_ms;
+use tracker_core::{
+    ConnectionId, ConnectionView, NewConnection, Protocol, RegisterOutcome, Registered, SessionId,
+    SessionView, UserAgent, UserId,
+};
+use utoipa::ToSchema;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{ApiJson, ConnectionIdPath, ConnectionPath, SessionPath};
+use crate::metrics::{HeartbeatResult, LimitKind, RegistrationResult};
+use crate::state::AppState;
+
+/// Body of a registration.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub protocol: Protocol,
+    /// Defaults to the token's `sub`; a plain user may only name itself.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub user_id: Option<UserId>,
+    /// IPv4 or IPv6.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub client_ip: Option<IpAddr>,
+    /// Kept up to 512 bytes.
+    #[serde(default)]
+    pub user_agent: Option<String>,
+    /// Supply one to make retries idempotent.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub connection_id: Option<ConnectionId>,
+}
+
+/// Answer of a registration.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegisterResponse {
+    pub connection: ConnectionView,
+    pub session: SessionView,
+    pub heartbeat_interval_seconds: u64,
+    pub heartbeat_window_seconds: u64,
+}
+
+/// Answer of a heartbeat.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeartbeatResponse {
+    #[serde(with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
+    pub last_heartbeat: DateTime<Utc>,
+    #[serde(with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The live connections of a session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConnectionList {
+    pub connections: Vec<ConnectionView>,
+}
+
+/// Whether `principal` may act on `session`. Only plain users cost a lookup:
+/// services and admins act on any session.
+pub async fn authorize(
+    state: &AppState,
+    principal: &Principal,
+    session: &SessionId,
+) -> Result<(), ApiError> {
+    if principal.privileged {
+        return Ok(());
+    }
+    let view = state.store.session(session).await?;
+    principal.check_session(view.as_ref())
+}
+
+/// Registers after the caller is authorized; shared by HTTP and WebSocket.
+/// Returns the registration and whether it was new.
+pub async fn register_connection(
+    state: &AppState,
+    new: &NewConnection,
+) -> Result<(Registered, bool), ApiError> {
+    let outcome = state.store.register(new, state.limits).await?;
+    let (result, answer) = match outcome {
+        RegisterOutcome::Created(r) => (RegistrationResult::Created, Ok((r, true))),
+        RegisterOutcome::Replayed(r) => (RegistrationResult::Replayed, Ok((r, false))),
+        RegisterOutcome::Terminated => (
+            RegistrationResult::Terminated,
+            Err(ApiError::Conflict("the session is terminated")),
+        ),
+        RegisterOutcome::Conflict => (
+            RegistrationResult::Conflict,
+            Err(ApiError::Conflict(
+                "the connection_id belongs to another or an ended connection",
+            )),
+        ),
+        RegisterOutcome::SessionLimit => (
+            RegistrationResult::SessionLimit,
+            Err(ApiError::ConnectionLimit(LimitKind::Session)),
+        ),
+        RegisterOutcome::UserLimit => (
+            RegistrationResult::UserLimit,
+            Err(ApiError::ConnectionLimit(LimitKind::User)),
+        ),
+    };
+    state.metrics.registration(new.protocol, result);
+    match &answer {
+        Ok((r, true)) => tracing::debug!(
+            session_id = %r.connection.session_id,
+            connection_id = %r.connection.connection_id,
+            protocol = %new.protocol,
+            "connection registered"
+        ),
+        Ok((_, false)) => {}
+        Err(e) => {
+            tracing::debug!(session_id = %new.session_id, reason = %e, "registration refused")
+        }
+    }
+    answer
+}
+
+/// Seconds clients are told; a sub-second interval (tests) still says 1.
+pub fn interval_seconds(state: &AppState) -> u64 {
+    state.heartbeat_interval.as_secs().max(1)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{session_id}/connections",
+    tag = "connections",
+    params(("session_id" = String, Path, description = "Session resource name")),
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Registered", body = RegisterResponse),
+        (status = 200, description = "Replay of the same connection_id", body = RegisterResponse),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not the caller's session, or not as itself", body = ErrorBody),
+        (status = 404, description = "A plain user on a session the tracker does not know", body = ErrorBody),
+        (status = 409, description = "Session terminated, or connection_id taken", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 429, description = "Connection limit reached", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn register(
+    State(state): State<AppState>,
+    principal: Principal,
+    SessionPath(session_id): SessionPath,
+    ApiJson(body): ApiJson<RegisterRequest>,
+) -> Result<Response, ApiError> {
+    let user_id = body.user_id.unwrap_or_else(|| principal.subject.clone());
+    principal.check_acting_as(&user_id)?;
+    let span = tracing::info_span!("register", session_id = %session_id);
+    async move {
+        authorize(&state, &principal, &session_id).await?;
+        let new = NewConnection {
+            session_id,
+            connection_id: body.connection_id.unwrap_or_else(ConnectionId::new_random),
+            user_id,
+            protocol: body.protocol,
+            client_ip: body.client_ip,
+            user_agent: body.user_agent.as_deref().map(UserAgent::truncated),
+        };
+        let (registered, created) = register_connection(&state, &new).await?;
+        let status = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        let answer = RegisterResponse {
+            connection: registered.connection,
+            session: registered.session,
+            heartbeat_interval_seconds: interval_seconds(&state),
+            heartbeat_window_seconds: state.heartbeat_window.as_secs(),
+        };
+        Ok((status, Json(answer)).into_response())
+    }
+    .instrument(span)
+    .await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{session_id}/connections/{connection_id}/heartbeat",
+    tag = "connections",
+    params(
+        ("session_id" = String, Path, description = "Session resource name"),
+        ("connection_id" = String, Path, format = Uuid, description = "Connection id"),
+    ),
+    responses(
+        (status = 200, description = "Recorded", body = HeartbeatResponse),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not the caller's session", body = ErrorBody),
+        (status = 404, description = "Closed or expired: register again", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    principal: Principal,
+    ConnectionPath(session_id, connection_id): ConnectionPath,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let span =
+        tracing::debug_span!("heartbeat", session_id = %session_id, connection_id = %connection_id);
+    async move {
+        authorize(&state, &principal, &session_id).await?;
+        match state.store.heartbeat(&session_id, connection_id).await? {
+            Some(ack) => {
+                state.metrics.heartbeats(HeartbeatResult::Accepted, 1);
+                Ok(Json(HeartbeatResponse {
+                    last_heartbeat: ack.last_heartbeat,
+                    expires_at: ack.expires_at,
+                }))
+            }
+            None => {
+                state.metrics.heartbeats(HeartbeatResult::Unknown, 1);
+                Err(ApiError::ConnectionNotFound)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/sessions/{session_id}/connections/{connection_id}",
+    tag = "connections",
+    params(
+        ("session_id" = String, Path, description = "Session resource name"),
+        ("connection_id" = String, Path, format = Uuid, description = "Connection id"),
+    ),
+    responses(
+        (status = 204, description = "Closed"),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not the caller's session", body = ErrorBody),
+        (status = 404, description = "No such connection", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn close(
+    State(state): State<AppState>,
+    principal: Principal,
+    ConnectionPath(session_id, connection_id): ConnectionPath,
+) -> Result<StatusCode, ApiError> {
+    let span =
+        tracing::info_span!("close", session_id = %session_id, connection_id = %connection_id);
+    async move {
+        authorize(&state, &principal, &session_id).await?;
+        match state.store.close(&session_id, connection_id).await? {
+            Some(reason) => {
+                tracing::debug!(end_reason = reason.as_str(), "connection closed");
+                Ok(StatusCode::NO_CONTENT)
+            }
+            None => Err(ApiError::ConnectionNotFound),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{session_id}/connections",
+    tag = "connections",
+    params(("session_id" = String, Path, description = "Session resource name")),
+    responses(
+        (status = 200, description = "Live connections", body = ConnectionList),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not the caller's session", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    SessionPath(session_id): SessionPath,
+) -> Result<Json<ConnectionList>, ApiError> {
+    authorize(&state, &principal, &session_id).await?;
+    let connections = state.store.list_connections(&session_id).await?;
+    Ok(Json(ConnectionList { connections }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/connections/{connection_id}",
+    tag = "connections",
+    params(("connection_id" = String, Path, format = Uuid, description = "Connection id")),
+    responses(
+        (status = 200, description = "The live connection", body = ConnectionView),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's connection", body = ErrorBody),
+        (status = 404, description = "No such live connection", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    principal: Principal,
+    ConnectionIdPath(connection_id): ConnectionIdPath,
+) -> Result<Json<ConnectionView>, ApiError> {
+    let connection = state
+        .store
+        .get_connection(connection_id)
+        .await?
+        .ok_or(ApiError::ConnectionNotFound)?;
+    // A user sees its own connections, and every connection of its sessions.
+    if !principal.privileged && connection.user_id != principal.subject {
+        authorize(&state, &principal, &connection.session_id)
+            .await
+            .map_err(|e| match e {
+                ApiError::SessionNotFound => ApiError::ConnectionNotFound,
+                other => other,
+            })?;
+    }
+    Ok(Json(connection))
+}

@@ -1,0 +1,236 @@
+//! Session views, history, stats and the batch heartbeat.
+
+use axum::extract::{RawQuery, State};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tracker_core::{ConnectionId, SessionId, SessionView, Stats};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{ApiJson, SessionPath};
+use crate::history::SessionHistory;
+use crate::metrics::HeartbeatResult;
+use crate::routes::connections::authorize;
+use crate::state::AppState;
+
+/// Most pairs one batch may carry (CONTRACT.md §2).
+pub const MAX_BATCH: usize = 10_000;
+
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{session_id}",
+    tag = "sessions",
+    params(("session_id" = String, Path, description = "Session resource name")),
+    responses(
+        (status = 200, description = "State and counters", body = SessionView),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's session", body = ErrorBody),
+        (status = 404, description = "The tracker knows nothing of it", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn session(
+    State(state): State<AppState>,
+    principal: Principal,
+    SessionPath(session_id): SessionPath,
+) -> Result<Json<SessionView>, ApiError> {
+    let view = state.store.session(&session_id).await?;
+    principal.check_session(view.as_ref())?;
+    view.map(Json).ok_or(ApiError::SessionNotFound)
+}
+
+/// Query of the history route.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Rows of each kind, 1 to 1000 (default 100).
+    pub limit: Option<i64>,
+    /// Only rows before this RFC 3339 time (for paging).
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub before: Option<String>,
+}
+
+const DEFAULT_HISTORY: i64 = 100;
+const MAX_HISTORY: i64 = 1000;
+
+/// Parses `limit` and `before` by hand so each error names its parameter.
+fn history_query(raw: Option<&str>) -> Result<(i64, Option<DateTime<Utc>>), ApiError> {
+    let mut limit = DEFAULT_HISTORY;
+    let mut before = None;
+    for (k, v) in crate::auth::form_pairs(raw.unwrap_or_default()) {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=MAX_HISTORY).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid("limit", "must be an integer from 1 to 1000")
+                    })?;
+            }
+            "before" => {
+                // An unencoded '+' of an offset arrives as a space.
+                let t = DateTime::parse_from_rfc3339(&v.replace(' ', "+"))
+                    .map_err(|_| ApiError::invalid("before", "must be an RFC 3339 time"))?;
+                before = Some(t.with_timezone(&Utc));
+            }
+            _ => {}
+        }
+    }
+    Ok((limit, before))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{session_id}/history",
+    tag = "sessions",
+    params(("session_id" = String, Path, description = "Session resource name"), HistoryQuery),
+    responses(
+        (status = 200, description = "Archived connections and session events, newest first", body = SessionHistory),
+        (status = 400, description = "Invalid id or query", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's session", body = ErrorBody),
+        (status = 503, description = "PostgreSQL not configured or unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn history(
+    State(state): State<AppState>,
+    principal: Principal,
+    SessionPath(session_id): SessionPath,
+    RawQuery(query): RawQuery,
+) -> Result<Json<SessionHistory>, ApiError> {
+    let (limit, before) = history_query(query.as_deref())?;
+    authorize(&state, &principal, &session_id).await?;
+    let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
+    history.session(&session_id, limit, before).await.map(Json)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    tag = "sessions",
+    responses(
+        (status = 200, description = "Totals from maintained counters", body = Stats),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Needs service or admin", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn stats(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<Stats>, ApiError> {
+    principal.require_privileged()?;
+    Ok(Json(state.store.stats().await?))
+}
+
+/// One pair of a batch.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    #[schema(value_type = String)]
+    pub session_id: SessionId,
+    #[schema(value_type = String, format = Uuid)]
+    pub connection_id: ConnectionId,
+}
+
+/// Body of a batch heartbeat.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// 1 to 10,000 pairs.
+    pub heartbeats: Vec<BatchItem>,
+}
+
+/// Answer of a batch heartbeat.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResponse {
+    pub alive: u64,
+    /// Closed or expired connections: their clients must register again.
+    pub unknown: Vec<BatchItem>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/heartbeats",
+    tag = "connections",
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "Recorded", body = BatchResponse),
+        (status = 400, description = "Invalid pair, or not 1 to 10,000 pairs", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Needs service or admin", body = ErrorBody),
+        (status = 413, description = "Body over 4 MiB", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn batch(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(body): ApiJson<BatchRequest>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    principal.require_privileged()?;
+    let n = body.heartbeats.len();
+    if n == 0 || n > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "heartbeats",
+            format!("must hold 1 to {MAX_BATCH} pairs, not {n}"),
+        ));
+    }
+    let pairs: Vec<(SessionId, ConnectionId)> = body
+        .heartbeats
+        .into_iter()
+        .map(|i| (i.session_id, i.connection_id))
+        .collect();
+    let outcome = state.store.heartbeat_batch(&pairs).await?;
+    state
+        .metrics
+        .heartbeats(HeartbeatResult::Accepted, outcome.alive);
+    state
+        .metrics
+        .heartbeats(HeartbeatResult::Unknown, outcome.unknown.len() as u64);
+    Ok(Json(BatchResponse {
+        alive: outcome.alive,
+        unknown: outcome
+            .unknown
+            .into_iter()
+            .map(|(session_id, connection_id)| BatchItem {
+                session_id,
+                connection_id,
+            })
+            .collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_query_defaults_and_errors() {
+        assert_eq!(history_query(None).unwrap(), (100, None));
+        assert_eq!(history_query(Some("limit=5&x=1")).unwrap().0, 5);
+        let (_, before) = history_query(Some("before=2024-01-02T03:04:05.678Z")).unwrap();
+        assert_eq!(before.unwrap().timestamp_millis(), 1_704_164_645_678);
+        let (_, before) = history_query(Some("before=2024-01-02T04:04:05%2B01:00")).unwrap();
+        assert_eq!(before.unwrap().timestamp(), 1_704_164_645);
+        for (q, field) in [
+            ("limit=0", "limit"),
+            ("limit=x", "limit"),
+            ("limit=1001", "limit"),
+            ("before=yesterday", "before"),
+        ] {
+            match history_query(Some(q)) {
+                Err(ApiError::InvalidRequest { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{q}: {other:?}"),
+            }
+        }
+    }
+}

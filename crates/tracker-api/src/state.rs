@@ -1,0 +1,60 @@
+//! What every handler shares: the store, auth, settings, metrics, and the
+//! shutdown machinery of the WebSockets.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracker_core::{Limits, Store};
+
+use crate::auth::Authenticator;
+use crate::history::History;
+use crate::metrics::Metrics;
+
+/// Cheap to clone: one `Arc`.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    pub store: Store,
+    pub auth: Authenticator,
+    pub limits: Limits,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_window: Duration,
+    /// `None` without `TRACKER_DATABASE_URL`: history answers 503.
+    pub history: Option<History>,
+    pub metrics: Metrics,
+    /// Every open WebSocket's task, so shutdown can wait for them.
+    pub sockets: TaskTracker,
+    /// Cancelled when shutdown begins: sockets send 1001 and remove their
+    /// connection; readiness fails; no new socket is accepted.
+    pub draining: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(inner: Inner) -> Self {
+        Self(Arc::new(inner))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl FromRef<AppState> for Metrics {
+    fn from_ref(state: &AppState) -> Metrics {
+        state.metrics.clone()
+    }
+}

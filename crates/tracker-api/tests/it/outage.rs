@@ -1,0 +1,117 @@
+//! Redis unreachable: 503 within the timeout, then recovery by itself.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tracker_core::testing::{config, Backend};
+use tracker_core::Store;
+
+use crate::helpers::*;
+
+fn fast_timeout() -> Options {
+    Options {
+        extra_args: vec!["--redis-timeout".into(), "500ms".into()],
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_a_quick_503() {
+    let mut cfg = config(Backend::Standalone, Duration::from_secs(60));
+    cfg.urls = vec!["redis://127.0.0.1:1".into()];
+    cfg.command_timeout = Duration::from_millis(500);
+    cfg.connect_timeout = Duration::from_millis(500);
+    let store = Store::connect(&cfg)
+        .await
+        .expect("standalone connects lazily");
+    let app = TestApp::spawn_with_store(&cfg, store, fast_timeout()).await;
+    let svc = service_token();
+
+    let started = Instant::now();
+    let (status, code, _) = error_code(
+        app.post(
+            "/v1/sessions/s-1/connections",
+            &svc,
+            json!({"protocol": "vnc"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (503, "unavailable"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    assert_eq!(
+        app.client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("tracker_api_backend_errors_total{backend=\"redis\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_api_recovers_when_redis_returns() {
+    let proxy = FlakyProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+    let mut cfg = config(Backend::Standalone, Duration::from_secs(60));
+    cfg.urls = vec![format!("redis://127.0.0.1:{}", proxy.port)];
+    cfg.command_timeout = Duration::from_millis(500);
+    cfg.connect_timeout = Duration::from_millis(500);
+    let store = Store::connect(&cfg).await.unwrap();
+    let app = TestApp::spawn_with_store(&cfg, store, fast_timeout()).await;
+    let svc = service_token();
+    let register = || {
+        app.post(
+            "/v1/sessions/flaky-1/connections",
+            &svc,
+            json!({"protocol": "vnc"}),
+        )
+    };
+
+    assert_eq!(register().await.status(), 201);
+    proxy.down().await;
+    let started = Instant::now();
+    let status = register().await.status();
+    assert_eq!(status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    proxy.up().await;
+    eventually(
+        "registrations succeed again",
+        Duration::from_secs(10),
+        || async { register().await.status() == 201 },
+    )
+    .await;
+    assert_eq!(
+        app.client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

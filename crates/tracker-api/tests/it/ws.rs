@@ -1,0 +1,252 @@
+//! WebSocket tracking with a real client.
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+use tracker_core::testing::Backend;
+use tracker_core::{ResourceState, SessionId};
+
+use crate::helpers::*;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn open(app: &TestApp, session: &str, token: &str) -> (Ws, Value) {
+    let mut req = app
+        .ws_url(&format!("/v1/sessions/{session}/ws"))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.headers_mut()
+        .insert("user-agent", "it-test/1".parse().unwrap());
+    req.headers_mut()
+        .insert("x-forwarded-for", "198.51.100.7, 10.0.0.1".parse().unwrap());
+    let (mut ws, _) = connect_async(req).await.expect("upgrade");
+    let first = next_text(&mut ws).await;
+    assert_eq!(first["type"], "registered", "{first}");
+    (ws, first)
+}
+
+/// The next text frame, answering pings on the way (tungstenite does that
+/// while reading).
+async fn next_text(ws: &mut Ws) -> Value {
+    let deadline = Duration::from_secs(5);
+    loop {
+        let msg = tokio::time::timeout(deadline, ws.next())
+            .await
+            .expect("a frame within 5s")
+            .expect("stream open")
+            .expect("valid frame");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+async fn live_ids(app: &TestApp, session: &str) -> Vec<String> {
+    let sid: SessionId = session.parse().unwrap();
+    app.store
+        .list_connections(&sid)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.connection_id.to_string())
+        .collect()
+}
+
+async fn ws_lifecycle(backend: Backend) {
+    let app = TestApp::spawn_with(backend, Options::fast()).await;
+    let (mut ws, first) = open(&app, "ws-life", &service_token()).await;
+    let cid = first["connection"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(first["connection"]["protocol"], "websocket");
+    assert_eq!(first["connection"]["client_ip"], "198.51.100.7");
+    assert_eq!(first["connection"]["user_agent"], "it-test/1");
+    assert_eq!(first["connection"]["user_id"], "proxy");
+    assert_eq!(first["session"]["active_connections"], 1);
+
+    // Answer pings for three windows: pongs alone must keep it alive.
+    let started = Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_millis(1200) {
+        if let Ok(Some(Ok(Message::Ping(_)))) =
+            tokio::time::timeout(Duration::from_millis(200), ws.next()).await
+        {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 5, "only {pings} pings in 1.2s at a 100ms interval");
+    assert_eq!(live_ids(&app, "ws-life").await, vec![cid.clone()]);
+    assert!(app
+        .metrics()
+        .await
+        .contains("tracker_api_websockets_open 1"));
+
+    // Closing the socket removes the connection.
+    ws.close(None).await.unwrap();
+    eventually(
+        "the closed socket's connection is removed",
+        Duration::from_secs(3),
+        || async { live_ids(&app, "ws-life").await.is_empty() },
+    )
+    .await;
+    eventually("the gauge drops", Duration::from_secs(3), || async {
+        app.metrics()
+            .await
+            .contains("tracker_api_websockets_open 0")
+    })
+    .await;
+    let m = app.metrics().await;
+    assert!(
+        m.contains("tracker_api_registrations_total{protocol=\"websocket\",result=\"created\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tracker_api_heartbeats_total{result=\"accepted\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn ws_lifecycle_standalone() {
+    ws_lifecycle(Backend::Standalone).await;
+}
+
+#[tokio::test]
+async fn ws_lifecycle_cluster() {
+    ws_lifecycle(Backend::Cluster).await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_removed_after_the_window() {
+    let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
+    let (mut ws, first) = open(&app, "ws-silent", &service_token()).await;
+    assert_eq!(first["type"], "registered");
+    // Not reading means not answering pings.
+    eventually(
+        "the silent socket's connection is removed",
+        Duration::from_secs(3),
+        || async { live_ids(&app, "ws-silent").await.is_empty() },
+    )
+    .await;
+    // What the server sent meanwhile: pings, then a normal close.
+    let mut close = None;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+        match msg {
+            Ok(Message::Close(frame)) => {
+                close = frame;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Normal));
+}
+
+#[tokio::test]
+async fn a_client_frame_is_a_heartbeat() {
+    let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
+    let (ws, first) = open(&app, "ws-chatty", &service_token()).await;
+    let cid = first["connection"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Send text frames but never read: no pongs go out, only these frames.
+    let (mut tx, _rx) = ws.split();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1200) {
+        tx.send(Message::Text("hi".into())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(live_ids(&app, "ws-chatty").await, vec![cid]);
+}
+
+#[tokio::test]
+async fn session_state_changes_are_pushed() {
+    let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
+    app.mirror("ws-push", Some("alice"), ResourceState::Running)
+        .await;
+    let (mut ws, first) = open(&app, "ws-push", &token("alice", &["user"])).await;
+    assert_eq!(first["session"]["state"], "running");
+    assert_eq!(first["connection"]["user_id"], "alice");
+    app.mirror("ws-push", Some("alice"), ResourceState::Terminated)
+        .await;
+    let frame = next_text(&mut ws).await;
+    assert_eq!(frame["type"], "session", "{frame}");
+    assert_eq!(frame["session"]["state"], "terminated");
+}
+
+#[tokio::test]
+async fn refused_registrations_answer_with_the_http_error() {
+    let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
+    app.mirror("ws-term", Some("alice"), ResourceState::Terminated)
+        .await;
+    let status_of = |path: String, token: Option<String>| {
+        let url = app.ws_url(&path);
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            if let Some(t) = token {
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            match connect_async(req).await {
+                Ok(_) => 101,
+                Err(WsError::Http(res)) => res.status().as_u16(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    assert_eq!(status_of("/v1/sessions/ws-x/ws".into(), None).await, 401);
+    assert_eq!(
+        status_of(
+            "/v1/sessions/ws-x/ws".into(),
+            Some(token("alice", &["user"]))
+        )
+        .await,
+        404
+    );
+    assert_eq!(
+        status_of("/v1/sessions/ws-term/ws".into(), Some(service_token())).await,
+        409
+    );
+    assert_eq!(
+        status_of("/v1/sessions/NOPE/ws".into(), Some(service_token())).await,
+        400
+    );
+    // The token may come in the query on this path.
+    let path = format!("/v1/sessions/ws-x/ws?access_token={}", service_token());
+    assert_eq!(status_of(path, None).await, 101);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1001_and_removes_them_first() {
+    let mut app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(open(&app, "ws-shutdown", &service_token()).await.0);
+    }
+    assert_eq!(live_ids(&app, "ws-shutdown").await.len(), 3);
+    app.stop().await;
+    // run_until has returned: every connection must already be gone.
+    assert!(live_ids(&app, "ws-shutdown").await.is_empty());
+    for mut ws in sockets {
+        let mut code = None;
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+        {
+            if let Message::Close(frame) = msg {
+                code = frame.map(|f| f.code);
+                break;
+            }
+        }
+        assert_eq!(code, Some(CloseCode::Away));
+    }
+}
