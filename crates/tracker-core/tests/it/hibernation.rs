@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    ClaimOutcome, IdleTimeout, Limits, Protocol, RegisterOutcome, ResourceState, SessionId,
-    SessionMeta, SessionState, Store,
+    ClaimOutcome, ClockOffset, IdleTimeout, Limits, Protocol, RegisterOutcome, ResourceState,
+    SessionId, SessionMeta, SessionState, Store,
 };
 
 use crate::support::*;
@@ -26,6 +26,29 @@ crate::both!(
 const IDLE: Duration = Duration::from_secs(2);
 const CLAIM: Duration = Duration::from_secs(30);
 
+/// Mirrors `s` as a running Session with the test's idle timeout.
+async fn running(store: &Store, s: &SessionId) {
+    mirror(
+        store,
+        s,
+        ResourceState::Running,
+        IdleTimeout::After(IDLE),
+        1,
+    )
+    .await;
+}
+
+/// A running session, idle past its timeout, then claimed.
+async fn claimed(store: &Store, clock: &ClockOffset, s: &SessionId) {
+    running(store, s).await;
+    clock.advance(IDLE);
+    let outcome = store.claim_hibernation(s, CLAIM).await.unwrap();
+    assert!(
+        matches!(outcome, ClaimOutcome::Claimed { .. }),
+        "{outcome:?}"
+    );
+}
+
 async fn due(store: &Store, s: &SessionId) -> bool {
     let shard = store.keys().shard_of(s);
     store.due_sessions(shard, 100).await.unwrap().contains(s)
@@ -43,14 +66,7 @@ async fn state(store: &Store, s: &SessionId) -> SessionState {
 async fn an_idle_session_is_due_after_its_timeout_then_hibernates_and_wakes(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror(
-        &store,
-        &s,
-        ResourceState::Running,
-        IdleTimeout::After(IDLE),
-        1,
-    )
-    .await;
+    running(&store, &s).await;
     let view = store.session(&s).await.unwrap().unwrap();
     assert_eq!(view.state, SessionState::Idle);
     assert_eq!(view.owner.as_deref(), Some("alice"));
@@ -124,14 +140,7 @@ async fn an_idle_session_is_due_after_its_timeout_then_hibernates_and_wakes(back
 async fn a_connected_session_is_never_claimed(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror(
-        &store,
-        &s,
-        ResourceState::Running,
-        IdleTimeout::After(IDLE),
-        1,
-    )
-    .await;
+    running(&store, &s).await;
     let c = conn(&s, "alice", Protocol::Http);
     created(store.register(&c, Limits::default()).await.unwrap());
     clock.advance(IDLE * 10);
@@ -201,19 +210,7 @@ async fn exempt_and_terminated_sessions_are_never_due(backend: Backend) {
 async fn a_rolled_back_claim_waits_before_the_next_try(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror(
-        &store,
-        &s,
-        ResourceState::Running,
-        IdleTimeout::After(IDLE),
-        1,
-    )
-    .await;
-    clock.advance(IDLE);
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM).await.unwrap(),
-        ClaimOutcome::Claimed { .. }
-    ));
+    claimed(&store, &clock, &s).await;
     assert!(store
         .rollback_hibernation(&s, Duration::from_secs(10))
         .await
@@ -227,14 +224,7 @@ async fn a_rolled_back_claim_waits_before_the_next_try(backend: Backend) {
 async fn a_lapsed_claim_can_be_claimed_again(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror(
-        &store,
-        &s,
-        ResourceState::Running,
-        IdleTimeout::After(IDLE),
-        1,
-    )
-    .await;
+    running(&store, &s).await;
     clock.advance(IDLE);
     let short = Duration::from_secs(1);
     assert!(matches!(
@@ -254,19 +244,7 @@ async fn a_wake_recorded_during_the_claim_survives_the_hibernation(backend: Back
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
     let shard = store.keys().shard_of(&s);
-    mirror(
-        &store,
-        &s,
-        ResourceState::Running,
-        IdleTimeout::After(IDLE),
-        1,
-    )
-    .await;
-    clock.advance(IDLE);
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM).await.unwrap(),
-        ClaimOutcome::Claimed { .. }
-    ));
+    claimed(&store, &clock, &s).await;
     let reg = created(
         store
             .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
@@ -315,22 +293,8 @@ async fn stale_mirror_events_are_ignored(backend: Backend) {
 async fn a_deleted_resource_is_forgotten(backend: Backend) {
     let (store, _) = store(backend).await;
     let (idle, busy) = (sid("idle"), sid("busy"));
-    mirror(
-        &store,
-        &idle,
-        ResourceState::Running,
-        IdleTimeout::After(IDLE),
-        1,
-    )
-    .await;
-    mirror(
-        &store,
-        &busy,
-        ResourceState::Running,
-        IdleTimeout::After(IDLE),
-        1,
-    )
-    .await;
+    running(&store, &idle).await;
+    running(&store, &busy).await;
     created(
         store
             .register(&conn(&busy, "alice", Protocol::Http), Limits::default())
