@@ -1,0 +1,65 @@
+//! The one error type of the reaper library.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// What can go wrong; variants are what callers act on (retry, roll back, stop).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting makes no sense; raised at start only.
+    #[error("{0}")]
+    Config(String),
+    /// Redis failed or timed out (the core store's error).
+    #[error(transparent)]
+    Store(#[from] tracker_core::Error),
+    /// The Kubernetes API answered with an error or the connection failed.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// The Kubernetes API did not answer within the timeout.
+    #[error("kubernetes did not answer within {0:?}")]
+    KubeTimeout(Duration),
+    /// The Kubernetes client could not be configured (no kubeconfig, no in-cluster env).
+    #[error("kubernetes client configuration: {0}")]
+    KubeConfig(String),
+    /// PostgreSQL failed.
+    #[error("postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The metrics listener could not be bound.
+    #[error("bind metrics listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The HTTP status of a Kubernetes API error, if that is what this is.
+    pub fn kube_status(&self) -> Option<u16> {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => Some(status.code),
+            _ => None,
+        }
+    }
+
+    /// 409: someone else changed the object since we read it (resourceVersion).
+    pub fn is_conflict(&self) -> bool {
+        self.kube_status() == Some(409)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Bounds a Kubernetes call: kube's own read timeout is minutes long, for watches.
+pub(crate) async fn kube_timeout<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r.map_err(Error::from),
+        Err(_) => Err(Error::KubeTimeout(limit)),
+    }
+}

@@ -1,0 +1,376 @@
+//! What every scenario needs: a reaper config on a test's own key prefix and
+//! database, reapers in their own runtime (so a test can kill one as SIGKILL
+//! would: no release, no flush), connections, bounded polling, a TCP proxy
+//! that can cut PostgreSQL off.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+use sqlx::ConnectOptions;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracker_core::testing::{self, Backend};
+use tracker_core::{
+    ClockOffset, ConnectionId, Limits, NewConnection, Protocol, RegisterOutcome, SessionId, Store,
+    StoreConfig, UserAgent,
+};
+use tracker_reaper::{Application, Config, Election, Overrides, Platform};
+
+/// Namespace of the Sessions and Leases in tests.
+pub const NS: &str = "streamspace";
+
+/// A test's Redis (own prefix), its clock and its database URL.
+pub struct Env {
+    pub store_cfg: StoreConfig,
+    pub store: Store,
+    pub clock: ClockOffset,
+    pub db_url: String,
+    pub pool: PgPool,
+}
+
+impl Env {
+    pub async fn new(backend: Backend, window: Duration, pool: &PgPool) -> Self {
+        let store_cfg = testing::config(backend, window);
+        let clock = ClockOffset::default();
+        let store = testing::connect(&store_cfg).await.with_clock(clock.clone());
+        let db_url = pool.connect_options().to_url_lossy().to_string();
+        Self {
+            store_cfg,
+            store,
+            clock,
+            db_url,
+            pool: pool.clone(),
+        }
+    }
+
+    /// A reaper config for this env: fast ticks, Redis election, no platform.
+    pub fn config(&self) -> Config {
+        let mut cfg = Config::with_database_url(&self.db_url).unwrap();
+        cfg.redis_url = self.store_cfg.urls.join(",");
+        cfg.redis_mode = self.store_cfg.mode;
+        cfg.key_prefix = self.store_cfg.key_prefix.clone();
+        cfg.redis_shards = self.store_cfg.shards;
+        cfg.heartbeat_window = self.store_cfg.heartbeat_window;
+        cfg.metrics_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.election = Election::Redis;
+        cfg.platform = Platform::None;
+        cfg.skip_migrations = true;
+        cfg.namespace = NS.into();
+        cfg.lease_name = format!("reaper-{}", self.store_cfg.key_prefix);
+        cfg.lease_duration = Duration::from_secs(3);
+        cfg.sweep_interval = Duration::from_millis(200);
+        cfg.hibernate_interval = Duration::from_millis(100);
+        cfg.archive_interval = Duration::from_millis(50);
+        cfg.wake_interval = Duration::from_millis(10);
+        cfg.kube_timeout = Duration::from_secs(2);
+        cfg
+    }
+
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            clock: Some(self.clock.clone()),
+            ..Overrides::default()
+        }
+    }
+
+    /// Registers a connection and answers its id.
+    pub async fn connect(&self, session: &str, user: &str) -> ConnectionId {
+        let id = ConnectionId::new_random();
+        let new = NewConnection {
+            session_id: sid(session),
+            connection_id: id,
+            user_id: user.parse().unwrap(),
+            protocol: Protocol::Websocket,
+            client_ip: Some("10.1.2.3".parse().unwrap()),
+            user_agent: Some(UserAgent::truncated("it/1.0")),
+        };
+        match self.store.register(&new, Limits::default()).await.unwrap() {
+            RegisterOutcome::Created(_) => id,
+            other => panic!("registration refused: {other:?}"),
+        }
+    }
+
+    pub async fn history_rows(&self) -> i64 {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM connection_history")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Event types recorded for a session, oldest first.
+    pub async fn events(&self, session: &str) -> Vec<String> {
+        sqlx::query_scalar::<_, String>(
+            "SELECT event_type FROM session_events WHERE session_id = $1 ORDER BY occurred_at",
+        )
+        .bind(session.to_owned())
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+}
+
+pub fn sid(s: &str) -> SessionId {
+    s.parse().unwrap()
+}
+
+/// A reaper running in its own runtime on its own thread.
+pub struct Reaper {
+    pub metrics_port: u16,
+    pub leader: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    kill: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reaper {
+    pub async fn start(cfg: Config, overrides: Overrides) -> Self {
+        // `TRACKER_TEST_LOG=1` (with RUST_LOG) shows the reapers' logs.
+        if std::env::var_os("TRACKER_TEST_LOG").is_some() {
+            tracker_reaper::telemetry::init(tracker_reaper::config::LogFormat::Text);
+        }
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let app = Application::build_with(cfg, overrides).await.unwrap();
+                let _ = ready_tx.send((app.metrics_port(), app.leadership()));
+                tokio::select! {
+                    r = app.run_until(token) => r.unwrap(),
+                    _ = kill_rx => {}
+                }
+            });
+            // Killed or stopped: drop every task where it stands, as a SIGKILL would.
+            rt.shutdown_background();
+        });
+        let (metrics_port, leader) = ready_rx.await.expect("reaper failed to build");
+        Self {
+            metrics_port,
+            leader,
+            shutdown,
+            kill: Some(kill_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    pub async fn wait_leader(&mut self, timeout: Duration) {
+        tokio::time::timeout(timeout, self.leader.wait_for(|l| *l))
+            .await
+            .expect("did not become leader in time")
+            .unwrap();
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let thread = self.thread.take().unwrap();
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// Abrupt stop, as on SIGKILL: no release, no flush.
+    pub async fn kill(mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        let thread = self.thread.take().unwrap();
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("http://127.0.0.1:{}{path}", self.metrics_port))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it answers `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP proxy that forwards to `target` while enabled and cuts every
+/// connection (open ones included) while disabled.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    enabled: Arc<AtomicBool>,
+    cut: watch::Sender<u64>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr, enabled: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let flag = Arc::new(AtomicBool::new(enabled));
+        let (cut, _) = watch::channel(0u64);
+        let (on, cut_tx) = (flag.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !on.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut_rx = cut_tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            enabled: flag,
+            cut,
+        }
+    }
+
+    pub fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::SeqCst);
+        if !enabled {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// A metric's value in a Prometheus text exposition (0 when absent).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A Session resource as a user or the session controller would write it.
+pub fn session_json(
+    name: &str,
+    state: &str,
+    idle: Option<&str>,
+    exempt: bool,
+) -> serde_json::Value {
+    let mut s = serde_json::json!({
+        "apiVersion": "stream.space/v1alpha1",
+        "kind": "Session",
+        "metadata": {"name": name},
+        "spec": {"user": "alice", "state": state, "image": "desktop:latest"},
+    });
+    if let Some(idle) = idle {
+        s["spec"]["idleTimeout"] = idle.into();
+    }
+    if exempt {
+        s["metadata"]["annotations"] = serde_json::json!({"stream.space/auto-hibernate": "false"});
+    }
+    s
+}
+
+/// `spec.state` of a Session in the fake API server.
+pub fn kube_state(fake: &fake_kube::FakeKube, name: &str) -> Option<String> {
+    fake.session(NS, name)?
+        .pointer("/spec/state")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The `spec.state` values of the patches a Session received, in order.
+pub fn patched_states(fake: &fake_kube::FakeKube, name: &str) -> Vec<String> {
+    fake.session_patches(name)
+        .iter()
+        .filter_map(|r| r.body.pointer("/spec/state")?.as_str().map(str::to_owned))
+        .collect()
+}
+
+impl Env {
+    /// A config acting on the fake API server.
+    pub fn kube_config(&self) -> Config {
+        let mut cfg = self.config();
+        cfg.platform = Platform::Kubernetes;
+        cfg
+    }
+
+    pub fn kube_overrides(&self, fake: &fake_kube::FakeKube) -> Overrides {
+        Overrides {
+            kube_client: Some(fake.kube_client().unwrap()),
+            ..self.overrides()
+        }
+    }
+
+    /// The session's state as the store reports it.
+    pub async fn state(&self, session: &str) -> Option<tracker_core::SessionState> {
+        self.store
+            .session(&sid(session))
+            .await
+            .unwrap()
+            .map(|v| v.state)
+    }
+}
+
+impl Env {
+    /// [`Env::connect`] through another store handle (another shard count).
+    pub async fn connect_on(&self, store: &Store, session: &str, user: &str) -> ConnectionId {
+        let id = ConnectionId::new_random();
+        let new = NewConnection {
+            session_id: sid(session),
+            connection_id: id,
+            user_id: user.parse().unwrap(),
+            protocol: Protocol::Http,
+            client_ip: Some("192.0.2.7".parse().unwrap()),
+            user_agent: Some(UserAgent::truncated("bench")),
+        };
+        match store.register(&new, Limits::default()).await.unwrap() {
+            RegisterOutcome::Created(_) => id,
+            other => panic!("registration refused: {other:?}"),
+        }
+    }
+}

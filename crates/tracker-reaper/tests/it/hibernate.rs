@@ -1,0 +1,248 @@
+//! Hibernation: idle Sessions are patched `hibernated` after their idle
+//! timeout and not before; exempt ones never; dry run and `platform=none`
+//! record without patching.
+
+use std::time::Duration;
+
+use fake_kube::FakeKube;
+use sqlx::PgPool;
+use tracker_core::testing::Backend;
+use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
+
+use crate::helpers::{eventually, kube_state, patched_states, session_json, sid, Env, Reaper, NS};
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn an_idle_session_is_hibernated_after_its_timeout_and_not_before(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(3), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    // The canary shows when the guard is over and hibernation works at all.
+    fake.apply_session(NS, session_json("canary", "running", Some("1s"), false))
+        .unwrap();
+    fake.apply_session(NS, session_json("s1", "running", Some("2s"), false))
+        .unwrap();
+    fake.apply_session(NS, session_json("exempt", "running", Some("1s"), true))
+        .unwrap();
+    fake.apply_session(NS, session_json("never", "running", Some(""), false))
+        .unwrap();
+    fake.apply_session(NS, session_json("default", "running", None, false))
+        .unwrap();
+    let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+
+    eventually(Duration::from_secs(10), "s1 mirrored", || async {
+        (env.state("s1").await == Some(SessionState::Idle)).then_some(())
+    })
+    .await;
+    let c1 = env.connect("s1", "alice").await;
+
+    // The guard (one heartbeat window) is longer than s1's idle timeout:
+    // by the time the canary goes, s1 has been connected past it.
+    eventually(Duration::from_secs(15), "canary hibernated", || async {
+        (kube_state(&fake, "canary").as_deref() == Some("hibernated")).then_some(())
+    })
+    .await;
+    assert!(
+        patched_states(&fake, "s1").is_empty(),
+        "a connected session was patched"
+    );
+
+    env.store.close(&sid("s1"), c1).await.unwrap();
+    let closed_at = env
+        .store
+        .session(&sid("s1"))
+        .await
+        .unwrap()
+        .and_then(|v| v.last_disconnect_at)
+        .unwrap();
+    eventually(Duration::from_secs(10), "s1 hibernated", || async {
+        (kube_state(&fake, "s1").as_deref() == Some("hibernated")).then_some(())
+    })
+    .await;
+    let patches = fake.session_patches("s1");
+    assert_eq!(patches.len(), 1);
+    let p = &patches[0];
+    assert!(
+        p.received_at >= closed_at + chrono::Duration::milliseconds(1995),
+        "patched {} after the close",
+        p.received_at - closed_at
+    );
+    assert_eq!(p.field_manager.as_deref(), Some("tracker-reaper"));
+    assert!(p
+        .content_type
+        .as_deref()
+        .unwrap_or_default()
+        .contains("merge-patch"));
+    assert_eq!(p.status, 200);
+
+    eventually(Duration::from_secs(5), "hibernation recorded", || async {
+        (env.state("s1").await == Some(SessionState::Hibernated)
+            && env.events("s1").await == ["hibernated"])
+        .then_some(())
+    })
+    .await;
+    for name in ["exempt", "never", "default"] {
+        assert!(patched_states(&fake, name).is_empty(), "{name} was patched");
+        assert_eq!(env.state(name).await, Some(SessionState::Idle), "{name}");
+    }
+    let (_, text) = reaper.get("/metrics").await;
+    assert!(
+        text.contains("tracker_reaper_hibernations_total{result=\"hibernated\"} 2"),
+        "{text}"
+    );
+    reaper.stop().await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_failed_patch_is_rolled_back_and_retried(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "running", Some("1s"), false))
+        .unwrap();
+    fake.fail_session_patches(1, 500);
+    let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    // The first patch fails; the claim is rolled back and retried 2 s later.
+    eventually(
+        Duration::from_secs(15),
+        "s1 hibernated on retry",
+        || async { (kube_state(&fake, "s1").as_deref() == Some("hibernated")).then_some(()) },
+    )
+    .await;
+    let statuses: Vec<u16> = fake
+        .session_patches("s1")
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [500, 200]);
+    eventually(Duration::from_secs(5), "one event", || async {
+        (env.events("s1").await == ["hibernated"]).then_some(())
+    })
+    .await;
+    let (_, text) = reaper.get("/metrics").await;
+    assert!(
+        text.contains("tracker_reaper_hibernations_total{result=\"failed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tracker_reaper_kube_errors_total{operation=\"patch_session\"} 1"),
+        "{text}"
+    );
+    reaper.stop().await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn dry_run_patches_nothing_and_records_events(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "running", Some("1s"), false))
+        .unwrap();
+    let mut cfg = env.kube_config();
+    cfg.dry_run = true;
+    let reaper = Reaper::start(cfg, env.kube_overrides(&fake)).await;
+    eventually(Duration::from_secs(15), "dry run event", || async {
+        (env.events("s1").await == ["dry_run_hibernate"]).then_some(())
+    })
+    .await;
+    assert!(
+        fake.requests().is_empty(),
+        "dry run wrote: {:?}",
+        fake.requests()
+    );
+    assert_eq!(kube_state(&fake, "s1").as_deref(), Some("running"));
+    // Rolled back with a long retry: idle again, not decided every tick.
+    assert_eq!(env.state("s1").await, Some(SessionState::Idle));
+    let (_, text) = reaper.get("/metrics").await;
+    assert!(
+        text.contains("tracker_reaper_hibernations_total{result=\"dry_run\"} 1"),
+        "{text}"
+    );
+    reaper.stop().await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn platform_none_decides_and_records_only(pool: PgPool) {
+    let env = Env::new(Backend::Cluster, Duration::from_secs(1), &pool).await;
+    // No cluster: the session is known to the store some other way.
+    let meta = SessionMeta {
+        session_id: sid("s1"),
+        owner: Some("alice".into()),
+        state: ResourceState::Running,
+        idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
+        generation: Some(1),
+    };
+    assert!(env.store.mirror_session(&meta).await.unwrap());
+    let reaper = Reaper::start(env.config(), env.overrides()).await;
+    eventually(Duration::from_secs(15), "hibernation recorded", || async {
+        (env.state("s1").await == Some(SessionState::Hibernated)
+            && env.events("s1").await == ["hibernated"])
+        .then_some(())
+    })
+    .await;
+    env.connect("s1", "alice").await;
+    eventually(Duration::from_secs(5), "wake recorded", || async {
+        (env.state("s1").await == Some(SessionState::Running)
+            && env.events("s1").await == ["hibernated", "woken"])
+        .then_some(())
+    })
+    .await;
+    reaper.stop().await;
+}
+
+fn idle_meta(name: &str, secs: u64) -> SessionMeta {
+    SessionMeta {
+        session_id: sid(name),
+        owner: None,
+        state: ResourceState::Running,
+        idle_timeout: IdleTimeout::After(Duration::from_secs(secs)),
+        generation: Some(1),
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn nothing_is_hibernated_for_a_window_after_leadership_or_data_loss(pool: PgPool) {
+    let window = Duration::from_secs(2);
+    let env = Env::new(Backend::Standalone, window, &pool).await;
+    // Long overdue before the reaper starts.
+    env.store.mirror_session(&idle_meta("s0", 1)).await.unwrap();
+    env.clock.advance(Duration::from_secs(3600));
+    let mut reaper = Reaper::start(env.config(), env.overrides()).await;
+    reaper.wait_leader(Duration::from_secs(5)).await;
+    let leader_at = std::time::Instant::now();
+    eventually(Duration::from_secs(10), "s0 hibernated", || async {
+        (env.state("s0").await == Some(SessionState::Hibernated)).then_some(())
+    })
+    .await;
+    assert!(
+        leader_at.elapsed() >= window - Duration::from_millis(300),
+        "{:?}",
+        leader_at.elapsed()
+    );
+
+    // Redis "loses" its data: every shard's epoch marker is gone.
+    let (urls, _) = Backend::Standalone.urls();
+    let mut raw = redis::Client::open(urls[0].as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for shard in env.store.keys().shards() {
+        let key = format!("{}:epoch", env.store.keys().shard_base(shard));
+        let n: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{key}");
+    }
+    let lost_at = std::time::Instant::now();
+    env.store.mirror_session(&idle_meta("s1", 1)).await.unwrap();
+    env.clock.advance(Duration::from_secs(5));
+    eventually(Duration::from_secs(10), "s1 hibernated", || async {
+        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
+    })
+    .await;
+    assert!(
+        lost_at.elapsed() >= window,
+        "hibernated {:?} after the loss",
+        lost_at.elapsed()
+    );
+    reaper.stop().await;
+}

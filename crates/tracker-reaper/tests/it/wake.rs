@@ -1,0 +1,217 @@
+//! Wakes: a connection on a hibernated (or hibernating) Session leads to
+//! exactly one patch `spec.state: running`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fake_kube::FakeKube;
+use futures::future::BoxFuture;
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore};
+use tracker_core::testing::Backend;
+use tracker_core::{
+    Limits, NewConnection, Protocol, RegisterOutcome, ResourceState, SessionId, SessionState,
+};
+use tracker_reaper::platform::{KubeSessions, SessionApi};
+use tracker_reaper::session::Session;
+use tracker_reaper::Overrides;
+
+use crate::helpers::{eventually, kube_state, patched_states, session_json, sid, Env, Reaper, NS};
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_connection_on_a_hibernated_session_wakes_it_once(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
+        .unwrap();
+    let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    reaper.wait_leader(Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "s1 mirrored", || async {
+        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
+    })
+    .await;
+
+    let new = NewConnection {
+        session_id: sid("s1"),
+        connection_id: tracker_core::ConnectionId::new_random(),
+        user_id: "alice".parse().unwrap(),
+        protocol: Protocol::Vnc,
+        client_ip: None,
+        user_agent: None,
+    };
+    let registered_at = Instant::now();
+    let RegisterOutcome::Created(r) = env.store.register(&new, Limits::default()).await.unwrap()
+    else {
+        panic!("not registered");
+    };
+    assert_eq!(r.session.state, SessionState::Waking);
+    // More connections while waking add no wake.
+    env.connect("s1", "bob").await;
+    fake.wait_for_session(
+        NS,
+        "s1",
+        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let latency = registered_at.elapsed();
+    eventually(Duration::from_secs(5), "wake acknowledged", || async {
+        (env.state("s1").await == Some(SessionState::Running)
+            && env.events("s1").await == ["woken"])
+        .then_some(())
+    })
+    .await;
+    // Running now: a further connection records no wake.
+    env.connect("s1", "carol").await;
+    let shard = env.store.keys().shard_of(&sid("s1"));
+    assert!(env.store.pending_wakes(shard, 10).await.unwrap().is_empty());
+    assert_eq!(patched_states(&fake, "s1"), ["running"]);
+    let p = &fake.session_patches("s1")[0];
+    assert_eq!(p.field_manager.as_deref(), Some("tracker-reaper"));
+    assert!(latency < Duration::from_secs(1), "wake took {latency:?}");
+    reaper.stop().await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_terminated_session_is_never_woken(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "hibernated", None, false))
+        .unwrap();
+    let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    reaper.wait_leader(Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "s1 mirrored", || async {
+        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
+    })
+    .await;
+    fake.apply_session(NS, session_json("s1", "terminated", None, false))
+        .unwrap();
+    eventually(Duration::from_secs(10), "termination mirrored", || async {
+        (env.state("s1").await == Some(SessionState::Terminated)).then_some(())
+    })
+    .await;
+    let new = NewConnection {
+        session_id: sid("s1"),
+        connection_id: tracker_core::ConnectionId::new_random(),
+        user_id: "alice".parse().unwrap(),
+        protocol: Protocol::Http,
+        client_ip: None,
+        user_agent: None,
+    };
+    assert_eq!(
+        env.store.register(&new, Limits::default()).await.unwrap(),
+        RegisterOutcome::Terminated
+    );
+    assert!(patched_states(&fake, "s1").is_empty());
+    reaper.stop().await;
+}
+
+/// Holds hibernation patches until the test lets them go.
+#[derive(Debug)]
+struct Gated {
+    inner: KubeSessions,
+    entered: Notify,
+    release: Semaphore,
+}
+
+impl SessionApi for Gated {
+    fn get<'a>(
+        &'a self,
+        name: &'a SessionId,
+    ) -> BoxFuture<'a, tracker_reaper::Result<Option<Session>>> {
+        self.inner.get(name)
+    }
+
+    fn set_state<'a>(
+        &'a self,
+        name: &'a SessionId,
+        resource_version: &'a str,
+        state: ResourceState,
+    ) -> BoxFuture<'a, tracker_reaper::Result<Session>> {
+        Box::pin(async move {
+            if state == ResourceState::Hibernated {
+                self.entered.notify_one();
+                self.release.acquire().await.unwrap().forget();
+            }
+            self.inner.set_state(name, resource_version, state).await
+        })
+    }
+}
+
+/// Starts a reaper whose hibernation patches wait for the test, and waits
+/// until one is in flight for `s1`.
+async fn hibernation_in_flight(env: &Env, fake: &FakeKube) -> (Reaper, Arc<Gated>) {
+    fake.apply_session(NS, session_json("s1", "running", Some("1s"), false))
+        .unwrap();
+    let client = fake.kube_client().unwrap();
+    let gated = Arc::new(Gated {
+        inner: KubeSessions::new(client.clone(), NS, Duration::from_secs(2)),
+        entered: Notify::new(),
+        release: Semaphore::new(0),
+    });
+    let overrides = Overrides {
+        kube_client: Some(client),
+        session_api: Some(gated.clone()),
+        clock: Some(env.clock.clone()),
+    };
+    let reaper = Reaper::start(env.kube_config(), overrides).await;
+    tokio::time::timeout(Duration::from_secs(15), gated.entered.notified())
+        .await
+        .expect("no hibernation attempted");
+    assert_eq!(env.state("s1").await, Some(SessionState::Hibernating));
+    (reaper, gated)
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_connection_during_a_hibernation_in_flight_wakes_it_once(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    let (reaper, gated) = hibernation_in_flight(&env, &fake).await;
+
+    env.connect("s1", "alice").await;
+    assert_eq!(env.state("s1").await, Some(SessionState::Waking));
+    // Give the waker many polls in which it must leave s1 alone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(patched_states(&fake, "s1").is_empty());
+    gated.release.add_permits(1);
+
+    eventually(Duration::from_secs(5), "hibernated, then woken", || async {
+        (kube_state(&fake, "s1").as_deref() == Some("running")
+            && env.state("s1").await == Some(SessionState::Running))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(patched_states(&fake, "s1"), ["hibernated", "running"]);
+    eventually(Duration::from_secs(5), "both recorded", || async {
+        (env.events("s1").await == ["hibernated", "woken"]).then_some(())
+    })
+    .await;
+    reaper.stop().await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_connection_during_a_failing_hibernation_needs_no_wake_patch(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    let (reaper, gated) = hibernation_in_flight(&env, &fake).await;
+
+    env.connect("s1", "alice").await;
+    fake.fail_session_patches(1, 500);
+    gated.release.add_permits(1);
+    // The patch fails and is rolled back; the resource never left `running`,
+    // so the pending wake is acknowledged without a patch.
+    eventually(Duration::from_secs(5), "wake acknowledged", || async {
+        (env.state("s1").await == Some(SessionState::Running)).then_some(())
+    })
+    .await;
+    assert_eq!(kube_state(&fake, "s1").as_deref(), Some("running"));
+    let statuses: Vec<u16> = fake
+        .session_patches("s1")
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [500]);
+    assert!(env.events("s1").await.is_empty());
+    reaper.stop().await;
+}
