@@ -156,14 +156,12 @@ impl Hibernator {
 
     /// One pass: check the epochs, then (guard permitting) every shard's due sessions.
     pub async fn tick(&mut self, stop: &CancellationToken) {
+        let mut changed = Vec::new();
         for shard in self.store.keys().shards() {
             match self.store.shard_epoch(shard).await {
                 Ok(epoch) => {
                     if self.guard.observe(shard, &epoch, Instant::now()) {
-                        tracing::warn!(
-                            shard = shard.0,
-                            "shard epoch changed (Redis lost data?); no hibernation for one heartbeat window"
-                        );
+                        changed.push(shard.0);
                     }
                 }
                 Err(e) => {
@@ -173,6 +171,13 @@ impl Hibernator {
                     return;
                 }
             }
+        }
+        if !changed.is_empty() {
+            // One line for all shards: a new store marks every shard at once.
+            tracing::warn!(
+                shards = ?changed,
+                "new shard epoch markers: a fresh store, or Redis lost data; no hibernation for one heartbeat window"
+            );
         }
         if !self.guard.may_hibernate(Instant::now()) {
             return;
