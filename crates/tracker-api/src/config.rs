@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use tracker_core::{Limits, RedisMode, StoreConfig};
+use tracker_core::{Limits, StoreConfig};
+use tracker_runtime::{positive_duration, LogFormat, RedisArgs};
 
 /// How bearer tokens are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -16,21 +17,6 @@ pub enum AuthMode {
     Disabled,
 }
 
-/// The Redis deployment, as the flag spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RedisModeArg {
-    Standalone,
-    Cluster,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Everything `tracker-api` can be told at start.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -39,35 +25,8 @@ pub enum LogFormat {
     about = "Connection tracker API replica"
 )]
 pub struct Config {
-    /// One Redis URL, or comma-separated seed nodes in cluster mode.
-    #[arg(
-        long,
-        env = "TRACKER_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub redis_url: String,
-
-    #[arg(
-        long,
-        env = "TRACKER_REDIS_MODE",
-        value_enum,
-        default_value = "standalone"
-    )]
-    pub redis_mode: RedisModeArg,
-
-    /// Prefix of every Redis key.
-    #[arg(long, env = "TRACKER_KEY_PREFIX", default_value = "trk")]
-    pub key_prefix: String,
-
-    /// Shards of the global indexes in Redis. Part of the data layout: every
-    /// API and reaper replica of one deployment must use the same value.
-    #[arg(long, env = "TRACKER_REDIS_SHARDS", default_value_t = StoreConfig::DEFAULT_SHARDS,
-          value_parser = clap::value_parser!(u16).range(1..=16384))]
-    pub redis_shards: u16,
-
-    /// Upper bound of every Redis call; a slower answer is a 503.
-    #[arg(long, env = "TRACKER_REDIS_TIMEOUT", default_value = "2s", value_parser = positive_duration)]
-    pub redis_timeout: Duration,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// PostgreSQL, for the history endpoint (503 without it).
     #[arg(long, env = "TRACKER_DATABASE_URL", hide_env_values = true)]
@@ -124,8 +83,8 @@ pub enum ConfigError {
         interval: Duration,
         window: Duration,
     },
-    #[error("TRACKER_REDIS_URL is empty")]
-    NoRedisUrl,
+    #[error("{0}")]
+    Redis(String),
 }
 
 impl Config {
@@ -140,34 +99,12 @@ impl Config {
                 window: self.heartbeat_window,
             });
         }
-        if self.redis_urls().is_empty() {
-            return Err(ConfigError::NoRedisUrl);
-        }
-        Ok(())
-    }
-
-    pub fn redis_urls(&self) -> Vec<String> {
-        self.redis_url
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()
+        self.redis.validate().map_err(ConfigError::Redis)
     }
 
     /// The store settings these flags describe.
     pub fn store_config(&self) -> StoreConfig {
-        let mode = match self.redis_mode {
-            RedisModeArg::Standalone => RedisMode::Standalone,
-            RedisModeArg::Cluster => RedisMode::Cluster,
-        };
-        let mut cfg = StoreConfig::new(self.redis_urls(), mode);
-        cfg.key_prefix = self.key_prefix.clone();
-        cfg.shards = self.redis_shards;
-        cfg.heartbeat_window = self.heartbeat_window;
-        cfg.command_timeout = self.redis_timeout;
-        cfg.connect_timeout = self.redis_timeout;
-        cfg
+        self.redis.store_config(self.heartbeat_window)
     }
 
     pub fn limits(&self) -> Limits {
@@ -176,16 +113,6 @@ impl Config {
             per_user: self.max_connections_per_user,
         }
     }
-}
-
-/// A humantime duration above zero: a zero interval or timeout would spin or
-/// fail every call, so it is refused at start.
-fn positive_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d.is_zero() {
-        return Err("must be longer than zero".into());
-    }
-    Ok(d)
 }
 
 #[cfg(test)]
@@ -202,8 +129,8 @@ mod tests {
         assert_eq!(cfg.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(cfg.heartbeat_interval, Duration::from_secs(20));
         assert_eq!(cfg.heartbeat_window, Duration::from_secs(60));
-        assert_eq!(cfg.redis_shards, 32);
-        assert_eq!(cfg.redis_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.redis.redis_shards, 32);
+        assert_eq!(cfg.redis.redis_timeout, Duration::from_secs(2));
         assert_eq!(cfg.shutdown_timeout, Duration::from_secs(20));
         assert_eq!(cfg.auth, AuthMode::Jwt);
         assert_eq!(cfg.limits(), Limits::default());
@@ -240,6 +167,6 @@ mod tests {
     #[test]
     fn cluster_seeds_are_split() {
         let cfg = parse(&["--redis-url", "redis://a:1, redis://b:2,"]).unwrap();
-        assert_eq!(cfg.redis_urls(), ["redis://a:1", "redis://b:2"]);
+        assert_eq!(cfg.redis.urls(), ["redis://a:1", "redis://b:2"]);
     }
 }

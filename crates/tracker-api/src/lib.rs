@@ -15,7 +15,6 @@
 //! - [`history`]: the PostgreSQL archive reader;
 //! - [`metrics`]: per-instance Prometheus metrics with bounded labels;
 //! - [`openapi`]: the generated OpenAPI document;
-//! - [`telemetry`]: logging setup for the binary.
 //!
 //! [`Application`] binds its listener at build time (port 0 in tests) and
 //! serves until a [`CancellationToken`] fires, then shuts down in order:
@@ -32,7 +31,6 @@ pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod state;
-pub mod telemetry;
 pub mod ws;
 
 use std::future::IntoFuture;
@@ -85,7 +83,7 @@ impl Application {
         let history = cfg
             .database_url
             .as_deref()
-            .map(|url| History::connect_lazy(url, cfg.redis_timeout))
+            .map(|url| History::connect_lazy(url, cfg.redis.redis_timeout))
             .transpose()?;
         Self::build_with(cfg, store, history).await
     }

@@ -10,7 +10,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use tracker_core::{KeySpace, RedisMode, StoreConfig};
+use tracker_core::StoreConfig;
+pub use tracker_runtime::{first_line, LogFormat, RedisArgs};
 
 use crate::error::{Error, Result};
 
@@ -30,14 +31,6 @@ pub enum Election {
     Kubernetes,
     /// A token-checked lock key in Redis, for runs without a cluster.
     Redis,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// A secret setting (a URL with a password): printed redacted.
@@ -72,29 +65,8 @@ impl FromStr for Secret {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "tracker-reaper", version, about)]
 pub struct Config {
-    /// One Redis URL, or comma-separated seed nodes in cluster mode.
-    #[arg(
-        long,
-        env = "TRACKER_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub redis_url: String,
-
-    /// `standalone` or `cluster`.
-    #[arg(long, env = "TRACKER_REDIS_MODE", default_value = "standalone", value_parser = parse_redis_mode)]
-    pub redis_mode: RedisMode,
-
-    /// Prefix of every Redis key.
-    #[arg(long, env = "TRACKER_KEY_PREFIX", default_value = "trk")]
-    pub key_prefix: String,
-
-    /// Shards of the global indexes; part of the data layout, the same for every process.
-    #[arg(long, env = "TRACKER_REDIS_SHARDS", default_value_t = StoreConfig::DEFAULT_SHARDS)]
-    pub redis_shards: u16,
-
-    /// Upper bound of every Redis call.
-    #[arg(long, env = "TRACKER_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub redis_timeout: Duration,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// PostgreSQL URL (required).
     #[arg(long, env = "TRACKER_DATABASE_URL", hide_env_values = true)]
@@ -170,11 +142,6 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-fn parse_redis_mode(s: &str) -> Result<RedisMode, String> {
-    s.parse()
-        .map_err(|_| "expected standalone or cluster".to_owned())
-}
-
 impl Config {
     /// The documented defaults with `database_url`, ignoring the environment:
     /// what tests and embedders start from.
@@ -200,19 +167,12 @@ impl Config {
     /// Checks that span settings; the error is one line.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
-        KeySpace::new(&self.key_prefix, self.redis_shards)
-            .map_err(|e| Error::Config(e.to_string()))?;
-        if self.redis_urls().is_empty() {
-            return bad("TRACKER_REDIS_URL: at least one URL is needed".into());
-        }
-        if self.redis_mode == RedisMode::Standalone && self.redis_urls().len() != 1 {
-            return bad("TRACKER_REDIS_URL: standalone mode takes exactly one URL".into());
-        }
+        self.redis.validate().map_err(Error::Config)?;
         if self.database_url.expose().trim().is_empty() {
             return bad("TRACKER_DATABASE_URL is required".into());
         }
         for (name, d) in [
-            ("TRACKER_REDIS_TIMEOUT", self.redis_timeout),
+            ("TRACKER_REDIS_TIMEOUT", self.redis.redis_timeout),
             ("TRACKER_HEARTBEAT_WINDOW", self.heartbeat_window),
             ("TRACKER_SWEEP_INTERVAL", self.sweep_interval),
             ("TRACKER_DEFAULT_IDLE_TIMEOUT", self.default_idle_timeout),
@@ -235,25 +195,9 @@ impl Config {
         Ok(())
     }
 
-    /// The Redis URLs, split on commas.
-    pub fn redis_urls(&self) -> Vec<String> {
-        self.redis_url
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()
-    }
-
     /// What the core store needs.
     pub fn store_config(&self) -> StoreConfig {
-        let mut cfg = StoreConfig::new(self.redis_urls(), self.redis_mode);
-        cfg.key_prefix = self.key_prefix.clone();
-        cfg.shards = self.redis_shards;
-        cfg.heartbeat_window = self.heartbeat_window;
-        cfg.command_timeout = self.redis_timeout;
-        cfg.connect_timeout = self.redis_timeout;
-        cfg
+        self.redis.store_config(self.heartbeat_window)
     }
 
     /// Who we are in the election: `POD_NAME`, else the host name.
@@ -263,19 +207,6 @@ impl Config {
         }
         hostname()
     }
-}
-
-/// A clap error as one line: its first paragraph (the value or argument at
-/// fault, and the possible values) joined, without the usage and help hints.
-pub fn first_line(e: &clap::Error) -> String {
-    let text = e.to_string();
-    let paragraph: Vec<&str> = text
-        .lines()
-        .take_while(|l| !l.trim().is_empty())
-        .map(str::trim)
-        .collect();
-    let line = paragraph.join(" ");
-    line.strip_prefix("error: ").unwrap_or(&line).to_owned()
 }
 
 fn hostname() -> String {
@@ -298,11 +229,11 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let cfg = parse(&["--database-url", "postgres://x"]).unwrap();
-        assert_eq!(cfg.redis_url, "redis://127.0.0.1:6379");
-        assert_eq!(cfg.redis_mode, RedisMode::Standalone);
-        assert_eq!(cfg.key_prefix, "trk");
-        assert_eq!(cfg.redis_shards, 32);
-        assert_eq!(cfg.redis_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.redis.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(cfg.redis.redis_mode, tracker_core::RedisMode::Standalone);
+        assert_eq!(cfg.redis.key_prefix, "trk");
+        assert_eq!(cfg.redis.redis_shards, 32);
+        assert_eq!(cfg.redis.redis_timeout, Duration::from_secs(2));
         assert_eq!(cfg.metrics_listen, "0.0.0.0:9090".parse().unwrap());
         assert_eq!(cfg.heartbeat_window, Duration::from_secs(60));
         assert_eq!(cfg.sweep_interval, Duration::from_secs(5));
@@ -356,13 +287,13 @@ mod tests {
             .to_string()
             .contains("TRACKER_SWEEP_INTERVAL"));
         let mut cfg = ok();
-        cfg.redis_url = "redis://a,redis://b".into();
+        cfg.redis.redis_url = "redis://a,redis://b".into();
         assert!(cfg.validate().is_err());
-        cfg.redis_mode = RedisMode::Cluster;
+        cfg.redis.redis_mode = tracker_core::RedisMode::Cluster;
         cfg.validate().unwrap();
-        assert_eq!(cfg.redis_urls(), ["redis://a", "redis://b"]);
+        assert_eq!(cfg.redis.urls(), ["redis://a", "redis://b"]);
         let mut cfg = ok();
-        cfg.key_prefix = "a{b".into();
+        cfg.redis.key_prefix = "a{b".into();
         assert!(cfg.validate().is_err());
         let mut cfg = ok();
         cfg.lease_duration = Duration::from_millis(500);

@@ -44,7 +44,6 @@ pub mod mirror;
 pub mod platform;
 pub mod session;
 pub mod sweeper;
-pub mod telemetry;
 pub mod waker;
 
 use std::sync::Arc;

@@ -51,10 +51,10 @@ impl Env {
     /// A reaper config for this env: fast ticks, Redis election, no platform.
     pub fn config(&self) -> Config {
         let mut cfg = Config::with_database_url(&self.db_url).unwrap();
-        cfg.redis_url = self.store_cfg.urls.join(",");
-        cfg.redis_mode = self.store_cfg.mode;
-        cfg.key_prefix = self.store_cfg.key_prefix.clone();
-        cfg.redis_shards = self.store_cfg.shards;
+        cfg.redis.redis_url = self.store_cfg.urls.join(",");
+        cfg.redis.redis_mode = self.store_cfg.mode;
+        cfg.redis.key_prefix = self.store_cfg.key_prefix.clone();
+        cfg.redis.redis_shards = self.store_cfg.shards;
         cfg.heartbeat_window = self.store_cfg.heartbeat_window;
         cfg.metrics_listen = "127.0.0.1:0".parse().unwrap();
         cfg.election = Election::Redis;
@@ -131,7 +131,7 @@ impl Reaper {
     pub async fn start(cfg: Config, overrides: Overrides) -> Self {
         // `TRACKER_TEST_LOG=1` (with RUST_LOG) shows the reapers' logs.
         if std::env::var_os("TRACKER_TEST_LOG").is_some() {
-            tracker_reaper::telemetry::init(tracker_reaper::config::LogFormat::Text);
+            tracker_runtime::init_telemetry(tracker_runtime::LogFormat::Text);
         }
         let (ready_tx, ready_rx) = oneshot::channel();
         let (kill_tx, kill_rx) = oneshot::channel::<()>();

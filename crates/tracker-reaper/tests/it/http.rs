@@ -27,8 +27,8 @@ async fn not_ready_without_redis_but_alive(pool: PgPool) {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let mut cfg = env.config();
-    cfg.redis_url = format!("redis://127.0.0.1:{port}");
-    cfg.redis_timeout = Duration::from_millis(300);
+    cfg.redis.redis_url = format!("redis://127.0.0.1:{port}");
+    cfg.redis.redis_timeout = Duration::from_millis(300);
     let reaper = Reaper::start(cfg, env.overrides()).await;
     assert_eq!(reaper.get("/healthz").await.0, 200);
     assert_eq!(reaper.get("/readyz").await.0, 503);

@@ -1,0 +1,218 @@
+//! Process plumbing shared by `tracker-api` and `tracker-reaper`, kept out of
+//! `tracker-core` (which knows no CLI): the Redis settings both binaries take,
+//! logging setup, the shutdown signal, and start-up errors as one line.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use tracker_core::{KeySpace, RedisMode, StoreConfig};
+
+/// The Redis settings of both binaries (CONTRACT.md §1). Both must agree on
+/// all of them, the shard count above all: it is part of the data layout.
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// One Redis URL, or comma-separated seed nodes in cluster mode.
+    #[arg(
+        long,
+        env = "TRACKER_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// `standalone` or `cluster` (Redis Cluster).
+    #[arg(long, env = "TRACKER_REDIS_MODE", default_value = "standalone", value_parser = parse_redis_mode)]
+    pub redis_mode: RedisMode,
+
+    /// Prefix of every Redis key.
+    #[arg(long, env = "TRACKER_KEY_PREFIX", default_value = "trk")]
+    pub key_prefix: String,
+
+    /// Shards of the global indexes in Redis. Part of the data layout: every
+    /// API and reaper replica of one deployment must use the same value.
+    #[arg(long, env = "TRACKER_REDIS_SHARDS", default_value_t = StoreConfig::DEFAULT_SHARDS,
+          value_parser = clap::value_parser!(u16).range(1..=16384))]
+    pub redis_shards: u16,
+
+    /// Upper bound of every Redis call, reconnects included.
+    #[arg(long, env = "TRACKER_REDIS_TIMEOUT", default_value = "2s", value_parser = positive_duration)]
+    pub redis_timeout: Duration,
+}
+
+impl RedisArgs {
+    /// The URLs, split on commas.
+    pub fn urls(&self) -> Vec<String> {
+        self.redis_url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Checks what clap cannot; the error is one line naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        KeySpace::new(&self.key_prefix, self.redis_shards)
+            .map_err(|e| format!("TRACKER_KEY_PREFIX: {e}"))?;
+        match (self.redis_mode, self.urls().len()) {
+            (_, 0) => Err("TRACKER_REDIS_URL: at least one URL is needed".into()),
+            (RedisMode::Standalone, n) if n > 1 => {
+                Err("TRACKER_REDIS_URL: standalone mode takes exactly one URL".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// What the store needs, with the process's heartbeat window.
+    pub fn store_config(&self, heartbeat_window: Duration) -> StoreConfig {
+        let mut cfg = StoreConfig::new(self.urls(), self.redis_mode);
+        cfg.key_prefix = self.key_prefix.clone();
+        cfg.shards = self.redis_shards;
+        cfg.heartbeat_window = heartbeat_window;
+        cfg.command_timeout = self.redis_timeout;
+        cfg.connect_timeout = self.redis_timeout;
+        cfg
+    }
+}
+
+fn parse_redis_mode(s: &str) -> Result<RedisMode, String> {
+    s.parse()
+        .map_err(|_| "expected standalone or cluster".to_owned())
+}
+
+/// A humantime duration that is not zero (`500ms`, `20s`, `30m`).
+pub fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// Log line format (`TRACKER_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global subscriber: `RUST_LOG` filters (default `info`).
+/// A second call (tests) is a no-op.
+pub fn init_telemetry(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// Parses the settings, or says in one line on stderr what is wrong and
+/// returns the exit code (2). `--help` and `--version` print and exit.
+pub fn parse_settings<C: Parser>(binary: &str) -> Result<C, ExitCode> {
+    match C::try_parse() {
+        Ok(cfg) => Ok(cfg),
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{binary}: {}", first_line(&e));
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// A clap error as one line: its first paragraph (the value or argument at
+/// fault, and the possible values), without the usage and help hints.
+pub fn first_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let paragraph: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = paragraph.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_owned()
+}
+
+/// Cancels `token` on SIGTERM or SIGINT (Ctrl-C).
+pub async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM; only SIGINT stops the process");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        () = term => tracing::info!("SIGTERM: shutting down"),
+    }
+    token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_make_a_valid_store_config() {
+        let cli = parse(&[]).expect("defaults parse");
+        assert_eq!(cli.redis.validate(), Ok(()));
+        let cfg = cli.redis.store_config(Duration::from_secs(60));
+        assert_eq!(cfg.urls, vec!["redis://127.0.0.1:6379".to_owned()]);
+        assert_eq!(cfg.shards, StoreConfig::DEFAULT_SHARDS);
+        assert_eq!(cfg.command_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_values_are_one_line_naming_the_setting() {
+        let e = parse(&["--redis-mode", "sentinel"]).expect_err("bad mode");
+        assert!(!first_line(&e).contains('\n'));
+        assert!(first_line(&e).contains("sentinel"), "{}", first_line(&e));
+        assert!(parse(&["--redis-shards", "0"]).is_err());
+        assert!(parse(&["--redis-timeout", "0s"]).is_err());
+        let two = parse(&["--redis-url", "redis://a,redis://b"]).expect("parses");
+        assert!(two
+            .redis
+            .validate()
+            .expect_err("two urls")
+            .starts_with("TRACKER_REDIS_URL"));
+        let braces = parse(&["--key-prefix", "a{b}"]).expect("parses");
+        assert!(braces.redis.validate().is_err());
+    }
+
+    #[test]
+    fn cluster_mode_takes_seed_lists() {
+        let cli = parse(&[
+            "--redis-mode",
+            "cluster",
+            "--redis-url",
+            "redis://a:1, redis://b:2",
+        ])
+        .expect("parses");
+        assert_eq!(cli.redis.validate(), Ok(()));
+        assert_eq!(cli.redis.urls(), vec!["redis://a:1", "redis://b:2"]);
+    }
+}

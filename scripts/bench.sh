@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Every figure of docs/benchmarks.md, measured in one run on this machine.
+#
+# - store level (tracker-core bench: heartbeats, memory per connection, sweep
+#   cost), next to redis-benchmark on its own private redis-server;
+# - API level: single HTTP heartbeats driven by wrk next to a do-nothing axum
+#   handler driven the same way, redis-benchmark ZADD, and pgbench running the
+#   original design's per-heartbeat UPDATE; batch heartbeats (loadgen) next to
+#   pipelined ZADD; 10,000 WebSockets on one replica (loadgen);
+# - reaper: archive throughput and wake latency (its ignored bench tests).
+#
+# Needs: Redis and PostgreSQL (scripts/services.sh), wrk, redis-benchmark,
+# pgbench (apt-get install -y wrk redis-tools postgresql-contrib if missing).
+# Every load is bounded in time and stays on 127.0.0.1.
+#
+# Usage: scripts/bench.sh [--quick]      (output: a report on stdout)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+QUICK=""; DUR=10
+if [[ "${1:-}" == "--quick" ]]; then QUICK="--quick"; DUR=3; fi
+
+for tool in wrk redis-benchmark pgbench python3; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install -y wrk redis-tools postgresql-contrib)" >&2; exit 1; }
+done
+bash scripts/services.sh >/dev/null
+
+WORK="$(mktemp -d)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "# tracker benchmarks — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -m)"
+echo
+echo "## store (cargo bench -p tracker-core --bench store -- $QUICK)"
+cargo bench -q -p tracker-core --bench store -- $QUICK 2>/dev/null | grep -v '^#'
+
+cargo build -q --release -p tracker-api --bin tracker-api --bench loadgen 2>/dev/null
+LOADGEN=$(find target/release/deps -maxdepth 1 -type f -executable -name 'loadgen-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
+
+SECRET=bench-secret
+TOKEN=$(python3 - "$SECRET" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"sub": "bench", "roles": ["service"], "exp": int(time.time()) + 3600}).encode())
+sig = b64(hmac.new(sys.argv[1].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")
+PY
+)
+
+API=127.0.0.1:18080; NOOP=127.0.0.1:18099
+TRACKER_JWT_SECRET=$SECRET TRACKER_LISTEN=$API TRACKER_KEY_PREFIX="bench-$$" RUST_LOG=warn \
+  target/release/tracker-api >"$WORK/api.log" 2>&1 &
+pids+=($!); API_PID=$!
+"$LOADGEN" noop --listen $NOOP --duration 600s >/dev/null &
+pids+=($!)
+for _ in $(seq 100); do curl -fs "http://$API/readyz" >/dev/null && break; sleep 0.1; done
+
+# 1,000 registered connections whose heartbeat paths wrk cycles through.
+python3 - "$API" "$TOKEN" >"$WORK/paths" <<'PY'
+import http.client, json, sys
+conn = http.client.HTTPConnection(sys.argv[1])
+for i in range(1000):
+    sid = f"bench-{i % 200}"
+    conn.request("POST", f"/v1/sessions/{sid}/connections", json.dumps({"protocol": "http", "user_id": "bench"}),
+                 {"authorization": f"Bearer {sys.argv[2]}", "content-type": "application/json"})
+    cid = json.loads(conn.getresponse().read())["connection"]["connection_id"]
+    print(f"/v1/sessions/{sid}/connections/{cid}/heartbeat")
+PY
+cat >"$WORK/hb.lua" <<'LUA'
+local paths, i = {}, 0
+for line in io.lines(os.getenv("HB_PATHS")) do paths[#paths + 1] = line end
+local headers = { ["Authorization"] = "Bearer " .. os.getenv("HB_TOKEN"), ["Content-Length"] = "0" }
+request = function()
+  i = i + 1
+  return wrk.format("POST", paths[(i % #paths) + 1], headers)
+end
+LUA
+wrk_rate() { # url -> "rps p50 p99"
+  HB_PATHS="$WORK/paths" HB_TOKEN="$TOKEN" wrk -t2 -c50 -d"${DUR}s" --latency -s "$WORK/hb.lua" "$1" >"$WORK/wrk.out"
+  awk '/Requests\/sec/ {r=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} /Non-2xx/ {bad=$NF} END {printf "%s req/s  p50 %s  p99 %s%s\n", r, p50, p99, (bad ? "  NON-2xx: " bad : "")}' "$WORK/wrk.out"
+}
+rb() { redis-benchmark -n "$1" --csv "${@:2}" | awk -F'"' '$2 != "test" {print $4; exit}'; }
+
+echo
+echo "## API, single heartbeats (wrk -t2 -c50 -d${DUR}s, service token, metrics on)"
+echo "tracker-api heartbeat:         $(wrk_rate "http://$API")"
+echo "do-nothing axum handler:       $(wrk_rate "http://$NOOP")"
+echo "redis-benchmark -t zadd -c 50: $(rb 300000 -t zadd -c 50) req/s"
+
+# The original design: one UPDATE per heartbeat on a 100,000-row table, 50 clients, prepared.
+psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS trk_bench' -c 'CREATE DATABASE trk_bench' >/dev/null
+psql -qh 127.0.0.1 -U postgres -d trk_bench >/dev/null <<'SQL'
+CREATE TABLE connections (id bigint PRIMARY KEY, last_heartbeat timestamptz NOT NULL DEFAULT now());
+INSERT INTO connections SELECT g FROM generate_series(1, 100000) g;
+VACUUM ANALYZE connections;
+SQL
+printf '\\set id random(1, 100000)\nUPDATE connections SET last_heartbeat = now() WHERE id = :id;\n' >"$WORK/hb.sql"
+echo "pgbench per-heartbeat UPDATE:  $(pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 50 -j 2 -T "$DUR" -f "$WORK/hb.sql" trk_bench 2>/dev/null | awk '/^tps/ {print $3 " tps"}')"
+psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE trk_bench' >/dev/null
+
+echo
+echo "## API, batch heartbeats (loadgen, 1,000 pairs a request, 4 in flight)"
+"$LOADGEN" batch --url "http://$API" --secret $SECRET --connections 10000 --batch 1000 --concurrency 4 --duration "${DUR}s" | tail -2
+echo "redis-benchmark -t zadd -c 50 -P 16: $(rb 3000000 -t zadd -c 50 -P 16) req/s"
+
+echo
+echo "## API, 10,000 WebSockets on one replica (loadgen ws)"
+"$LOADGEN" ws --url "http://$API" --secret $SECRET --sockets 10000 --server-pid "$API_PID" --concurrency 50 --duration "${DUR}s" | tail -4
+
+echo
+echo "## reaper (cargo test -p tracker-reaper --release --test it -- --ignored bench_)"
+DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" \
+  cargo test -q -p tracker-reaper --release --test it -- --ignored bench_ --nocapture --test-threads 1 2>/dev/null |
+  grep -Ei 'rows/s|latency|p50|p99' || true
