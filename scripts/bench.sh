@@ -38,9 +38,9 @@ trap cleanup EXIT
 echo "# tracker benchmarks — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -m)"
 echo
 echo "## store (cargo bench -p tracker-core --bench store -- $QUICK)"
-cargo bench -q -p tracker-core --bench store -- $QUICK 2>/dev/null | grep -v '^#'
+cargo bench -q -p tracker-core --bench store -- $QUICK | grep -v '^#'
 
-cargo build -q --release -p tracker-api --bin tracker-api --bench loadgen 2>/dev/null
+cargo build -q --release -p tracker-api --bin tracker-api --bench loadgen
 LOADGEN=$(find target/release/deps -maxdepth 1 -type f -executable -name 'loadgen-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
 
 SECRET=bench-secret

@@ -599,20 +599,30 @@ impl Store {
         };
         let reason: EndReason = reason.parse().map_err(|_| bad_reply(op, &reply))?;
         if let Ok(user) = user.parse::<UserId>() {
-            self.release_after_end(&user, session, id).await;
+            self.release_after_end(&[(&user, session, id)]).await;
         }
         Ok(Some(reason))
     }
 
-    /// Gives back a user slot once its connection ended. Best effort: a slot
-    /// left behind only over-counts, and the next registration that finds the
-    /// user at its limit verifies and releases it.
-    async fn release_after_end(&self, user: &UserId, session: &SessionId, id: ConnectionId) {
-        let member = format!("{session}/{id}");
-        if let Err(e) = self.release_user_slots(user, None, &[member]).await {
-            tracing::warn!(error = %e, session_id = %session, connection_id = %id,
-                "could not release the user's connection slot; it will be verified later");
+    /// Gives back the user slots of ended connections: one call per user, all
+    /// users at once. Best effort: a slot left behind only over-counts, and the
+    /// next registration that finds the user at its limit verifies and
+    /// releases it.
+    async fn release_after_end(&self, ended: &[(&UserId, &SessionId, ConnectionId)]) {
+        let mut by_user: HashMap<&UserId, Vec<String>> = HashMap::new();
+        for (user, session, id) in ended {
+            by_user
+                .entry(user)
+                .or_default()
+                .push(format!("{session}/{id}"));
         }
+        let calls = by_user.into_iter().map(|(user, members)| async move {
+            if let Err(e) = self.release_user_slots(user, None, &members).await {
+                tracing::warn!(error = %e, user_id = %user, slots = members.len(),
+                    "could not release user connection slots; they will be verified later");
+            }
+        });
+        join_all(calls).await;
     }
 
     /// One live connection by id. The id alone does not say which shard holds
@@ -742,10 +752,11 @@ impl Store {
                 user_id,
             });
         }
-        for e in &expired {
-            self.release_after_end(&e.user_id, &e.session_id, e.connection_id)
-                .await;
-        }
+        let ended: Vec<_> = expired
+            .iter()
+            .map(|e| (&e.user_id, &e.session_id, e.connection_id))
+            .collect();
+        self.release_after_end(&ended).await;
         Ok(Sweep {
             expired,
             more: more == "1",
