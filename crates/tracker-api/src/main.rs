@@ -8,6 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tracker_api::config::Config;
 use tracker_api::Application;
 
+// Every request allocates a little (headers, JSON, Redis arguments); under
+// load glibc's malloc showed up as a tenth of the profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cfg: Config = match tracker_runtime::parse_settings("tracker-api") {
