@@ -1,0 +1,173 @@
+//! PostgreSQL unreachable under load: the reapers reach PostgreSQL through a [`crate::proxy`]
+//! that is cut for the outage (open connections dropped, new ones refused). Clients must not
+//! notice; nothing may be lost; the backlog must drain once PostgreSQL is back.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::load::{self, LoadParams, Recorder, Target};
+use super::races::{finish, RacesFigures, RacesParams, WAKE_DEADLINE};
+use super::{exits_line, sessions, verdict};
+use crate::harness::{Harness, HarnessOptions};
+use crate::{metrics, poll, Error, Result};
+
+/// Size of an outage run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgOutageParams {
+    pub outage: Duration,
+    pub sessions: usize,
+    pub concurrency: usize,
+    pub seed: u64,
+}
+
+impl PgOutageParams {
+    pub fn short(seed: u64) -> Self {
+        Self {
+            outage: Duration::from_secs(5),
+            sessions: 16,
+            concurrency: 10,
+            seed,
+        }
+    }
+
+    pub fn full(seed: u64) -> Self {
+        Self {
+            outage: Duration::from_secs(60),
+            sessions: 100,
+            concurrency: 48,
+            seed,
+        }
+    }
+}
+
+/// The reaper's backlog gauge (not a contract name: read if present).
+pub const BACKLOG: &str = "tracker_reaper_archive_backlog_rows";
+
+/// Figures of an outage run.
+#[derive(Debug, Clone)]
+pub struct PgOutageFigures {
+    pub params: PgOutageParams,
+    pub rows_before_cut: usize,
+    /// Rows that still appeared during the cut (a commit in flight at the cut; 0 expected).
+    pub rows_during_cut: usize,
+    /// Highest backlog the leader reported during the cut (`None`: no such gauge).
+    pub peak_backlog: Option<f64>,
+    pub run: RacesFigures,
+}
+
+impl PgOutageFigures {
+    pub fn problems(&self) -> Vec<String> {
+        self.run.problems()
+    }
+}
+
+impl fmt::Display for PgOutageFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pg-outage: PostgreSQL cut off from the reapers for {:?}; {} rows before, {} during \
+             the cut; peak backlog {}; drain after restore {:.1?}",
+            self.params.outage,
+            self.rows_before_cut,
+            self.rows_during_cut,
+            self.peak_backlog
+                .map_or_else(|| "n/a".to_owned(), |b| format!("{b}")),
+            self.run.drain_time
+        )?;
+        write!(f, "{}", self.run)
+    }
+}
+
+/// Runs the outage scenario on a fresh harness (its reapers reach PostgreSQL via a proxy).
+pub async fn run(mut opts: HarnessOptions, params: PgOutageParams) -> Result<PgOutageFigures> {
+    opts.reaper_database_via_proxy = true;
+    let mut h = Harness::start(opts).await?;
+    let names = sessions(&h, params.sessions).await?;
+    let timing = h.timing();
+    let target = Target {
+        client: h.client(),
+        fake: h.fake().handle(),
+        namespace: h.namespace().to_owned(),
+        sessions: names,
+        timing,
+    };
+    let load_params = LoadParams {
+        episodes: 1_000_000,
+        concurrency: params.concurrency,
+        seed: params.seed,
+        wake_wait: Duration::from_secs(2) + timing.heartbeat_window + Duration::from_secs(4),
+    };
+    let stop = CancellationToken::new();
+    let _stop_load = stop.clone().drop_guard();
+    let recorder = Arc::new(Recorder::default());
+    let started = Instant::now();
+    let load = tokio::spawn(load::run_into(
+        target,
+        load_params,
+        stop.clone(),
+        recorder.clone(),
+    ));
+    // Archiving must work through the proxy before it is cut.
+    let db = h.db()?;
+    let rows_before_cut = poll::until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "history rows before the cut",
+        || async {
+            let n = db.history_count().await.unwrap_or(0);
+            Ok((n >= 20).then_some(n))
+        },
+    )
+    .await?;
+    let proxy = h
+        .proxy()
+        .ok_or_else(|| Error::Setup("the harness has no PostgreSQL proxy".into()))?;
+    proxy.set_enabled(false);
+    let cut_at = Instant::now();
+    let mut peak: Option<f64> = None;
+    while cut_at.elapsed() < params.outage {
+        for i in 0..h.reaper_count() {
+            if let Some(text) = h.reaper_metrics(i).await {
+                if let Some(b) = metrics::value(&text, BACKLOG) {
+                    peak = Some(peak.map_or(b, |p: f64| p.max(b)));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rows_end_of_cut = db.history_count().await?;
+    proxy.set_enabled(true);
+    stop.cancel();
+    if let Err(e) = load.await {
+        return Err(Error::Setup(format!("the load task failed: {e}")));
+    }
+    let load_time = started.elapsed();
+    h.check_running()?;
+    let races_params = RacesParams {
+        episodes: recorder.registered(),
+        sessions: params.sessions,
+        concurrency: params.concurrency,
+        seed: params.seed,
+    };
+    let run = finish(&h, &recorder, WAKE_DEADLINE, races_params, load_time).await?;
+    let mut figures = PgOutageFigures {
+        params,
+        rows_before_cut: usize::try_from(rows_before_cut).unwrap_or(0),
+        rows_during_cut: usize::try_from(rows_end_of_cut - rows_before_cut).unwrap_or(0),
+        peak_backlog: peak,
+        run,
+    };
+    let run_dir = h.run_dir().to_owned();
+    if !figures.problems().is_empty() {
+        h.keep_run_dir();
+    }
+    let exits = h.shutdown().await?;
+    figures.run.exits = exits_line(&exits);
+    figures.run.unclean_exits = exits.iter().filter(|e| !e.clean).count();
+    let problems = figures.problems();
+    verdict("pg-outage", figures, &problems, run_dir)
+}
