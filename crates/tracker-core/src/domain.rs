@@ -81,6 +81,37 @@ impl fmt::Display for SessionId {
     }
 }
 
+/// A string schema with the validation the type applies, so the OpenAPI
+/// document allows exactly what the API accepts.
+#[cfg(feature = "openapi")]
+fn string_schema(
+    description: &str,
+    pattern: &str,
+    max_length: usize,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some(description))
+        .pattern(Some(pattern))
+        .min_length(Some(1))
+        .max_length(Some(max_length))
+        .into()
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for SessionId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "Name of the Session resource (a Kubernetes object name)",
+            "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+            Self::MAX_LEN,
+        )
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for SessionId {}
+
 /// A connection's id: a UUID, server-generated unless the client supplies one
 /// so that a retried registration is recognised as the same connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -153,6 +184,20 @@ impl FromStr for UserId {
         Ok(Self(s.to_owned()))
     }
 }
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for UserId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "User id: printable characters",
+            "^[^\\x00-\\x1f\\x7f-\\x9f]+$",
+            Self::MAX_CHARS,
+        )
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for UserId {}
 
 impl<'de> Deserialize<'de> for UserId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -368,9 +413,7 @@ impl FromStr for ResourceState {
 pub struct ConnectionView {
     #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub connection_id: ConnectionId,
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub session_id: SessionId,
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub user_id: UserId,
     pub protocol: Protocol,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -391,7 +434,6 @@ pub struct ConnectionView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionView {
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub session_id: SessionId,
     pub state: SessionState,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -433,9 +475,7 @@ pub struct SessionView {
 pub struct HistoryRecord {
     #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub connection_id: ConnectionId,
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub session_id: SessionId,
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub user_id: UserId,
     pub protocol: Protocol,
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]

@@ -91,6 +91,9 @@ pub async fn run_elector(
             metrics.leader_changes.increment(1);
             if leading {
                 tracing::info!(holder = lock.holder(), "became leader");
+            } else if stop.is_cancelled() {
+                // Stepping down to shut down is the plan, not a problem.
+                tracing::info!(holder = lock.holder(), "stepped down for shutdown");
             } else {
                 tracing::warn!(holder = lock.holder(), "no longer leader");
             }

@@ -100,10 +100,14 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber: `RUST_LOG` filters (default `info`).
+/// Colours only on a terminal, so files and log collectors get plain text.
 /// A second call (tests) is a no-op.
 pub fn init_telemetry(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder

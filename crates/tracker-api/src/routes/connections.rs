@@ -29,11 +29,10 @@ pub struct RegisterRequest {
     pub protocol: Protocol,
     /// Defaults to the token's `sub`; a plain user may only name itself.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
     pub user_id: Option<UserId>,
     /// IPv4 or IPv6.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<ClientIp>)]
     pub client_ip: Option<IpAddr>,
     /// Kept up to 512 bytes.
     #[serde(default)]
@@ -43,6 +42,30 @@ pub struct RegisterRequest {
     #[schema(value_type = Option<String>, format = Uuid)]
     pub connection_id: Option<ConnectionId>,
 }
+
+/// How `client_ip` appears in the OpenAPI document: an IPv4 or IPv6 address.
+#[derive(Debug)]
+pub struct ClientIp;
+
+impl utoipa::PartialSchema for ClientIp {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type,
+        };
+        let ip = |format| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(format)))
+        };
+        AnyOfBuilder::new()
+            .item(ip(KnownFormat::Ipv4))
+            .item(ip(KnownFormat::Ipv6))
+            .description(Some("IPv4 or IPv6 address"))
+            .into()
+    }
+}
+
+impl ToSchema for ClientIp {}
 
 /// Answer of a registration.
 #[derive(Debug, Serialize, ToSchema)]
@@ -138,7 +161,7 @@ pub fn interval_seconds(state: &AppState) -> u64 {
     post,
     path = "/v1/sessions/{session_id}/connections",
     tag = "connections",
-    params(("session_id" = String, Path, description = "Session resource name")),
+    params(("session_id" = SessionId, Path, description = "Session resource name")),
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "Registered", body = RegisterResponse),
@@ -196,7 +219,7 @@ pub async fn register(
     path = "/v1/sessions/{session_id}/connections/{connection_id}/heartbeat",
     tag = "connections",
     params(
-        ("session_id" = String, Path, description = "Session resource name"),
+        ("session_id" = SessionId, Path, description = "Session resource name"),
         ("connection_id" = String, Path, format = Uuid, description = "Connection id"),
     ),
     responses(
@@ -241,7 +264,7 @@ pub async fn heartbeat(
     path = "/v1/sessions/{session_id}/connections/{connection_id}",
     tag = "connections",
     params(
-        ("session_id" = String, Path, description = "Session resource name"),
+        ("session_id" = SessionId, Path, description = "Session resource name"),
         ("connection_id" = String, Path, format = Uuid, description = "Connection id"),
     ),
     responses(
@@ -279,7 +302,7 @@ pub async fn close(
     get,
     path = "/v1/sessions/{session_id}/connections",
     tag = "connections",
-    params(("session_id" = String, Path, description = "Session resource name")),
+    params(("session_id" = SessionId, Path, description = "Session resource name")),
     responses(
         (status = 200, description = "Live connections", body = ConnectionList),
         (status = 400, description = "Invalid id", body = ErrorBody),

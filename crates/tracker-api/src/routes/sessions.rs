@@ -22,7 +22,7 @@ pub const MAX_BATCH: usize = 10_000;
     get,
     path = "/v1/sessions/{session_id}",
     tag = "sessions",
-    params(("session_id" = String, Path, description = "Session resource name")),
+    params(("session_id" = SessionId, Path, description = "Session resource name")),
     responses(
         (status = 200, description = "State and counters", body = SessionView),
         (status = 400, description = "Invalid id", body = ErrorBody),
@@ -48,6 +48,7 @@ pub async fn session(
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// Rows of each kind, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     /// Only rows before this RFC 3339 time (for paging).
     #[param(value_type = Option<String>, format = DateTime)]
@@ -88,7 +89,7 @@ fn history_query(raw: Option<&str>) -> Result<(i64, Option<DateTime<Utc>>), ApiE
     get,
     path = "/v1/sessions/{session_id}/history",
     tag = "sessions",
-    params(("session_id" = String, Path, description = "Session resource name"), HistoryQuery),
+    params(("session_id" = SessionId, Path, description = "Session resource name"), HistoryQuery),
     responses(
         (status = 200, description = "Archived connections and session events, newest first", body = SessionHistory),
         (status = 400, description = "Invalid id or query", body = ErrorBody),
@@ -134,7 +135,6 @@ pub async fn stats(
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchItem {
-    #[schema(value_type = String)]
     pub session_id: SessionId,
     #[schema(value_type = String, format = Uuid)]
     pub connection_id: ConnectionId,
