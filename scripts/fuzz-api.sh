@@ -114,8 +114,12 @@ say "tracker-api (pid $API_PID) on 127.0.0.1:$PORT, log $LOG"
 rm -rf "$REPORT"
 rc=0
 # From .ci/state, so that schemathesis's example database (.schemathesis/) lands there.
+# The WebSocket path is left out: a handshake (Upgrade, Sec-WebSocket-Key)
+# cannot be described in OpenAPI, so every generated plain GET is rightly a 400.
+# The WebSocket tests in crates/tracker-api cover it with a real client.
 (cd "$STATE" && timeout "$FUZZ_TIMEOUT" "$VENV/bin/st" run "http://127.0.0.1:$PORT/openapi.json" \
   --checks all \
+  --exclude-path '/v1/sessions/{session_id}/ws' \
   --header "Authorization: Bearer $TOKEN" \
   --max-examples "$MAX_EXAMPLES" \
   --workers 2 \

@@ -145,6 +145,7 @@ pub struct BatchItem {
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// 1 to 10,000 pairs.
+    #[schema(min_items = 1, max_items = 10_000)]
     pub heartbeats: Vec<BatchItem>,
 }
 
