@@ -11,4 +11,5 @@ mod helpers;
 mod history;
 mod malformed;
 mod outage;
+mod parsing;
 mod ws;

@@ -6,4 +6,5 @@
 mod concurrency;
 mod connections;
 mod hibernation;
+mod properties;
 mod support;
