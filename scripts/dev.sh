@@ -38,6 +38,7 @@ export TRACKER_PLATFORM="${TRACKER_PLATFORM:-none}"
 export RUST_LOG="${RUST_LOG:-info}"
 
 cargo build -p tracker-api -p tracker-reaper
+BIN="${CARGO_TARGET_DIR:-target}/debug"
 
 pids=()
 stop() {
@@ -47,9 +48,9 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-TRACKER_METRICS_LISTEN="${TRACKER_REAPER_METRICS_LISTEN:-127.0.0.1:9090}" target/debug/tracker-reaper &
+TRACKER_METRICS_LISTEN="${TRACKER_REAPER_METRICS_LISTEN:-127.0.0.1:9090}" "$BIN/tracker-reaper" &
 pids+=($!)
-target/debug/tracker-api &
+"$BIN/tracker-api" &
 pids+=($!)
 
 api="http://${TRACKER_LISTEN/0.0.0.0/127.0.0.1}"
