@@ -241,6 +241,17 @@ impl ApiClient {
         .await
     }
 
+    /// `GET /v1/sessions/{session}/connections`.
+    pub async fn connections(&self, replica: usize, session: &str) -> Result<Answer> {
+        self.call(
+            reqwest::Method::GET,
+            replica,
+            &format!("/v1/sessions/{session}/connections"),
+            None,
+        )
+        .await
+    }
+
     /// `GET /v1/stats`.
     pub async fn stats(&self, replica: usize) -> Result<Answer> {
         self.call(reqwest::Method::GET, replica, "/v1/stats", None)

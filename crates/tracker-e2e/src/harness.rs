@@ -37,6 +37,15 @@ pub const SERVICE_SUBJECT: &str = "e2e-proxy";
 /// Name of the reapers' Lease.
 pub const LEASE_NAME: &str = "tracker-reaper";
 
+/// The Redis the processes use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// The shared Redis Cluster of [`Services::cluster_urls`], `TRACKER_REDIS_MODE=cluster`.
+    Cluster,
+    /// One standalone server (a run's private `redis-server`), `TRACKER_REDIS_MODE=standalone`.
+    Standalone(String),
+}
+
 /// What a run starts.
 #[derive(Debug, Clone)]
 pub struct HarnessOptions {
@@ -49,6 +58,10 @@ pub struct HarnessOptions {
     /// `RUST_LOG` of the children.
     pub rust_log: String,
     pub services: Services,
+    /// Where Redis is (default: the shared cluster).
+    pub redis: RedisTarget,
+    /// `TRACKER_REDIS_TIMEOUT` of every process (`None`: the binaries' default, 2 s).
+    pub redis_timeout: Option<Duration>,
     /// Keep the run directory (logs) even after a clean shutdown.
     pub keep_run_dir: bool,
 }
@@ -63,6 +76,8 @@ impl Default for HarnessOptions {
             reaper_database_via_proxy: false,
             rust_log: "info".into(),
             services: Services::from_env(),
+            redis: RedisTarget::Cluster,
+            redis_timeout: None,
             keep_run_dir: std::env::var_os("TRACKER_E2E_KEEP").is_some(),
         }
     }
@@ -158,12 +173,14 @@ impl Harness {
     /// Starts everything and waits until every process is ready and one reaper leads.
     pub async fn start(opts: HarnessOptions) -> Result<Self> {
         let bins = Binaries::locate()?;
-        if opts.services.cluster_urls.is_empty() {
-            return Err(Error::Setup(
-                "TRACKER_TEST_CLUSTER_URLS names no node".into(),
-            ));
+        if opts.redis == RedisTarget::Cluster {
+            if opts.services.cluster_urls.is_empty() {
+                return Err(Error::Setup(
+                    "TRACKER_TEST_CLUSTER_URLS names no node".into(),
+                ));
+            }
+            check_cluster(&opts.services.cluster_urls).await?;
         }
-        check_cluster(&opts.services.cluster_urls).await?;
         let run = uuid::Uuid::new_v4().simple().to_string();
         let short = &run[..12];
         let run_dir = std::env::temp_dir().join("tracker-e2e").join(short);
@@ -324,12 +341,13 @@ impl Harness {
 
     fn common_env(&self) -> Vec<(String, String)> {
         let t = &self.opts.timing;
-        [
-            (
-                "TRACKER_REDIS_URL",
-                self.opts.services.cluster_urls.join(","),
-            ),
-            ("TRACKER_REDIS_MODE", "cluster".into()),
+        let (redis_url, redis_mode) = match &self.opts.redis {
+            RedisTarget::Cluster => (self.opts.services.cluster_urls.join(","), "cluster"),
+            RedisTarget::Standalone(url) => (url.clone(), "standalone"),
+        };
+        let mut env: Vec<(String, String)> = [
+            ("TRACKER_REDIS_URL", redis_url),
+            ("TRACKER_REDIS_MODE", redis_mode.into()),
             ("TRACKER_KEY_PREFIX", self.prefix.clone()),
             ("TRACKER_HEARTBEAT_WINDOW", humantime(t.heartbeat_window)),
             ("TRACKER_LOG_FORMAT", "text".into()),
@@ -338,7 +356,11 @@ impl Harness {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        .collect();
+        if let Some(timeout) = self.opts.redis_timeout {
+            env.push(("TRACKER_REDIS_TIMEOUT".into(), humantime(timeout)));
+        }
+        env
     }
 
     fn env_for(&self, role: Role, i: usize) -> Result<Vec<(String, String)>> {
@@ -517,6 +539,11 @@ impl Harness {
             .await
             .ok()?;
         r.text().await.ok()
+    }
+
+    /// The metrics listener (`/readyz`, `/healthz`, `/metrics`) of API replica `i`.
+    pub fn api_metrics_addr(&self, i: usize) -> Option<SocketAddr> {
+        self.apis.get(i).map(|slot| slot.metrics)
     }
 
     /// `tracker_reaper_is_leader` of reaper `i`: `None` if it is down or has no such gauge.

@@ -18,6 +18,7 @@
 //! - [`harness`]: [`Harness`], which owns the fake, the database and every child;
 //! - [`client`]: HTTP and WebSocket clients of the API;
 //! - [`proxy`]: a loopback TCP forwarder that can be cut (PostgreSQL outage);
+//! - [`redis_server`]: a run's private standalone `redis-server` that can be killed and restarted;
 //! - [`metrics`], [`poll`]: Prometheus text parsing and bounded polling;
 //! - [`scenarios`]: the scenarios, each returning its figures.
 
@@ -28,13 +29,14 @@ pub mod metrics;
 pub mod poll;
 pub mod process;
 pub mod proxy;
+pub mod redis_server;
 pub mod scenarios;
 pub mod settings;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use harness::{Auth, Harness, HarnessOptions};
+pub use harness::{Auth, Harness, HarnessOptions, RedisTarget};
 pub use settings::{Services, Timing};
 
 /// What can go wrong while setting up, driving or checking a run.

@@ -82,6 +82,22 @@ impl ChildProcess {
     /// Spawns `program` with exactly `env` (nothing leaks in from the caller's environment but
     /// `PATH`), its output appended to `log`.
     pub fn spawn(name: &str, program: &Path, env: &[(String, String)], log: &Path) -> Result<Self> {
+        Self::start(name, program, &[], env, log)
+    }
+
+    /// Spawns `program` with `args` and no environment but `PATH`, its output appended to
+    /// `log` (a helper server such as `redis-server`).
+    pub fn spawn_with_args(name: &str, program: &Path, args: &[&str], log: &Path) -> Result<Self> {
+        Self::start(name, program, args, &[], log)
+    }
+
+    fn start(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -91,7 +107,8 @@ impl ChildProcess {
             .try_clone()
             .map_err(|e| Error::io(format!("open {}", log.display()), e))?;
         let mut cmd = Command::new(program);
-        cmd.env_clear()
+        cmd.args(args)
+            .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

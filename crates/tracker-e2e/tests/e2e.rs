@@ -8,7 +8,7 @@
 //! `-- --ignored`); their full sizes run from the binary (docs/reliability.md).
 
 use tokio::sync::Mutex;
-use tracker_e2e::scenarios::{api_kill, leader_kill, pg_outage, races, ws_drop};
+use tracker_e2e::scenarios::{api_kill, leader_kill, pg_outage, races, redis_restart, ws_drop};
 use tracker_e2e::HarnessOptions;
 
 /// One scenario at a time.
@@ -80,5 +80,18 @@ async fn ws_drop_short() {
     let figures = ws_drop::run(HarnessOptions::default(), ws_drop::WsDropParams::short())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{figures}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault scenario outside the CI budget; run with --ignored"]
+async fn redis_restart_short() {
+    let _one = SERIAL.lock().await;
+    let figures = redis_restart::run(
+        HarnessOptions::default(),
+        redis_restart::RedisRestartParams::short(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{figures}");
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -95,6 +96,8 @@ pub struct Hibernator {
     events: EventSink,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
+    /// Tells the mirror to list Sessions again after a data loss.
+    relist: Arc<Notify>,
     settings: Settings,
     guard: Guard,
     /// Consecutive failed patches per session, for the retry backoff.
@@ -121,6 +124,7 @@ impl Hibernator {
         events: EventSink,
         metrics: Arc<Metrics>,
         in_flight: InFlight,
+        relist: Arc<Notify>,
         settings: Settings,
     ) -> Self {
         let guard = Guard::new(Instant::now(), settings.heartbeat_window);
@@ -130,6 +134,7 @@ impl Hibernator {
             events,
             metrics,
             in_flight,
+            relist,
             settings,
             guard,
             failures: HashMap::new(),
@@ -178,6 +183,7 @@ impl Hibernator {
                 shards = ?changed,
                 "new shard epoch markers: a fresh store, or Redis lost data; no hibernation for one heartbeat window"
             );
+            self.relist.notify_one();
         }
         if !self.guard.may_hibernate(Instant::now()) {
             return;

@@ -283,6 +283,8 @@ impl Application {
             let term = shutdown.child_token();
             let subsystems = TaskTracker::new();
             let in_flight = InFlight::default();
+            // The hibernator notices a Redis data loss; the mirror then lists again.
+            let relist = Arc::new(Notify::new());
             subsystems.spawn(sweeper::run(
                 self.store.clone(),
                 self.cfg.sweep_interval,
@@ -305,6 +307,7 @@ impl Application {
                     self.store.clone(),
                     self.cfg.default_idle_timeout,
                     self.metrics.clone(),
+                    relist.clone(),
                     term.clone(),
                 ));
             }
@@ -314,6 +317,7 @@ impl Application {
                 events.clone(),
                 self.metrics.clone(),
                 in_flight.clone(),
+                relist,
                 hibernator::Settings {
                     interval: self.cfg.hibernate_interval,
                     heartbeat_window: self.cfg.heartbeat_window,

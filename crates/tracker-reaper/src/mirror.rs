@@ -18,6 +18,7 @@ use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, ResourceExt};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracker_core::{SessionId, Store};
 
@@ -25,50 +26,59 @@ use crate::backoff::Backoff;
 use crate::metrics::{KubeOp, Metrics, Task};
 use crate::session::{session_meta, Session};
 
-/// Mirrors Sessions of `api`'s namespace until `stop`.
+/// Mirrors Sessions of `api`'s namespace until `stop`. `relist` starts the
+/// watch over with a full list: after Redis lost its data, the store has
+/// forgotten every Session while the watch has nothing new to say.
 pub async fn run(
     api: Api<Session>,
     store: Store,
     default_idle: Duration,
     metrics: Arc<Metrics>,
+    relist: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-    let mut stream = std::pin::pin!(stream);
     let mirror = Mirror {
         store,
         default_idle,
         metrics,
         stop: stop.clone(),
     };
-    // Names listed since the last Init; None outside a (re)list.
-    let mut listed: Option<HashSet<SessionId>> = None;
     loop {
-        let event = tokio::select! {
-            () = stop.cancelled() => return,
-            e = stream.next() => e,
-        };
-        match event {
-            None => return,
-            Some(Err(e)) => {
-                mirror.metrics.kube_error(KubeOp::WatchSessions);
-                tracing::warn!(error = %e, "watching Sessions failed; retrying with backoff");
-            }
-            Some(Ok(Event::Init)) => listed = Some(HashSet::new()),
-            Some(Ok(Event::InitApply(s))) => {
-                if let Some(id) = mirror.apply(&s).await {
-                    listed.get_or_insert_with(HashSet::new).insert(id);
+        let stream = watcher::watcher(api.clone(), watcher::Config::default()).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        // Names listed since the last Init; None outside a (re)list.
+        let mut listed: Option<HashSet<SessionId>> = None;
+        loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => return,
+                () = relist.notified() => {
+                    tracing::info!("listing Sessions again: the store lost what it mirrored");
+                    break;
                 }
+                e = stream.next() => e,
+            };
+            match event {
+                None => return,
+                Some(Err(e)) => {
+                    mirror.metrics.kube_error(KubeOp::WatchSessions);
+                    tracing::warn!(error = %e, "watching Sessions failed; retrying with backoff");
+                }
+                Some(Ok(Event::Init)) => listed = Some(HashSet::new()),
+                Some(Ok(Event::InitApply(s))) => {
+                    if let Some(id) = mirror.apply(&s).await {
+                        listed.get_or_insert_with(HashSet::new).insert(id);
+                    }
+                }
+                Some(Ok(Event::InitDone)) => {
+                    let listed = listed.take().unwrap_or_default();
+                    mirror.forget_unlisted(&listed).await;
+                    tracing::info!(sessions = listed.len(), "mirrored Sessions after a list");
+                }
+                Some(Ok(Event::Apply(s))) => {
+                    mirror.apply(&s).await;
+                }
+                Some(Ok(Event::Delete(s))) => mirror.delete(&s).await,
             }
-            Some(Ok(Event::InitDone)) => {
-                let listed = listed.take().unwrap_or_default();
-                mirror.forget_unlisted(&listed).await;
-                tracing::info!(sessions = listed.len(), "mirrored Sessions after a list");
-            }
-            Some(Ok(Event::Apply(s))) => {
-                mirror.apply(&s).await;
-            }
-            Some(Ok(Event::Delete(s))) => mirror.delete(&s).await,
         }
     }
 }

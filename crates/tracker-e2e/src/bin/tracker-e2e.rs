@@ -5,6 +5,7 @@
 //! cargo build --release -p tracker-api -p tracker-reaper
 //! cargo run -p tracker-e2e --release -- races --episodes 10000
 //! cargo run -p tracker-e2e --release -- leader-kill --kills 20
+//! cargo run -p tracker-e2e --release -- redis-restart --outage 15s
 //! ```
 //!
 //! Exit code 0: every invariant held; 1: a violation (figures printed); 2: the run could not
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tracker_e2e::scenarios::{api_kill, leader_kill, pg_outage, races, ws_drop};
+use tracker_e2e::scenarios::{api_kill, leader_kill, pg_outage, races, redis_restart, ws_drop};
 use tracker_e2e::{Auth, Error, HarnessOptions};
 
 #[derive(Debug, Parser)]
@@ -85,6 +86,20 @@ enum Scenario {
         websockets: usize,
         #[arg(long, default_value_t = 500)]
         sessions: usize,
+    },
+    /// A private redis-server SIGKILLed and restarted empty (API and reapers in standalone mode).
+    RedisRestart {
+        /// How long Redis stays down (humantime).
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        outage: Duration,
+        #[arg(long, default_value_t = 40)]
+        sessions: usize,
+        /// HTTP clients per session (each session also holds one WebSocket).
+        #[arg(long, default_value_t = 3)]
+        http_per_session: usize,
+        /// Bound of every API answer while Redis is down (humantime).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        max_latency: Duration,
     },
 }
 
@@ -177,6 +192,22 @@ async fn main() -> ExitCode {
                 websockets,
                 sessions,
                 concurrency: 200,
+            },
+        )
+        .await
+        .map(|f| f.to_string()),
+        Scenario::RedisRestart {
+            outage,
+            sessions,
+            http_per_session,
+            max_latency,
+        } => redis_restart::run(
+            opts,
+            redis_restart::RedisRestartParams {
+                sessions,
+                http_per_session,
+                outage,
+                max_latency,
             },
         )
         .await

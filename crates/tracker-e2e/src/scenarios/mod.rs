@@ -9,6 +9,7 @@ pub mod leader_kill;
 pub mod load;
 pub mod pg_outage;
 pub mod races;
+pub mod redis_restart;
 pub mod sockets;
 pub mod ws_drop;
 
