@@ -651,16 +651,16 @@ impl Store {
         first_error.map_or(Ok(None), Err)
     }
 
+    /// Runs a script whose ARGV are the window and the session id.
+    async fn eval_session<T: FromRedisValue>(&self, op: &Op, session: &SessionId) -> Result<T> {
+        let args = (self.window_ms(), session.as_str());
+        self.eval(op, &self.session_base(session), args).await
+    }
+
     /// The live connections of a session.
     pub async fn list_connections(&self, session: &SessionId) -> Result<Vec<ConnectionView>> {
         let op = &self.scripts.list_connections;
-        let reply: Vec<String> = self
-            .eval(
-                op,
-                &self.session_base(session),
-                (self.window_ms(), session.as_str()),
-            )
-            .await?;
+        let reply: Vec<String> = self.eval_session(op, session).await?;
         if reply.len() % CONN_FIELDS != 0 {
             return Err(bad_reply(op, &reply));
         }
@@ -673,13 +673,7 @@ impl Store {
     /// A session's state and counters; `None` if the tracker knows nothing of it.
     pub async fn session(&self, session: &SessionId) -> Result<Option<SessionView>> {
         let op = &self.scripts.session_view;
-        let reply: Vec<String> = self
-            .eval(
-                op,
-                &self.session_base(session),
-                (self.window_ms(), session.as_str()),
-            )
-            .await?;
+        let reply: Vec<String> = self.eval_session(op, session).await?;
         parse_view(op, session, &reply)
     }
 
