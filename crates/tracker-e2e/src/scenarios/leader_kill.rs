@@ -5,15 +5,13 @@
 //! every check of the races scenario holds, above all: history rows equal connections ended.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::load::{self, LoadParams, Recorder, Target};
+use super::load::BackgroundLoad;
 use super::races::{finish, RacesFigures, RacesParams, WAKE_DEADLINE};
 use super::{exits_line, sessions, verdict};
 use crate::harness::{Harness, HarnessOptions};
@@ -124,31 +122,8 @@ pub async fn run(opts: HarnessOptions, params: LeaderKillParams) -> Result<Leade
     let names = sessions(&h, params.sessions).await?;
     let timing = h.timing();
     let lease = timing.lease_duration;
-    let target = Target {
-        client: h.client(),
-        fake: h.fake().handle(),
-        namespace: h.namespace().to_owned(),
-        sessions: names,
-        timing,
-    };
-    let load_params = LoadParams {
-        // Bounded by the kills; the count is a backstop.
-        episodes: 1_000_000,
-        concurrency: params.concurrency,
-        seed: params.seed,
-        wake_wait: Duration::from_secs(2) + timing.heartbeat_window + Duration::from_secs(4),
-    };
-    let stop = CancellationToken::new();
-    // However this function ends, the load stops.
-    let _stop_load = stop.clone().drop_guard();
-    let recorder = Arc::new(Recorder::default());
-    let started = Instant::now();
-    let load = tokio::spawn(load::run_into(
-        target,
-        load_params,
-        stop.clone(),
-        recorder.clone(),
-    ));
+    let load = BackgroundLoad::start(&h, names, params.concurrency, params.seed);
+    let recorder = load.recorder.clone();
 
     let mut rng = StdRng::seed_from_u64(params.seed ^ 0x5EED);
     let mut takeovers = Vec::new();
@@ -223,11 +198,7 @@ pub async fn run(opts: HarnessOptions, params: LeaderKillParams) -> Result<Leade
         }
         h.restart_reaper(leader).await?;
     }
-    stop.cancel();
-    if let Err(e) = load.await {
-        return Err(Error::Setup(format!("the load task failed: {e}")));
-    }
-    let load_time = started.elapsed();
+    let load_time = load.stop().await?;
     h.check_running()?;
     let races_params = RacesParams {
         episodes: recorder.registered(),

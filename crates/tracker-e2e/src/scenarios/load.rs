@@ -648,6 +648,67 @@ fn add_n(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// An open-ended load over a harness's sessions, running in the background
+/// until [`BackgroundLoad::stop`]: the fault scenarios break things under it.
+/// Dropping it stops the load too, however the scenario ends.
+pub struct BackgroundLoad {
+    pub recorder: Arc<Recorder>,
+    started: std::time::Instant,
+    stop: CancellationToken,
+    _stop_on_drop: tokio_util::sync::DropGuard,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BackgroundLoad {
+    pub fn start(
+        h: &crate::harness::Harness,
+        sessions: Arc<Vec<String>>,
+        concurrency: usize,
+        seed: u64,
+    ) -> Self {
+        let timing = h.timing();
+        let target = Target {
+            client: h.client(),
+            fake: h.fake().handle(),
+            namespace: h.namespace().to_owned(),
+            sessions,
+            timing,
+        };
+        let params = LoadParams {
+            // Bounded by the caller's stop; the count is a backstop.
+            episodes: 1_000_000,
+            concurrency,
+            seed,
+            wake_wait: Duration::from_secs(2) + timing.heartbeat_window + Duration::from_secs(4),
+        };
+        let stop = CancellationToken::new();
+        let recorder = Arc::new(Recorder::default());
+        let task = tokio::spawn(run_into(target, params, stop.clone(), recorder.clone()));
+        Self {
+            recorder,
+            started: std::time::Instant::now(),
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the load and waits for it; answers how long it ran.
+    pub async fn stop(self) -> crate::Result<Duration> {
+        self.stop.cancel();
+        self.task
+            .await
+            .map_err(|e| crate::Error::Setup(format!("the load task failed: {e}")))?;
+        Ok(self.started.elapsed())
+    }
+}
+
+impl std::fmt::Debug for BackgroundLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackgroundLoad").finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

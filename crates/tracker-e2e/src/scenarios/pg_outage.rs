@@ -3,13 +3,11 @@
 //! notice; nothing may be lost; the backlog must drain once PostgreSQL is back.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::load::{self, LoadParams, Recorder, Target};
+use super::load::BackgroundLoad;
 use super::races::{finish, RacesFigures, RacesParams, WAKE_DEADLINE};
 use super::{exits_line, sessions, verdict};
 use crate::harness::{Harness, HarnessOptions};
@@ -87,30 +85,8 @@ pub async fn run(mut opts: HarnessOptions, params: PgOutageParams) -> Result<PgO
     opts.reaper_database_via_proxy = true;
     let mut h = Harness::start(opts).await?;
     let names = sessions(&h, params.sessions).await?;
-    let timing = h.timing();
-    let target = Target {
-        client: h.client(),
-        fake: h.fake().handle(),
-        namespace: h.namespace().to_owned(),
-        sessions: names,
-        timing,
-    };
-    let load_params = LoadParams {
-        episodes: 1_000_000,
-        concurrency: params.concurrency,
-        seed: params.seed,
-        wake_wait: Duration::from_secs(2) + timing.heartbeat_window + Duration::from_secs(4),
-    };
-    let stop = CancellationToken::new();
-    let _stop_load = stop.clone().drop_guard();
-    let recorder = Arc::new(Recorder::default());
-    let started = Instant::now();
-    let load = tokio::spawn(load::run_into(
-        target,
-        load_params,
-        stop.clone(),
-        recorder.clone(),
-    ));
+    let load = BackgroundLoad::start(&h, names, params.concurrency, params.seed);
+    let recorder = load.recorder.clone();
     // Archiving must work through the proxy before it is cut.
     let db = h.db()?;
     let rows_before_cut = poll::until(
@@ -141,11 +117,7 @@ pub async fn run(mut opts: HarnessOptions, params: PgOutageParams) -> Result<PgO
     }
     let rows_end_of_cut = db.history_count().await?;
     proxy.set_enabled(true);
-    stop.cancel();
-    if let Err(e) = load.await {
-        return Err(Error::Setup(format!("the load task failed: {e}")));
-    }
-    let load_time = started.elapsed();
+    let load_time = load.stop().await?;
     h.check_running()?;
     let races_params = RacesParams {
         episodes: recorder.registered(),
