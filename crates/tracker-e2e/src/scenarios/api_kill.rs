@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::checks::some;
 use super::sockets::{self, HoldEnd, OnStop};
-use super::{exits_line, live_connections_on, verdict};
+use super::{exits_line, live_connections_on, verdict, write_result};
 use crate::harness::{Harness, HarnessOptions};
 use crate::Result;
 
@@ -181,12 +181,7 @@ impl fmt::Display for ApiKillFigures {
             self.term_exit
         )?;
         writeln!(f, "  exits: {}", self.exits)?;
-        let problems = self.problems();
-        if problems.is_empty() {
-            writeln!(f, "  result: PASS")
-        } else {
-            writeln!(f, "  result: FAIL: {}", problems.join("; "))
-        }
+        write_result(f, &self.problems())
     }
 }
 

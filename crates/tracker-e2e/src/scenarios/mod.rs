@@ -79,6 +79,18 @@ pub(crate) fn verdict<F: std::fmt::Display>(
 }
 
 /// The process exits of a shutdown, one line.
+/// The last line of a scenario's figures: PASS, or FAIL with every problem.
+pub(crate) fn write_result(
+    f: &mut std::fmt::Formatter<'_>,
+    problems: &[String],
+) -> std::fmt::Result {
+    if problems.is_empty() {
+        writeln!(f, "  result: PASS")
+    } else {
+        writeln!(f, "  result: FAIL: {}", problems.join("; "))
+    }
+}
+
 pub(crate) fn exits_line(exits: &[crate::harness::Exit]) -> String {
     let mut s = String::new();
     for e in exits {

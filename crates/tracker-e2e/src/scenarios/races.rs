@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::checks::{check_history, check_sessions, some, HistoryFigures, SessionFigures};
 use super::load::{self, Kind, LoadParams, Recorder, Registration, Target};
-use super::{drain, exits_line, live_connections, sessions, verdict};
+use super::{drain, exits_line, live_connections, sessions, verdict, write_result};
 use crate::harness::{Harness, HarnessOptions};
 use crate::Result;
 
@@ -237,12 +237,7 @@ impl fmt::Display for RacesFigures {
         )?;
         writeln!(f, "  session_events: {:?}", self.events)?;
         writeln!(f, "  exits: {}", self.exits)?;
-        let problems = self.problems();
-        if problems.is_empty() {
-            writeln!(f, "  result: PASS")
-        } else {
-            writeln!(f, "  result: FAIL: {}", problems.join("; "))
-        }
+        write_result(f, &self.problems())
     }
 }
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::sockets::{self, OnStop};
-use super::{exits_line, live_connections, verdict};
+use super::{exits_line, live_connections, verdict, write_result};
 use crate::harness::{Harness, HarnessOptions};
 use crate::settings::Timing;
 use crate::Result;
@@ -122,12 +122,7 @@ impl fmt::Display for WsDropFigures {
             self.live_after
         )?;
         writeln!(f, "  exits: {}", self.exits)?;
-        let problems = self.problems();
-        if problems.is_empty() {
-            writeln!(f, "  result: PASS")
-        } else {
-            writeln!(f, "  result: FAIL: {}", problems.join("; "))
-        }
+        write_result(f, &self.problems())
     }
 }
 
