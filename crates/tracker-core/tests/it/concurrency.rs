@@ -29,50 +29,43 @@ async fn limits_hold_under_concurrency(backend: Backend) {
         per_user: 3,
     };
     let crowded = sid("crowded");
-    let tasks = (0..40).map(|i| {
-        let store = store.clone();
-        let c = conn(&crowded, &format!("user-{i}"), Protocol::Http);
-        tokio::spawn(async move { store.register(&c, limits).await.unwrap() })
-    });
-    let outcomes: Vec<_> = join_all(tasks)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let ok = outcomes
-        .iter()
-        .filter(|o| matches!(o, RegisterOutcome::Created(_)))
-        .count();
-    assert_eq!(ok, 5, "{outcomes:?}");
+    let users = (0..40).map(|i| conn(&crowded, &format!("user-{i}"), Protocol::Http));
+    let outcomes = register_at_once(&store, users, limits).await;
+    assert_eq!(created_count(&outcomes), 5, "{outcomes:?}");
     assert!(outcomes.iter().all(|o| matches!(
         o,
         RegisterOutcome::Created(_) | RegisterOutcome::SessionLimit
     )));
-    assert_eq!(
-        store
-            .session(&crowded)
-            .await
-            .unwrap()
-            .unwrap()
-            .active_connections,
-        5
-    );
+    let view = store.session(&crowded).await.unwrap().unwrap();
+    assert_eq!(view.active_connections, 5);
 
-    let tasks = (0..40).map(|i| {
+    let sessions = (0..40).map(|i| conn(&sid(&format!("own-{i}")), "greedy", Protocol::Vnc));
+    let outcomes = register_at_once(&store, sessions, limits).await;
+    assert_eq!(created_count(&outcomes), 3, "{outcomes:?}");
+}
+
+/// Registers every connection from its own task, all at once.
+async fn register_at_once(
+    store: &Store,
+    conns: impl Iterator<Item = tracker_core::NewConnection>,
+    limits: Limits,
+) -> Vec<RegisterOutcome> {
+    let tasks = conns.map(|c| {
         let store = store.clone();
-        let c = conn(&sid(&format!("own-{i}")), "greedy", Protocol::Vnc);
         tokio::spawn(async move { store.register(&c, limits).await.unwrap() })
     });
-    let outcomes: Vec<_> = join_all(tasks)
+    join_all(tasks)
         .await
         .into_iter()
         .map(Result::unwrap)
-        .collect();
-    let ok = outcomes
+        .collect()
+}
+
+fn created_count(outcomes: &[RegisterOutcome]) -> usize {
+    outcomes
         .iter()
         .filter(|o| matches!(o, RegisterOutcome::Created(_)))
-        .count();
-    assert_eq!(ok, 3, "{outcomes:?}");
+        .count()
 }
 
 /// Sessions idle and due; for each, a claim and a registration race. A claim
@@ -133,16 +126,11 @@ async fn a_registration_racing_a_claim_is_never_lost(backend: Backend) {
         )
         .await;
     }
-    let tasks = sleepers.iter().flat_map(|s| {
-        (0..5).map(|_| {
-            let store = store.clone();
-            let c = conn(s, "alice", Protocol::Http);
-            tokio::spawn(async move { store.register(&c, Limits::default()).await.unwrap() })
-        })
-    });
-    for r in join_all(tasks.collect::<Vec<_>>()).await {
-        assert!(matches!(r.unwrap(), RegisterOutcome::Created(_)));
-    }
+    let conns = sleepers
+        .iter()
+        .flat_map(|s| (0..5).map(|_| conn(s, "alice", Protocol::Http)));
+    let outcomes = register_at_once(&store, conns, Limits::default()).await;
+    assert_eq!(created_count(&outcomes), sleepers.len() * 5, "{outcomes:?}");
     let wakes = pending(&store).await;
     for s in &sleepers {
         assert_eq!(wakes.get(s), Some(&1), "{s}");
