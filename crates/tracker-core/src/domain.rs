@@ -259,18 +259,47 @@ pub struct UserAgent(String);
 impl UserAgent {
     pub const MAX_BYTES: usize = 512;
 
-    /// Keeps what fits; a user agent is informational, so it is cut rather than refused.
+    /// A user agent a client sent as a field: control characters are refused
+    /// (they break logs, and PostgreSQL refuses NUL), a long one is cut.
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        if s.chars().any(is_forbidden_control) {
+            return Err(ValidationError::new(
+                "user_agent",
+                "must not contain control characters",
+            ));
+        }
+        Ok(Self::truncated(s))
+    }
+
+    /// Keeps what fits; a user agent is informational, so it is cut rather
+    /// than refused. For text that is not a client's field (a request header,
+    /// a stored record): control characters become spaces, so nothing the
+    /// tracker stores or archives ever holds one.
     pub fn truncated(s: &str) -> Self {
         let mut end = s.len().min(Self::MAX_BYTES);
         while !s.is_char_boundary(end) {
             end -= 1;
         }
-        Self(s[..end].to_owned())
+        let kept = &s[..end];
+        if kept.chars().any(is_forbidden_control) {
+            let clean = kept
+                .chars()
+                .map(|c| if is_forbidden_control(c) { ' ' } else { c })
+                .collect();
+            return Self(clean);
+        }
+        Self(kept.to_owned())
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The control characters no string field may hold: C0 (U+0000 to U+001F)
+/// and DEL (U+007F).
+pub fn is_forbidden_control(c: char) -> bool {
+    c <= '\u{1f}' || c == '\u{7f}'
 }
 
 /// Parses a client IP as the API receives it.

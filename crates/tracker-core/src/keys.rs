@@ -1,18 +1,18 @@
-//! Where things live in Redis: shards and the few keys built outside scripts.
+//! Where things live in Redis: every key name is built here, and nowhere else.
 //!
-//! The key names inside a shard are written once, in `lua/common.lua`; this
-//! module decides which shard a session or user belongs to and builds the
-//! shard *bases* that scripts receive as `KEYS[1]`.
+//! Scripts receive every key they touch in `KEYS` (see `lua/common.lua` for
+//! the order shard scripts expect), so a Redis Cluster routes each call by its
+//! real keys and redirects it correctly while a slot is being migrated.
 //!
-//! Cluster safety: a base is `<prefix>:{<shard>}`, so every key derived from it
-//! carries the hash tag `{<shard>}` and lands in one slot. A session's keys all
-//! derive from its shard's base; a global index (live, due, wake, outbox,
-//! stats) exists once per shard, so the work over it is split into `shards`
-//! independent pieces spread over the cluster's nodes. The shard count is part
-//! of the data layout: every process must use the same one, and changing it
-//! needs an empty store.
-
-use crate::domain::{SessionId, UserId};
+//! Cluster safety: the keys of one shard are `<prefix>:{<shard>}:<name>`, so
+//! they carry the hash tag `{<shard>}` and land in one slot. A session's keys
+//! live in its shard; a global index (live, due, wake, outbox, stats) exists
+//! once per shard, so the work over it is split into `shards` independent
+//! pieces spread over the cluster's nodes. Users (`{u<n>}`) and connection ids
+//! (`{i<n>}`) have shards of their own, since they span sessions. The shard
+//! count is part of the data layout: every process must use the same one, and
+//! changing it needs an empty store.
+use crate::domain::{ConnectionId, SessionId, UserId};
 use crate::error::{Error, Result};
 
 /// A shard number, `0..shards`.
@@ -73,24 +73,115 @@ impl KeySpace {
         ShardId(bucket(session.as_str().as_bytes(), self.shards))
     }
 
-    /// `KEYS[1]` of every shard script.
-    pub fn shard_base(&self, shard: ShardId) -> String {
+    /// The base every key of a shard starts with.
+    fn shard_base(&self, shard: ShardId) -> String {
         format!("{}:{{{}}}", self.prefix, shard.0)
     }
 
-    /// `KEYS[1]` of the user-limit scripts: users are spread over their own
-    /// shards, since a user's connections span many sessions.
-    pub fn user_base(&self, user: &UserId) -> String {
+    /// One shard-wide key.
+    pub fn shard_key(&self, shard: ShardId, key: ShardKey) -> String {
+        format!("{}:{}", self.shard_base(shard), key.name())
+    }
+
+    /// The shard-wide keys every shard script declares first, in the order
+    /// `lua/common.lua` reads them.
+    pub fn shard_keys(&self, shard: ShardId) -> Vec<String> {
+        ShardKey::DECLARED
+            .iter()
+            .map(|&k| self.shard_key(shard, k))
+            .collect()
+    }
+
+    /// A session's connection set and metadata hash, in that order.
+    pub fn session_keys(&self, session: &SessionId) -> [String; 2] {
+        let base = self.shard_base(self.shard_of(session));
+        [
+            format!("{base}:s:{session}:c"),
+            format!("{base}:s:{session}:m"),
+        ]
+    }
+
+    /// The shard of a connection id's index entry.
+    pub fn id_shard_of(&self, id: ConnectionId) -> ShardId {
+        ShardId(bucket(id.as_uuid().as_bytes(), self.shards))
+    }
+
+    /// The index entry of a connection id: which session and user own it.
+    pub fn id_key(&self, id: ConnectionId) -> String {
+        format!("{}:{{i{}}}:id:{id}", self.prefix, self.id_shard_of(id).0)
+    }
+
+    /// The shard of a user's connection slots.
+    pub fn user_shard_of(&self, user: &UserId) -> ShardId {
+        ShardId(bucket(user.as_str().as_bytes(), self.shards))
+    }
+
+    /// A user's connection slots (per-user limit): users are spread over
+    /// their own shards, since a user's connections span many sessions.
+    pub fn user_key(&self, user: &UserId) -> String {
         format!(
-            "{}:{{u{}}}",
+            "{}:{{u{}}}:user:{user}",
             self.prefix,
-            bucket(user.as_str().as_bytes(), self.shards)
+            self.user_shard_of(user).0
         )
+    }
+
+    /// The sequence leader terms are drawn from.
+    pub fn term_seq_key(&self) -> String {
+        format!("{}:{{term}}:seq", self.prefix)
     }
 
     /// The leader lock of `TRACKER_ELECTION=redis`.
     pub fn lock_key(&self, name: &str) -> String {
         format!("{}:{{lock}}:{name}", self.prefix)
+    }
+}
+
+/// The shard-wide keys (see `lua/common.lua` for what each holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardKey {
+    Conn,
+    Live,
+    Due,
+    Wake,
+    Outbox,
+    Stats,
+    Known,
+    UserAgents,
+    UserAgentUses,
+    Term,
+    Epoch,
+}
+
+impl ShardKey {
+    /// What shard scripts declare as `KEYS[1..=10]`, in this order.
+    pub const DECLARED: [ShardKey; 10] = [
+        ShardKey::Conn,
+        ShardKey::Live,
+        ShardKey::Due,
+        ShardKey::Wake,
+        ShardKey::Outbox,
+        ShardKey::Stats,
+        ShardKey::Known,
+        ShardKey::UserAgents,
+        ShardKey::UserAgentUses,
+        ShardKey::Term,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ShardKey::Conn => "conn",
+            ShardKey::Live => "live",
+            ShardKey::Due => "due",
+            ShardKey::Wake => "wake",
+            ShardKey::Outbox => "outbox",
+            ShardKey::Stats => "stats",
+            ShardKey::Known => "known",
+            ShardKey::UserAgents => "ua",
+            ShardKey::UserAgentUses => "uan",
+            ShardKey::Term => "term",
+            ShardKey::Epoch => "epoch",
+        }
     }
 }
 
@@ -133,7 +224,11 @@ mod tests {
         );
         assert_eq!(bucket(b"session-1", 32), bucket(b"session-1", 32));
         assert_eq!(bucket(b"", 32), (0xcbf2_9ce4_8422_2325u64 % 32) as u16);
-        assert_eq!(ks.shard_base(ShardId(7)), "trk:{7}");
+        assert_eq!(ks.shard_key(ShardId(7), ShardKey::Due), "trk:{7}:due");
+        let [c, m] = ks.session_keys(&sid("session-1"));
+        let shard = ks.shard_of(&sid("session-1")).0;
+        assert_eq!(c, format!("trk:{{{shard}}}:s:session-1:c"));
+        assert_eq!(m, format!("trk:{{{shard}}}:s:session-1:m"));
         assert_eq!(ks.lock_key("reaper"), "trk:{lock}:reaper");
     }
 
@@ -152,10 +247,12 @@ mod tests {
     }
 
     #[test]
-    fn user_bases_carry_their_own_tag_even_for_odd_user_ids() {
+    fn user_keys_carry_their_own_tag_even_for_odd_user_ids() {
         let ks = KeySpace::new("trk", 8).expect("keyspace");
         let u: UserId = "weird{user}".parse().expect("user id");
-        let base = ks.user_base(&u);
-        assert!(base.starts_with("trk:{u") && base.ends_with('}'), "{base}");
+        let key = ks.user_key(&u);
+        // Redis hashes the first {...}: it must be the shard's tag, not the user's braces.
+        let tag = &key[key.find('{').expect("tag")..=key.find('}').expect("tag")];
+        assert_eq!(tag, format!("{{u{}}}", ks.user_shard_of(&u).0));
     }
 }

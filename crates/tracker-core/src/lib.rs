@@ -28,9 +28,10 @@ pub use domain::{
     SessionState, SessionView, UserAgent, UserId, ValidationError,
 };
 pub use error::{Error, Result};
-pub use keys::{KeySpace, ShardId};
+pub use keys::{KeySpace, ShardId, ShardKey};
 pub use store::{
-    BatchOutcome, ClaimOutcome, ClockOffset, Epoch, Expired, HeartbeatAck, IdleTimeout, Limits,
-    NewConnection, OutboxEntry, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta,
-    Stats, Store, StoreConfig, Sweep,
+    redact_url, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch, Expired,
+    FinishOutcome, HeartbeatAck, IdleTimeout, Limits, NewConnection, OutboxEntry, PendingWake,
+    RedisMode, RegisterOutcome, Registered, SessionMeta, Stats, Store, StoreConfig, Sweep, Term,
+    Written,
 };

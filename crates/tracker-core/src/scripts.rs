@@ -1,7 +1,8 @@
 //! The Lua scripts, loaded once. Each operation is its own file under `lua/`
 //! whose header states KEYS, ARGV, the return value and what it makes atomic.
-//! Shard scripts are prefixed with `lua/common.lua`, the one place that names
-//! the keys inside a shard.
+//! Shard scripts are prefixed with `lua/common.lua`, which says where each
+//! shard key sits in `KEYS`; plain scripts stand alone. Every script gets the
+//! clock offset as `ARGV[1]`.
 
 use redis::Script;
 
@@ -45,11 +46,14 @@ macro_rules! scripts {
 
 scripts! {
     shard: [
-        register, heartbeat, heartbeat_batch, close, sweep, get_connection,
-        list_connections, session_view, due_sessions, claim_hibernation,
-        finish_hibernation, rollback_hibernation, pending_wakes, ack_wake,
-        mirror_session, forget_session, known_sessions, stats, outbox_read,
-        outbox_ack, outbox_len, epoch, reserve_user, release_user,
+        register, close, sweep, get_connection, list_connections, session_view,
+        claim_hibernation, finish_hibernation, rollback_hibernation, ack_wake,
+        mirror_session, forget_session,
     ],
-    plain: [lock_acquire, lock_release]
+    plain: [
+        heartbeat, heartbeat_batch, sweep_candidates, due_sessions, pending_wakes,
+        stats, known_sessions, outbox_read, outbox_ack, outbox_len, epoch,
+        term_next, term_begin, claim_id, mark_id, retire_ids, reserve_user,
+        release_user, lock_acquire, lock_release,
+    ]
 }

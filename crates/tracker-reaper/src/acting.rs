@@ -2,11 +2,26 @@
 //! have a hibernation patch in flight.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracker_core::SessionId;
+use tokio_util::sync::CancellationToken;
+use tracker_core::{SessionId, Store, Term};
 
+use crate::events::EventSink;
+use crate::metrics::Metrics;
 use crate::platform::SessionApi;
+
+/// What the acting subsystems of one leadership term share.
+#[derive(Debug, Clone)]
+pub struct TermContext {
+    pub store: Store,
+    pub acting: Acting,
+    pub events: EventSink,
+    pub metrics: Arc<Metrics>,
+    pub in_flight: InFlight,
+    pub fence: Fence,
+}
 
 /// How decisions are carried out.
 #[derive(Debug, Clone)]
@@ -28,6 +43,45 @@ impl Acting {
             Acting::DryRun => "dry_run",
             Acting::RecordOnly => "none",
         }
+    }
+}
+
+/// The term a leader acts under, and the way its acting subsystems stop
+/// when the store says a newer leader has written: every reaper write carries
+/// the term, and a shard that has seen a newer one refuses it ("fenced").
+#[derive(Debug, Clone)]
+pub struct Fence {
+    term: Term,
+    stop: CancellationToken,
+    fenced: Arc<AtomicBool>,
+}
+
+impl Fence {
+    /// Acting under `term` until `stop` is cancelled.
+    pub fn new(term: Term, stop: CancellationToken) -> Self {
+        Self {
+            term,
+            stop,
+            fenced: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// A write was refused because a newer leader wrote first: this replica
+    /// stops acting at once (the election will tell it soon that it lost).
+    pub fn fenced(&self, op: &'static str) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::warn!(term = %self.term, op, "a newer leader has written to the store; stopping to act");
+        }
+        self.stop.cancel();
+    }
+
+    /// Whether this term ended by being fenced.
+    pub fn was_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
     }
 }
 

@@ -146,6 +146,14 @@ async fn archive_shard(
         };
         metrics.archived.increment(inserted);
         pass.archived += entries.len() as u64;
+        // Before the ack, so a crash between an end and its settling (user
+        // slot given back, id retired) is repaired by the replay.
+        if let Err(e) = store.settle_archived(&records).await {
+            metrics.store_error(Task::Archive);
+            tracing::warn!(shard = shard.0, error = %e, "settling archived connections failed; retried with the batch");
+            pass.failed = true;
+            return pass;
+        }
         let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
         if let Err(e) = store.outbox_ack(shard, &ids).await {
             // Committed but not acknowledged: the next pass inserts nothing twice.

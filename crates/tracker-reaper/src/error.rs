@@ -49,6 +49,14 @@ impl Error {
     pub fn is_conflict(&self) -> bool {
         self.kube_status() == Some(409)
     }
+
+    /// True when a write surely did not happen: the API server refused it
+    /// (4xx, a conflict included). A timeout, a 5xx or a broken connection
+    /// may come after the write was applied: those are ambiguous, and only
+    /// reading the resource again tells.
+    pub fn surely_not_applied(&self) -> bool {
+        matches!(self.kube_status(), Some(400..=499) if self.kube_status() != Some(408))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,11 +1,19 @@
 //! The hibernator: every tick, the sessions whose idle timeout is reached are
-//! claimed in the store, patched `spec.state: hibernated`, recorded, and the
-//! claim finished; a failed patch rolls the claim back for a later retry.
+//! claimed in the store, checked against the resource as it is now
+//! ([`decide`]), patched `spec.state: hibernated`, recorded, and the claim
+//! finished; a patch that surely did not land rolls the claim back for a
+//! later retry.
 //!
-//! Deciding is the store's (the due index and the claim script) and
-//! [`Guard`]'s: right after becoming leader, and after a shard's epoch marker
-//! changed (Redis lost its data), nothing is hibernated for one heartbeat
-//! window, so connections get the chance to show they are alive.
+//! Deciding is the store's (the due index and the claim script), [`decide`]'s
+//! and [`Guard`]'s: right after becoming leader, and after a shard's epoch
+//! marker changed (Redis lost its data), nothing is hibernated for one
+//! heartbeat window, so connections get the chance to show they are alive.
+//!
+//! Every store write carries the leader's term ([`Fence`]): a claim belongs to
+//! its term, and a replaced leader's late finish or rollback is refused. A
+//! patch whose answer is ambiguous (timeout, 5xx) is resolved by reading the
+//! resource again; if that fails too, the claim is left to lapse, never
+//! released on a guess.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,15 +23,19 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracker_core::{ClaimOutcome, Epoch, ResourceState, SessionId, ShardId, Store};
+use tracker_core::{
+    Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, IdleTimeout, ResourceState, SessionId,
+    SessionMeta, ShardId, Store, Written,
+};
 
-use crate::acting::{Acting, InFlight};
+use crate::acting::{Acting, Fence, InFlight, TermContext};
 use crate::backoff;
 use crate::db::EventType;
 use crate::error::Error;
 use crate::events::EventSink;
 use crate::metrics::{HibernationResult, KubeOp, Metrics, Task};
-use crate::session::resource_state;
+use crate::platform::SessionApi;
+use crate::session::session_meta;
 
 /// Sessions claimed per shard and tick.
 pub const BATCH: u32 = 100;
@@ -86,6 +98,8 @@ pub struct Settings {
     pub claim_lifetime: Duration,
     /// With dry run, how long until a session is decided again.
     pub dry_run_retry: Duration,
+    /// For Sessions without `spec.idleTimeout`.
+    pub default_idle_timeout: Duration,
 }
 
 /// The hibernator of one leadership term.
@@ -96,6 +110,7 @@ pub struct Hibernator {
     events: EventSink,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
+    fence: Fence,
     /// Tells the mirror to list Sessions again after a data loss.
     relist: Arc<Notify>,
     settings: Settings,
@@ -118,15 +133,15 @@ fn retry_after_failure(failures: u32) -> Duration {
 const RETRY_AFTER_CHANGE: Duration = Duration::from_secs(2);
 
 impl Hibernator {
-    pub fn new(
-        store: Store,
-        acting: Acting,
-        events: EventSink,
-        metrics: Arc<Metrics>,
-        in_flight: InFlight,
-        relist: Arc<Notify>,
-        settings: Settings,
-    ) -> Self {
+    pub fn new(ctx: TermContext, relist: Arc<Notify>, settings: Settings) -> Self {
+        let TermContext {
+            store,
+            acting,
+            events,
+            metrics,
+            in_flight,
+            fence,
+        } = ctx;
         let guard = Guard::new(Instant::now(), settings.heartbeat_window);
         Self {
             store,
@@ -134,6 +149,7 @@ impl Hibernator {
             events,
             metrics,
             in_flight,
+            fence,
             relist,
             settings,
             guard,
@@ -210,15 +226,20 @@ impl Hibernator {
     async fn hibernate_one(&mut self, id: &SessionId) {
         // Entered before the claim: a wake recorded after the claim finds us here.
         let _in_flight = self.in_flight.enter(id);
-        let generation = match self
+        let term = self.fence.term();
+        let claim = match self
             .store
-            .claim_hibernation(id, self.settings.claim_lifetime)
+            .claim_hibernation(id, self.settings.claim_lifetime, term)
             .await
         {
-            Ok(ClaimOutcome::Claimed { generation }) => generation,
+            Ok(ClaimOutcome::Claimed(claim)) => claim,
+            Ok(ClaimOutcome::Refused(ClaimRefusal::Fenced)) => {
+                self.fence.fenced("claim_hibernation");
+                return;
+            }
             Ok(ClaimOutcome::Refused(reason)) => {
                 self.metrics.hibernation(HibernationResult::Skipped);
-                tracing::debug!(reason, "claim refused");
+                tracing::debug!(reason = reason.as_str(), "claim refused");
                 return;
             }
             Err(e) => {
@@ -228,8 +249,9 @@ impl Hibernator {
             }
         };
         let view = self.store.session(id).await.ok().flatten();
-        let mut details = serde_json::json!({
+        let details = serde_json::json!({
             "platform": self.acting.platform(),
+            "term": term.0,
             "idle_since": view.as_ref().and_then(|v| v.idle_since).map(|t| tracker_core::domain::rfc3339_ms::format(&t)),
             "idle_timeout_seconds": view.as_ref().and_then(|v| v.idle_timeout_seconds),
         });
@@ -246,51 +268,110 @@ impl Hibernator {
                 self.rollback(id, self.settings.dry_run_retry).await;
             }
             Acting::RecordOnly => {
-                self.finish(id, generation, details).await;
+                self.finish(id, claim.uid.as_deref(), claim.generation, details)
+                    .await;
             }
-            Acting::Patch(api) => {
-                let current = match api.get(id).await {
-                    Ok(Some(s)) => s,
-                    Ok(None) => {
-                        // Deleted meanwhile: the mirror forgets it.
-                        self.metrics.hibernation(HibernationResult::Skipped);
-                        self.rollback(id, RETRY_AFTER_CHANGE).await;
-                        return;
-                    }
-                    Err(e) => {
-                        self.metrics.kube_error(KubeOp::GetSession);
-                        self.failed(id, &e).await;
-                        return;
-                    }
-                };
-                if resource_state(&current) != Some(ResourceState::Running) {
-                    // Changed by someone else; follow, do not fight.
-                    self.metrics.hibernation(HibernationResult::Skipped);
-                    tracing::info!(state = ?current.spec.state, "Session no longer running; not hibernated");
-                    self.rollback(id, RETRY_AFTER_CHANGE).await;
-                    return;
+            Acting::Patch(api) => self.patch(api.as_ref(), id, &claim, details).await,
+        }
+    }
+
+    /// Reads the resource, decides, patches, and resolves what the answer
+    /// leaves open by reading again.
+    async fn patch(
+        &mut self,
+        api: &dyn SessionApi,
+        id: &SessionId,
+        claim: &Claim,
+        mut details: serde_json::Value,
+    ) {
+        let current = match api.get(id).await {
+            Ok(current) => current,
+            Err(e) => {
+                // Nothing was written: the claim can go.
+                self.metrics.kube_error(KubeOp::GetSession);
+                self.failed(id, &e).await;
+                return;
+            }
+        };
+        let meta = current
+            .as_ref()
+            .and_then(|s| session_meta(s, self.settings.default_idle_timeout).ok());
+        match decide(claim, meta.as_ref()) {
+            Decision::Patch => {}
+            Decision::AlreadyHibernated => {
+                // Our own earlier patch whose answer was lost, or someone else's.
+                let generation = meta.as_ref().and_then(|m| m.generation);
+                details["generation"] = generation.into();
+                self.finish(id, claim.uid.as_deref(), generation, details)
+                    .await;
+                return;
+            }
+            Decision::Release(why) => {
+                self.metrics.hibernation(HibernationResult::Skipped);
+                tracing::info!(
+                    why = why.as_str(),
+                    "Session changed since the claim; not hibernated"
+                );
+                if let Some(meta) = &meta {
+                    // Follow the change now rather than at the watch's next event.
+                    self.mirror(meta).await;
                 }
-                let rv = current
-                    .metadata
-                    .resource_version
-                    .clone()
-                    .unwrap_or_default();
-                match api.set_state(id, &rv, ResourceState::Hibernated).await {
-                    Ok(patched) => {
-                        details["generation"] = patched.metadata.generation.into();
-                        self.finish(id, patched.metadata.generation.or(generation), details)
+                self.rollback(id, RETRY_AFTER_CHANGE).await;
+                return;
+            }
+        }
+        let rv = current
+            .and_then(|s| s.metadata.resource_version)
+            .unwrap_or_default();
+        let e = match api.set_state(id, &rv, ResourceState::Hibernated).await {
+            Ok(patched) => {
+                details["generation"] = patched.metadata.generation.into();
+                self.finish(
+                    id,
+                    patched.metadata.uid.as_deref().or(claim.uid.as_deref()),
+                    patched.metadata.generation,
+                    details,
+                )
+                .await;
+                return;
+            }
+            Err(e) => e,
+        };
+        if e.is_conflict() {
+            self.metrics.hibernation(HibernationResult::Conflict);
+            tracing::info!("Session changed while deciding; decided again later");
+            self.rollback(id, RETRY_AFTER_CHANGE).await;
+            return;
+        }
+        self.metrics.kube_error(KubeOp::PatchSession);
+        if e.surely_not_applied() {
+            self.failed(id, &e).await;
+            return;
+        }
+        // A timeout or a 5xx may come after the patch was applied: only the
+        // resource itself tells. Never assume either way.
+        tracing::warn!(error = %e, "hibernation patch answer lost; reading the Session again");
+        match api.get(id).await {
+            Ok(after) => {
+                let meta = after
+                    .as_ref()
+                    .and_then(|s| session_meta(s, self.settings.default_idle_timeout).ok());
+                match meta {
+                    Some(m) if m.state == ResourceState::Hibernated && m.uid == claim.uid => {
+                        details["generation"] = m.generation.into();
+                        details["resolved_by_read"] = true.into();
+                        self.finish(id, m.uid.as_deref(), m.generation, details)
                             .await;
                     }
-                    Err(e) if e.is_conflict() => {
-                        self.metrics.hibernation(HibernationResult::Conflict);
-                        tracing::info!("Session changed while deciding; decided again later");
-                        self.rollback(id, RETRY_AFTER_CHANGE).await;
-                    }
-                    Err(e) => {
-                        self.metrics.kube_error(KubeOp::PatchSession);
-                        self.failed(id, &e).await;
-                    }
+                    _ => self.failed(id, &e).await,
                 }
+            }
+            Err(read) => {
+                // Still unknown. The claim stays: it lapses after its lifetime,
+                // and whoever claims again reads the resource first.
+                self.metrics.kube_error(KubeOp::GetSession);
+                self.metrics.hibernation(HibernationResult::Failed);
+                tracing::warn!(error = %read, "Session unreadable after an ambiguous patch; the claim lapses by itself");
             }
         }
     }
@@ -298,14 +379,34 @@ impl Hibernator {
     async fn finish(
         &mut self,
         id: &SessionId,
+        uid: Option<&str>,
         generation: Option<i64>,
         details: serde_json::Value,
     ) {
         self.failures.remove(id);
-        if let Err(e) = self.store.finish_hibernation(id, generation).await {
-            // The patch landed; the mirror records the state when it sees it.
-            self.metrics.store_error(Task::Hibernate);
-            tracing::warn!(error = %e, "recording a finished hibernation failed; the mirror follows");
+        match self
+            .store
+            .finish_hibernation(id, self.fence.term(), uid, generation)
+            .await
+        {
+            Ok(FinishOutcome::Fenced) => {
+                // The patch landed, but a newer leader owns the store now: its
+                // mirror records the state (and wakes the session if in use).
+                self.fence.fenced("finish_hibernation");
+                return;
+            }
+            Ok(outcome @ (FinishOutcome::Stale | FinishOutcome::NotClaimed)) => {
+                tracing::info!(
+                    ?outcome,
+                    "hibernation recorded by newer news; the mirror follows"
+                );
+            }
+            Ok(FinishOutcome::Finished) => {}
+            Err(e) => {
+                // The patch landed; the mirror records the state when it sees it.
+                self.metrics.store_error(Task::Hibernate);
+                tracing::warn!(error = %e, "recording a finished hibernation failed; the mirror follows");
+            }
         }
         self.events
             .record(id.as_str(), EventType::Hibernated, "idle_timeout", details);
@@ -323,11 +424,95 @@ impl Hibernator {
     }
 
     async fn rollback(&self, id: &SessionId, retry_after: Duration) {
-        if let Err(e) = self.store.rollback_hibernation(id, retry_after).await {
-            // The claim lapses by itself after its lifetime.
-            self.metrics.store_error(Task::Hibernate);
-            tracing::warn!(error = %e, "rolling a claim back failed; it lapses by itself");
+        match self
+            .store
+            .rollback_hibernation(id, self.fence.term(), retry_after)
+            .await
+        {
+            Ok(Written::Fenced) => self.fence.fenced("rollback_hibernation"),
+            Ok(_) => {}
+            Err(e) => {
+                // The claim lapses by itself after its lifetime.
+                self.metrics.store_error(Task::Hibernate);
+                tracing::warn!(error = %e, "rolling a claim back failed; it lapses by itself");
+            }
         }
+    }
+
+    async fn mirror(&self, meta: &SessionMeta) {
+        match self.store.mirror_session(meta, self.fence.term()).await {
+            Ok(Written::Fenced) => self.fence.fenced("mirror_session"),
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.store_error(Task::Hibernate);
+                tracing::debug!(error = %e, "mirroring a changed Session failed; the watch follows");
+            }
+        }
+    }
+}
+
+/// Why a claimed session is let go without a patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// The resource is gone.
+    Deleted,
+    /// Deleted and created again under the same name: another session.
+    Recreated,
+    /// `spec.state` is neither running nor hibernated any more.
+    NotRunning,
+    /// Exempt now (annotation, or an empty `spec.idleTimeout`).
+    Exempt,
+    /// The idle timeout grew since the claim: not due yet.
+    TimeoutRaised,
+    /// The resource cannot be read as a Session.
+    Unreadable,
+}
+
+impl ReleaseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseReason::Deleted => "deleted",
+            ReleaseReason::Recreated => "recreated",
+            ReleaseReason::NotRunning => "not_running",
+            ReleaseReason::Exempt => "exempt",
+            ReleaseReason::TimeoutRaised => "timeout_raised",
+            ReleaseReason::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// What to do with a claimed session, given the resource read just before
+/// patching (`None`: gone, or not readable as a Session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Patch,
+    /// The resource already says hibernated: record it, patch nothing.
+    AlreadyHibernated,
+    Release(ReleaseReason),
+}
+
+/// Checks everything the claim was decided on against the resource as it is
+/// now: the claim saw the mirror, which may lag behind the resource.
+pub fn decide(claim: &Claim, current: Option<&SessionMeta>) -> Decision {
+    let Some(current) = current else {
+        return Decision::Release(ReleaseReason::Deleted);
+    };
+    if let (Some(claimed), Some(now)) = (&claim.uid, &current.uid) {
+        if claimed != now {
+            return Decision::Release(ReleaseReason::Recreated);
+        }
+    }
+    match current.state {
+        ResourceState::Hibernated => return Decision::AlreadyHibernated,
+        ResourceState::Terminated => return Decision::Release(ReleaseReason::NotRunning),
+        ResourceState::Running => {}
+    }
+    match (claim.idle_timeout, current.idle_timeout) {
+        (_, IdleTimeout::Off) => Decision::Release(ReleaseReason::Exempt),
+        (IdleTimeout::After(claimed), IdleTimeout::After(now)) if now > claimed => {
+            Decision::Release(ReleaseReason::TimeoutRaised)
+        }
+        _ => Decision::Patch,
     }
 }
 
@@ -379,6 +564,66 @@ mod tests {
         assert!(g.observe(ShardId(0), &epoch("b", true), t1));
         assert!(!g.may_hibernate(t1 + window - Duration::from_millis(1)));
         assert!(g.may_hibernate(t1 + window));
+    }
+
+    fn claim(idle: IdleTimeout) -> Claim {
+        Claim {
+            generation: Some(3),
+            uid: Some("u1".into()),
+            idle_timeout: idle,
+        }
+    }
+
+    fn resource(uid: &str, state: ResourceState, idle: IdleTimeout) -> SessionMeta {
+        SessionMeta {
+            session_id: "s-1".parse().expect("sid"),
+            uid: Some(uid.into()),
+            owner: None,
+            state,
+            idle_timeout: idle,
+            generation: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_claim_is_checked_against_the_resource_as_it_is_now() {
+        let ten = IdleTimeout::After(Duration::from_secs(600));
+        let twenty = IdleTimeout::After(Duration::from_secs(1200));
+        let five = IdleTimeout::After(Duration::from_secs(300));
+        let c = claim(ten);
+        let running = |uid, idle| resource(uid, ResourceState::Running, idle);
+        let cases = [
+            (None, Decision::Release(ReleaseReason::Deleted)),
+            (
+                Some(running("u2", ten)),
+                Decision::Release(ReleaseReason::Recreated),
+            ),
+            (
+                Some(resource("u1", ResourceState::Hibernated, ten)),
+                Decision::AlreadyHibernated,
+            ),
+            (
+                Some(resource("u1", ResourceState::Terminated, ten)),
+                Decision::Release(ReleaseReason::NotRunning),
+            ),
+            (
+                Some(running("u1", IdleTimeout::Off)),
+                Decision::Release(ReleaseReason::Exempt),
+            ),
+            (
+                Some(running("u1", twenty)),
+                Decision::Release(ReleaseReason::TimeoutRaised),
+            ),
+            // A shorter timeout only makes the session more overdue.
+            (Some(running("u1", five)), Decision::Patch),
+            (Some(running("u1", ten)), Decision::Patch),
+        ];
+        for (current, expected) in cases {
+            assert_eq!(decide(&c, current.as_ref()), expected, "{current:?}");
+        }
+        // A claim made before the uid was known does not refuse a resource.
+        let unknown = Claim { uid: None, ..c };
+        assert_eq!(decide(&unknown, Some(&running("u9", ten))), Decision::Patch);
     }
 
     #[test]

@@ -60,7 +60,7 @@ use tracker_core::{ClockOffset, Store};
 pub use config::{Config, Election, Platform};
 pub use error::{Error, Result};
 
-use crate::acting::{Acting, InFlight};
+use crate::acting::{Acting, Fence, InFlight, TermContext};
 use crate::backoff::Backoff;
 use crate::election::{KubeLease, LeaseLock, RedisLock};
 use crate::events::EventSink;
@@ -281,8 +281,15 @@ impl Application {
                 r = leader.wait_for(|l| *l) => if r.is_err() { break },
             }
             let term = shutdown.child_token();
+            let Some(fence) = begin_term(&self.store, &self.metrics, &term, &mut leader).await
+            else {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                continue;
+            };
+            let fence = Fence::new(fence, term.clone());
             let subsystems = TaskTracker::new();
-            let in_flight = InFlight::default();
             // The hibernator notices a Redis data loss; the mirror then lists again.
             let relist = Arc::new(Notify::new());
             subsystems.spawn(sweeper::run(
@@ -308,38 +315,37 @@ impl Application {
                     self.cfg.default_idle_timeout,
                     self.metrics.clone(),
                     relist.clone(),
+                    fence.clone(),
                     term.clone(),
                 ));
             }
+            let ctx = TermContext {
+                store: self.store.clone(),
+                acting: acting.clone(),
+                events: events.clone(),
+                metrics: self.metrics.clone(),
+                in_flight: InFlight::default(),
+                fence: fence.clone(),
+            };
             let hibernator = hibernator::Hibernator::new(
-                self.store.clone(),
-                acting.clone(),
-                events.clone(),
-                self.metrics.clone(),
-                in_flight.clone(),
+                ctx.clone(),
                 relist,
                 hibernator::Settings {
                     interval: self.cfg.hibernate_interval,
                     heartbeat_window: self.cfg.heartbeat_window,
                     claim_lifetime: (self.cfg.kube_timeout * 3).max(Duration::from_secs(10)),
                     dry_run_retry: self.cfg.default_idle_timeout.max(Duration::from_secs(60)),
+                    default_idle_timeout: self.cfg.default_idle_timeout,
                 },
             );
             subsystems.spawn(hibernator.run(term.clone()));
-            let waker = waker::Waker::new(
-                self.store.clone(),
-                acting.clone(),
-                events.clone(),
-                self.metrics.clone(),
-                in_flight,
-                self.cfg.default_idle_timeout,
-                self.cfg.wake_interval,
-            );
+            let waker =
+                waker::Waker::new(ctx, self.cfg.default_idle_timeout, self.cfg.wake_interval);
             subsystems.spawn(waker.run(term.clone()));
             subsystems.close();
 
             tokio::select! {
-                () = shutdown.cancelled() => {}
+                () = term.cancelled() => {}
                 _ = leader.wait_for(|l| !*l) => {}
             }
             term.cancel();
@@ -351,6 +357,16 @@ impl Application {
             }
             if shutdown.is_cancelled() {
                 break;
+            }
+            if fence.was_fenced() {
+                // Another replica acts under a newer term while the election
+                // still names us: wait a lease for the election to settle
+                // rather than fence it back at once.
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = leader.wait_for(|l| !*l) => {}
+                    () = tokio::time::sleep(self.cfg.lease_duration) => {}
+                }
             }
         }
 
@@ -367,6 +383,35 @@ impl Application {
         }
         tracing::info!("reaper stopped");
         Ok(())
+    }
+}
+
+/// Starts a term: draws a fresh term and fences every shard with it,
+/// retrying while Redis is unreachable. `None` if leadership or the process
+/// ends first.
+async fn begin_term(
+    store: &Store,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+    leader: &mut watch::Receiver<bool>,
+) -> Option<tracker_core::Term> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match store.begin_term().await {
+            Ok(term) => {
+                tracing::info!(term = %term, "leader term begins; earlier leaders are fenced");
+                return Some(term);
+            }
+            Err(e) => {
+                metrics.store_error(metrics::Task::Election);
+                tracing::warn!(error = %e, "beginning a leader term failed; retrying");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            _ = leader.wait_for(|l| !*l) => return None,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
     }
 }
 

@@ -6,9 +6,11 @@
 //! listed later may have just mirrored, and forgetting drops a pending wake.
 //! After a leader change the new leader lists everything again at once.
 //!
-//! Writes are ordered by `metadata.generation` in the store, so a stale event
-//! never overwrites newer news (ours or the watch's). A state changed by
-//! someone else is followed, not fought.
+//! Writes are keyed by `metadata.uid` and ordered by `metadata.generation` in
+//! the store, so a stale event never overwrites newer news (ours or the
+//! watch's), and a Session deleted and created again under the same name is a
+//! new session. A state changed by someone else is followed, not fought; a
+//! Session found hibernated while someone is connected gets a wake.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,8 +22,9 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracker_core::{SessionId, Store};
+use tracker_core::{SessionId, Store, Written};
 
+use crate::acting::Fence;
 use crate::backoff::Backoff;
 use crate::metrics::{KubeOp, Metrics, Task};
 use crate::session::{session_meta, Session};
@@ -35,12 +38,14 @@ pub async fn run(
     default_idle: Duration,
     metrics: Arc<Metrics>,
     relist: Arc<Notify>,
+    fence: Fence,
     stop: CancellationToken,
 ) {
     let mirror = Mirror {
         store,
         default_idle,
         metrics,
+        fence,
         stop: stop.clone(),
     };
     loop {
@@ -87,6 +92,7 @@ struct Mirror {
     store: Store,
     default_idle: Duration,
     metrics: Arc<Metrics>,
+    fence: Fence,
     stop: CancellationToken,
 }
 
@@ -102,8 +108,11 @@ impl Mirror {
             }
         };
         let id = meta.session_id.clone();
-        self.retry("mirror_session", &id, || self.store.mirror_session(&meta))
-            .await;
+        let term = self.fence.term();
+        self.retry("mirror_session", &id, || {
+            self.store.mirror_session(&meta, term)
+        })
+        .await;
         tracing::debug!(session_id = %id, state = meta.state.as_str(), "Session mirrored");
         Some(id)
     }
@@ -112,8 +121,11 @@ impl Mirror {
         let Ok(id) = s.name_any().parse::<SessionId>() else {
             return;
         };
-        self.retry("forget_session", &id, || self.store.forget_session(&id))
-            .await;
+        let (term, uid) = (self.fence.term(), s.metadata.uid.as_deref());
+        self.retry("forget_session", &id, || {
+            self.store.forget_session(&id, term, uid)
+        })
+        .await;
         tracing::debug!(session_id = %id, "Session deleted; forgotten");
     }
 
@@ -128,23 +140,31 @@ impl Mirror {
                 }
             };
             for id in known.into_iter().filter(|id| !listed.contains(id)) {
-                self.retry("forget_session", &id, || self.store.forget_session(&id))
-                    .await;
+                let term = self.fence.term();
+                self.retry("forget_session", &id, || {
+                    self.store.forget_session(&id, term, None)
+                })
+                .await;
                 tracing::info!(session_id = %id, "Session gone while unwatched; forgotten");
             }
         }
     }
 
     /// Retries a store write until it succeeds or we stop: holding the watch
-    /// back while Redis is down loses no event.
-    async fn retry<F, Fut, T>(&self, what: &'static str, id: &SessionId, mut call: F)
+    /// back while Redis is down loses no event. A fenced write stops this
+    /// leader's acting altogether.
+    async fn retry<F, Fut>(&self, what: &'static str, id: &SessionId, mut call: F)
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = tracker_core::Result<T>>,
+        Fut: std::future::Future<Output = tracker_core::Result<Written>>,
     {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match call().await {
+                Ok(Written::Fenced) => {
+                    self.fence.fenced(what);
+                    return;
+                }
                 Ok(_) => return,
                 Err(e) => {
                     self.metrics.store_error(Task::Mirror);

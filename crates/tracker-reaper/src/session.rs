@@ -102,6 +102,7 @@ pub fn session_meta(
         .map(String::as_str);
     Ok(SessionMeta {
         session_id,
+        uid: session.metadata.uid.clone(),
         owner: session.spec.user.clone().filter(|u| !u.is_empty()),
         state,
         idle_timeout: idle_timeout_of(

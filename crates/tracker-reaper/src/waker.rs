@@ -18,9 +18,9 @@ use futures::future::join_all;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracker_core::{PendingWake, ResourceState, SessionId, Store};
+use tracker_core::{PendingWake, ResourceState, SessionId, Store, Written};
 
-use crate::acting::{Acting, InFlight};
+use crate::acting::{Acting, Fence, InFlight, TermContext};
 use crate::backoff;
 use crate::db::EventType;
 use crate::error::Error;
@@ -75,6 +75,7 @@ pub struct Waker {
     events: EventSink,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
+    fence: Fence,
     default_idle: Duration,
     interval: Duration,
     retries: HashMap<SessionId, Retry>,
@@ -85,21 +86,22 @@ pub struct Waker {
 }
 
 impl Waker {
-    pub fn new(
-        store: Store,
-        acting: Acting,
-        events: EventSink,
-        metrics: Arc<Metrics>,
-        in_flight: InFlight,
-        default_idle: Duration,
-        interval: Duration,
-    ) -> Self {
+    pub fn new(ctx: TermContext, default_idle: Duration, interval: Duration) -> Self {
+        let TermContext {
+            store,
+            acting,
+            events,
+            metrics,
+            in_flight,
+            fence,
+        } = ctx;
         Self {
             store,
             acting,
             events,
             metrics,
             in_flight,
+            fence,
             default_idle,
             interval,
             retries: HashMap::new(),
@@ -185,7 +187,7 @@ impl Waker {
                     tracing::info!("would wake (dry run)");
                 }
             }
-            Acting::RecordOnly => self.acknowledge(wake, None, true).await,
+            Acting::RecordOnly => self.acknowledge(wake, None, None, true).await,
             Acting::Patch(api) => self.patch(api.as_ref(), wake).await,
         }
     }
@@ -196,9 +198,16 @@ impl Waker {
             Ok(Some(s)) => s,
             Ok(None) => {
                 // Deleted: nothing to wake; forgetting drops the pending wake.
-                if let Err(e) = self.store.forget_session(id).await {
-                    self.store_failed(id, &e.into());
-                    return;
+                match self.store.forget_session(id, self.fence.term(), None).await {
+                    Ok(Written::Fenced) => {
+                        self.fence.fenced("forget_session");
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.store_failed(id, &e.into());
+                        return;
+                    }
                 }
                 self.metrics.wake(WakeResult::Dropped);
                 tracing::info!("Session gone; wake dropped");
@@ -219,7 +228,8 @@ impl Waker {
                     .unwrap_or_default();
                 match api.set_state(id, &rv, ResourceState::Running).await {
                     Ok(patched) => {
-                        self.acknowledge(wake, patched.metadata.generation, true)
+                        let uid = patched.metadata.uid.as_deref();
+                        self.acknowledge(wake, uid, patched.metadata.generation, true)
                             .await
                     }
                     Err(e) if e.is_conflict() => {
@@ -234,7 +244,8 @@ impl Waker {
                 }
             }
             WakeAction::Acknowledge => {
-                self.acknowledge(wake, current.metadata.generation, false)
+                let uid = current.metadata.uid.as_deref();
+                self.acknowledge(wake, uid, current.metadata.generation, false)
                     .await
             }
             WakeAction::Mirror => self.mirror(wake, &current).await,
@@ -242,12 +253,29 @@ impl Waker {
     }
 
     /// The resource is running (patched by us if `patched`): the wake is done.
-    async fn acknowledge(&mut self, wake: &PendingWake, generation: Option<i64>, patched: bool) {
+    async fn acknowledge(
+        &mut self,
+        wake: &PendingWake,
+        uid: Option<&str>,
+        generation: Option<i64>,
+        patched: bool,
+    ) {
         let id = &wake.session_id;
-        if let Err(e) = self.store.ack_wake(id, generation).await {
-            // Next poll finds it running and acknowledges without another patch.
-            self.store_failed(id, &e.into());
-            return;
+        match self
+            .store
+            .ack_wake(id, self.fence.term(), uid, generation)
+            .await
+        {
+            Ok(Written::Fenced) => {
+                self.fence.fenced("ack_wake");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Next poll finds it running and acknowledges without another patch.
+                self.store_failed(id, &e.into());
+                return;
+            }
         }
         self.retries.remove(id);
         if patched {
@@ -274,9 +302,10 @@ impl Waker {
     async fn mirror(&mut self, wake: &PendingWake, current: &Session) {
         let id = &wake.session_id;
         match session_meta(current, self.default_idle) {
-            Ok(meta) => match self.store.mirror_session(&meta).await {
-                Ok(applied) => {
-                    if !applied {
+            Ok(meta) => match self.store.mirror_session(&meta, self.fence.term()).await {
+                Ok(Written::Fenced) => self.fence.fenced("mirror_session"),
+                Ok(written) => {
+                    if written == Written::Noop {
                         // The store knows a newer generation; look again later.
                         self.back_off(id);
                     }

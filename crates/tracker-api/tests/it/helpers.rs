@@ -155,18 +155,23 @@ impl TestApp {
         state: ResourceState,
         generation: Option<i64>,
     ) {
+        let term = self.store.newest_term().await.unwrap();
         let applied = self
             .store
-            .mirror_session(&SessionMeta {
-                session_id: session.parse().unwrap(),
-                owner: owner.map(str::to_owned),
-                state,
-                idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
-                generation,
-            })
+            .mirror_session(
+                &SessionMeta {
+                    session_id: session.parse().unwrap(),
+                    uid: Some(format!("uid-{session}")),
+                    owner: owner.map(str::to_owned),
+                    state,
+                    idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
+                    generation,
+                },
+                term,
+            )
             .await
             .unwrap();
-        assert!(applied);
+        assert_eq!(applied, tracker_core::Written::Done);
     }
 
     /// POST a JSON body with a token.

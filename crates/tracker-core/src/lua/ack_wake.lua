@@ -1,25 +1,33 @@
--- ack_wake.lua: the wake patch landed; the wake is no longer pending.
+-- ack_wake.lua: the resource is running again; the wake is no longer pending.
 --
--- KEYS[1]  shard base of the session
--- ARGV     clock offset ms, session id, generation of the patched resource ('' if unknown)
--- Returns  1 if a pending wake was acknowledged, else 0.
+-- KEYS     the shard keys (common.lua), then the session's c and m
+-- ARGV     clock offset ms, window ms, session id, leader term, uid of the
+--          resource read or patched, its generation ('' if unknown)
+-- Returns  1 if a pending wake was acknowledged, 0 if none was pending, -1 if fenced.
 -- Atomic   removal of the request with the state change, so each request
 --          leads to one patch; a session woken with nobody connected is idle
---          from now.
+--          from now. A resource that is not the one mirrored (deleted and
+--          created again) acknowledges nothing.
 
-local sid, gen = ARGV[2], tonumber(ARGV[3])
+local window = tonumber(ARGV[2])
+local S = session_at(1, ARGV[3])
+local term, uid, gen = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local now = now_ms()
-local m = load_meta(sid)
-local before = snapshot(sid, m)
-local acked = redis.call('ZREM', K_WAKE, sid)
+if fenced(term) then return -1 end
+local m = load_meta(S)
+if m.uid and uid ~= '' and m.uid ~= uid then return 0 end
+local before = snapshot(S, m)
+local acked = redis.call('ZREM', K_WAKE, S.id)
 if m.ph == 'w' then
-  set_meta(sid, m, 'ph', nil)
+  set_meta(S, m, 'ph', nil)
 end
 if m.res == '1' and m.ks ~= 'terminated' and (not gen or not m.gen or gen >= tonumber(m.gen)) then
-  if m.ks ~= 'running' and before.n == 0 then set_meta(sid, m, 'is', ms(now)) end
-  set_meta(sid, m, 'ks', 'running')
-  if gen then set_meta(sid, m, 'gen', ms(gen)) end
+  if m.ks ~= 'running' and before.n == 0 then set_meta(S, m, 'is', ms(now)) end
+  set_meta(S, m, 'ks', 'running')
+  if gen then set_meta(S, m, 'gen', ms(gen)) end
 end
-account(before, snapshot(sid, m))
-refresh_due(sid, m, before.n)
+-- A newer generation says hibernated while someone is connected: wake again.
+wake_if_in_use(S, m, now, window)
+account(before, snapshot(S, m))
+refresh_due(S, m, before.n)
 return acked

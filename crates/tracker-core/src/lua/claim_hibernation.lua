@@ -1,20 +1,24 @@
 -- claim_hibernation.lua: compare-and-set a session from idle to hibernating.
 --
--- KEYS[1]  shard base of the session
--- ARGV     clock offset ms, session id, claim lifetime ms
--- Returns  {'claimed', generation ('' if none)} or {'refused', reason}, reason one of
---          'not_mirrored', 'not_running', 'busy' (in another phase), 'connected',
---          'exempt', 'not_due'.
+-- KEYS     the shard keys (common.lua), then the session's c and m
+-- ARGV     clock offset ms, window ms, session id, claim lifetime ms, leader term
+-- Returns  {'claimed', generation, uid, idle timeout ms} ('' where unknown) or
+--          {'refused', reason}, reason one of 'fenced' (a newer leader wrote
+--          here), 'not_mirrored', 'not_running', 'busy' (in another phase),
+--          'connected', 'exempt', 'not_due'.
 -- Atomic   the check that the session is mirrored, running, not exempt, without
 --          any connection and past its idle timeout, with the move to
 --          hibernating: a registration either lands first (claim refused) or
---          after (it sees 'hibernating' and records a wake). A claim whose holder
---          dies lapses after its lifetime and may be claimed again.
+--          after (it sees 'hibernating' and records a wake). The claim carries
+--          the claimer's term: only that term may finish or roll it back, and
+--          a claim whose holder dies lapses after its lifetime.
 
-local sid, life = ARGV[2], tonumber(ARGV[3])
+local S = session_at(1, ARGV[3])
+local life, term = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
-local m = load_meta(sid)
-local before = snapshot(sid, m)
+if fenced(term) then return { 'refused', 'fenced' } end
+local m = load_meta(S)
+local before = snapshot(S, m)
 
 local reason = nil
 if m.res ~= '1' then reason = 'not_mirrored'
@@ -24,16 +28,17 @@ elseif m.ph == 'h' and (not m.hx or tonumber(m.hx) > now) then reason = 'busy'
 elseif before.n > 0 then reason = 'connected'
 elseif not m.ito or m.ito == 'off' then reason = 'exempt'
 else
-  local due = redis.call('ZSCORE', K_DUE, sid)
+  local due = redis.call('ZSCORE', K_DUE, S.id)
   if not due or tonumber(due) > now then reason = 'not_due' end
 end
 if reason then
-  refresh_due(sid, m, before.n)
+  refresh_due(S, m, before.n)
   return { 'refused', reason }
 end
 
-set_meta(sid, m, 'ph', 'h')
-set_meta(sid, m, 'hx', ms(now + life))
-account(before, snapshot(sid, m))
-refresh_due(sid, m, before.n)
-return { 'claimed', m.gen or '' }
+set_meta(S, m, 'ph', 'h')
+set_meta(S, m, 'hx', ms(now + life))
+set_meta(S, m, 'ht', ms(term))
+account(before, snapshot(S, m))
+refresh_due(S, m, before.n)
+return { 'claimed', m.gen or '', m.uid or '', m.ito }

@@ -1,28 +1,34 @@
 -- common.lua: helpers prepended to every shard script (see scripts.rs).
 --
--- It is the one place that names the keys inside a shard. Every key of a shard
--- shares the hash tag of its base, so a script may touch any of them on a Redis
--- Cluster; a session's keys live in its shard (shard = hash(session id)).
+-- Every key a script touches is declared in KEYS, so that a Redis Cluster
+-- routes the call by its real keys: while a shard's slot is being migrated the
+-- call is redirected (ASK) or refused (TRYAGAIN, retried by the client) instead
+-- of running against half a shard. The names are built in one place, keys.rs;
+-- this file only says where each one sits in KEYS. All keys of a shard share
+-- the hash tag "{<shard>}", so they live in one slot.
 --
---   B = KEYS[1] = "<prefix>:{<shard>}"     the shard base (never a key itself)
---   B:conn        HASH   connection id -> cmsgpack {sid, uid, protocol, ip, ua ref, connected_ms}
---   B:ua, B:uan   HASH   user agent id -> text / -> number of connections using it.
---                        User agents repeat (one browser build, many users), so a
---                        connection keeps a 13-byte reference instead of the text.
---   B:live        ZSET   session id -> a lower bound of its connections' heartbeats
---                        (sweep index; heartbeats do not touch it, the sweep re-scores)
---   B:due         ZSET   session id -> ms its idle timeout is reached, or its claim lapses
---   B:wake        ZSET   session id -> ms a wake was requested (pending wakes)
---   B:outbox      STREAM finished connections awaiting the archiver
---   B:stats       HASH   maintained counters behind /v1/stats
---   B:known       SET    session ids mirrored from Session resources
---   B:epoch       STRING random marker; gone means the shard lost its data
---   B:s:<sid>:c   ZSET   connection id -> last heartbeat ms
---   B:s:<sid>:m   HASH   session metadata:
---       res "1" once a Session resource was mirrored; own owner; ks spec.state;
---       ito idle timeout ms or "off"; gen resource generation;
+--   KEYS[1]  conn     HASH   connection id -> cmsgpack {sid, uid, protocol, ip, ua ref, connected_ms}
+--   KEYS[2]  live     ZSET   session id -> a lower bound of its connections' heartbeats
+--                            (sweep index; heartbeats do not touch it, the sweep re-scores)
+--   KEYS[3]  due      ZSET   session id -> ms its idle timeout is reached, or its claim lapses
+--   KEYS[4]  wake     ZSET   session id -> ms a wake was requested (pending wakes)
+--   KEYS[5]  outbox   STREAM finished connections awaiting the archiver
+--   KEYS[6]  stats    HASH   maintained counters behind /v1/stats
+--   KEYS[7]  known    SET    session ids mirrored from Session resources
+--   KEYS[8]  ua       HASH   user agent id -> text
+--   KEYS[9]  uan      HASH   user agent id -> number of connections using it.
+--                            User agents repeat (one browser build, many users), so a
+--                            connection keeps a 13-byte reference instead of the text.
+--   KEYS[10] term     STRING the newest leader term that wrote to this shard (fencing)
+--   then, per session the script works on, two keys:
+--            c        ZSET   connection id -> last heartbeat ms
+--            m        HASH   session metadata:
+--       res "1" once a Session resource was mirrored; uid its metadata.uid;
+--       du the uid of the last resource deleted under this name; own owner;
+--       ks spec.state; ito idle timeout ms or "off"; gen resource generation;
 --       ph phase: "h" hibernating (claimed), "w" waking (wake pending);
---       hx claim lapses at (ms); nb no hibernation before (ms, after a rollback);
+--       hx claim lapses at (ms); ht term of the claim's holder;
+--       nb no hibernation before (ms, after a rollback);
 --       is idle since; ld last disconnect; lc last connection among those
 --       already gone (the view adds the live ones) (all ms).
 --   A session without resource gets a metadata hash only once a connection of
@@ -31,10 +37,10 @@
 -- Time is the Redis server's (TIME) plus ARGV[1], an offset in ms that is 0 in
 -- production and lets tests move the clock without sleeping.
 
-local B = KEYS[1]
-local K_CONN, K_LIVE, K_DUE, K_WAKE = B .. ':conn', B .. ':live', B .. ':due', B .. ':wake'
-local K_OUTBOX, K_STATS, K_KNOWN = B .. ':outbox', B .. ':stats', B .. ':known'
-local K_UA, K_UAN = B .. ':ua', B .. ':uan'
+local K_CONN, K_LIVE, K_DUE, K_WAKE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_OUTBOX, K_STATS, K_KNOWN = KEYS[5], KEYS[6], KEYS[7]
+local K_UA, K_UAN, K_TERM = KEYS[8], KEYS[9], KEYS[10]
+local SHARD_KEYS = 10
 -- Metadata of a session nobody mirrored and nobody is connected to is kept this
 -- long, so its view stays readable for a while, then it expires by itself.
 local UNKNOWN_TTL_MS = 86400000
@@ -44,8 +50,9 @@ local function ms(x)
   return string.format('%.0f', x)
 end
 
-local function skey(sid, suffix)
-  return B .. ':s:' .. sid .. ':' .. suffix
+-- The i-th session (1-based) of this call: its id and its two keys.
+local function session_at(i, sid)
+  return { id = sid, c = KEYS[SHARD_KEYS + 2 * i - 1], m = KEYS[SHARD_KEYS + 2 * i] }
 end
 
 local function now_ms()
@@ -53,8 +60,18 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 end
 
-local function load_meta(sid)
-  local flat = redis.call('HGETALL', skey(sid, 'm'))
+-- True when `term` belongs to a leader that has been replaced: a newer term
+-- already wrote to this shard. A newer term than stored is recorded, so the
+-- first write of a new leader fences its predecessor here too.
+local function fenced(term)
+  local stored = tonumber(redis.call('GET', K_TERM) or '0')
+  if term < stored then return true end
+  if term > stored then redis.call('SET', K_TERM, ms(term)) end
+  return false
+end
+
+local function load_meta(S)
+  local flat = redis.call('HGETALL', S.m)
   local m = {}
   for i = 1, #flat, 2 do
     m[flat[i]] = flat[i + 1]
@@ -63,12 +80,12 @@ local function load_meta(sid)
 end
 
 -- Writes a metadata field and keeps the Lua copy in step (nil deletes).
-local function set_meta(sid, m, field, value)
+local function set_meta(S, m, field, value)
   m[field] = value
   if value == nil then
-    redis.call('HDEL', skey(sid, 'm'), field)
+    redis.call('HDEL', S.m, field)
   else
-    redis.call('HSET', skey(sid, 'm'), field, value)
+    redis.call('HSET', S.m, field, value)
   end
 end
 
@@ -91,11 +108,16 @@ local function decode(raw)
   return cmsgpack.unpack(raw)
 end
 
+-- Connections whose last heartbeat is younger than the window, by time.
+local function live_count(S, now, window)
+  return redis.call('ZCOUNT', S.c, '(' .. ms(now - window), '+inf')
+end
+
 -- True when the session's connections belong to at least two users. Sessions
 -- hold a handful of connections, so reading them beats keeping a per-user
 -- hash for every session.
-local function is_shared(sid)
-  local ids = redis.call('ZRANGE', skey(sid, 'c'), 0, -1)
+local function is_shared(S)
+  local ids = redis.call('ZRANGE', S.c, 0, -1)
   if #ids < 2 then return false end
   local first = nil
   for _, cid in ipairs(ids) do
@@ -115,9 +137,9 @@ end
 -- What the counters depend on. Counters count connections until they are
 -- removed (closed or swept), so they may include a dead connection for up to
 -- one sweep interval; views filter by time instead.
-local function snapshot(sid, m)
-  local n = redis.call('ZCARD', skey(sid, 'c'))
-  return { state = state_of(m, n), n = n, shared = is_shared(sid) }
+local function snapshot(S, m)
+  local n = redis.call('ZCARD', S.c)
+  return { state = state_of(m, n), n = n, shared = is_shared(S) }
 end
 
 local function account(before, after)
@@ -135,38 +157,56 @@ end
 
 -- Keeps the hibernation index exact: a session is in it iff it could be
 -- claimed at its score. Called after every change to what it depends on.
-local function refresh_due(sid, m, n)
+local function refresh_due(S, m, n)
   if m.ph == 'h' and m.hx then
     -- A claim whose holder died lapses; the next leader finds it here.
-    redis.call('ZADD', K_DUE, m.hx, sid)
+    redis.call('ZADD', K_DUE, m.hx, S.id)
   elseif m.res == '1' and m.ks == 'running' and not m.ph and n == 0
       and m.ito and m.ito ~= 'off' and m.is then
     local at = tonumber(m.is) + tonumber(m.ito)
     if m.nb and tonumber(m.nb) > at then at = tonumber(m.nb) end
-    redis.call('ZADD', K_DUE, at, sid)
+    redis.call('ZADD', K_DUE, at, S.id)
   else
-    redis.call('ZREM', K_DUE, sid)
+    redis.call('ZREM', K_DUE, S.id)
+  end
+end
+
+-- Records the session's one pending wake (later calls find ph = 'w' and add
+-- none). Any claim is over: its holder's finish or rollback finds no 'h'.
+local function request_wake(S, m, now)
+  if m.ph == 'w' then return end
+  set_meta(S, m, 'ph', 'w')
+  set_meta(S, m, 'hx', nil)
+  set_meta(S, m, 'ht', nil)
+  redis.call('ZADD', K_WAKE, 'NX', now, S.id)
+end
+
+-- The promise "a session in use is never hibernated without a wake": whenever
+-- the store learns that a session is (or is being made) hibernated while a
+-- connection is live, a wake is recorded. Callers pass the state they just wrote.
+local function wake_if_in_use(S, m, now, window)
+  if m.res == '1' and m.ks == 'hibernated' and live_count(S, now, window) > 0 then
+    request_wake(S, m, now)
   end
 end
 
 -- Re-scores the session in the sweep index at its oldest heartbeat.
-local function refresh_live(sid)
-  local first = redis.call('ZRANGE', skey(sid, 'c'), 0, 0, 'WITHSCORES')
+local function refresh_live(S)
+  local first = redis.call('ZRANGE', S.c, 0, 0, 'WITHSCORES')
   if first[2] then
-    redis.call('ZADD', K_LIVE, first[2], sid)
+    redis.call('ZADD', K_LIVE, first[2], S.id)
   else
-    redis.call('ZREM', K_LIVE, sid)
+    redis.call('ZREM', K_LIVE, S.id)
   end
 end
 
 -- A session that is neither mirrored nor connected keeps its metadata only for
 -- a while; a mirrored or connected one keeps it for good.
-local function keep_meta(sid, m, n)
-  local key = skey(sid, 'm')
+local function keep_meta(S, m, n)
   if m.res ~= '1' and n == 0 then
-    redis.call('PEXPIRE', key, UNKNOWN_TTL_MS)
+    redis.call('PEXPIRE', S.m, UNKNOWN_TTL_MS)
   else
-    redis.call('PERSIST', key)
+    redis.call('PERSIST', S.m)
   end
 end
 
@@ -202,25 +242,27 @@ end
 -- Removes a connection and appends its history record to the outbox in the
 -- same script, so a finished connection is either live or in the outbox,
 -- never neither.
-local function finish_conn(sid, cid, rec, hb, ended, reason)
+local function finish_conn(S, cid, rec, hb, ended, reason)
   redis.call('HDEL', K_CONN, cid)
-  redis.call('ZREM', skey(sid, 'c'), cid)
+  redis.call('ZREM', S.c, cid)
   redis.call('HINCRBY', K_STATS, 'conns', -1)
   redis.call('HINCRBY', K_STATS, 'proto:' .. rec[3], -1)
   redis.call('XADD', K_OUTBOX, '*',
-    'c', cid, 's', sid, 'u', rec[2], 'p', rec[3], 'ip', rec[4], 'ua', ua_text(rec[5]),
+    'c', cid, 's', S.id, 'u', rec[2], 'p', rec[3], 'ip', rec[4], 'ua', ua_text(rec[5]),
     'ca', ms(rec[6]), 'da', ms(ended), 'hb', ms(hb), 'r', reason)
   ua_release(rec[5])
 end
 
--- After connections ended: the last-connection time survives them, and the
--- session is idle from `ended` once none is left.
-local function note_ended(sid, m, n, connected, ended)
-  if not m.lc or tonumber(m.lc) < connected then set_meta(sid, m, 'lc', ms(connected)) end
-  if not m.ld or tonumber(m.ld) < ended then set_meta(sid, m, 'ld', ms(ended)) end
+-- After connections ended: the last-connection and last-disconnect times only
+-- move forward, and once none is left the session is idle from its last
+-- disconnect. Connections end out of order (a silent one is swept long after
+-- a later one closed), so idle-since is the latest end, never the last seen.
+local function note_ended(S, m, n, connected, ended)
+  if not m.lc or tonumber(m.lc) < connected then set_meta(S, m, 'lc', ms(connected)) end
+  if not m.ld or tonumber(m.ld) < ended then set_meta(S, m, 'ld', ms(ended)) end
   if n == 0 then
-    set_meta(sid, m, 'is', ms(ended))
-    redis.call('ZREM', K_LIVE, sid)
+    if not m.is or tonumber(m.is) < tonumber(m.ld) then set_meta(S, m, 'is', m.ld) end
+    redis.call('ZREM', K_LIVE, S.id)
   end
 end
 
@@ -230,10 +272,10 @@ local function conn_fields(cid, rec, hb)
 end
 
 -- Flat session view: exists, state, owner, live, distinct users, last connection,
--- last disconnect, idle since, idle timeout ms, hibernates at ('' where none).
--- "Live" here is by time, as clients define it.
-local function session_view(sid, m, now, window)
-  local all = redis.call('ZRANGE', skey(sid, 'c'), 0, -1, 'WITHSCORES')
+-- last disconnect, idle since, idle timeout ms, hibernates at, resource uid
+-- ('' where none). "Live" here is by time, as clients define it.
+local function session_view(S, m, now, window)
+  local all = redis.call('ZRANGE', S.c, 0, -1, 'WITHSCORES')
   local cutoff = now - window
   local users, distinct, live, newest_hb = {}, 0, 0, nil
   local last_conn = m.lc and tonumber(m.lc) or nil
@@ -253,22 +295,25 @@ local function session_view(sid, m, now, window)
     end
     if not newest_hb or hb > newest_hb then newest_hb = hb end
   end
-  local exists = (next(m) ~= nil or #all > 0) and '1' or '0'
+  local exists = '0'
+  if #all > 0 then exists = '1' end
+  for f in pairs(m) do
+    -- A tombstone of a deleted resource (du) alone is no knowledge of a session.
+    if f ~= 'du' then exists = '1' end
+  end
   local idle_since = ''
   if live == 0 then
-    if newest_hb then
-      -- Dead but not yet swept: idle since the newest of them stopped being live.
-      idle_since = ms(newest_hb + window)
-    elseif m.is then
-      idle_since = m.is
-    end
+    local since = m.is and tonumber(m.is) or nil
+    -- Dead but not yet swept: idle since the newest of them stopped being live.
+    if newest_hb and (not since or newest_hb + window > since) then since = newest_hb + window end
+    if since then idle_since = ms(since) end
   end
   local ito = ''
   if m.ito and m.ito ~= 'off' then ito = m.ito end
   local due = ''
   if m.res == '1' and m.ks == 'running' and not m.ph then
-    due = redis.call('ZSCORE', K_DUE, sid) or ''
+    due = redis.call('ZSCORE', K_DUE, S.id) or ''
   end
   return { exists, state_of(m, live) or 'unknown', m.own or '', live, distinct,
-    last_conn and ms(last_conn) or '', m.ld or '', idle_since, ito, due }
+    last_conn and ms(last_conn) or '', m.ld or '', idle_since, ito, due, m.uid or '' }
 end

@@ -1,25 +1,43 @@
 -- finish_hibernation.lua: the hibernation patch landed; record it.
 --
--- KEYS[1]  shard base of the session
--- ARGV     clock offset ms, session id, generation of the patched resource ('' if unknown)
--- Returns  1 if the session is now recorded hibernated, 0 if newer news won.
+-- KEYS     the shard keys (common.lua), then the session's c and m
+-- ARGV     clock offset ms, window ms, session id, leader term, uid of the
+--          patched resource, its generation ('' if unknown)
+-- Returns  'finished' when recorded; 'fenced' when a newer leader wrote here;
+--          'not_claimed' when the claim is not this term's any more (lapsed and
+--          taken, rolled back, or ended by a wake); 'stale' when the store
+--          knows another resource or a newer generation.
 -- Atomic   the end of the claim with the state change. A wake recorded while
---          the patch was in flight stays pending, so it is not lost.
+--          the patch was in flight stays pending, so it is not lost; a live
+--          connection found now records one.
 
-local sid, gen = ARGV[2], tonumber(ARGV[3])
-local m = load_meta(sid)
-local before = snapshot(sid, m)
-if m.res ~= '1' or m.ks == 'terminated' then return 0 end
-if m.ph == 'h' then
-  set_meta(sid, m, 'ph', nil)
+local window = tonumber(ARGV[2])
+local S = session_at(1, ARGV[3])
+local term, uid, gen = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local now = now_ms()
+if fenced(term) then return 'fenced' end
+local m = load_meta(S)
+if m.res ~= '1' or m.ks == 'terminated' or (m.uid and uid ~= '' and m.uid ~= uid) then
+  return 'stale'
 end
-set_meta(sid, m, 'hx', nil)
-local applied = 0
+local before = snapshot(S, m)
+local outcome = 'finished'
+if m.ph == 'h' and m.ht == ms(term) then
+  set_meta(S, m, 'ph', nil)
+  set_meta(S, m, 'hx', nil)
+  set_meta(S, m, 'ht', nil)
+elseif m.ph == 'h' then
+  outcome = 'not_claimed'
+end
+-- What the resource says is a fact whoever's claim it was, unless it is older
+-- than what the store already knows.
 if not gen or not m.gen or gen >= tonumber(m.gen) then
-  set_meta(sid, m, 'ks', 'hibernated')
-  if gen then set_meta(sid, m, 'gen', ms(gen)) end
-  applied = 1
+  set_meta(S, m, 'ks', 'hibernated')
+  if gen then set_meta(S, m, 'gen', ms(gen)) end
+  wake_if_in_use(S, m, now, window)
+elseif outcome == 'finished' then
+  outcome = 'stale'
 end
-account(before, snapshot(sid, m))
-refresh_due(sid, m, before.n)
-return applied
+account(before, snapshot(S, m))
+refresh_due(S, m, before.n)
+return outcome

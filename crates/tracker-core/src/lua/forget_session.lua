@@ -1,26 +1,38 @@
 -- forget_session.lua: the Session resource was deleted.
 --
--- KEYS[1]  shard base of the session
--- ARGV     clock offset ms, session id
--- Returns  1 if the session was mirrored, else 0.
+-- KEYS     the shard keys (common.lua), then the session's c and m
+-- ARGV     clock offset ms, window ms, session id, leader term, uid of the
+--          deleted resource ('' if unknown: forget whatever is mirrored)
+-- Returns  1 if the session was mirrored and is now forgotten; 0 if not
+--          mirrored, or another resource is mirrored under the name; -1 if fenced.
 -- Atomic   dropping the mirrored fields with the indexes that depend on them.
---          Live connections stay until they close or expire; a session left
---          with nothing is forgotten entirely.
+--          The deleted uid is remembered, so a late event of the deleted
+--          resource does not bring it back. Live connections stay until they
+--          close or expire.
 
-local sid = ARGV[2]
-local m = load_meta(sid)
-local before = snapshot(sid, m)
-local was = redis.call('SREM', K_KNOWN, sid)
-redis.call('ZREM', K_WAKE, sid)
-for _, f in ipairs({ 'res', 'own', 'ks', 'ito', 'gen', 'ph', 'hx', 'nb' }) do
-  set_meta(sid, m, f, nil)
+local S = session_at(1, ARGV[3])
+local term, uid = tonumber(ARGV[4]), ARGV[5]
+if fenced(term) then return -1 end
+local m = load_meta(S)
+if uid ~= '' and m.uid and m.uid ~= uid then
+  -- A newer resource already took the name; only remember the old one is gone.
+  set_meta(S, m, 'du', uid)
+  return 0
 end
-local after = snapshot(sid, m)
+local before = snapshot(S, m)
+local was = redis.call('SREM', K_KNOWN, S.id)
+redis.call('ZREM', K_WAKE, S.id)
+for _, f in ipairs({ 'res', 'uid', 'own', 'ks', 'ito', 'gen', 'ph', 'hx', 'ht', 'nb' }) do
+  set_meta(S, m, f, nil)
+end
+local after = snapshot(S, m)
 account(before, after)
-refresh_due(sid, m, after.n)
+refresh_due(S, m, after.n)
 if after.n == 0 then
-  redis.call('DEL', skey(sid, 'm'))
-else
-  keep_meta(sid, m, after.n)
+  -- Nothing left to show: the session is forgotten but for the tombstone.
+  redis.call('DEL', S.m)
+  m = {}
 end
+if uid ~= '' then set_meta(S, m, 'du', uid) end
+keep_meta(S, m, after.n)
 return was

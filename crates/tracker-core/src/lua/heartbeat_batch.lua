@@ -1,24 +1,23 @@
 -- heartbeat_batch.lua: record heartbeats for many connections of one shard.
 --
--- KEYS[1]  shard base
--- ARGV     clock offset ms, window ms, then pairs: session id, connection id, ...
+-- KEYS     the connection set (c) of each pair's session, in pair order
+--          (a session may appear more than once)
+-- ARGV     clock offset ms, window ms, then one connection id per key
 -- Returns  {now ms, i1, i2, ...}: the 1-based pair numbers that were unknown or dead.
 -- Atomic   each pair as in heartbeat.lua; the whole shard's batch in one round trip.
+-- (Not a shard script: it needs none of common.lua.)
 
-local window = tonumber(ARGV[2])
-local now = now_ms()
-local cutoff = now - window
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local cutoff = now - tonumber(ARGV[2])
 local unknown = { now }
-local pair = 0
-for i = 3, #ARGV, 2 do
-  pair = pair + 1
-  local sid, cid = ARGV[i], ARGV[i + 1]
-  local ckey = skey(sid, 'c')
-  local hb = redis.call('ZSCORE', ckey, cid)
+for i = 1, #KEYS do
+  local cid = ARGV[i + 2]
+  local hb = redis.call('ZSCORE', KEYS[i], cid)
   if not hb or tonumber(hb) <= cutoff then
-    unknown[#unknown + 1] = pair
+    unknown[#unknown + 1] = i
   else
-    redis.call('ZADD', ckey, now, cid)
+    redis.call('ZADD', KEYS[i], now, cid)
   end
 end
 return unknown

@@ -1,8 +1,8 @@
 -- known_sessions.lua: the session ids of this shard mirrored from resources.
 --
--- KEYS[1]  shard base
+-- KEYS[1]  the shard's known set
 -- ARGV     clock offset ms (unused)
 -- Returns  session ids (the mirror forgets those no longer listed after a resync).
 -- Atomic   nothing to make atomic (read only).
 
-return redis.call('SMEMBERS', K_KNOWN)
+return redis.call('SMEMBERS', KEYS[1])

@@ -1,45 +1,63 @@
 -- mirror_session.lua: record what the Session resource says (the reaper's mirror).
 --
--- KEYS[1]  shard base of the session
--- ARGV     clock offset ms, session id, owner ('' if none), spec.state,
---          idle timeout ms or 'off' (exempt, or empty spec.idleTimeout),
---          metadata.generation ('' if unknown)
--- Returns  1 if applied, 0 if the stored generation is newer (a stale event).
--- Atomic   the metadata with the idle bookkeeping and the hibernation index.
---          A state changed by someone else is followed, not fought: the mirror
---          never cancels a pending wake (only the wake's own patch does), and
---          it ends our claim once the resource shows the hibernation landed.
+-- KEYS     the shard keys (common.lua), then the session's c and m
+-- ARGV     clock offset ms, window ms, session id, leader term, resource uid,
+--          owner ('' if none), spec.state, idle timeout ms or 'off' (exempt,
+--          or empty spec.idleTimeout), metadata.generation ('' if unknown)
+-- Returns  1 if applied; 0 if stale (an older generation of the same resource,
+--          or a resource already deleted); -1 if fenced (a newer leader wrote here).
+-- Atomic   the metadata with the idle bookkeeping, the hibernation index and
+--          the wake index. A session is its resource: a new uid under a known
+--          name is a new session (generations restart), so what was recorded
+--          for the old one (claim, retry delay, generation) is dropped. A state
+--          changed by someone else is followed, not fought: the mirror never
+--          cancels a pending wake (only the wake's own patch does), it ends our
+--          claim once the resource shows the hibernation landed, and it records
+--          a wake when the resource is hibernated while a connection is live.
 
-local sid, owner, ks, ito, gen = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local window = tonumber(ARGV[2])
+local S = session_at(1, ARGV[3])
+local term, uid, owner, ks, ito, gen = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
 local now = now_ms()
-local m = load_meta(sid)
-if gen and m.gen and gen < tonumber(m.gen) then return 0 end
-local before = snapshot(sid, m)
+if fenced(term) then return -1 end
+local m = load_meta(S)
+if uid ~= '' and m.du == uid then return 0 end
+local before = snapshot(S, m)
+if uid ~= '' and m.uid and m.uid ~= uid then
+  -- Another resource under the same name: nothing of the old one applies.
+  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'nb' }) do
+    set_meta(S, m, f, nil)
+  end
+elseif gen and m.gen and gen < tonumber(m.gen) then
+  return 0
+end
 local was = m.res == '1' and m.ks or nil
 
-set_meta(sid, m, 'res', '1')
-set_meta(sid, m, 'own', owner ~= '' and owner or nil)
-set_meta(sid, m, 'ks', ks)
-set_meta(sid, m, 'ito', ito)
-if gen then set_meta(sid, m, 'gen', ms(gen)) end
-redis.call('SADD', K_KNOWN, sid)
+set_meta(S, m, 'res', '1')
+set_meta(S, m, 'uid', uid ~= '' and uid or nil)
+set_meta(S, m, 'own', owner ~= '' and owner or nil)
+set_meta(S, m, 'ks', ks)
+set_meta(S, m, 'ito', ito)
+if gen then set_meta(S, m, 'gen', ms(gen)) end
+redis.call('SADD', K_KNOWN, S.id)
 
-if ks == 'running' and was ~= 'running' and before.n == 0 then
-  -- First seen running, or woken by anyone: idle from now.
-  set_meta(sid, m, 'is', ms(now))
-elseif ks == 'running' and not m.is and before.n == 0 then
-  set_meta(sid, m, 'is', ms(now))
+if ks == 'running' and before.n == 0 and (was ~= 'running' or not m.is) then
+  -- First seen running, or woken by anyone: idle from now (never earlier).
+  if not m.is or tonumber(m.is) < now then set_meta(S, m, 'is', ms(now)) end
 end
 if ks == 'hibernated' and m.ph == 'h' then
-  set_meta(sid, m, 'ph', nil)
-  set_meta(sid, m, 'hx', nil)
+  set_meta(S, m, 'ph', nil)
+  set_meta(S, m, 'hx', nil)
+  set_meta(S, m, 'ht', nil)
 end
 if ks == 'terminated' then
-  set_meta(sid, m, 'ph', nil)
-  set_meta(sid, m, 'hx', nil)
-  redis.call('ZREM', K_WAKE, sid)
+  set_meta(S, m, 'ph', nil)
+  set_meta(S, m, 'hx', nil)
+  set_meta(S, m, 'ht', nil)
+  redis.call('ZREM', K_WAKE, S.id)
 end
-account(before, snapshot(sid, m))
-refresh_due(sid, m, before.n)
-keep_meta(sid, m, before.n)
+wake_if_in_use(S, m, now, window)
+account(before, snapshot(S, m))
+refresh_due(S, m, before.n)
+keep_meta(S, m, before.n)
 return 1

@@ -1,8 +1,8 @@
 -- outbox_len.lua: how many finished connections await the archiver.
 --
--- KEYS[1]  shard base
+-- KEYS[1]  the shard's outbox stream
 -- ARGV     clock offset ms (unused)
 -- Returns  the outbox length.
 -- Atomic   nothing to make atomic (read only).
 
-return redis.call('XLEN', K_OUTBOX)
+return redis.call('XLEN', KEYS[1])

@@ -1,19 +1,25 @@
--- release_user.lua: give back a user's connection slots.
+-- release_user.lua: give back connection slots of users of one user shard.
 --
--- KEYS[1]  user shard base "<prefix>:{u<n>}"
--- ARGV     clock offset ms, user id, max age ms ('' = any age), members...
+-- KEYS     the users' slot sets
+-- ARGV     clock offset ms, max age ms ('' = any age), then pairs:
+--          index into KEYS (1-based), member "<session id>/<connection id>"
 -- Returns  the number of slots released.
 -- Atomic   the age check with the removal, so a slot reserved again meanwhile
 --          by a fresh registration is never released by a stale verification.
+--          Idempotent: the API releases on close and the archiver again after
+--          the history commit, so a crash between an end and its release
+--          leaks nothing.
+-- (Not a shard script: it does not use common.lua.)
 
-local key = B .. ':user:' .. ARGV[2]
-local max_age = tonumber(ARGV[3])
-local now = now_ms()
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local max_age = tonumber(ARGV[2])
 local released = 0
-for i = 4, #ARGV do
-  local score = redis.call('ZSCORE', key, ARGV[i])
+for i = 3, #ARGV, 2 do
+  local key, member = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
+  local score = redis.call('ZSCORE', key, member)
   if score and (not max_age or tonumber(score) <= now - max_age) then
-    released = released + redis.call('ZREM', key, ARGV[i])
+    released = released + redis.call('ZREM', key, member)
   end
 end
 return released

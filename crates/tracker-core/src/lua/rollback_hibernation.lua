@@ -1,25 +1,26 @@
--- rollback_hibernation.lua: the hibernation patch failed; release the claim.
+-- rollback_hibernation.lua: the hibernation patch did not land; release the claim.
 --
--- KEYS[1]  shard base of the session
--- ARGV     clock offset ms, session id, retry delay ms
--- Returns  1 if a claim was released, else 0.
+-- KEYS     the shard keys (common.lua), then the session's c and m
+-- ARGV     clock offset ms, window ms, session id, leader term, retry delay ms
+-- Returns  1 if this term's claim was released; 0 if the claim is not this
+--          term's (lapsed and taken, or already ended by a wake); -1 if fenced.
 -- Atomic   the release with the retry time: the session is due again after the
---          delay, not at once, so a failing API server is not hammered. A wake
---          recorded meanwhile stays pending (waking a running Session is harmless).
+--          delay, not at once, so a failing API server is not hammered. Only
+--          the claim's own term releases it: a stalled leader's late rollback
+--          never clears a newer leader's claim. A wake recorded meanwhile stays
+--          pending (waking a running Session is harmless).
 
-local sid, delay = ARGV[2], tonumber(ARGV[3])
+local S = session_at(1, ARGV[3])
+local term, delay = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
-local m = load_meta(sid)
-local before = snapshot(sid, m)
-local released = 0
-if m.ph == 'h' then
-  set_meta(sid, m, 'ph', nil)
-  released = 1
-end
-set_meta(sid, m, 'hx', nil)
-if released == 1 then
-  set_meta(sid, m, 'nb', ms(now + delay))
-end
-account(before, snapshot(sid, m))
-refresh_due(sid, m, before.n)
-return released
+if fenced(term) then return -1 end
+local m = load_meta(S)
+if m.ph ~= 'h' or m.ht ~= ms(term) then return 0 end
+local before = snapshot(S, m)
+set_meta(S, m, 'ph', nil)
+set_meta(S, m, 'hx', nil)
+set_meta(S, m, 'ht', nil)
+set_meta(S, m, 'nb', ms(now + delay))
+account(before, snapshot(S, m))
+refresh_due(S, m, before.n)
+return 1

@@ -1,10 +1,10 @@
 -- session_view.lua: a session's state and counters.
 --
--- KEYS[1]  shard base of the session
+-- KEYS     the shard keys (common.lua), then the session's c and m
 -- ARGV     clock offset ms, window ms, session id
--- Returns  the 10 session view fields (the first is '0' if the tracker knows
+-- Returns  the 11 session view fields (the first is '0' if the tracker knows
 --          nothing of the session).
 -- Atomic   a consistent snapshot of the session (read only).
 
-local sid = ARGV[3]
-return session_view(sid, load_meta(sid), now_ms(), tonumber(ARGV[2]))
+local S = session_at(1, ARGV[3])
+return session_view(S, load_meta(S), now_ms(), tonumber(ARGV[2]))

@@ -1,10 +1,12 @@
--- sweep.lua: claim up to N expired connections of one shard.
+-- sweep.lua: expire up to N dead connections of some sessions of one shard.
 --
--- KEYS[1]  shard base
--- ARGV     clock offset ms, window ms, max connections to expire
+-- KEYS     the shard keys (common.lua), then c and m of each candidate session
+--          (from sweep_candidates.lua), in ARGV order
+-- ARGV     clock offset ms, window ms, max connections to expire, then the
+--          candidate session ids
 -- Returns  {more, session id, connection id, user id, ...}: the connections
---          expired by this call; more = 1 when the budget ran out before the
---          shard was clean (call again), else 0.
+--          expired by this call; more = 1 when the budget ran out before every
+--          candidate was clean (call again), else 0.
 -- Atomic   per connection, removal with its outbox record (end_reason expired,
 --          disconnected at last heartbeat + window), so two sweepers — two
 --          leaders overlapping for a moment — never archive one twice.
@@ -14,49 +16,48 @@
 --          session at most once per window.
 
 local window = tonumber(ARGV[2])
-local budget = tonumber(ARGV[3])
+local left = tonumber(ARGV[3])
 local now = now_ms()
 local cutoff = now - window
 local out = { 0 }
-local left = budget
-local sessions = redis.call('ZRANGEBYSCORE', K_LIVE, '-inf', ms(cutoff), 'LIMIT', 0, budget)
-if #sessions == budget then out[1] = 1 end
-for _, sid in ipairs(sessions) do
+for i = 4, #ARGV do
   if left <= 0 then
     out[1] = 1
     break
   end
-  local ckey = skey(sid, 'c')
-  local m = load_meta(sid)
-  local before = snapshot(sid, m)
-  local dead = redis.call('ZRANGEBYSCORE', ckey, '-inf', ms(cutoff), 'WITHSCORES', 'LIMIT', 0, left)
+  local S = session_at(i - 3, ARGV[i])
+  local m = load_meta(S)
+  local before = snapshot(S, m)
+  local dead = redis.call('ZRANGEBYSCORE', S.c, '-inf', ms(cutoff), 'WITHSCORES', 'LIMIT', 0, left)
   local last_end, last_conn = nil, nil
-  for i = 1, #dead, 2 do
-    local cid, hb = dead[i], tonumber(dead[i + 1])
+  for j = 1, #dead, 2 do
+    local cid, hb = dead[j], tonumber(dead[j + 1])
     local raw = redis.call('HGET', K_CONN, cid)
     if raw then
       local rec = decode(raw)
-      finish_conn(sid, cid, rec, hb, hb + window, 'expired')
-      out[#out + 1] = sid
+      finish_conn(S, cid, rec, hb, hb + window, 'expired')
+      out[#out + 1] = S.id
       out[#out + 1] = cid
       out[#out + 1] = rec[2]
       if not last_conn or rec[6] > last_conn then last_conn = rec[6] end
     else
       -- Cannot happen while every writer goes through these scripts; heal it.
-      redis.call('ZREM', ckey, cid)
+      redis.call('ZREM', S.c, cid)
     end
     left = left - 1
     if not last_end or hb + window > last_end then last_end = hb + window end
   end
-  local after = snapshot(sid, m)
+  -- The budget ran out inside this session: it may hold more dead ones.
+  if left <= 0 and redis.call('ZCOUNT', S.c, '-inf', ms(cutoff)) > 0 then out[1] = 1 end
+  local after = snapshot(S, m)
   if last_conn then
-    note_ended(sid, m, after.n, last_conn, last_end)
+    note_ended(S, m, after.n, last_conn, last_end)
   end
   -- Heartbeats left the index score behind; move it to the oldest heartbeat
   -- so this session is examined again only once that one is due.
-  refresh_live(sid)
+  refresh_live(S)
   account(before, after)
-  refresh_due(sid, m, after.n)
-  keep_meta(sid, m, after.n)
+  refresh_due(S, m, after.n)
+  keep_meta(S, m, after.n)
 end
 return out

@@ -9,8 +9,8 @@ use futures::future::join_all;
 use rand::Rng;
 use tracker_core::testing::Backend;
 use tracker_core::{
-    ClaimOutcome, ConnectionId, EndReason, IdleTimeout, Limits, Protocol, RegisterOutcome,
-    ResourceState, Store,
+    ClaimOutcome, ClaimRefusal, ConnectionId, EndReason, IdleTimeout, Limits, Protocol,
+    RegisterOutcome, ResourceState, Store,
 };
 
 use crate::support::*;
@@ -90,7 +90,7 @@ async fn a_registration_racing_a_claim_is_never_lost(backend: Backend) {
         let (a, b) = (store.clone(), store.clone());
         let (s1, s2) = (s.clone(), s.clone());
         let claim = tokio::spawn(async move {
-            a.claim_hibernation(&s1, Duration::from_secs(30))
+            a.claim_hibernation(&s1, Duration::from_secs(30), T)
                 .await
                 .unwrap()
         });
@@ -104,11 +104,11 @@ async fn a_registration_racing_a_claim_is_never_lost(backend: Backend) {
     for (s, (claim, registered)) in sessions.iter().zip(&results) {
         assert!(matches!(registered, RegisterOutcome::Created(_)));
         match claim {
-            ClaimOutcome::Claimed { .. } => {
+            ClaimOutcome::Claimed(_) => {
                 assert_eq!(wakes.get(s), Some(&1), "{s}: claim won, wake lost")
             }
             ClaimOutcome::Refused(reason) => {
-                assert_eq!(*reason, "connected");
+                assert_eq!(*reason, ClaimRefusal::Connected);
                 assert_eq!(wakes.get(s), None, "{s}: nothing to wake");
             }
         }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    ClaimOutcome, ClockOffset, IdleTimeout, Limits, Protocol, RegisterOutcome, ResourceState,
-    SessionId, SessionMeta, SessionState, Store,
+    Claim, ClaimOutcome, ClaimRefusal, ClockOffset, FinishOutcome, IdleTimeout, Limits, Protocol,
+    RegisterOutcome, ResourceState, SessionId, SessionMeta, SessionState, Store, Written,
 };
 
 use crate::support::*;
@@ -42,11 +42,8 @@ async fn running(store: &Store, s: &SessionId) {
 async fn claimed(store: &Store, clock: &ClockOffset, s: &SessionId) {
     running(store, s).await;
     clock.advance(IDLE);
-    let outcome = store.claim_hibernation(s, CLAIM).await.unwrap();
-    assert!(
-        matches!(outcome, ClaimOutcome::Claimed { .. }),
-        "{outcome:?}"
-    );
+    let outcome = store.claim_hibernation(s, CLAIM, T).await.unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Claimed(_)), "{outcome:?}");
 }
 
 async fn due(store: &Store, s: &SessionId) -> bool {
@@ -80,26 +77,34 @@ async fn an_idle_session_is_due_after_its_timeout_then_hibernates_and_wakes(back
     );
     assert!(!due(&store, &s).await);
     assert_eq!(
-        store.claim_hibernation(&s, CLAIM).await.unwrap(),
-        ClaimOutcome::Refused("not_due")
+        store.claim_hibernation(&s, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Refused(ClaimRefusal::NotDue)
     );
 
     clock.advance(IDLE);
     assert!(due(&store, &s).await);
     assert_eq!(
-        store.claim_hibernation(&s, CLAIM).await.unwrap(),
-        ClaimOutcome::Claimed {
-            generation: Some(1)
-        }
+        store.claim_hibernation(&s, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Claimed(Claim {
+            generation: Some(1),
+            uid: Some(res_uid(&s)),
+            idle_timeout: IdleTimeout::After(IDLE),
+        })
     );
     assert_eq!(state(&store, &s).await, SessionState::Hibernating);
     assert!(!due(&store, &s).await, "a claim is not due until it lapses");
     assert_eq!(
-        store.claim_hibernation(&s, CLAIM).await.unwrap(),
-        ClaimOutcome::Refused("busy")
+        store.claim_hibernation(&s, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Refused(ClaimRefusal::Busy)
     );
 
-    assert!(store.finish_hibernation(&s, Some(2)).await.unwrap());
+    assert_eq!(
+        store
+            .finish_hibernation(&s, T, None, Some(2))
+            .await
+            .unwrap(),
+        FinishOutcome::Finished
+    );
     assert_eq!(state(&store, &s).await, SessionState::Hibernated);
     let shard = store.keys().shard_of(&s);
     assert!(store.pending_wakes(shard, 10).await.unwrap().is_empty());
@@ -117,9 +122,13 @@ async fn an_idle_session_is_due_after_its_timeout_then_hibernates_and_wakes(back
     assert_eq!(wakes.len(), 1, "one pending wake however many connect");
     assert_eq!(wakes[0].session_id, s);
 
-    assert!(store.ack_wake(&s, Some(3)).await.unwrap());
-    assert!(
-        !store.ack_wake(&s, Some(3)).await.unwrap(),
+    assert_eq!(
+        store.ack_wake(&s, T, None, Some(3)).await.unwrap(),
+        Written::Done
+    );
+    assert_eq!(
+        store.ack_wake(&s, T, None, Some(3)).await.unwrap(),
+        Written::Noop,
         "acknowledged once"
     );
     assert!(store.pending_wakes(shard, 10).await.unwrap().is_empty());
@@ -151,8 +160,8 @@ async fn a_connected_session_is_never_claimed(backend: Backend) {
         .expect("alive");
     assert!(!due(&store, &s).await);
     assert_eq!(
-        store.claim_hibernation(&s, CLAIM).await.unwrap(),
-        ClaimOutcome::Refused("connected")
+        store.claim_hibernation(&s, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Refused(ClaimRefusal::Connected)
     );
     store.close(&s, c.connection_id).await.unwrap();
     assert!(
@@ -180,12 +189,12 @@ async fn exempt_and_terminated_sessions_are_never_due(backend: Backend) {
     assert!(!due(&store, &exempt).await);
     assert!(!due(&store, &ended).await);
     assert_eq!(
-        store.claim_hibernation(&exempt, CLAIM).await.unwrap(),
-        ClaimOutcome::Refused("exempt")
+        store.claim_hibernation(&exempt, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Refused(ClaimRefusal::Exempt)
     );
     assert_eq!(
-        store.claim_hibernation(&ended, CLAIM).await.unwrap(),
-        ClaimOutcome::Refused("not_running")
+        store.claim_hibernation(&ended, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Refused(ClaimRefusal::NotRunning)
     );
     let c = conn(&ended, "alice", Protocol::Http);
     assert_eq!(
@@ -202,8 +211,8 @@ async fn exempt_and_terminated_sessions_are_never_due(backend: Backend) {
             .unwrap(),
     );
     assert_eq!(
-        store.claim_hibernation(&stranger, CLAIM).await.unwrap(),
-        ClaimOutcome::Refused("not_mirrored")
+        store.claim_hibernation(&stranger, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Refused(ClaimRefusal::NotMirrored)
     );
 }
 
@@ -211,10 +220,13 @@ async fn a_rolled_back_claim_waits_before_the_next_try(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
     claimed(&store, &clock, &s).await;
-    assert!(store
-        .rollback_hibernation(&s, Duration::from_secs(10))
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .rollback_hibernation(&s, T, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        Written::Done
+    );
     assert_eq!(state(&store, &s).await, SessionState::Idle);
     assert!(!due(&store, &s).await);
     clock.advance(Duration::from_secs(10));
@@ -228,15 +240,15 @@ async fn a_lapsed_claim_can_be_claimed_again(backend: Backend) {
     clock.advance(IDLE);
     let short = Duration::from_secs(1);
     assert!(matches!(
-        store.claim_hibernation(&s, short).await.unwrap(),
-        ClaimOutcome::Claimed { .. }
+        store.claim_hibernation(&s, short, T).await.unwrap(),
+        ClaimOutcome::Claimed(_)
     ));
     // The claimer died: no finish, no rollback.
     clock.advance(short);
     assert!(due(&store, &s).await, "a lapsed claim is due again");
     assert!(matches!(
-        store.claim_hibernation(&s, CLAIM).await.unwrap(),
-        ClaimOutcome::Claimed { .. }
+        store.claim_hibernation(&s, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Claimed(_)
     ));
 }
 
@@ -261,10 +273,16 @@ async fn a_wake_recorded_during_the_claim_survives_the_hibernation(backend: Back
         2,
     )
     .await;
-    store.finish_hibernation(&s, Some(2)).await.unwrap();
+    store
+        .finish_hibernation(&s, T, None, Some(2))
+        .await
+        .unwrap();
     assert_eq!(state(&store, &s).await, SessionState::Waking);
     assert_eq!(store.pending_wakes(shard, 10).await.unwrap().len(), 1);
-    assert!(store.ack_wake(&s, Some(3)).await.unwrap());
+    assert_eq!(
+        store.ack_wake(&s, T, None, Some(3)).await.unwrap(),
+        Written::Done
+    );
     assert_eq!(state(&store, &s).await, SessionState::Running);
 }
 
@@ -281,12 +299,16 @@ async fn stale_mirror_events_are_ignored(backend: Backend) {
     .await;
     let stale = SessionMeta {
         session_id: s.clone(),
+        uid: Some(res_uid(&s)),
         owner: Some("alice".into()),
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(IDLE),
         generation: Some(4),
     };
-    assert!(!store.mirror_session(&stale).await.unwrap());
+    assert_eq!(
+        store.mirror_session(&stale, T).await.unwrap(),
+        Written::Noop
+    );
     assert_eq!(state(&store, &s).await, SessionState::Hibernated);
 }
 
@@ -308,8 +330,14 @@ async fn a_deleted_resource_is_forgotten(backend: Backend) {
     known.sort();
     assert_eq!(known, vec![busy.clone(), idle.clone()]);
 
-    assert!(store.forget_session(&idle).await.unwrap());
-    assert!(store.forget_session(&busy).await.unwrap());
+    assert_eq!(
+        store.forget_session(&idle, T, None).await.unwrap(),
+        Written::Done
+    );
+    assert_eq!(
+        store.forget_session(&busy, T, None).await.unwrap(),
+        Written::Done
+    );
     assert_eq!(store.session(&idle).await.unwrap(), None);
     assert_eq!(
         state(&store, &busy).await,

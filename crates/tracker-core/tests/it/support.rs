@@ -3,8 +3,16 @@ use std::time::Duration;
 use tracker_core::testing::{self, Backend};
 use tracker_core::{
     ClockOffset, ConnectionId, IdleTimeout, NewConnection, OutboxEntry, Protocol, RegisterOutcome,
-    Registered, ResourceState, SessionId, SessionMeta, Store, UserAgent, UserId,
+    Registered, ResourceState, SessionId, SessionMeta, Store, Term, UserAgent, UserId, Written,
 };
+
+/// The leader term of tests that play one leader.
+pub const T: Term = Term(1);
+
+/// The resource uid tests give the Session named `session`.
+pub fn res_uid(session: &SessionId) -> String {
+    format!("uid-{session}")
+}
 
 /// Runs an async test case against the standalone Redis and the Cluster.
 #[macro_export]
@@ -79,17 +87,21 @@ pub async fn mirror(
     generation: i64,
 ) {
     let applied = store
-        .mirror_session(&SessionMeta {
-            session_id: session.clone(),
-            owner: Some("alice".into()),
-            state,
-            idle_timeout: idle,
-            generation: Some(generation),
-        })
+        .mirror_session(
+            &SessionMeta {
+                session_id: session.clone(),
+                uid: Some(res_uid(session)),
+                owner: Some("alice".into()),
+                state,
+                idle_timeout: idle,
+                generation: Some(generation),
+            },
+            T,
+        )
         .await
         .unwrap();
     assert!(
-        applied,
+        applied == Written::Done,
         "mirror write of generation {generation} was refused"
     );
 }

@@ -163,12 +163,17 @@ async fn platform_none_decides_and_records_only(pool: PgPool) {
     // No cluster: the session is known to the store some other way.
     let meta = SessionMeta {
         session_id: sid("s1"),
+        uid: None,
         owner: Some("alice".into()),
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
         generation: Some(1),
     };
-    assert!(env.store.mirror_session(&meta).await.unwrap());
+    let term = env.store.newest_term().await.unwrap();
+    assert_eq!(
+        env.store.mirror_session(&meta, term).await.unwrap(),
+        tracker_core::Written::Done
+    );
     let reaper = Reaper::start(env.config(), env.overrides()).await;
     eventually(Duration::from_secs(15), "hibernation recorded", || async {
         (env.state("s1").await == Some(SessionState::Hibernated)
@@ -189,6 +194,7 @@ async fn platform_none_decides_and_records_only(pool: PgPool) {
 fn idle_meta(name: &str, secs: u64) -> SessionMeta {
     SessionMeta {
         session_id: sid(name),
+        uid: None,
         owner: None,
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(secs)),
@@ -201,7 +207,11 @@ async fn nothing_is_hibernated_for_a_window_after_leadership_or_data_loss(pool: 
     let window = Duration::from_secs(2);
     let env = Env::new(Backend::Standalone, window, &pool).await;
     // Long overdue before the reaper starts.
-    env.store.mirror_session(&idle_meta("s0", 1)).await.unwrap();
+    let term = env.store.newest_term().await.unwrap();
+    env.store
+        .mirror_session(&idle_meta("s0", 1), term)
+        .await
+        .unwrap();
     env.clock.advance(Duration::from_secs(3600));
     let mut reaper = Reaper::start(env.config(), env.overrides()).await;
     reaper.wait_leader(Duration::from_secs(5)).await;
@@ -224,7 +234,10 @@ async fn nothing_is_hibernated_for_a_window_after_leadership_or_data_loss(pool: 
         .await
         .unwrap();
     for shard in env.store.keys().shards() {
-        let key = format!("{}:epoch", env.store.keys().shard_base(shard));
+        let key = env
+            .store
+            .keys()
+            .shard_key(shard, tracker_core::ShardKey::Epoch);
         let n: i64 = redis::cmd("DEL")
             .arg(&key)
             .query_async(&mut raw)
@@ -233,7 +246,13 @@ async fn nothing_is_hibernated_for_a_window_after_leadership_or_data_loss(pool: 
         assert_eq!(n, 1, "{key}");
     }
     let lost_at = std::time::Instant::now();
-    env.store.mirror_session(&idle_meta("s1", 1)).await.unwrap();
+    let term = env.store.newest_term().await.unwrap();
+    let written = env
+        .store
+        .mirror_session(&idle_meta("s1", 1), term)
+        .await
+        .unwrap();
+    assert_eq!(written, tracker_core::Written::Done);
     env.clock.advance(Duration::from_secs(5));
     eventually(Duration::from_secs(10), "s1 hibernated", || async {
         (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())

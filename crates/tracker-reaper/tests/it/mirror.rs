@@ -20,12 +20,16 @@ async fn sessions_are_mirrored_followed_and_forgotten(pool: PgPool) {
     // Mirrored earlier, deleted while no reaper watched.
     let ghost = SessionMeta {
         session_id: sid("ghost"),
+        uid: Some("ghost-uid".into()),
         owner: None,
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(60)),
         generation: Some(1),
     };
-    env.store.mirror_session(&ghost).await.unwrap();
+    env.store
+        .mirror_session(&ghost, tracker_core::Term(1))
+        .await
+        .unwrap();
     let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
 
     let view = eventually(

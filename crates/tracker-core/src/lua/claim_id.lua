@@ -1,0 +1,21 @@
+-- claim_id.lua: take a connection id for one connection, for ever.
+--
+-- KEYS[1]  the id's index entry
+-- ARGV     clock offset ms (unused), session id, user id, ttl ms of a claim no registration follows
+-- Returns  'new' when taken now; 'claimed' when this session and user took it
+--          before without a registration being recorded (a retry after a
+--          failure); 'registered' when this session and user registered it
+--          (only a replay of that live connection is possible); 'conflict'
+--          when another session or user took it.
+-- Atomic   check and take, so two registrations never own one id. The entry
+--          also tells GET /v1/connections/{id} which shard to ask.
+
+local sid, uid = ARGV[2], ARGV[3]
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'c|' .. sid .. '|' .. uid, 'PX', ARGV[4])
+  return 'new'
+end
+if v == 'c|' .. sid .. '|' .. uid then return 'claimed' end
+if v == 'r|' .. sid .. '|' .. uid then return 'registered' end
+return 'conflict'

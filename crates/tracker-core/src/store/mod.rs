@@ -1,0 +1,1042 @@
+//! The store: every read and write of the shared state, one script call each.
+//!
+//! [`Store`] is cheap to clone (one multiplexed connection underneath) and
+//! works the same over a standalone Redis and a Redis Cluster: each call
+//! declares every key its script touches (names from [`crate::keys`]), so the
+//! cluster client routes it to the node owning that slot, and a slot being
+//! migrated redirects or delays the call instead of splitting a shard. Every
+//! call has a timeout.
+//!
+//! - [`types`]: settings and the outcome of each operation;
+//! - `reply`: turning script replies into those values.
+
+mod reply;
+mod types;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, ToRedisArgs, Value};
+
+use crate::domain::{
+    millis_to_utc, ConnectionId, ConnectionView, EndReason, HistoryRecord, Protocol, SessionId,
+    SessionState, SessionView, UserAgent, UserId,
+};
+use crate::error::{Error, Result};
+use crate::keys::{KeySpace, ShardId, ShardKey};
+use crate::scripts::{Op, Scripts};
+use reply::{bad_reply, flag, parse_ms, CONN_FIELDS, VIEW_FIELDS};
+use types::millis;
+pub use types::*;
+
+/// One connection to Redis, standalone or cluster; both are multiplexed.
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How old a user-slot reservation must be before a registration that found
+/// the user at its limit may check whether it is stale. Longer than any
+/// registration takes (its calls time out far sooner), so a reservation whose
+/// registration is still in flight is never taken for stale.
+const RESERVATION_GRACE: Duration = Duration::from_secs(30);
+
+/// How long a claimed connection id stays taken when no registration follows
+/// (the registration failed, or its caller died before recording it).
+const UNREGISTERED_ID_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How often a term is drawn again when a shard has seen a newer one (the
+/// sequence lost its data, or another leader started meanwhile).
+const TERM_ATTEMPTS: usize = 5;
+
+/// What the connection-id index says about an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdClaim {
+    /// Taken by this call.
+    New,
+    /// Taken before by this session and user, but no registration recorded.
+    Claimed,
+    /// Registered before by this session and user.
+    Registered,
+    /// Another session or user owns it.
+    Conflict,
+}
+
+/// The shared state of all connections and sessions.
+#[derive(Clone)]
+pub struct Store {
+    conn: Conn,
+    keys: std::sync::Arc<KeySpace>,
+    scripts: std::sync::Arc<Scripts>,
+    window: Duration,
+    timeout: Duration,
+    ended_id_retention: Duration,
+    clock: ClockOffset,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("keys", &self.keys)
+            .field("window", &self.window)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects to Redis. In standalone mode the connection is made lazily and
+    /// re-made after failures, so a store can be built while Redis is down; in
+    /// cluster mode at least one seed node must answer.
+    pub async fn connect(cfg: &StoreConfig) -> Result<Self> {
+        let keys = KeySpace::new(&cfg.key_prefix, cfg.shards)?;
+        if cfg.heartbeat_window < Duration::from_millis(1) {
+            return Err(Error::Config("heartbeat window must be positive".into()));
+        }
+        let conn = match cfg.mode {
+            RedisMode::Standalone => {
+                let [url] = cfg.urls.as_slice() else {
+                    return Err(Error::Config(
+                        "standalone mode takes exactly one redis URL".into(),
+                    ));
+                };
+                let client = redis::Client::open(url.as_str())?;
+                let manager_cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(cfg.connect_timeout))
+                    .set_response_timeout(Some(cfg.command_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                Conn::Standalone(ConnectionManager::new_lazy_with_config(
+                    client,
+                    manager_cfg,
+                )?)
+            }
+            RedisMode::Cluster => {
+                if cfg.urls.is_empty() {
+                    return Err(Error::Config("cluster mode needs seed node URLs".into()));
+                }
+                // Retries cover redirections and TRYAGAIN while a slot migrates
+                // (scripts then wait until the slot's keys are on one node); the
+                // command timeout still bounds the whole call.
+                let client = redis::cluster::ClusterClient::builder(cfg.urls.clone())
+                    .connection_timeout(cfg.connect_timeout)
+                    .response_timeout(cfg.command_timeout)
+                    .retries(8)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .build()?;
+                let connect = client.get_async_connection();
+                match tokio::time::timeout(cfg.connect_timeout, connect).await {
+                    Ok(conn) => Conn::Cluster(conn?),
+                    Err(_) => return Err(Error::Timeout(cfg.connect_timeout)),
+                }
+            }
+        };
+        Ok(Self {
+            conn,
+            keys: std::sync::Arc::new(keys),
+            scripts: std::sync::Arc::new(Scripts::load()),
+            window: cfg.heartbeat_window,
+            timeout: cfg.command_timeout,
+            ended_id_retention: cfg.ended_id_retention,
+            clock: ClockOffset::default(),
+        })
+    }
+
+    /// Shares a clock offset with the caller (tests move time with it).
+    pub fn with_clock(mut self, clock: ClockOffset) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    pub fn heartbeat_window(&self) -> Duration {
+        self.window
+    }
+
+    /// Readiness: Redis answers a PING within the timeout.
+    pub async fn ping(&self) -> Result<()> {
+        self.query::<String>(&redis::cmd("PING")).await.map(drop)
+    }
+
+    /// One command, within the timeout.
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::Timeout(self.timeout)),
+        }
+    }
+
+    /// Runs a script with its declared keys; `ARGV[1]` is always the clock offset.
+    async fn eval<T: FromRedisValue, A: ToRedisArgs>(
+        &self,
+        op: &Op,
+        keys: &[String],
+        args: A,
+    ) -> Result<T> {
+        let mut inv = op.script.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        inv.arg(self.clock.millis()).arg(args);
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::Timeout(self.timeout)),
+        }
+    }
+
+    /// A script on one shard-wide key.
+    async fn eval_shard_key<T: FromRedisValue, A: ToRedisArgs>(
+        &self,
+        op: &Op,
+        shard: ShardId,
+        key: ShardKey,
+        args: A,
+    ) -> Result<T> {
+        self.eval(op, &[self.keys.shard_key(shard, key)], args)
+            .await
+    }
+
+    /// The keys a one-session shard script declares: the shard's, then the session's.
+    fn session_script_keys(&self, session: &SessionId) -> Vec<String> {
+        let mut keys = self.keys.shard_keys(self.keys.shard_of(session));
+        keys.extend(self.keys.session_keys(session));
+        keys
+    }
+
+    /// Runs a one-session shard script; `ARGV[2..3]` are the window and the session id.
+    async fn eval_session<T: FromRedisValue, A: ToRedisArgs>(
+        &self,
+        op: &Op,
+        session: &SessionId,
+        args: A,
+    ) -> Result<T> {
+        let keys = self.session_script_keys(session);
+        self.eval(op, &keys, (self.window_ms(), session.as_str(), args))
+            .await
+    }
+
+    fn window_ms(&self) -> i64 {
+        millis(self.window)
+    }
+
+    /// Registers a connection, enforcing the limits and the rule that a
+    /// connection id names one connection for ever. The id is taken first in
+    /// its own index entry; the per-session limit is checked in the
+    /// registering script; the per-user limit, whose connections span
+    /// shards, by a reservation in the user's own slot, given back if the
+    /// registration does not happen.
+    pub async fn register(&self, new: &NewConnection, limits: Limits) -> Result<RegisterOutcome> {
+        let claim = self.claim_id(new).await?;
+        if claim == IdClaim::Conflict {
+            return Ok(RegisterOutcome::Conflict);
+        }
+        let member = slot_member(&new.session_id, new.connection_id);
+        if limits.per_user > 0
+            && !self
+                .reserve_user_slot(&new.user_id, &member, limits.per_user)
+                .await?
+        {
+            return Ok(RegisterOutcome::UserLimit);
+        }
+        let op = &self.scripts.register;
+        let seen_before = if claim == IdClaim::Registered {
+            "1"
+        } else {
+            "0"
+        };
+        let reply: Vec<String> = self
+            .eval_session(
+                op,
+                &new.session_id,
+                (
+                    new.connection_id.to_string(),
+                    new.user_id.as_str(),
+                    new.protocol.as_str(),
+                    new.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                    new.user_agent
+                        .as_ref()
+                        .map(UserAgent::as_str)
+                        .unwrap_or_default(),
+                    limits.per_session,
+                    seen_before,
+                ),
+            )
+            .await?;
+        let outcome = match reply.first().map(String::as_str) {
+            Some(kind @ ("created" | "replayed")) => {
+                let registered = self.registered(op, &new.session_id, &reply[1..])?;
+                if kind == "created" {
+                    RegisterOutcome::Created(registered)
+                } else {
+                    RegisterOutcome::Replayed(registered)
+                }
+            }
+            Some("terminated") => RegisterOutcome::Terminated,
+            Some("session_limit") => RegisterOutcome::SessionLimit,
+            Some("conflict") => RegisterOutcome::Conflict,
+            _ => return Err(bad_reply(op, &reply)),
+        };
+        match &outcome {
+            RegisterOutcome::Created(_) if claim != IdClaim::Registered => {
+                // From now on only a replay of this live connection may use the id.
+                // Should this fail, the caller's retry replays and marks it.
+                self.mark_id(new).await?;
+            }
+            RegisterOutcome::Created(_) | RegisterOutcome::Replayed(_) => {}
+            _ if limits.per_user > 0 => {
+                self.release_user_slots(&new.user_id, None, &[member])
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(outcome)
+    }
+
+    async fn claim_id(&self, new: &NewConnection) -> Result<IdClaim> {
+        let op = &self.scripts.claim_id;
+        let key = self.keys.id_key(new.connection_id);
+        let args = (
+            new.session_id.as_str(),
+            new.user_id.as_str(),
+            millis(UNREGISTERED_ID_TTL),
+        );
+        let reply: String = self.eval(op, &[key], args).await?;
+        match reply.as_str() {
+            "new" => Ok(IdClaim::New),
+            "claimed" => Ok(IdClaim::Claimed),
+            "registered" => Ok(IdClaim::Registered),
+            "conflict" => Ok(IdClaim::Conflict),
+            _ => Err(bad_reply(op, &[reply])),
+        }
+    }
+
+    async fn mark_id(&self, new: &NewConnection) -> Result<()> {
+        let key = self.keys.id_key(new.connection_id);
+        let args = (new.session_id.as_str(), new.user_id.as_str());
+        let _: i64 = self.eval(&self.scripts.mark_id, &[key], args).await?;
+        Ok(())
+    }
+
+    /// Takes a slot of the user's limit; false if the user is at its limit.
+    async fn reserve_user_slot(&self, user: &UserId, member: &str, limit: u32) -> Result<bool> {
+        let op = &self.scripts.reserve_user;
+        let keys = [self.keys.user_key(user)];
+        let args = (member, limit, millis(RESERVATION_GRACE));
+        let reply: Vec<String> = self.eval(op, &keys, args).await?;
+        if reply.first().map(String::as_str) == Some("ok") {
+            return Ok(true);
+        }
+        // At the limit: give back slots whose connection no longer exists
+        // (its registration failed or crashed, or it ended and the release
+        // was lost), then try once more.
+        let mut stale = Vec::new();
+        for candidate in reply.iter().skip(1) {
+            let parsed = candidate.split_once('/').and_then(|(sid, cid)| {
+                Some((
+                    sid.parse::<SessionId>().ok()?,
+                    cid.parse::<ConnectionId>().ok()?,
+                ))
+            });
+            match parsed {
+                Some((sid, cid)) if self.connection_live(&sid, cid).await? => {}
+                _ => stale.push(candidate.clone()),
+            }
+        }
+        if stale.is_empty() {
+            return Ok(false);
+        }
+        self.release_user_slots(user, Some(RESERVATION_GRACE), &stale)
+            .await?;
+        let reply: Vec<String> = self.eval(op, &keys, args).await?;
+        Ok(reply.first().map(String::as_str) == Some("ok"))
+    }
+
+    async fn release_user_slots(
+        &self,
+        user: &UserId,
+        older_than: Option<Duration>,
+        members: &[String],
+    ) -> Result<()> {
+        let ended: Vec<(&UserId, &str)> = members.iter().map(|m| (user, m.as_str())).collect();
+        self.release_slots_of(&ended, older_than).await
+    }
+
+    /// Gives back user slots, one call per user shard touched, all at once.
+    async fn release_slots_of(
+        &self,
+        ended: &[(&UserId, &str)],
+        older_than: Option<Duration>,
+    ) -> Result<()> {
+        let age = older_than
+            .map(|d| millis(d).to_string())
+            .unwrap_or_default();
+        let mut by_shard: HashMap<ShardId, (Vec<String>, Vec<String>)> = HashMap::new();
+        for (user, member) in ended {
+            let (keys, args) = by_shard.entry(self.keys.user_shard_of(user)).or_default();
+            let key = self.keys.user_key(user);
+            let index = match keys.iter().position(|k| *k == key) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(key);
+                    keys.len()
+                }
+            };
+            args.push(index.to_string());
+            args.push((*member).to_owned());
+        }
+        let op = &self.scripts.release_user;
+        let calls = by_shard.into_values().map(|(keys, pairs)| {
+            let age = age.clone();
+            async move { self.eval::<i64, _>(op, &keys, (age, pairs)).await }
+        });
+        try_join_all(calls).await.map(drop)
+    }
+
+    /// Whether the connection is still live. A dead one's slot may go: it
+    /// no longer counts as a connection, and the sweep's release is idempotent.
+    async fn connection_live(&self, session: &SessionId, id: ConnectionId) -> Result<bool> {
+        Ok(self.connection_on(session, id).await?.is_some())
+    }
+
+    /// Records a heartbeat; `None` once the connection is closed, swept or dead.
+    pub async fn heartbeat(
+        &self,
+        session: &SessionId,
+        id: ConnectionId,
+    ) -> Result<Option<HeartbeatAck>> {
+        let [c, _] = self.keys.session_keys(session);
+        let at: Option<i64> = self
+            .eval(
+                &self.scripts.heartbeat,
+                &[c],
+                (self.window_ms(), id.to_string()),
+            )
+            .await?;
+        Ok(at.map(|ms| self.ack(ms)))
+    }
+
+    fn ack(&self, at_ms: i64) -> HeartbeatAck {
+        HeartbeatAck {
+            last_heartbeat: millis_to_utc(at_ms),
+            expires_at: millis_to_utc(at_ms + self.window_ms()),
+        }
+    }
+
+    /// Heartbeats for many connections: one script call per shard touched,
+    /// all shards in parallel.
+    pub async fn heartbeat_batch(
+        &self,
+        pairs: &[(SessionId, ConnectionId)],
+    ) -> Result<BatchOutcome> {
+        let mut by_shard: HashMap<ShardId, Vec<usize>> = HashMap::new();
+        for (i, (sid, _)) in pairs.iter().enumerate() {
+            by_shard.entry(self.keys.shard_of(sid)).or_default().push(i);
+        }
+        let op = &self.scripts.heartbeat_batch;
+        let calls = by_shard.into_values().map(|idx| async move {
+            let mut keys = Vec::with_capacity(idx.len());
+            let mut args: Vec<String> = Vec::with_capacity(1 + idx.len());
+            args.push(self.window_ms().to_string());
+            for &i in &idx {
+                let [c, _] = self.keys.session_keys(&pairs[i].0);
+                keys.push(c);
+                args.push(pairs[i].1.to_string());
+            }
+            let reply: Vec<i64> = self.eval(op, &keys, args).await?;
+            // reply[0] is the time; the rest are 1-based positions within `idx`.
+            let unknown = reply
+                .iter()
+                .skip(1)
+                .map(|&n| {
+                    usize::try_from(n - 1)
+                        .ok()
+                        .and_then(|k| idx.get(k).copied())
+                        .ok_or_else(|| bad_reply(op, &reply))
+                })
+                .collect::<Result<Vec<usize>>>()?;
+            Ok::<_, Error>((idx.len(), unknown))
+        });
+        let mut outcome = BatchOutcome::default();
+        let mut unknown_idx = Vec::new();
+        for (sent, unknown) in try_join_all(calls).await? {
+            outcome.alive += (sent - unknown.len()) as u64;
+            unknown_idx.extend(unknown);
+        }
+        unknown_idx.sort_unstable();
+        outcome.unknown = unknown_idx.into_iter().map(|i| pairs[i].clone()).collect();
+        Ok(outcome)
+    }
+
+    /// Closes a connection; its history record goes to the outbox. `None` if
+    /// the session has no such connection. A connection that was already dead
+    /// is archived as expired and reported as `Some(Expired)`.
+    pub async fn close(&self, session: &SessionId, id: ConnectionId) -> Result<Option<EndReason>> {
+        let op = &self.scripts.close;
+        let reply: Vec<String> = self.eval_session(op, session, id.to_string()).await?;
+        let [reason, user] = reply.as_slice() else {
+            return if reply.is_empty() {
+                Ok(None)
+            } else {
+                Err(bad_reply(op, &reply))
+            };
+        };
+        let reason: EndReason = reason.parse().map_err(|_| bad_reply(op, &reply))?;
+        if let Ok(user) = user.parse::<UserId>() {
+            self.settle(&[(&user, session, id)]).await;
+        }
+        Ok(Some(reason))
+    }
+
+    /// After connections ended: gives back their user slots and starts the
+    /// expiry of their ids. Best effort here; the archiver repeats it for
+    /// every archived connection ([`Store::settle_archived`]), so a crash in
+    /// between leaks nothing.
+    async fn settle(&self, ended: &[(&UserId, &SessionId, ConnectionId)]) {
+        if let Err(e) = self.try_settle(ended).await {
+            tracing::debug!(error = %e, connections = ended.len(),
+                "settling ended connections failed; the archiver settles them again");
+        }
+    }
+
+    async fn try_settle(&self, ended: &[(&UserId, &SessionId, ConnectionId)]) -> Result<()> {
+        let members: Vec<String> = ended.iter().map(|(_, s, id)| slot_member(s, *id)).collect();
+        let slots: Vec<(&UserId, &str)> = ended
+            .iter()
+            .zip(&members)
+            .map(|((u, _, _), m)| (*u, m.as_str()))
+            .collect();
+        let ids: Vec<ConnectionId> = ended.iter().map(|(_, _, id)| *id).collect();
+        let (a, b) = tokio::join!(self.release_slots_of(&slots, None), self.retire_ids(&ids));
+        a.and(b)
+    }
+
+    /// Settles archived connections: their user slots are given back and
+    /// their ids start to expire. Idempotent; the archiver calls it for every
+    /// batch before acknowledging it.
+    pub async fn settle_archived(&self, records: &[HistoryRecord]) -> Result<()> {
+        let ended: Vec<_> = records
+            .iter()
+            .map(|r| (&r.user_id, &r.session_id, r.connection_id))
+            .collect();
+        self.try_settle(&ended).await
+    }
+
+    async fn retire_ids(&self, ids: &[ConnectionId]) -> Result<()> {
+        let mut by_shard: HashMap<ShardId, Vec<String>> = HashMap::new();
+        for &id in ids {
+            by_shard
+                .entry(self.keys.id_shard_of(id))
+                .or_default()
+                .push(self.keys.id_key(id));
+        }
+        let op = &self.scripts.retire_ids;
+        let ttl = millis(self.ended_id_retention);
+        let calls = by_shard
+            .into_values()
+            .map(|keys| async move { self.eval::<i64, _>(op, &keys, ttl).await });
+        try_join_all(calls).await.map(drop)
+    }
+
+    /// One live connection by id: the id's index entry names its session.
+    pub async fn get_connection(&self, id: ConnectionId) -> Result<Option<ConnectionView>> {
+        let entry: Option<String> = self
+            .query(redis::cmd("GET").arg(self.keys.id_key(id)))
+            .await?;
+        let Some(session) = entry.as_deref().and_then(id_entry_session) else {
+            return Ok(None);
+        };
+        self.connection_on(&session, id).await
+    }
+
+    async fn connection_on(
+        &self,
+        session: &SessionId,
+        id: ConnectionId,
+    ) -> Result<Option<ConnectionView>> {
+        let op = &self.scripts.get_connection;
+        let reply: Vec<String> = self.eval_session(op, session, id.to_string()).await?;
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        reply::connection(op, &reply, self.window_ms()).map(Some)
+    }
+
+    /// The live connections of a session.
+    pub async fn list_connections(&self, session: &SessionId) -> Result<Vec<ConnectionView>> {
+        let op = &self.scripts.list_connections;
+        let reply: Vec<String> = self.eval_session(op, session, NO_ARGS).await?;
+        if reply.len() % CONN_FIELDS != 0 {
+            return Err(bad_reply(op, &reply));
+        }
+        reply
+            .chunks(CONN_FIELDS)
+            .map(|f| reply::connection(op, f, self.window_ms()))
+            .collect()
+    }
+
+    /// A session's state and counters; `None` if the tracker knows nothing of it.
+    pub async fn session(&self, session: &SessionId) -> Result<Option<SessionView>> {
+        Ok(self.session_with_uid(session).await?.map(|(v, _)| v))
+    }
+
+    /// A session's view and the uid of the resource it mirrors, if any.
+    pub async fn session_with_uid(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<(SessionView, Option<String>)>> {
+        let op = &self.scripts.session_view;
+        let reply: Vec<String> = self.eval_session(op, session, NO_ARGS).await?;
+        reply::view(op, session, &reply)
+    }
+
+    /// Totals from the maintained counters of every shard; never scans.
+    pub async fn stats(&self) -> Result<Stats> {
+        let op = &self.scripts.stats;
+        let calls = self.keys.shards().map(|shard| {
+            self.eval_shard_key::<Vec<String>, _>(op, shard, ShardKey::Stats, NO_ARGS)
+        });
+        let mut stats = Stats {
+            total_connections: 0,
+            sessions_with_connections: 0,
+            connections_by_protocol: Protocol::ALL.into_iter().map(|p| (p, 0)).collect(),
+            sessions_by_state: SessionState::ALL.into_iter().map(|s| (s, 0)).collect(),
+            shared_sessions: 0,
+            heartbeat_window_seconds: self.window.as_secs(),
+        };
+        for reply in try_join_all(calls).await? {
+            for pair in reply.chunks(2) {
+                let [name, value] = pair else {
+                    return Err(bad_reply(op, &reply));
+                };
+                // Counters only go below zero through a bug; report 0 rather than wrap.
+                let value = u64::try_from(value.parse::<i64>().map_err(|_| bad_reply(op, &reply))?)
+                    .unwrap_or(0);
+                match name.split_once(':') {
+                    None if name == "conns" => stats.total_connections += value,
+                    None if name == "sessions" => stats.sessions_with_connections += value,
+                    None if name == "shared" => stats.shared_sessions += value,
+                    Some(("proto", p)) => {
+                        if let Ok(p) = p.parse::<Protocol>() {
+                            *stats.connections_by_protocol.entry(p).or_default() += value;
+                        }
+                    }
+                    Some(("state", s)) => {
+                        if let Ok(s) = s.parse::<SessionState>() {
+                            *stats.sessions_by_state.entry(s).or_default() += value;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Expires up to `max` dead connections of one shard and queues their
+    /// history. Call again while [`Sweep::more`] is set. Two calls: the
+    /// candidates are read first, so the sweep can declare their keys.
+    pub async fn sweep_shard(&self, shard: ShardId, max: u32) -> Result<Sweep> {
+        let max = max.max(1);
+        let candidates: Vec<String> = self
+            .eval_shard_key(
+                &self.scripts.sweep_candidates,
+                shard,
+                ShardKey::Live,
+                (self.window_ms(), max),
+            )
+            .await?;
+        if candidates.is_empty() {
+            return Ok(Sweep::default());
+        }
+        let op = &self.scripts.sweep;
+        let mut keys = self.keys.shard_keys(shard);
+        for sid in &candidates {
+            let sid: SessionId = sid.parse().map_err(|_| bad_reply(op, &candidates))?;
+            keys.extend(self.keys.session_keys(&sid));
+        }
+        let reply: Vec<String> = self
+            .eval(op, &keys, (self.window_ms(), max, &candidates))
+            .await?;
+        let Some((more, triples)) = reply.split_first() else {
+            return Err(bad_reply(op, &reply));
+        };
+        if triples.len() % 3 != 0 {
+            return Err(bad_reply(op, &reply));
+        }
+        let mut expired = Vec::with_capacity(triples.len() / 3);
+        for t in triples.chunks(3) {
+            let parsed = (t[0].parse(), t[1].parse(), t[2].parse());
+            let (Ok(session_id), Ok(connection_id), Ok(user_id)) = parsed else {
+                return Err(bad_reply(op, &reply));
+            };
+            expired.push(Expired {
+                session_id,
+                connection_id,
+                user_id,
+            });
+        }
+        let ended: Vec<_> = expired
+            .iter()
+            .map(|e| (&e.user_id, &e.session_id, e.connection_id))
+            .collect();
+        self.settle(&ended).await;
+        Ok(Sweep {
+            expired,
+            // A full candidate list may have left sessions unread.
+            more: more == "1" || candidates.len() >= max as usize,
+        })
+    }
+
+    /// Sessions of one shard whose idle timeout is reached (or whose claim
+    /// lapsed), at most `max`, most overdue first.
+    pub async fn due_sessions(&self, shard: ShardId, max: u32) -> Result<Vec<SessionId>> {
+        let op = &self.scripts.due_sessions;
+        let reply: Vec<String> = self.eval_shard_key(op, shard, ShardKey::Due, max).await?;
+        reply
+            .iter()
+            .map(|s| s.parse().map_err(|_| bad_reply(op, &reply)))
+            .collect()
+    }
+
+    /// Starts a leader's term: draws a term above every earlier one and
+    /// fences every shard with it, so from now on no shard accepts a write of
+    /// an older leader. Fails if a shard cannot be reached: a leader that has
+    /// not fenced every shard must not act.
+    pub async fn begin_term(&self) -> Result<Term> {
+        let mut floor = 0u64;
+        for _ in 0..TERM_ATTEMPTS {
+            let term: u64 = self
+                .eval(&self.scripts.term_next, &[self.keys.term_seq_key()], floor)
+                .await?;
+            let op = &self.scripts.term_begin;
+            let calls = self
+                .keys
+                .shards()
+                .map(|shard| self.eval_shard_key::<u64, _>(op, shard, ShardKey::Term, term));
+            let newest = try_join_all(calls).await?.into_iter().max().unwrap_or(0);
+            if newest < term {
+                return Ok(Term(term));
+            }
+            // A shard saw this term or a newer one: another leader began
+            // meanwhile, or the sequence lost its data. Go above it.
+            floor = newest;
+        }
+        Err(Error::Config(format!(
+            "no fresh leader term after {TERM_ATTEMPTS} attempts"
+        )))
+    }
+
+    /// Moves an idle, due session to `hibernating` if it still is idle and due.
+    /// The claim lapses after `lifetime` if neither finished nor rolled back.
+    pub async fn claim_hibernation(
+        &self,
+        session: &SessionId,
+        lifetime: Duration,
+        term: Term,
+    ) -> Result<ClaimOutcome> {
+        let op = &self.scripts.claim_hibernation;
+        let reply: Vec<String> = self
+            .eval_session(op, session, (millis(lifetime), term.0))
+            .await?;
+        let bad = || bad_reply(op, &reply);
+        match reply.as_slice() {
+            [kind, generation, uid, ito] if kind == "claimed" => {
+                let idle_timeout = match ito.as_str() {
+                    "off" => IdleTimeout::Off,
+                    ms => IdleTimeout::After(Duration::from_millis(
+                        parse_ms(ms)
+                            .and_then(|m| u64::try_from(m).ok())
+                            .ok_or_else(bad)?,
+                    )),
+                };
+                Ok(ClaimOutcome::Claimed(Claim {
+                    generation: generation.parse().ok(),
+                    uid: reply::non_empty(uid).map(str::to_owned),
+                    idle_timeout,
+                }))
+            }
+            [kind, reason] if kind == "refused" => ClaimRefusal::parse(reason)
+                .map(ClaimOutcome::Refused)
+                .ok_or_else(bad),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The hibernation patch landed on the resource `uid` (with its new generation).
+    pub async fn finish_hibernation(
+        &self,
+        session: &SessionId,
+        term: Term,
+        uid: Option<&str>,
+        generation: Option<i64>,
+    ) -> Result<FinishOutcome> {
+        let op = &self.scripts.finish_hibernation;
+        let args = (term.0, uid.unwrap_or_default(), opt_i64(generation));
+        let reply: String = self.eval_session(op, session, args).await?;
+        match reply.as_str() {
+            "finished" => Ok(FinishOutcome::Finished),
+            "not_claimed" => Ok(FinishOutcome::NotClaimed),
+            "stale" => Ok(FinishOutcome::Stale),
+            "fenced" => Ok(FinishOutcome::Fenced),
+            _ => Err(bad_reply(op, &[reply])),
+        }
+    }
+
+    /// The hibernation patch did not land: release this term's claim; retry
+    /// after `retry_after`. `Noop` if the claim was not this term's any more.
+    pub async fn rollback_hibernation(
+        &self,
+        session: &SessionId,
+        term: Term,
+        retry_after: Duration,
+    ) -> Result<Written> {
+        let op = &self.scripts.rollback_hibernation;
+        let n: i64 = self
+            .eval_session(op, session, (term.0, millis(retry_after)))
+            .await?;
+        Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
+    }
+
+    /// Pending wakes of one shard, oldest first.
+    pub async fn pending_wakes(&self, shard: ShardId, max: u32) -> Result<Vec<PendingWake>> {
+        let op = &self.scripts.pending_wakes;
+        let reply: Vec<String> = self.eval_shard_key(op, shard, ShardKey::Wake, max).await?;
+        reply
+            .chunks(2)
+            .map(|p| match p {
+                [sid, at] => Ok(PendingWake {
+                    session_id: sid.parse().map_err(|_| bad_reply(op, &reply))?,
+                    requested_at: millis_to_utc(parse_ms(at).ok_or_else(|| bad_reply(op, &reply))?),
+                }),
+                _ => Err(bad_reply(op, &reply)),
+            })
+            .collect()
+    }
+
+    /// The resource `uid` is running again: the wake is no longer pending.
+    pub async fn ack_wake(
+        &self,
+        session: &SessionId,
+        term: Term,
+        uid: Option<&str>,
+        generation: Option<i64>,
+    ) -> Result<Written> {
+        let op = &self.scripts.ack_wake;
+        let args = (term.0, uid.unwrap_or_default(), opt_i64(generation));
+        let n: i64 = self.eval_session(op, session, args).await?;
+        Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
+    }
+
+    /// Records what a Session resource says; `Noop` if it is stale news.
+    pub async fn mirror_session(&self, meta: &SessionMeta, term: Term) -> Result<Written> {
+        let ito = match meta.idle_timeout {
+            IdleTimeout::Off => "off".to_owned(),
+            IdleTimeout::After(d) => millis(d).to_string(),
+        };
+        let args = (
+            term.0,
+            meta.uid.as_deref().unwrap_or_default(),
+            meta.owner.as_deref().unwrap_or_default(),
+            meta.state.as_str(),
+            ito,
+            opt_i64(meta.generation),
+        );
+        let op = &self.scripts.mirror_session;
+        let n: i64 = self.eval_session(op, &meta.session_id, args).await?;
+        Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
+    }
+
+    /// The Session resource `uid` is gone (`None`: whichever is mirrored).
+    pub async fn forget_session(
+        &self,
+        session: &SessionId,
+        term: Term,
+        uid: Option<&str>,
+    ) -> Result<Written> {
+        let op = &self.scripts.forget_session;
+        let args = (term.0, uid.unwrap_or_default());
+        let n: i64 = self.eval_session(op, session, args).await?;
+        Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
+    }
+
+    /// Sessions of one shard that are mirrored from a resource.
+    pub async fn known_sessions(&self, shard: ShardId) -> Result<Vec<SessionId>> {
+        let op = &self.scripts.known_sessions;
+        let reply: Vec<String> = self
+            .eval_shard_key(op, shard, ShardKey::Known, NO_ARGS)
+            .await?;
+        reply
+            .iter()
+            .map(|s| s.parse().map_err(|_| bad_reply(op, &reply)))
+            .collect()
+    }
+
+    /// The oldest finished connections of one shard awaiting the archiver.
+    pub async fn outbox_read(&self, shard: ShardId, max: u32) -> Result<Vec<OutboxEntry>> {
+        let op = &self.scripts.outbox_read;
+        let reply: Vec<(String, Vec<String>)> = self
+            .eval_shard_key(op, shard, ShardKey::Outbox, max)
+            .await?;
+        reply
+            .into_iter()
+            .map(|(id, fields)| {
+                let record = reply::history(&fields).ok_or_else(|| Error::Reply {
+                    script: op.name,
+                    detail: format!("malformed outbox entry {id}"),
+                })?;
+                Ok(OutboxEntry { id, record })
+            })
+            .collect()
+    }
+
+    /// Drops archived entries (after the commit); returns the shard's backlog left.
+    pub async fn outbox_ack(&self, shard: ShardId, ids: &[String]) -> Result<u64> {
+        let op = &self.scripts.outbox_ack;
+        let (_, left): (i64, u64) = self
+            .eval_shard_key(op, shard, ShardKey::Outbox, ids)
+            .await?;
+        Ok(left)
+    }
+
+    /// Finished connections not yet archived, over all shards.
+    pub async fn outbox_backlog(&self) -> Result<u64> {
+        let op = &self.scripts.outbox_len;
+        let calls = self
+            .keys
+            .shards()
+            .map(|shard| self.eval_shard_key::<u64, _>(op, shard, ShardKey::Outbox, NO_ARGS));
+        Ok(try_join_all(calls).await?.into_iter().sum())
+    }
+
+    /// The shard's epoch marker, created if missing. A marker that differs
+    /// from the one seen before means the shard lost its data.
+    pub async fn shard_epoch(&self, shard: ShardId) -> Result<Epoch> {
+        let op = &self.scripts.epoch;
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let (marker, created): (String, i64) = self
+            .eval_shard_key(op, shard, ShardKey::Epoch, fresh)
+            .await?;
+        Ok(Epoch {
+            marker,
+            created: flag(created),
+        })
+    }
+
+    /// Takes or renews the named leader lock for `lease`; false if another
+    /// holder has it.
+    pub async fn lock_acquire(&self, name: &str, token: &str, lease: Duration) -> Result<bool> {
+        let keys = [self.keys.lock_key(name)];
+        self.eval(&self.scripts.lock_acquire, &keys, (token, millis(lease)))
+            .await
+            .map(flag)
+    }
+
+    /// Gives the lock up if we hold it.
+    pub async fn lock_release(&self, name: &str, token: &str) -> Result<bool> {
+        let keys = [self.keys.lock_key(name)];
+        self.eval(&self.scripts.lock_release, &keys, token)
+            .await
+            .map(flag)
+    }
+
+    fn registered(&self, op: &Op, session: &SessionId, f: &[String]) -> Result<Registered> {
+        if f.len() != CONN_FIELDS + VIEW_FIELDS {
+            return Err(bad_reply(op, f));
+        }
+        let connection = reply::connection(op, &f[..CONN_FIELDS], self.window_ms())?;
+        let (session, _) =
+            reply::view(op, session, &f[CONN_FIELDS..])?.ok_or_else(|| bad_reply(op, f))?;
+        Ok(Registered {
+            connection,
+            session,
+        })
+    }
+}
+
+#[cfg(feature = "testing")]
+impl Store {
+    /// The newest term any shard has seen (0 if none): tests that write as
+    /// "the leader" next to a running reaper use it.
+    pub async fn newest_term(&self) -> Result<Term> {
+        let calls = self.keys.shards().map(|shard| {
+            let key = self.keys.shard_key(shard, ShardKey::Term);
+            async move {
+                let t: Option<u64> = self.query(redis::cmd("GET").arg(key)).await?;
+                Ok::<_, Error>(t.unwrap_or(0))
+            }
+        });
+        let newest = try_join_all(calls).await?.into_iter().max().unwrap_or(0);
+        Ok(Term(newest))
+    }
+}
+
+const NO_ARGS: &[&str] = &[];
+
+/// A user slot names the connection it holds.
+fn slot_member(session: &SessionId, id: ConnectionId) -> String {
+    format!("{session}/{id}")
+}
+
+/// The session an id index entry ("<state>|<session>|<user>") names.
+fn id_entry_session(entry: &str) -> Option<SessionId> {
+    let mut parts = entry.splitn(3, '|');
+    let _state = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+fn opt_i64(v: Option<i64>) -> String {
+    v.map(|g| g.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_entries_name_their_session_even_when_the_user_has_bars() {
+        assert_eq!(
+            id_entry_session("r|s-1|we|ird").map(|s| s.to_string()),
+            Some("s-1".to_owned())
+        );
+        assert_eq!(id_entry_session("garbage"), None);
+        assert_eq!(id_entry_session("r|Not A Session|u"), None);
+    }
+}

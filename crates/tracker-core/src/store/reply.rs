@@ -1,0 +1,240 @@
+//! Turning script replies into values. Every reply has a fixed shape stated in
+//! its script's header; anything else is a bug (or a foreign script under our
+//! keys) and becomes [`Error::Reply`], never a panic.
+
+use std::collections::HashMap;
+
+use crate::domain::{
+    millis_to_utc, ConnectionView, HistoryRecord, SessionId, SessionView, UserAgent,
+};
+use crate::error::{Error, Result};
+use crate::scripts::Op;
+
+/// Fields of one connection: id, session, user, protocol, ip, ua, connected, heartbeat.
+pub(crate) const CONN_FIELDS: usize = 8;
+/// Fields of one session view (see `session_view` in common.lua).
+pub(crate) const VIEW_FIELDS: usize = 11;
+
+pub(crate) fn bad_reply(op: &Op, reply: &[impl std::fmt::Debug]) -> Error {
+    Error::Reply {
+        script: op.name,
+        detail: format!("{reply:?}"),
+    }
+}
+
+/// Scripts answer yes/no questions with 1 or 0.
+pub(crate) fn flag(n: i64) -> bool {
+    n == 1
+}
+
+pub(crate) fn connection(op: &Op, f: &[String], window_ms: i64) -> Result<ConnectionView> {
+    let bad = || bad_reply(op, f);
+    let [cid, sid, uid, proto, ip, ua, connected, hb] = f else {
+        return Err(bad());
+    };
+    let hb = parse_ms(hb).ok_or_else(bad)?;
+    Ok(ConnectionView {
+        connection_id: cid.parse().map_err(|_| bad())?,
+        session_id: sid.parse().map_err(|_| bad())?,
+        user_id: uid.parse().map_err(|_| bad())?,
+        protocol: proto.parse().map_err(|_| bad())?,
+        client_ip: non_empty(ip)
+            .map(str::parse)
+            .transpose()
+            .map_err(|_| bad())?,
+        user_agent: non_empty(ua).map(UserAgent::truncated),
+        connected_at: millis_to_utc(parse_ms(connected).ok_or_else(bad)?),
+        last_heartbeat: millis_to_utc(hb),
+        expires_at: millis_to_utc(hb + window_ms),
+    })
+}
+
+/// A session view and the uid of its resource; `None` if the tracker knows
+/// nothing of the session.
+pub(crate) fn view(
+    op: &Op,
+    session: &SessionId,
+    f: &[String],
+) -> Result<Option<(SessionView, Option<String>)>> {
+    let bad = || bad_reply(op, f);
+    let [exists, state, owner, live, users, lc, ld, idle, ito, due, uid] = f else {
+        return Err(bad());
+    };
+    if exists != "1" {
+        return Ok(None);
+    }
+    let time = |s: &String| {
+        non_empty(s)
+            .map(|s| parse_ms(s).map(millis_to_utc).ok_or_else(bad))
+            .transpose()
+    };
+    let view = SessionView {
+        session_id: session.clone(),
+        state: state.parse().map_err(|_| bad())?,
+        owner: non_empty(owner).map(str::to_owned),
+        active_connections: live.parse().map_err(|_| bad())?,
+        distinct_users: users.parse().map_err(|_| bad())?,
+        last_connection_at: time(lc)?,
+        last_disconnect_at: time(ld)?,
+        idle_since: time(idle)?,
+        idle_timeout_seconds: non_empty(ito)
+            .map(|s| parse_ms(s).map(|ms| (ms / 1000) as u64).ok_or_else(bad))
+            .transpose()?,
+        hibernates_at: time(due)?,
+    };
+    Ok(Some((view, non_empty(uid).map(str::to_owned))))
+}
+
+/// An outbox entry's fields (flat field/value pairs, as XRANGE gives them).
+pub(crate) fn history(fields: &[String]) -> Option<HistoryRecord> {
+    let map: HashMap<&str, &str> = fields
+        .chunks(2)
+        .filter_map(|p| match p {
+            [k, v] => Some((k.as_str(), v.as_str())),
+            _ => None,
+        })
+        .collect();
+    let time = |k: &str| map.get(k).and_then(|s| parse_ms(s)).map(millis_to_utc);
+    Some(HistoryRecord {
+        connection_id: map.get("c")?.parse().ok()?,
+        session_id: map.get("s")?.parse().ok()?,
+        user_id: map.get("u")?.parse().ok()?,
+        protocol: map.get("p")?.parse().ok()?,
+        client_ip: map
+            .get("ip")
+            .copied()
+            .and_then(non_empty)
+            .map(str::parse)
+            .transpose()
+            .ok()?,
+        user_agent: map
+            .get("ua")
+            .copied()
+            .and_then(non_empty)
+            .map(UserAgent::truncated),
+        connected_at: time("ca")?,
+        disconnected_at: time("da")?,
+        last_heartbeat_at: time("hb")?,
+        end_reason: map.get("r")?.parse().ok()?,
+    })
+}
+
+/// Milliseconds as Redis prints them: integers, or doubles for sorted-set scores.
+pub(crate) fn parse_ms(s: &str) -> Option<i64> {
+    s.parse::<i64>().ok().or_else(|| {
+        s.parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .map(|f| f as i64)
+    })
+}
+
+pub(crate) fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scripts::Scripts;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn milliseconds_come_as_integers_or_scores() {
+        assert_eq!(parse_ms("1700000000123"), Some(1_700_000_000_123));
+        assert_eq!(parse_ms("1700000000123.0"), Some(1_700_000_000_123));
+        assert_eq!(parse_ms("1.7e12"), Some(1_700_000_000_000));
+        assert_eq!(parse_ms("inf"), None);
+        assert_eq!(parse_ms("nan"), None);
+        assert_eq!(parse_ms(""), None);
+    }
+
+    #[test]
+    fn a_connection_reply_is_parsed_or_refused_whole() {
+        let op = &Scripts::load().list_connections;
+        let good = strings(&[
+            "6f1c1d38-9f5e-4a43-8d5e-1f0c2f7a9b10",
+            "s-1",
+            "alice",
+            "vnc",
+            "10.0.0.1",
+            "ua",
+            "1000",
+            "2000",
+        ]);
+        let c = connection(op, &good, 60_000).expect("parses");
+        assert_eq!(c.expires_at, millis_to_utc(62_000));
+        assert_eq!(c.user_agent.as_ref().map(UserAgent::as_str), Some("ua"));
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] = "\u{0}?".into();
+            if i == 5 {
+                // A user agent is informational: kept, control characters blanked.
+                let c = connection(op, &bad, 0).expect("parses");
+                assert_eq!(c.user_agent.as_ref().map(UserAgent::as_str), Some(" ?"));
+                continue;
+            }
+            assert!(
+                matches!(connection(op, &bad, 0), Err(Error::Reply { .. })),
+                "field {i}"
+            );
+        }
+        assert!(connection(op, &good[..7], 0).is_err());
+    }
+
+    #[test]
+    fn a_view_reply_says_whether_the_session_is_known() {
+        let op = &Scripts::load().session_view;
+        let sid: SessionId = "s-1".parse().expect("sid");
+        let unknown = strings(&["0", "unknown", "", "0", "0", "", "", "", "", "", ""]);
+        assert_eq!(view(op, &sid, &unknown).expect("parses"), None);
+        let known = strings(&[
+            "1", "idle", "alice", "0", "0", "1000", "2000", "2000", "60000", "62000", "uid-1",
+        ]);
+        let (v, uid) = view(op, &sid, &known).expect("parses").expect("known");
+        assert_eq!(v.idle_timeout_seconds, Some(60));
+        assert_eq!(v.hibernates_at, Some(millis_to_utc(62_000)));
+        assert_eq!(uid.as_deref(), Some("uid-1"));
+        let mut bad = known.clone();
+        bad[1] = "asleep".into();
+        assert!(view(op, &sid, &bad).is_err());
+        assert!(view(op, &sid, &known[..10]).is_err());
+    }
+
+    #[test]
+    fn an_outbox_entry_missing_a_field_is_refused() {
+        let fields = strings(&[
+            "c",
+            "6f1c1d38-9f5e-4a43-8d5e-1f0c2f7a9b10",
+            "s",
+            "s-1",
+            "u",
+            "alice",
+            "p",
+            "http",
+            "ip",
+            "",
+            "ua",
+            "",
+            "ca",
+            "1",
+            "da",
+            "3",
+            "hb",
+            "2",
+            "r",
+            "closed",
+        ]);
+        let rec = history(&fields).expect("parses");
+        assert_eq!(rec.client_ip, None);
+        for k in ["c", "s", "u", "p", "ca", "da", "hb", "r"] {
+            let i = fields.iter().position(|f| f == k).expect("field");
+            let mut without = fields.clone();
+            without.drain(i..i + 2);
+            assert!(history(&without).is_none(), "{k}");
+        }
+    }
+}

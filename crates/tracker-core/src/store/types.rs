@@ -1,0 +1,370 @@
+//! The store's settings and the outcomes of its operations.
+//!
+//! Business outcomes (a limit reached, a claim refused, a fenced write) are
+//! values of these types, not errors: callers act on each differently.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{
+    ConnectionId, ConnectionView, HistoryRecord, Protocol, ResourceState, SessionId, SessionState,
+    SessionView, UserAgent, UserId,
+};
+use crate::error::{Error, Result};
+
+/// How the tracker's Redis is deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    Standalone,
+    Cluster,
+}
+
+impl std::str::FromStr for RedisMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "standalone" => Ok(RedisMode::Standalone),
+            "cluster" => Ok(RedisMode::Cluster),
+            other => Err(Error::Config(format!(
+                "redis mode must be standalone or cluster, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Everything the store needs to know; binaries fill it from their settings.
+#[derive(Clone)]
+pub struct StoreConfig {
+    /// One URL (standalone) or the cluster's seed nodes. May hold passwords.
+    pub urls: Vec<String>,
+    pub mode: RedisMode,
+    pub key_prefix: String,
+    /// Shards of every global index; part of the data layout (see [`crate::keys`]).
+    pub shards: u16,
+    /// A connection with no heartbeat for this long is dead.
+    pub heartbeat_window: Duration,
+    /// Upper bound of every Redis call, reconnects included.
+    pub command_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long the id of an ended connection stays refused in Redis. Past
+    /// it, a reused id is still caught when its history row is archived.
+    pub ended_id_retention: Duration,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // URLs may carry a password: show only where they point.
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("StoreConfig")
+            .field("urls", &urls)
+            .field("mode", &self.mode)
+            .field("key_prefix", &self.key_prefix)
+            .field("shards", &self.shards)
+            .field("heartbeat_window", &self.heartbeat_window)
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ended_id_retention", &self.ended_id_retention)
+            .finish()
+    }
+}
+
+/// A URL with its user info replaced, for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl StoreConfig {
+    pub const DEFAULT_SHARDS: u16 = 32;
+    pub const DEFAULT_ENDED_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    /// Sensible defaults for one URL list and mode.
+    pub fn new(urls: Vec<String>, mode: RedisMode) -> Self {
+        Self {
+            urls,
+            mode,
+            key_prefix: "trk".into(),
+            shards: Self::DEFAULT_SHARDS,
+            heartbeat_window: Duration::from_secs(60),
+            command_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            ended_id_retention: Self::DEFAULT_ENDED_ID_RETENTION,
+        }
+    }
+}
+
+/// An offset added to the Redis server's clock inside every script. Zero in
+/// production; tests advance it to make time pass without sleeping. Clones
+/// share the offset.
+#[derive(Debug, Clone, Default)]
+pub struct ClockOffset(Arc<AtomicI64>);
+
+impl ClockOffset {
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(millis(by), Ordering::SeqCst);
+    }
+
+    pub fn millis(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The connection limits the API enforces (0 = none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub per_session: u32,
+    pub per_user: u32,
+}
+
+/// A connection to register, already validated.
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    pub session_id: SessionId,
+    pub connection_id: ConnectionId,
+    pub user_id: UserId,
+    pub protocol: Protocol,
+    pub client_ip: Option<IpAddr>,
+    pub user_agent: Option<UserAgent>,
+}
+
+/// The connection and its session right after a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub connection: ConnectionView,
+    pub session: SessionView,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    Created(Registered),
+    /// The same user registered the same connection id on this session
+    /// before, and that connection is live.
+    Replayed(Registered),
+    /// The Session is terminated: nothing may connect.
+    Terminated,
+    SessionLimit,
+    UserLimit,
+    /// The connection id names another connection: of another session or
+    /// user, or one that ended. An id names one connection for ever.
+    Conflict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatAck {
+    pub last_heartbeat: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BatchOutcome {
+    pub alive: u64,
+    pub unknown: Vec<(SessionId, ConnectionId)>,
+}
+
+/// A connection the sweep expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub session_id: SessionId,
+    pub connection_id: ConnectionId,
+    pub user_id: UserId,
+}
+
+/// What one sweep call did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sweep {
+    pub expired: Vec<Expired>,
+    /// The call stopped at its budget; the shard may hold more dead connections.
+    pub more: bool,
+}
+
+/// Counters behind `GET /v1/stats`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Stats {
+    pub total_connections: u64,
+    pub sessions_with_connections: u64,
+    pub connections_by_protocol: BTreeMap<Protocol, u64>,
+    pub sessions_by_state: BTreeMap<SessionState, u64>,
+    pub shared_sessions: u64,
+    pub heartbeat_window_seconds: u64,
+}
+
+/// The idle timeout of a mirrored session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleTimeout {
+    /// Never hibernate: exempt by annotation, or `spec.idleTimeout: ""`.
+    Off,
+    After(Duration),
+}
+
+/// What the mirror knows of a Session resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionMeta {
+    pub session_id: SessionId,
+    /// `metadata.uid`: a Session deleted and created again under the same
+    /// name is another session.
+    pub uid: Option<String>,
+    pub owner: Option<String>,
+    pub state: ResourceState,
+    pub idle_timeout: IdleTimeout,
+    /// `metadata.generation`: orders the mirror's writes against the reaper's.
+    pub generation: Option<i64>,
+}
+
+/// A leader's term: a number greater than every earlier leader's. Every write
+/// of the reaper carries it, and a shard refuses writes of a term older than
+/// the newest it has seen, so a replaced leader's late writes never land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Term(pub u64);
+
+impl std::fmt::Display for Term {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a successful claim saw, for the hibernator to check against the
+/// resource it reads before patching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub generation: Option<i64>,
+    pub uid: Option<String>,
+    pub idle_timeout: IdleTimeout,
+}
+
+/// Why a session could not be claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClaimRefusal {
+    /// A newer leader wrote to the shard: this one must stop acting.
+    Fenced,
+    NotMirrored,
+    NotRunning,
+    /// Being hibernated or woken already.
+    Busy,
+    Connected,
+    Exempt,
+    NotDue,
+}
+
+impl ClaimRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimRefusal::Fenced => "fenced",
+            ClaimRefusal::NotMirrored => "not_mirrored",
+            ClaimRefusal::NotRunning => "not_running",
+            ClaimRefusal::Busy => "busy",
+            ClaimRefusal::Connected => "connected",
+            ClaimRefusal::Exempt => "exempt",
+            ClaimRefusal::NotDue => "not_due",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        [
+            ClaimRefusal::Fenced,
+            ClaimRefusal::NotMirrored,
+            ClaimRefusal::NotRunning,
+            ClaimRefusal::Busy,
+            ClaimRefusal::Connected,
+            ClaimRefusal::Exempt,
+            ClaimRefusal::NotDue,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// Now `hibernating`; patch the resource, then finish or roll back.
+    Claimed(Claim),
+    Refused(ClaimRefusal),
+}
+
+/// What a fenced write of the reaper did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// It changed what it exists to change.
+    Done,
+    /// Nothing to do: stale news, nothing pending, not ours.
+    Noop,
+    /// A newer leader wrote to the shard: nothing written; stop acting.
+    Fenced,
+}
+
+impl Written {
+    pub(crate) fn from_reply(n: i64) -> Option<Self> {
+        match n {
+            1 => Some(Written::Done),
+            0 => Some(Written::Noop),
+            -1 => Some(Written::Fenced),
+            _ => None,
+        }
+    }
+}
+
+/// What recording a landed hibernation patch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishOutcome {
+    /// Recorded, and this term's claim ended.
+    Finished,
+    /// The state was recorded, but the claim was no longer this term's.
+    NotClaimed,
+    /// The store knows a newer generation or another resource: nothing recorded.
+    Stale,
+    /// A newer leader wrote to the shard: nothing recorded.
+    Fenced,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingWake {
+    pub session_id: SessionId,
+    pub requested_at: DateTime<Utc>,
+}
+
+/// A finished connection waiting in a shard's outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The stream entry id, to acknowledge after the commit.
+    pub id: String,
+    pub record: HistoryRecord,
+}
+
+/// A shard's epoch marker; see [`crate::Store::shard_epoch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Epoch {
+    pub marker: String,
+    /// The marker did not exist before this call: the shard is new or lost its data.
+    pub created: bool,
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords_in_logs() {
+        assert_eq!(
+            redact_url("redis://:s3cret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact_url("rediss://user:p@ss@host"), "rediss://***@host");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        let cfg = StoreConfig::new(vec!["redis://:s3cret@h".into()], RedisMode::Standalone);
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+}
