@@ -194,7 +194,11 @@ pub async fn register(
             user_id,
             protocol: body.protocol,
             client_ip: body.client_ip,
-            user_agent: body.user_agent.as_deref().map(UserAgent::truncated),
+            user_agent: body
+                .user_agent
+                .as_deref()
+                .map(UserAgent::parse)
+                .transpose()?,
         };
         let (registered, created) = register_connection(&state, &new).await?;
         let status = if created {

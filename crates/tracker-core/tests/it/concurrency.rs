@@ -44,23 +44,6 @@ async fn limits_hold_under_concurrency(backend: Backend) {
     assert_eq!(created_count(&outcomes), 3, "{outcomes:?}");
 }
 
-/// Registers every connection from its own task, all at once.
-async fn register_at_once(
-    store: &Store,
-    conns: impl Iterator<Item = tracker_core::NewConnection>,
-    limits: Limits,
-) -> Vec<RegisterOutcome> {
-    let tasks = conns.map(|c| {
-        let store = store.clone();
-        tokio::spawn(async move { store.register(&c, limits).await.unwrap() })
-    });
-    join_all(tasks)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect()
-}
-
 fn created_count(outcomes: &[RegisterOutcome]) -> usize {
     outcomes
         .iter()

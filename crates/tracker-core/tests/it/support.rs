@@ -1,9 +1,12 @@
 use std::time::Duration;
 
+use futures::future::join_all;
+
 use tracker_core::testing::{self, Backend};
 use tracker_core::{
-    ClockOffset, ConnectionId, IdleTimeout, NewConnection, OutboxEntry, Protocol, RegisterOutcome,
-    Registered, ResourceState, SessionId, SessionMeta, Store, Term, UserAgent, UserId, Written,
+    ClockOffset, ConnectionId, IdleTimeout, Limits, NewConnection, OutboxEntry, Protocol,
+    RegisterOutcome, Registered, ResourceState, SessionId, SessionMeta, Store, Term, UserAgent,
+    UserId, Written,
 };
 
 /// The leader term of tests that play one leader.
@@ -138,5 +141,87 @@ pub fn same_shard_sessions(store: &Store, n: usize) -> Vec<SessionId> {
         .map(|i| sid(&format!("shard-probe-{i}")))
         .filter(|s| store.keys().shard_of(s) == shard)
         .take(n)
+        .collect()
+}
+
+/// One raw command against the backend, for tests that must play a crash or
+/// look under the store.
+pub async fn raw<T: redis::FromRedisValue>(backend: Backend, cmd: &redis::Cmd) -> T {
+    let (urls, _) = backend.urls();
+    match backend {
+        Backend::Standalone => {
+            let mut c = redis::Client::open(urls[0].as_str())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            cmd.query_async(&mut c).await.unwrap()
+        }
+        Backend::Cluster => {
+            let mut c = redis::cluster::ClusterClient::new(urls)
+                .unwrap()
+                .get_async_connection()
+                .await
+                .unwrap();
+            cmd.query_async(&mut c).await.unwrap()
+        }
+    }
+}
+
+/// The session ids with a pending wake, over every shard.
+pub async fn pending_wake_ids(store: &Store) -> Vec<SessionId> {
+    let mut all = Vec::new();
+    for shard in store.keys().shards() {
+        all.extend(
+            store
+                .pending_wakes(shard, 1000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|w| w.session_id),
+        );
+    }
+    all
+}
+
+/// A mirror write as the leader of `term` would make it.
+pub async fn mirror_as(
+    store: &Store,
+    term: Term,
+    session: &SessionId,
+    uid: &str,
+    state: ResourceState,
+    generation: i64,
+) -> Written {
+    store
+        .mirror_session(
+            &SessionMeta {
+                session_id: session.clone(),
+                uid: Some(uid.to_owned()),
+                owner: Some("alice".into()),
+                state,
+                idle_timeout: IdleTimeout::After(Duration::from_secs(2)),
+                generation: Some(generation),
+            },
+            term,
+        )
+        .await
+        .unwrap()
+}
+
+/// Registers every connection from its own task, all at once.
+pub async fn register_at_once(
+    store: &Store,
+    conns: impl Iterator<Item = NewConnection>,
+    limits: Limits,
+) -> Vec<RegisterOutcome> {
+    let tasks = conns.map(|c| {
+        let store = store.clone();
+        tokio::spawn(async move { store.register(&c, limits).await.unwrap() })
+    });
+    join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
         .collect()
 }

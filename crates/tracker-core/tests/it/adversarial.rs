@@ -1,0 +1,377 @@
+//! The interleavings an adversarial review found, each replayed against the
+//! real scripts. Every case here failed on the scripts before leader terms,
+//! declared keys, the UID mirror and the connection-id index.
+
+use std::time::Duration;
+
+use tracker_core::testing::Backend;
+use tracker_core::{
+    ClaimOutcome, ClaimRefusal, FinishOutcome, Limits, Protocol, RegisterOutcome, ResourceState,
+    SessionState, Term, Written,
+};
+
+use crate::support::*;
+
+crate::both!(
+    a_session_learned_hibernated_while_in_use_gets_a_wake,
+    a_rolled_back_patch_that_landed_after_all_gets_a_wake,
+    a_new_leaders_ack_does_not_hide_the_old_leaders_late_patch,
+    a_replaced_leader_cannot_release_the_new_leaders_claim,
+    terms_only_grow_even_when_the_sequence_is_lost,
+    a_connection_id_names_one_connection_for_ever,
+    a_replay_by_another_user_is_a_conflict,
+    idle_since_is_the_latest_disconnect_however_late_the_sweep,
+    a_recreated_session_is_a_new_session,
+    a_late_event_of_a_deleted_resource_is_ignored,
+    the_sweep_says_more_while_one_session_still_holds_dead_connections,
+    an_archived_connection_gives_its_user_slot_back_even_after_a_crash,
+);
+
+const CLAIM: Duration = Duration::from_secs(30);
+const T1: Term = Term(1);
+const T2: Term = Term(2);
+
+async fn state(store: &tracker_core::Store, s: &tracker_core::SessionId) -> SessionState {
+    store.session(s).await.unwrap().expect("known").state
+}
+
+/// Finding: a Redis data loss (state unknown until the relist), a Session
+/// created hibernated, or one hibernated by someone else, while a connection
+/// is live, left the session asleep with nothing to wake it.
+async fn a_session_learned_hibernated_while_in_use_gets_a_wake(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(state(&store, &s).await, SessionState::Unknown);
+    let written = mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 4).await;
+    assert_eq!(written, Written::Done);
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+    assert_eq!(state(&store, &s).await, SessionState::Waking);
+
+    // Running and in use, then hibernated by someone else.
+    let r = sid("desk-2");
+    mirror_as(&store, T1, &r, "u2", ResourceState::Running, 1).await;
+    created(
+        store
+            .register(&conn(&r, "bob", Protocol::Http), Limits::default())
+            .await
+            .unwrap(),
+    );
+    mirror_as(&store, T1, &r, "u2", ResourceState::Hibernated, 2).await;
+    let mut wakes = pending_wake_ids(&store).await;
+    wakes.sort();
+    assert_eq!(wakes, vec![s, r]);
+}
+
+/// Finding: our patch timed out but was applied; we rolled the claim back,
+/// a connection arrived (the store said running: no wake), then the watch
+/// showed hibernated.
+async fn a_rolled_back_patch_that_landed_after_all_gets_a_wake(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    let rolled = store
+        .rollback_hibernation(&s, T1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(rolled, Written::Done);
+    let reg = created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(reg.session.state, SessionState::Running);
+    assert!(pending_wake_ids(&store).await.is_empty());
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+}
+
+/// Finding: the old leader claimed and sent its patch; a connection recorded
+/// a wake; the new leader read `running` and acknowledged; then the old
+/// patch landed and the old leader finished it.
+async fn a_new_leaders_ack_does_not_hide_the_old_leaders_late_patch(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    let t2 = store.begin_term().await.unwrap();
+    assert!(t2 > T1);
+    let acked = store.ack_wake(&s, t2, Some("u1"), Some(1)).await.unwrap();
+    assert_eq!(acked, Written::Done);
+    assert!(pending_wake_ids(&store).await.is_empty());
+    // The old leader's patch lands (generation 2) and it tries to record it.
+    let finished = store
+        .finish_hibernation(&s, T1, Some("u1"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(finished, FinishOutcome::Fenced);
+    assert_eq!(state(&store, &s).await, SessionState::Running);
+    // The new leader's watch shows the landed patch: in use, so a wake.
+    mirror_as(&store, t2, &s, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+    assert_eq!(state(&store, &s).await, SessionState::Waking);
+}
+
+/// Finding: claims had no owner, so a stalled leader's late rollback cleared
+/// the claim another leader had taken after the first one lapsed.
+async fn a_replaced_leader_cannot_release_the_new_leaders_claim(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    let short = Duration::from_secs(1);
+    assert!(matches!(
+        store.claim_hibernation(&s, short, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    clock.advance(short);
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T2).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    let late = store
+        .rollback_hibernation(&s, T1, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(late, Written::Fenced);
+    assert_eq!(
+        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Refused(ClaimRefusal::Fenced)
+    );
+    assert_eq!(state(&store, &s).await, SessionState::Hibernating);
+    // Even in its own term, a rollback releases only that term's claim.
+    let t3 = store.begin_term().await.unwrap();
+    let other = store
+        .rollback_hibernation(&s, t3, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(other, Written::Noop);
+    assert_eq!(state(&store, &s).await, SessionState::Hibernating);
+}
+
+async fn terms_only_grow_even_when_the_sequence_is_lost(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let a = store.begin_term().await.unwrap();
+    let b = store.begin_term().await.unwrap();
+    assert!(b > a);
+    // The node holding the sequence restarts empty; the shards remember.
+    let deleted: i64 = raw(backend, redis::cmd("DEL").arg(store.keys().term_seq_key())).await;
+    assert_eq!(deleted, 1);
+    let c = store.begin_term().await.unwrap();
+    assert!(c > b, "{c:?} after {b:?}");
+    let s = sid("desk-1");
+    assert_eq!(
+        mirror_as(&store, b, &s, "u1", ResourceState::Running, 1).await,
+        Written::Fenced
+    );
+    assert_eq!(
+        mirror_as(&store, c, &s, "u1", ResourceState::Running, 1).await,
+        Written::Done
+    );
+}
+
+/// Finding: the id was checked only in the session's shard and only while the
+/// record existed, so the same id made a second connection on another
+/// session, or again after close or sweep, and one history row was lost.
+async fn a_connection_id_names_one_connection_for_ever(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let (s1, s2) = (sid("desk-1"), sid("desk-2"));
+    let first = conn(&s1, "alice", Protocol::Vnc);
+    created(store.register(&first, Limits::default()).await.unwrap());
+    let mut elsewhere = first.clone();
+    elsewhere.session_id = s2.clone();
+    assert_eq!(
+        store.register(&elsewhere, Limits::default()).await.unwrap(),
+        RegisterOutcome::Conflict
+    );
+    assert!(matches!(
+        store.register(&first, Limits::default()).await.unwrap(),
+        RegisterOutcome::Replayed(_)
+    ));
+    let found = store.get_connection(first.connection_id).await.unwrap();
+    assert_eq!(found.map(|c| c.session_id), Some(s1.clone()));
+
+    store.close(&s1, first.connection_id).await.unwrap();
+    assert_eq!(
+        store.register(&first, Limits::default()).await.unwrap(),
+        RegisterOutcome::Conflict,
+        "an id is used up once its connection ended"
+    );
+    assert_eq!(
+        store.register(&elsewhere, Limits::default()).await.unwrap(),
+        RegisterOutcome::Conflict
+    );
+
+    // The same after a sweep.
+    let swept = conn(&s2, "bob", Protocol::Http);
+    created(store.register(&swept, Limits::default()).await.unwrap());
+    clock.advance(WINDOW * 2);
+    assert_eq!(sweep_all(&store).await, 1);
+    assert_eq!(
+        store.register(&swept, Limits::default()).await.unwrap(),
+        RegisterOutcome::Conflict
+    );
+    let ids: Vec<_> = outbox(&store)
+        .await
+        .into_iter()
+        .map(|e| e.record.connection_id)
+        .collect();
+    assert_eq!(ids.len(), 2, "one history record per connection: {ids:?}");
+}
+
+/// Finding: a session owner could replay another user's connection id.
+async fn a_replay_by_another_user_is_a_conflict(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    let theirs = conn(&s, "alice", Protocol::Vnc);
+    created(store.register(&theirs, Limits::default()).await.unwrap());
+    let mut mine = theirs.clone();
+    mine.user_id = uid("mallory");
+    assert_eq!(
+        store.register(&mine, Limits::default()).await.unwrap(),
+        RegisterOutcome::Conflict
+    );
+}
+
+/// Finding: a silent connection swept after a later one closed set
+/// idle-since to its older death time, so the session hibernated early.
+async fn idle_since_is_the_latest_disconnect_however_late_the_sweep(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    let silent = conn(&s, "alice", Protocol::Vnc);
+    let talker = conn(&s, "bob", Protocol::Vnc);
+    created(store.register(&silent, Limits::default()).await.unwrap());
+    created(store.register(&talker, Limits::default()).await.unwrap());
+    clock.advance(WINDOW - Duration::from_secs(10));
+    store.heartbeat(&s, talker.connection_id).await.unwrap();
+    clock.advance(Duration::from_secs(20)); // the silent one died 10 s ago
+    store.close(&s, talker.connection_id).await.unwrap();
+    let closed_at = store
+        .session(&s)
+        .await
+        .unwrap()
+        .unwrap()
+        .last_disconnect_at
+        .expect("a disconnect");
+    clock.advance(Duration::from_secs(300)); // the sweep comes late
+    assert_eq!(sweep_all(&store).await, 1);
+    let view = store.session(&s).await.unwrap().unwrap();
+    assert_eq!(view.idle_since, Some(closed_at));
+    assert_eq!(
+        view.hibernates_at,
+        Some(closed_at + chrono::Duration::seconds(2))
+    );
+}
+
+/// Finding: the mirror ordered by generation alone, so a Session created
+/// again under the same name (generation 1) lost to the old one's 7.
+async fn a_recreated_session_is_a_new_session(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "old", ResourceState::Running, 6).await;
+    clock.advance(Duration::from_secs(2));
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    mirror_as(&store, T1, &s, "old", ResourceState::Hibernated, 7).await;
+    assert_eq!(state(&store, &s).await, SessionState::Hibernated);
+    // Deleted and created again; the watch shows the new one first.
+    let written = mirror_as(&store, T1, &s, "new", ResourceState::Running, 1).await;
+    assert_eq!(written, Written::Done);
+    assert_eq!(state(&store, &s).await, SessionState::Idle);
+    // What the old resource's claim or patch would record is refused.
+    let finished = store
+        .finish_hibernation(&s, T1, Some("old"), Some(8))
+        .await
+        .unwrap();
+    assert_eq!(finished, FinishOutcome::Stale);
+    assert_eq!(state(&store, &s).await, SessionState::Idle);
+}
+
+async fn a_late_event_of_a_deleted_resource_is_ignored(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "old", ResourceState::Running, 3).await;
+    let forgotten = store.forget_session(&s, T1, Some("old")).await.unwrap();
+    assert_eq!(forgotten, Written::Done);
+    assert_eq!(store.session(&s).await.unwrap(), None);
+    assert_eq!(
+        mirror_as(&store, T1, &s, "old", ResourceState::Running, 4).await,
+        Written::Noop
+    );
+    assert_eq!(store.session(&s).await.unwrap(), None);
+    // The new resource under the name is mirrored, and the old one's late
+    // delete does not forget it.
+    mirror_as(&store, T1, &s, "new", ResourceState::Running, 1).await;
+    let late = store.forget_session(&s, T1, Some("old")).await.unwrap();
+    assert_eq!(late, Written::Noop);
+    assert_eq!(state(&store, &s).await, SessionState::Idle);
+}
+
+/// Finding: one session with 1,500 dead connections and a budget of 500:
+/// the first call said "no more" and left 1,000 for the next interval.
+/// (The same shape, a tenth of the size.)
+async fn the_sweep_says_more_while_one_session_still_holds_dead_connections(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("crowded");
+    let many: Vec<_> = (0..150)
+        .map(|i| conn(&s, &format!("user-{}", i % 7), Protocol::Http))
+        .collect();
+    let outcomes = register_at_once(&store, many.into_iter(), Limits::default()).await;
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, RegisterOutcome::Created(_))));
+    clock.advance(WINDOW * 2);
+    let shard = store.keys().shard_of(&s);
+    let first = store.sweep_shard(shard, 50).await.unwrap();
+    assert_eq!(first.expired.len(), 50);
+    assert!(first.more, "100 dead connections are left");
+    assert_eq!(sweep_all(&store).await, 100);
+    assert_eq!(store.stats().await.unwrap().total_connections, 0);
+}
+
+/// Finding (reasoned): a process dying between a close and the release of
+/// the user's slot leaked the slot until the user hit the limit.
+async fn an_archived_connection_gives_its_user_slot_back_even_after_a_crash(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    let c = conn(&s, "alice", Protocol::Vnc);
+    let limits = Limits {
+        per_session: 0,
+        per_user: 1,
+    };
+    created(store.register(&c, limits).await.unwrap());
+    store.close(&s, c.connection_id).await.unwrap();
+    // Play the crash: the release after the close never happened.
+    let key = store.keys().user_key(&c.user_id);
+    let member = format!("{}/{}", s, c.connection_id);
+    let _: i64 = raw(backend, redis::cmd("ZADD").arg(&key).arg(0).arg(&member)).await;
+    let records: Vec<_> = outbox(&store).await.into_iter().map(|e| e.record).collect();
+    assert_eq!(records.len(), 1);
+    store.settle_archived(&records).await.unwrap();
+    let left: i64 = raw(backend, redis::cmd("ZCARD").arg(&key)).await;
+    assert_eq!(left, 0, "the archiver gave the slot back");
+}
