@@ -27,13 +27,17 @@ listening() {
   ((rc == 0 || rc == 124))
 }
 
-# Healthy = every node says state ok, all slots assigned, and knows all nodes.
+# Healthy = every node says state ok, all slots assigned, knows all nodes,
+# and no slot is half migrated (a slot-migration test killed midway leaves
+# one "[slot->-node]" behind; such a cluster is rebuilt, not reused).
 node_ok() {
-  local info
+  local info nodes
   info="$(cli "$1" cluster info | tr -d '\r')" || return 1
+  nodes="$(cli "$1" cluster nodes | tr -d '\r')" || return 1
   grep -qx 'cluster_state:ok' <<<"$info" &&
     grep -qx 'cluster_slots_assigned:16384' <<<"$info" &&
-    grep -qx "cluster_known_nodes:${#PORTS[@]}" <<<"$info"
+    grep -qx "cluster_known_nodes:${#PORTS[@]}" <<<"$info" &&
+    ! grep -q '\[' <<<"$nodes"
 }
 cluster_ok() { local p; for p in "${PORTS[@]}"; do node_ok "$p" || return 1; done; }
 

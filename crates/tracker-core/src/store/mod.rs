@@ -67,6 +67,94 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// A cluster connection that is replaced when it stops answering.
+///
+/// The cluster client multiplexes every call over one connection per node
+/// and follows redirections itself. After a slot migration under load it has
+/// been seen to stop answering altogether (every call timing out, while a new
+/// connection works at once), so a run of timeouts makes a fresh one.
+struct ClusterConn {
+    client: redis::cluster::ClusterClient,
+    current: std::sync::RwLock<ClusterConnection>,
+    connect_timeout: Duration,
+    timeouts_in_a_row: std::sync::atomic::AtomicU32,
+    replacing: std::sync::atomic::AtomicBool,
+}
+
+/// Timeouts in a row after which a cluster connection is replaced.
+const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
+
+impl ClusterConn {
+    fn get(&self) -> ClusterConnection {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Counts a call's outcome; a run of timeouts replaces the connection in
+    /// the background (one replacement at a time).
+    fn observe<T>(self: &std::sync::Arc<Self>, result: &Result<T>) {
+        use std::sync::atomic::Ordering;
+        let timed_out = match result {
+            Err(Error::Timeout(_)) => true,
+            Err(Error::Redis(e)) => e.is_timeout(),
+            _ => false,
+        };
+        if !timed_out {
+            self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+            return;
+        }
+        let n = self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < TIMEOUTS_BEFORE_RECONNECT || self.replacing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let fresh =
+                tokio::time::timeout(this.connect_timeout, this.client.get_async_connection())
+                    .await;
+            match fresh {
+                Ok(Ok(conn)) => {
+                    *this
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = conn;
+                    this.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                    tracing::warn!("redis cluster connection stopped answering; replaced");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "replacing the redis cluster connection failed")
+                }
+                Err(_) => tracing::warn!("replacing the redis cluster connection timed out"),
+            }
+            this.replacing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Where calls go: one connection to Redis, standalone or cluster.
+#[derive(Clone)]
+enum Backend {
+    Standalone(ConnectionManager),
+    Cluster(std::sync::Arc<ClusterConn>),
+}
+
+impl Backend {
+    fn conn(&self) -> Conn {
+        match self {
+            Backend::Standalone(c) => Conn::Standalone(c.clone()),
+            Backend::Cluster(c) => Conn::Cluster(c.get()),
+        }
+    }
+
+    fn observe<T>(&self, result: &Result<T>) {
+        if let Backend::Cluster(c) = self {
+            c.observe(result);
+        }
+    }
+}
+
 /// How old a user-slot reservation must be before a registration that found
 /// the user at its limit may check whether it is stale. Longer than any
 /// registration takes (its calls time out far sooner), so a reservation whose
@@ -97,7 +185,7 @@ enum IdClaim {
 /// The shared state of all connections and sessions.
 #[derive(Clone)]
 pub struct Store {
-    conn: Conn,
+    backend: Backend,
     keys: std::sync::Arc<KeySpace>,
     scripts: std::sync::Arc<Scripts>,
     window: Duration,
@@ -125,7 +213,7 @@ impl Store {
         if cfg.heartbeat_window < Duration::from_millis(1) {
             return Err(Error::Config("heartbeat window must be positive".into()));
         }
-        let conn = match cfg.mode {
+        let backend = match cfg.mode {
             RedisMode::Standalone => {
                 let [url] = cfg.urls.as_slice() else {
                     return Err(Error::Config(
@@ -138,7 +226,7 @@ impl Store {
                     .set_response_timeout(Some(cfg.command_timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
-                Conn::Standalone(ConnectionManager::new_lazy_with_config(
+                Backend::Standalone(ConnectionManager::new_lazy_with_config(
                     client,
                     manager_cfg,
                 )?)
@@ -158,14 +246,21 @@ impl Store {
                     .max_retry_wait(200)
                     .build()?;
                 let connect = client.get_async_connection();
-                match tokio::time::timeout(cfg.connect_timeout, connect).await {
-                    Ok(conn) => Conn::Cluster(conn?),
+                let conn = match tokio::time::timeout(cfg.connect_timeout, connect).await {
+                    Ok(conn) => conn?,
                     Err(_) => return Err(Error::Timeout(cfg.connect_timeout)),
-                }
+                };
+                Backend::Cluster(std::sync::Arc::new(ClusterConn {
+                    client,
+                    current: std::sync::RwLock::new(conn),
+                    connect_timeout: cfg.connect_timeout,
+                    timeouts_in_a_row: std::sync::atomic::AtomicU32::new(0),
+                    replacing: std::sync::atomic::AtomicBool::new(false),
+                }))
             }
         };
         Ok(Self {
-            conn,
+            backend,
             keys: std::sync::Arc::new(keys),
             scripts: std::sync::Arc::new(Scripts::load()),
             window: cfg.heartbeat_window,
@@ -196,11 +291,13 @@ impl Store {
 
     /// One command, within the timeout.
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+        let mut conn = self.backend.conn();
+        let result = match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::Timeout(self.timeout)),
-        }
+        };
+        self.backend.observe(&result);
+        result
     }
 
     /// Runs a script with its declared keys; `ARGV[1]` is always the clock offset.
@@ -215,11 +312,13 @@ impl Store {
             inv.key(k);
         }
         inv.arg(self.clock.millis()).arg(args);
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+        let mut conn = self.backend.conn();
+        let result = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::Timeout(self.timeout)),
-        }
+        };
+        self.backend.observe(&result);
+        result
     }
 
     /// A script on one shard-wide key.

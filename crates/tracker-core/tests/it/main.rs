@@ -7,5 +7,6 @@ mod adversarial;
 mod concurrency;
 mod connections;
 mod hibernation;
+mod migration;
 mod properties;
 mod support;
