@@ -602,6 +602,71 @@ async fn client_ip_comes_from_the_connection_for_users() {
     }
 }
 
+/// One replica holds at most `--max-websockets-per-user` sockets of a plain
+/// user, and gives the place back when one closes; a WebSocket's address is
+/// its peer's, whatever `X-Forwarded-For` says from an untrusted peer.
+#[tokio::test]
+async fn websockets_per_user_are_capped_and_keep_their_own_address() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+    let app = TestApp::spawn_with(
+        Backend::Standalone,
+        with_args(&["--max-websockets-per-user", "1"]),
+    )
+    .await;
+    app.mirror("ws-cap", Some("alice"), ResourceState::Running)
+        .await;
+    let alice = token("alice", &["user"]);
+    let connect = || async {
+        let mut req = app
+            .ws_url("/v1/sessions/ws-cap/ws")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {alice}").parse().unwrap());
+        req.headers_mut()
+            .insert("x-forwarded-for", "203.0.113.5".parse().unwrap());
+        tokio_tungstenite::connect_async(req).await
+    };
+    let (mut first, _) = connect().await.expect("the first socket");
+    let frame = match tokio::time::timeout(CLOSE_BOUND, first.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Value>(t.as_str()).unwrap(),
+        other => panic!("no registered frame: {other:?}"),
+    };
+    assert_eq!(frame["connection"]["client_ip"], "127.0.0.1");
+    match connect().await {
+        Err(WsError::Http(res)) => assert_eq!(res.status().as_u16(), 429),
+        other => panic!("a second socket over the cap: {other:?}"),
+    }
+    // A service is not counted.
+    let svc = app.ws_url(&format!(
+        "/v1/sessions/ws-cap/ws?access_token={}",
+        service_token()
+    ));
+    let (_svc_socket, _) = tokio_tungstenite::connect_async(svc)
+        .await
+        .expect("a service socket");
+
+    first.send(Message::Close(None)).await.unwrap();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(CLOSE_BOUND, first.next()).await {}
+    let deadline = tokio::time::Instant::now() + CLOSE_BOUND;
+    loop {
+        match connect().await {
+            Ok(_) => break,
+            Err(WsError::Http(res)) if res.status().as_u16() == 429 => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the place never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// Nothing above may make the server fail: every refused request is a 4xx.
 #[tokio::test]
 async fn refusals_are_never_5xx() {
