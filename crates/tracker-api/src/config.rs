@@ -67,7 +67,8 @@ impl FromStr for TrustedProxies {
 /// How bearer tokens are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
-    /// HS256 JWTs signed with `TRACKER_JWT_SECRET`.
+    /// JWTs: HS256 with `TRACKER_JWT_SECRET`, or the algorithm of
+    /// `TRACKER_JWT_PUBLIC_KEY_FILE`.
     Jwt,
     /// Every request is an admin: for local runs only.
     Disabled,
@@ -129,7 +130,8 @@ pub struct Config {
     #[arg(long, env = "TRACKER_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: TrustedProxies,
 
-    /// A request's head must arrive in full within this.
+    /// A request's head must arrive in full within this once it starts
+    /// arriving; the connection is closed otherwise.
     #[arg(long, env = "TRACKER_HEADER_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub header_timeout: Duration,
 
@@ -137,7 +139,8 @@ pub struct Config {
     #[arg(long, env = "TRACKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     pub request_timeout: Duration,
 
-    /// An idle keep-alive connection is closed after this long.
+    /// A connection with no request in flight is closed after this long
+    /// silent; keep it above the idle timeout of the proxy in front.
     #[arg(long, env = "TRACKER_KEEPALIVE_TIMEOUT", default_value = "75s", value_parser = positive_duration)]
     pub keepalive_timeout: Duration,
 
