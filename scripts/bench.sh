@@ -43,7 +43,8 @@ cargo bench -q -p tracker-core --bench store -- $QUICK | grep -v '^#'
 cargo build -q --release -p tracker-api --bin tracker-api --bench loadgen
 LOADGEN=$(find target/release/deps -maxdepth 1 -type f -executable -name 'loadgen-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
 
-SECRET=bench-secret
+# At least 32 bytes: shorter HS256 secrets are refused at start.
+SECRET=bench-secret-bench-secret-bench-secret
 TOKEN=$(python3 - "$SECRET" <<'PY'
 import base64, hashlib, hmac, json, sys, time
 b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
@@ -55,7 +56,9 @@ PY
 )
 
 API=127.0.0.1:18080; NOOP=127.0.0.1:18099
+# One service user holds every connection: the per-user and per-session limits are off.
 TRACKER_JWT_SECRET=$SECRET TRACKER_LISTEN=$API TRACKER_KEY_PREFIX="bench-$$" RUST_LOG=warn \
+  TRACKER_MAX_CONNECTIONS_PER_SESSION=0 TRACKER_MAX_CONNECTIONS_PER_USER=0 \
   target/release/tracker-api >"$WORK/api.log" 2>&1 &
 pids+=($!); API_PID=$!
 "$LOADGEN" noop --listen $NOOP --duration 600s >/dev/null &

@@ -79,7 +79,7 @@ done
 
 # --- one API -------------------------------------------------------------------
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-SECRET="fuzz-secret-$RUN"
+SECRET="fuzz-secret-of-at-least-32-bytes-$RUN"
 TOKEN="$(SECRET="$SECRET" python3 - <<'EOF'
 import base64, hashlib, hmac, json, os, time
 def b64(b): return base64.urlsafe_b64encode(b).rstrip(b"=").decode()

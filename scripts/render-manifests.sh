@@ -14,6 +14,9 @@
 # SDK behind a C ABI; pinned below), installed into a virtualenv under
 # ~/.cache on first use. No cluster is contacted (KUBECONFIG=/dev/null).
 #
+# Both modes also check that the chart refuses to render unsafe values
+# (api.auth=disabled).
+#
 # Usage: scripts/render-manifests.sh           rewrite deploy/rendered/*.yaml
 #        scripts/render-manifests.sh --check   lint, render, and fail if the
 #                                              files in deploy/rendered/ differ
@@ -109,7 +112,23 @@ outputs = {
     + template(monitoring, {"templates/servicemonitor.yaml", "templates/grafana-dashboard.yaml"}),
 }
 
+
+def refused(values, needle):
+    """Values the chart must refuse to render, with a message naming the value."""
+    try:
+        template(values)
+    except Exception as e:  # the SDK raises its own error type
+        if needle in str(e):
+            return True
+        print(f"render-manifests: {values} was refused, but not for {needle!r}: {e}", file=sys.stderr)
+        return False
+    print(f"render-manifests: the chart renders with {values}; it must refuse them", file=sys.stderr)
+    return False
+
+
 ok = lint(None) and lint(monitoring)
+# Settings that must never reach a cluster.
+ok = refused({"api": {"auth": "disabled"}}, "api.auth") and ok
 if mode == "write":
     rendered.mkdir(parents=True, exist_ok=True)
     for name, text in outputs.items():

@@ -14,6 +14,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, EnvVar, PodSpec, Secret, Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -30,9 +31,8 @@ const RELEASE_NAMESPACE: &str = "streamspace";
 const DEFAULT_RENDER: &str = "tracker.yaml";
 const MONITORING_RENDER: &str = "tracker-monitoring.yaml";
 
-/// CONTRACT.md §1, by the binary that reads each variable, plus the
-/// team's additions (`TRACKER_REDIS_SHARDS`, `TRACKER_REDIS_TIMEOUT`,
-/// `TRACKER_SHUTDOWN_TIMEOUT`, `POD_NAME`).
+/// The settings of docs/configuration.md, by the binary that reads each
+/// variable.
 const API_ENV: &[&str] = &[
     "TRACKER_REDIS_URL",
     "TRACKER_REDIS_MODE",
@@ -46,6 +46,16 @@ const API_ENV: &[&str] = &[
     "TRACKER_HEARTBEAT_WINDOW",
     "TRACKER_MAX_CONNECTIONS_PER_SESSION",
     "TRACKER_MAX_CONNECTIONS_PER_USER",
+    "TRACKER_MAX_WEBSOCKETS_PER_USER",
+    "TRACKER_JWT_ISSUER",
+    "TRACKER_JWT_AUDIENCE",
+    "TRACKER_JWT_LEEWAY",
+    "TRACKER_JWT_PUBLIC_KEY_FILE",
+    "TRACKER_TRUSTED_PROXIES",
+    "TRACKER_HEADER_TIMEOUT",
+    "TRACKER_KEEPALIVE_TIMEOUT",
+    "TRACKER_REQUEST_TIMEOUT",
+    "TRACKER_MAX_OPEN_CONNECTIONS",
     "RUST_LOG",
     "TRACKER_LOG_FORMAT",
     "TRACKER_REDIS_SHARDS",
@@ -99,6 +109,18 @@ const ENV_FROM_VALUES: &[(&str, &str)] = &[
         "TRACKER_MAX_CONNECTIONS_PER_USER",
         "api.maxConnectionsPerUser",
     ),
+    (
+        "TRACKER_MAX_WEBSOCKETS_PER_USER",
+        "api.maxWebsocketsPerUser",
+    ),
+    ("TRACKER_JWT_ISSUER", "api.jwt.issuer"),
+    ("TRACKER_JWT_AUDIENCE", "api.jwt.audience"),
+    ("TRACKER_JWT_LEEWAY", "api.jwt.leeway"),
+    ("TRACKER_TRUSTED_PROXIES", "api.trustedProxies"),
+    ("TRACKER_HEADER_TIMEOUT", "api.headerTimeout"),
+    ("TRACKER_KEEPALIVE_TIMEOUT", "api.keepaliveTimeout"),
+    ("TRACKER_REQUEST_TIMEOUT", "api.requestTimeout"),
+    ("TRACKER_MAX_OPEN_CONNECTIONS", "api.maxOpenConnections"),
     ("TRACKER_SHUTDOWN_TIMEOUT", "api.shutdownTimeout"),
     ("TRACKER_SWEEP_INTERVAL", "reaper.sweepInterval"),
     ("TRACKER_DEFAULT_IDLE_TIMEOUT", "reaper.defaultIdleTimeout"),
@@ -483,6 +505,8 @@ fn every_object_parses_into_its_k8s_openapi_type() {
                     doc.typed::<HorizontalPodAutoscaler>();
                 } else if doc.is::<PodDisruptionBudget>() {
                     doc.typed::<PodDisruptionBudget>();
+                } else if doc.is::<NetworkPolicy>() {
+                    doc.typed::<NetworkPolicy>();
                 } else if doc.is::<CustomResourceDefinition>() {
                     doc.typed::<CustomResourceDefinition>();
                 } else if doc.api_version() == "monitoring.coreos.com/v1"
@@ -514,6 +538,7 @@ fn every_object_parses_into_its_k8s_openapi_type() {
         "CustomResourceDefinition",
         "ServiceMonitor",
         "ConfigMap",
+        "NetworkPolicy",
     ] {
         assert!(kinds.contains(kind), "no {kind} in deploy/");
     }
@@ -832,7 +857,8 @@ fn secrets_come_from_a_secret() {
     let jwt = key_ref(&api, "TRACKER_JWT_SECRET");
     assert_eq!(jwt.name, secret_name);
     assert_eq!(jwt.key, value_at(&values, "secret.keys.jwtSecret"));
-    assert_eq!(jwt.optional, Some(false), "auth is on by default");
+    // Auth is always on (the chart refuses api.auth=disabled): never optional.
+    assert_ne!(jwt.optional, Some(true), "the JWT secret is required");
     for (c, optional) in [(&api, Some(true)), (&reaper, None)] {
         let db = key_ref(c, "TRACKER_DATABASE_URL");
         assert_eq!(db.name, secret_name);
@@ -869,8 +895,9 @@ fn grace_period_outlasts_the_shutdown_deadline() {
 #[test]
 fn probes_hit_readyz_and_healthz_on_the_served_port() {
     let docs = default_render();
+    // The API's probes use its ops listener: /readyz is only served there.
     for (binary, listen_var, port) in [
-        (Binary::Api, "TRACKER_LISTEN", 8080),
+        (Binary::Api, "TRACKER_METRICS_LISTEN", 9090),
         (Binary::Reaper, "TRACKER_METRICS_LISTEN", 9090),
     ] {
         let (_, c) = workload(&docs, binary);
@@ -1364,7 +1391,13 @@ fn rendered_env_and_sizes_are_the_values_defaults() {
                 "TRACKER_LISTEN" => Some(format!("0.0.0.0:{}", value_at(&values, "api.port"))),
                 "TRACKER_METRICS_LISTEN" => Some(format!(
                     "0.0.0.0:{}",
-                    value_at(&values, "reaper.metricsPort")
+                    value_at(
+                        &values,
+                        match binary {
+                            Binary::Api => "api.metricsPort",
+                            Binary::Reaper => "reaper.metricsPort",
+                        }
+                    )
                 )),
                 // From the Secret or the downward API: checked elsewhere.
                 "TRACKER_JWT_SECRET" | "TRACKER_DATABASE_URL" | "POD_NAME" => None,
@@ -1443,4 +1476,93 @@ fn rendered_env_and_sizes_are_the_values_defaults() {
     for c in [&api_c, &reaper_c] {
         assert_eq!(c.image.as_deref(), Some(image.as_str()));
     }
+}
+
+/// `api.auth=disabled` makes every request an admin: the chart refuses to
+/// render it (scripts/render-manifests.sh checks that it does), and the
+/// default is `jwt`.
+#[test]
+fn the_chart_refuses_disabled_auth() {
+    let values = values();
+    assert_eq!(value_at(&values, "api.auth"), "jwt");
+    let template = read(&repo().join("deploy/helm/tracker/templates/api-deployment.yaml"));
+    let guard = template.lines().take(3).collect::<Vec<_>>().join("\n");
+    assert!(
+        guard.contains("if ne .Values.api.auth \"jwt\"") && guard.contains("fail "),
+        "api-deployment.yaml must start by failing on any api.auth but jwt:\n{guard}"
+    );
+    let (_, c) = workload(&default_render(), Binary::Api);
+    assert_eq!(env_value(&c, "TRACKER_AUTH"), Some("jwt"));
+}
+
+/// Each pod's metrics port takes traffic only from the configured scrapers;
+/// the API's own port stays open to clients. The API serves /metrics,
+/// /readyz and /openapi.json on its metrics port only.
+#[test]
+fn network_policies_close_the_metrics_ports() {
+    let docs = default_render();
+    let policies: Vec<NetworkPolicy> = all_of(&docs);
+    for binary in [Binary::Api, Binary::Reaper] {
+        let (d, c) = workload(&docs, binary);
+        let labels = pod_labels(&d);
+        let selecting: Vec<&NetworkPolicy> = policies
+            .iter()
+            .filter(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.pod_selector.as_ref())
+                    .is_some_and(|sel| selects(sel, &labels))
+            })
+            .collect();
+        assert_eq!(selecting.len(), 1, "{}: one NetworkPolicy", binary.name());
+        let spec = selecting[0].spec.as_ref().expect("a spec");
+        assert!(
+            spec.policy_types
+                .as_deref()
+                .is_some_and(|t| t.iter().any(|t| t == "Ingress")),
+            "{}: an ingress policy",
+            binary.name()
+        );
+        let metrics_port = env_value(&c, "TRACKER_METRICS_LISTEN")
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|p| p.parse::<i32>().ok())
+            .unwrap_or_else(|| panic!("{}: TRACKER_METRICS_LISTEN", binary.name()));
+        let mut metrics_open_to_some = false;
+        for rule in spec.ingress.as_deref().unwrap_or_default() {
+            let ports: Vec<i32> = rule
+                .ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| p.port.as_ref())
+                .map(|p| named_port(&c, p))
+                .collect();
+            assert!(
+                !ports.is_empty(),
+                "{}: a rule without ports opens every port",
+                binary.name()
+            );
+            if ports.contains(&metrics_port) {
+                let from = rule.from.as_deref().unwrap_or_default();
+                assert!(
+                    !from.is_empty(),
+                    "{}: the metrics port is open to everyone",
+                    binary.name()
+                );
+                metrics_open_to_some = true;
+            }
+        }
+        assert!(
+            metrics_open_to_some,
+            "{}: no scraper may reach /metrics",
+            binary.name()
+        );
+    }
+    let (_, api) = workload(&docs, Binary::Api);
+    let listen = env_value(&api, "TRACKER_LISTEN").expect("TRACKER_LISTEN");
+    let metrics = env_value(&api, "TRACKER_METRICS_LISTEN").expect("TRACKER_METRICS_LISTEN");
+    assert_ne!(
+        listen, metrics,
+        "the API's ops routes need their own listener"
+    );
 }

@@ -45,7 +45,11 @@ struct Target {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
     /// HS256 secret to mint a service token with (any value when auth is disabled).
-    #[arg(long, env = "TRACKER_JWT_SECRET", default_value = "loadgen")]
+    #[arg(
+        long,
+        env = "TRACKER_JWT_SECRET",
+        default_value = "loadgen-secret-loadgen-secret-loadgen"
+    )]
     secret: String,
     /// Connections registered before the run (spread over sessions of 10).
     #[arg(long, default_value_t = 1000)]

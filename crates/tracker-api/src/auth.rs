@@ -1,9 +1,16 @@
-//! Who is calling, and what they may do (CONTRACT.md §2, "Auth").
+//! Who is calling, and what they may do (docs/security.md).
 //!
-//! A bearer JWT (HS256, `exp` required) names the caller (`sub`) and its
-//! `roles`. `service` and `admin` act on any session; a plain `user` only on
-//! sessions it owns, and only as itself. The decisions are pure functions on
-//! [`Principal`] so they are unit-tested without a server.
+//! A bearer JWT names the caller (`sub`) and its `roles`. It is HS256 with
+//! `TRACKER_JWT_SECRET`, or RS256/ES256/EdDSA with the key of
+//! `TRACKER_JWT_PUBLIC_KEY_FILE`: exactly one algorithm is accepted, the
+//! key's, so a token cannot pick how it is checked. `exp` is required, `nbf`
+//! is checked when present, both within `TRACKER_JWT_LEEWAY`; `iss` and `aud`
+//! are required when configured. `service` and `admin` act on any session; a
+//! plain `user` only on sessions it owns, and only as itself. The decisions
+//! are pure functions on [`Principal`] so they are unit-tested without a
+//! server.
+
+use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -56,6 +63,12 @@ impl Principal {
         }
     }
 
+    /// Whether the caller may state a connection's `client_ip` itself; a
+    /// plain user's is the address it connects from.
+    pub fn may_set_client_ip(&self) -> bool {
+        self.privileged
+    }
+
     /// Whether the caller may act as `user` (register a connection for it).
     pub fn check_acting_as(&self, user: &UserId) -> Result<(), ApiError> {
         if self.privileged || user == &self.subject {
@@ -71,6 +84,27 @@ struct Claims {
     sub: String,
     #[serde(default)]
     roles: Vec<String>,
+}
+
+/// What a token's claims must satisfy besides its signature.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JwtRules {
+    /// Clock skew allowed on `exp` and `nbf` (whole seconds).
+    pub leeway: Duration,
+    /// When set, `iss` must be present and equal.
+    pub issuer: Option<String>,
+    /// When set, `aud` must be present and contain it. When not set, a token
+    /// that names an audience is refused: it was meant for someone else.
+    pub audience: Option<String>,
+}
+
+/// Why `TRACKER_JWT_PUBLIC_KEY_FILE` holds no usable key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not a PEM public key (expected -----BEGIN PUBLIC KEY-----)")]
+    NotPublicPem,
+    #[error("not an RSA, EC P-256 or Ed25519 public key")]
+    Unsupported,
 }
 
 /// Checks tokens; built once from the settings.
@@ -103,12 +137,51 @@ impl Authenticator {
         })
     }
 
-    pub fn jwt(secret: &str) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp"]);
+    /// HS256 with a shared secret (its length is checked by the config).
+    pub fn hs256(secret: &[u8], rules: &JwtRules) -> Self {
+        Self::with_key(DecodingKey::from_secret(secret), Algorithm::HS256, rules)
+    }
+
+    /// The algorithm follows from the key: RS256 for RSA, ES256 for EC
+    /// P-256, EdDSA for Ed25519. HS256 is never accepted with a public key,
+    /// or its PEM text could serve as an HMAC secret (algorithm confusion).
+    pub fn public_key_pem(pem: &[u8], rules: &JwtRules) -> Result<Self, KeyError> {
+        let text = std::str::from_utf8(pem).map_err(|_| KeyError::NotPublicPem)?;
+        // A private key mounted by mistake must not be taken for the public one.
+        if !text.contains("-----BEGIN PUBLIC KEY-----")
+            && !text.contains("-----BEGIN RSA PUBLIC KEY-----")
+        {
+            return Err(KeyError::NotPublicPem);
+        }
+        let (key, alg) = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+            (k, Algorithm::RS256)
+        } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+            (k, Algorithm::ES256)
+        } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+            (k, Algorithm::EdDSA)
+        } else {
+            return Err(KeyError::Unsupported);
+        };
+        Ok(Self::with_key(key, alg, rules))
+    }
+
+    fn with_key(key: DecodingKey, alg: Algorithm, rules: &JwtRules) -> Self {
+        let mut validation = Validation::new(alg);
+        let mut required = vec!["exp"];
         validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = rules.leeway.as_secs();
+        if let Some(iss) = &rules.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = &rules.audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         Authenticator::Jwt {
-            key: DecodingKey::from_secret(secret.as_bytes()),
+            key,
             validation: Box::new(validation),
         }
     }
@@ -122,12 +195,7 @@ impl Authenticator {
         let token = token.ok_or(ApiError::Unauthenticated("a bearer token is required"))?;
         let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
             tracing::debug!(error = %e, "token refused");
-            match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                    ApiError::Unauthenticated("the token has expired")
-                }
-                _ => ApiError::Unauthenticated("the token is invalid"),
-            }
+            ApiError::Unauthenticated(refusal(e.kind()))
         })?;
         let subject =
             data.claims.sub.parse::<UserId>().map_err(|_| {
@@ -139,6 +207,26 @@ impl Authenticator {
             privileged: has("service") || has("admin"),
             user: has("user"),
         })
+    }
+}
+
+/// What a client is told about a refused token: enough to fix its own
+/// token, nothing about the key.
+fn refusal(kind: &jsonwebtoken::errors::ErrorKind) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind;
+    match kind {
+        ErrorKind::ExpiredSignature => "the token has expired",
+        ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
+        ErrorKind::InvalidIssuer => "the token's issuer is not accepted",
+        ErrorKind::InvalidAudience => "the token's audience is not accepted",
+        ErrorKind::InvalidAlgorithm => "the token's algorithm is not accepted",
+        ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "exp" => "the token has no exp",
+            "iss" => "the token has no iss",
+            "aud" => "the token has no aud",
+            _ => "the token lacks a required claim",
+        },
+        _ => "the token is invalid",
     }
 }
 
@@ -282,11 +370,13 @@ mod tests {
         chrono::Utc::now().timestamp()
     }
 
+    const K: &str = "k-k-k-k-k-k-k-k-k-k-k-k-k-k-k-k-";
+
     #[test]
     fn tokens_are_checked() {
-        let auth = Authenticator::jwt("k");
+        let auth = Authenticator::hs256(K.as_bytes(), &JwtRules::default());
         let ok = token(
-            "k",
+            K,
             serde_json::json!({"sub": "alice", "roles": ["user"], "exp": now() + 60}),
         );
         assert_eq!(
@@ -300,15 +390,15 @@ mod tests {
                 serde_json::json!({"sub": "a", "roles": ["admin"], "exp": now() + 60}),
             )),
             Some(token(
-                "k",
+                K,
                 serde_json::json!({"sub": "a", "roles": ["admin"], "exp": now() - 3600}),
             )),
             Some(token(
-                "k",
+                K,
                 serde_json::json!({"sub": "a", "roles": ["admin"]}),
             )),
             Some(token(
-                "k",
+                K,
                 serde_json::json!({"sub": "", "roles": ["admin"], "exp": now() + 60}),
             )),
             Some("not.a.jwt".to_owned()),
@@ -328,6 +418,22 @@ mod tests {
                 .unwrap()
                 .privileged
         );
+    }
+
+    #[test]
+    fn private_or_foreign_pem_is_not_a_public_key() {
+        let rules = JwtRules::default();
+        let private = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert_eq!(
+            Authenticator::public_key_pem(private.as_bytes(), &rules).err(),
+            Some(KeyError::NotPublicPem)
+        );
+        let junk = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        assert_eq!(
+            Authenticator::public_key_pem(junk.as_bytes(), &rules).err(),
+            Some(KeyError::Unsupported)
+        );
+        assert!(Authenticator::public_key_pem(&[0xff, 0xfe], &rules).is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The one table from error to HTTP status and code (CONTRACT.md §2).
+//! The one table from error to HTTP status and code.
 //!
 //! Handlers return `Result<_, ApiError>`; nothing else decides a status.
 //! Backend failures are logged here, once, and answered with a generic body:
@@ -34,6 +34,9 @@ pub enum ApiError {
     Conflict(&'static str),
     #[error("the request body is too large: the limit is 1 MiB, 4 MiB for POST /v1/heartbeats")]
     PayloadTooLarge,
+    /// The request took longer than `TRACKER_REQUEST_TIMEOUT`.
+    #[error("the request took too long")]
+    RequestTimeout,
     #[error("{0}")]
     ConnectionLimit(LimitKind),
     /// The backend is down or slow; the client should retry.
@@ -95,6 +98,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::ConnectionLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } | ApiError::ShuttingDown | ApiError::HistoryDisabled => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -114,6 +118,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::ConnectionLimit(_) => "connection_limit",
             ApiError::Unavailable { .. } | ApiError::ShuttingDown | ApiError::HistoryDisabled => {
                 "unavailable"
@@ -129,6 +134,10 @@ impl ApiError {
                 (format!("{backend} is unavailable, retry later"), None)
             }
             ApiError::Internal { .. } => ("internal error".to_owned(), None),
+            ApiError::ConnectionLimit(LimitKind::UserWebsockets) => (
+                "the user has reached its WebSocket limit on this replica".to_owned(),
+                None,
+            ),
             ApiError::ConnectionLimit(kind) => {
                 (format!("the {kind} has reached its connection limit"), None)
             }
@@ -210,6 +219,7 @@ mod tests {
             (ApiError::ConnectionNotFound, 404, "connection_not_found"),
             (ApiError::Conflict("x"), 409, "conflict"),
             (ApiError::PayloadTooLarge, 413, "payload_too_large"),
+            (ApiError::RequestTimeout, 408, "request_timeout"),
             (
                 ApiError::ConnectionLimit(LimitKind::Session),
                 429,

@@ -14,7 +14,7 @@ use tracker_core::{ConnectionId, SessionId, ValidationError};
 
 use crate::error::ApiError;
 
-/// Request bodies over this get 413 (CONTRACT.md §2).
+/// Request bodies over this get 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 /// The batch heartbeat route's larger limit.
 pub const BATCH_BODY_LIMIT: usize = 4 * 1024 * 1024;

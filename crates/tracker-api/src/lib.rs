@@ -1,5 +1,5 @@
 //! `tracker-api`: the stateless HTTP and WebSocket replicas of the connection
-//! tracker (CONTRACT.md §1–§3).
+//! tracker.
 //!
 //! Proxies, the session API and browsers call it to register, heartbeat and
 //! close connections; it also tracks WebSockets itself. All state lives in
@@ -8,10 +8,12 @@
 //! Layout:
 //! - [`config`]: the settings (`TRACKER_*` variables and equal flags);
 //! - [`auth`]: bearer JWTs and who may act on which session;
+//! - [`client_ip`]: the client's address, and when `X-Forwarded-For` counts;
 //! - [`error`]: the one table from error to status and code;
 //! - [`extract`]: JSON and path extractors whose rejections name the field;
 //! - [`routes`]: the router and the handlers, by concept;
 //! - [`ws`]: WebSocket tracking and its shutdown;
+//! - [`serve`]: the HTTP/1.1 server loop with its timeouts and connection cap;
 //! - [`history`]: the PostgreSQL archive reader;
 //! - [`metrics`]: per-instance Prometheus metrics with bounded labels;
 //! - [`openapi`]: the generated OpenAPI document;
@@ -23,6 +25,7 @@
 //! `TRACKER_SHUTDOWN_TIMEOUT`.
 
 pub mod auth;
+pub mod client_ip;
 pub mod config;
 pub mod error;
 pub mod extract;
@@ -30,10 +33,10 @@ pub mod history;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod serve;
 pub mod state;
 pub mod ws;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -43,11 +46,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracker_core::Store;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, JwtRules};
 use crate::config::{AuthMode, Config, ConfigError};
 use crate::history::History;
 use crate::metrics::Metrics;
+use crate::serve::ConnLimits;
 use crate::state::{AppState, Inner};
+use crate::ws::UserSockets;
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +77,7 @@ pub struct Application {
     listener: TcpListener,
     ops_listener: Option<TcpListener>,
     state: AppState,
+    limits: ConnLimits,
     shutdown_timeout: Duration,
 }
 
@@ -79,13 +85,15 @@ impl Application {
     /// Connects to Redis (and prepares the lazy PostgreSQL pool), then binds.
     pub async fn build(cfg: Config) -> Result<Self, BuildError> {
         cfg.validate()?;
+        // Before any connection: a bad key file is a settings error.
+        let auth = authenticator(&cfg)?;
         let store = Store::connect(&cfg.store_config()).await?;
         let history = cfg
             .database_url
-            .as_deref()
-            .map(|url| History::connect_lazy(url, cfg.redis.redis_timeout))
+            .as_ref()
+            .map(|url| History::connect_lazy(url.expose(), cfg.redis.redis_timeout))
             .transpose()?;
-        Self::build_with(cfg, store, history).await
+        Self::assemble(cfg, auth, store, history).await
     }
 
     /// Builds around a given store and archive (tests share a clock offset
@@ -96,23 +104,22 @@ impl Application {
         history: Option<History>,
     ) -> Result<Self, BuildError> {
         cfg.validate()?;
-        let auth = match (cfg.auth, cfg.jwt_secret.as_deref()) {
-            (AuthMode::Jwt, Some(secret)) => Authenticator::jwt(secret),
-            (AuthMode::Jwt, None) => return Err(ConfigError::MissingJwtSecret.into()),
-            (AuthMode::Disabled, _) => {
-                tracing::warn!(
-                    "TRACKER_AUTH=disabled: every request is treated as an admin. \
-                     Never run this way outside a local machine."
-                );
-                Authenticator::disabled()
-            }
-        };
+        let auth = authenticator(&cfg)?;
+        Self::assemble(cfg, auth, store, history).await
+    }
+
+    async fn assemble(
+        cfg: Config,
+        auth: Authenticator,
+        store: Store,
+        history: Option<History>,
+    ) -> Result<Self, BuildError> {
         if history.is_none() {
             tracing::info!("TRACKER_DATABASE_URL is not set: the history endpoint answers 503");
         }
         let listener = bind(cfg.listen).await?;
         let ops_listener = match cfg.metrics_listen {
-            Some(addr) if addr != cfg.listen => Some(bind(addr).await?),
+            Some(addr) if cfg.separate_ops_listener() => Some(bind(addr).await?),
             _ => None,
         };
         let state = AppState::new(Inner {
@@ -121,6 +128,9 @@ impl Application {
             limits: cfg.limits(),
             heartbeat_interval: cfg.heartbeat_interval,
             heartbeat_window: cfg.heartbeat_window,
+            request_timeout: cfg.request_timeout,
+            trusted_proxies: cfg.trusted_proxies.clone(),
+            user_sockets: UserSockets::new(cfg.max_websockets_per_user),
             history,
             metrics: Metrics::new(),
             sockets: TaskTracker::new(),
@@ -130,6 +140,11 @@ impl Application {
             listener,
             ops_listener,
             state,
+            limits: ConnLimits {
+                header_timeout: cfg.header_timeout,
+                keepalive_timeout: cfg.keepalive_timeout,
+                max_open_connections: cfg.max_open_connections,
+            },
             shutdown_timeout: cfg.shutdown_timeout,
         })
     }
@@ -153,8 +168,10 @@ impl Application {
             .map(|a| a.port())
     }
 
+    /// The public router: the API, and the ops routes unless they have a
+    /// listener of their own.
     pub fn router(&self) -> Router {
-        routes::router(self.state.clone())
+        routes::router(self.state.clone(), self.ops_listener.is_none())
     }
 
     /// Serves until `shutdown` fires, then shuts down in order (see the crate doc).
@@ -162,30 +179,22 @@ impl Application {
         let state = self.state;
         let stop_accepting = CancellationToken::new();
         let serve = |listener: TcpListener, router: Router| {
-            let stop = stop_accepting.clone();
-            tokio::spawn(
-                axum::serve(
-                    listener,
-                    router.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .into_future(),
-            )
+            tokio::spawn(serve::serve(
+                listener,
+                router,
+                self.limits,
+                state.metrics.clone(),
+                stop_accepting.clone(),
+            ))
         };
-        let mut main = serve(self.listener, routes::router(state.clone()));
+        let public = routes::router(state.clone(), self.ops_listener.is_none());
+        let main = serve(self.listener, public);
         let ops = self
             .ops_listener
             .map(|l| serve(l, routes::ops_only(state.clone())));
         tracing::info!("serving");
 
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            res = &mut main => {
-                // The server only ends by itself on an accept-loop failure.
-                return res.unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            }
-        }
-
+        shutdown.cancelled().await;
         tracing::info!("shutting down");
         state.draining.cancel();
         stop_accepting.cancel();
@@ -207,6 +216,39 @@ impl Application {
             ),
         }
         Ok(())
+    }
+}
+
+/// Token checking as configured; the key file is read here, once.
+fn authenticator(cfg: &Config) -> Result<Authenticator, ConfigError> {
+    if cfg.auth == AuthMode::Disabled {
+        tracing::warn!(
+            "TRACKER_AUTH=disabled: every request is treated as an admin. \
+             Never run this way outside a local machine."
+        );
+        return Ok(Authenticator::disabled());
+    }
+    let rules = JwtRules {
+        leeway: cfg.jwt_leeway,
+        issuer: cfg.jwt_issuer.clone().filter(|s| !s.is_empty()),
+        audience: cfg.jwt_audience.clone().filter(|s| !s.is_empty()),
+    };
+    if let Some(path) = &cfg.jwt_public_key_file {
+        let key_error = |reason: String| ConfigError::PublicKey {
+            path: path.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| key_error(e.to_string()))?;
+        let auth =
+            Authenticator::public_key_pem(&pem, &rules).map_err(|e| key_error(e.to_string()))?;
+        if cfg.jwt_secret.is_some() {
+            tracing::info!("TRACKER_JWT_PUBLIC_KEY_FILE is set: TRACKER_JWT_SECRET is not used");
+        }
+        return Ok(auth);
+    }
+    match &cfg.jwt_secret {
+        Some(secret) => Ok(Authenticator::hs256(secret.expose().as_bytes(), &rules)),
+        None => Err(ConfigError::MissingJwtSecret),
     }
 }
 

@@ -56,8 +56,13 @@ label_enum!(
 );
 
 label_enum!(
+    /// Which timeout closed a connection or ended a request.
+    Timeout { Header => "header", Keepalive => "keepalive", Request => "request" }
+);
+
+label_enum!(
     /// Which connection limit refused a registration.
-    LimitKind { Session => "session", User => "user" }
+    LimitKind { Session => "session", User => "user", UserWebsockets => "user_websockets" }
 );
 
 label_enum!(
@@ -128,6 +133,11 @@ struct RegistrationLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TimeoutLabels {
+    timeout: Timeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LimitLabels {
     limit: LimitKind,
 }
@@ -149,6 +159,8 @@ struct Inner {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily<RouteLabels>,
     websockets_open: Gauge,
+    connections_open: Gauge,
+    timeouts: Family<TimeoutLabels, Counter>,
     heartbeats: Family<HeartbeatLabels, Counter>,
     registrations: Family<RegistrationLabels, Counter>,
     limit_rejections: Family<LimitLabels, Counter>,
@@ -189,6 +201,18 @@ impl Metrics {
             "WebSockets currently open on this replica",
             websockets_open.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "tracker_api_connections_open",
+            "TCP connections open on this replica, WebSockets included",
+            connections_open.clone(),
+        );
+        let timeouts = Family::<TimeoutLabels, Counter>::default();
+        registry.register(
+            "tracker_api_timeouts",
+            "Connections closed by the header or keep-alive timeout, and requests ended by the request timeout",
+            timeouts.clone(),
+        );
         let heartbeats = Family::<HeartbeatLabels, Counter>::default();
         registry.register(
             "tracker_api_heartbeats",
@@ -218,6 +242,8 @@ impl Metrics {
             requests,
             duration,
             websockets_open,
+            connections_open,
+            timeouts,
             heartbeats,
             registrations,
             limit_rejections,
@@ -266,6 +292,21 @@ impl Metrics {
         self.0
             .backend_errors
             .get_or_create(&BackendLabels { backend })
+            .inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.0.connections_open.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.0.connections_open.dec();
+    }
+
+    pub fn connection_timeout(&self, timeout: Timeout) {
+        self.0
+            .timeouts
+            .get_or_create(&TimeoutLabels { timeout })
             .inc();
     }
 
@@ -342,7 +383,11 @@ mod tests {
         m.limit_rejection(LimitKind::User);
         m.backend_error(Backend::Redis);
         let guard = m.websocket_open();
+        m.connection_opened();
+        m.connection_timeout(Timeout::Header);
         let text = m.render();
+        assert!(text.contains("tracker_api_connections_open 1"), "{text}");
+        assert!(text.contains("tracker_api_timeouts_total{timeout=\"header\"} 1"));
         assert!(
             text.contains("tracker_api_heartbeats_total{result=\"accepted\"} 3"),
             "{text}"

@@ -11,8 +11,10 @@ use tokio_util::task::TaskTracker;
 use tracker_core::{Limits, Store};
 
 use crate::auth::Authenticator;
+use crate::config::TrustedProxies;
 use crate::history::History;
 use crate::metrics::Metrics;
+use crate::ws::UserSockets;
 
 /// Cheap to clone: one `Arc`.
 #[derive(Debug, Clone)]
@@ -25,6 +27,12 @@ pub struct Inner {
     pub limits: Limits,
     pub heartbeat_interval: Duration,
     pub heartbeat_window: Duration,
+    /// Bound of one request's handling (`TRACKER_REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: TrustedProxies,
+    /// Open WebSockets per plain user on this replica.
+    pub user_sockets: Arc<UserSockets>,
     /// `None` without `TRACKER_DATABASE_URL`: history answers 503.
     pub history: Option<History>,
     pub metrics: Metrics,

@@ -1,4 +1,4 @@
-//! WebSocket tracking at `GET /v1/sessions/{session_id}/ws` (CONTRACT.md §2).
+//! WebSocket tracking at `GET /v1/sessions/{session_id}/ws`.
 //!
 //! The upgrade registers the connection (refusals answer with the HTTP error
 //! instead of upgrading). Then one task per socket: a server ping every
@@ -10,8 +10,14 @@
 //! axum does not wait for upgraded sockets on shutdown, so every socket task
 //! is tracked in [`AppState::sockets`] and watches [`AppState::draining`]:
 //! when it fires, the socket sends Close 1001 and removes its connection.
+//!
+//! A plain user holds at most `TRACKER_MAX_WEBSOCKETS_PER_USER` sockets on
+//! one replica ([`UserSockets`]): each costs memory and a task here, which
+//! the store's per-user limit (across replicas, and off when 0) does not see.
 
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -26,14 +32,15 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 use tracker_core::{
     ConnectionId, ConnectionView, NewConnection, Protocol, Registered, SessionId, SessionState,
-    SessionView, UserAgent,
+    SessionView, UserAgent, UserId,
 };
 use utoipa::ToSchema;
 
 use crate::auth::{bearer_token, query_token};
+use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::SessionPath;
-use crate::metrics::HeartbeatResult;
+use crate::metrics::{HeartbeatResult, LimitKind};
 use crate::routes::connections::{authorize, register_connection};
 use crate::state::AppState;
 
@@ -65,7 +72,7 @@ pub enum ServerFrame {
         (status = 403, description = "Not the caller's session", body = ErrorBody),
         (status = 404, description = "A plain user on a session the tracker does not know", body = ErrorBody),
         (status = 409, description = "Session terminated", body = ErrorBody),
-        (status = 429, description = "Connection limit reached", body = ErrorBody),
+        (status = 429, description = "Connection limit reached, or the user's WebSocket limit on this replica", body = ErrorBody),
         (status = 503, description = "Redis unavailable, or shutting down", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -93,12 +100,24 @@ pub async fn upgrade(
         return Err(ApiError::ShuttingDown);
     }
     authorize(&state, &principal, &session_id).await?;
+    let slot = if principal.privileged {
+        None
+    } else {
+        state
+            .user_sockets
+            .try_open(&principal.subject)
+            .ok_or(ApiError::ConnectionLimit(LimitKind::UserWebsockets))?
+    };
     let new = NewConnection {
         session_id,
         connection_id: ConnectionId::new_random(),
         user_id: principal.subject.clone(),
         protocol: Protocol::Websocket,
-        client_ip: client_ip(&headers, peer.as_ref().map(|Extension(p)| p)),
+        client_ip: client_ip(
+            peer.map(|Extension(ConnectInfo(addr))| addr),
+            &headers,
+            &state.trusted_proxies,
+        ),
         user_agent: headers
             .get(USER_AGENT)
             .and_then(|v| v.to_str().ok())
@@ -135,6 +154,7 @@ pub async fn upgrade(
     Ok(ws.on_failed_upgrade(failed).on_upgrade(move |socket| {
         async move {
             let _token = token;
+            let _slot = slot;
             run(socket, state, registered).await;
         }
         .instrument(span)
@@ -146,14 +166,64 @@ const SOCKET_BUFFER: usize = 4 * 1024;
 /// Largest client message (and pending write backlog) a socket accepts.
 const MAX_MESSAGE: usize = 64 * 1024;
 
-/// The first valid hop of `X-Forwarded-For`, else the peer address.
-fn client_ip(headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> Option<IpAddr> {
-    headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|hop| hop.trim().parse::<IpAddr>().ok())
-        .or_else(|| peer.map(|ConnectInfo(addr)| addr.ip().to_canonical()))
+/// Counts the open WebSockets of each plain user on this replica.
+#[derive(Debug)]
+pub struct UserSockets {
+    /// 0: no limit (then nothing is counted).
+    limit: u32,
+    open: Mutex<HashMap<UserId, u32>>,
+}
+
+/// One open socket of a user; gives its place back on drop.
+#[derive(Debug)]
+pub struct UserSocket {
+    sockets: Arc<UserSockets>,
+    user: UserId,
+}
+
+impl UserSockets {
+    pub fn new(limit: u32) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for one more socket of `user`, or `None` at the limit.
+    pub fn try_open(self: &Arc<Self>, user: &UserId) -> Option<Option<UserSocket>> {
+        if self.limit == 0 {
+            return Some(None);
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(user.clone()).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(Some(UserSocket {
+            sockets: self.clone(),
+            user: user.clone(),
+        }))
+    }
+
+    /// Sockets `user` holds here (for tests and metrics).
+    pub fn open(&self, user: &UserId) -> u32 {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(user).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for UserSocket {
+    fn drop(&mut self) {
+        let mut open = self.sockets.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.user) {
+            *n -= 1;
+            // Users come and go: keep the map to the ones with sockets.
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// Why a socket ended.
@@ -342,23 +412,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_ip_prefers_a_valid_first_forwarded_hop() {
-        let peer = ConnectInfo("10.0.0.9:5000".parse::<SocketAddr>().unwrap());
-        let mut h = HeaderMap::new();
-        assert_eq!(
-            client_ip(&h, Some(&peer)),
-            Some("10.0.0.9".parse().unwrap())
-        );
-        h.insert("x-forwarded-for", "203.0.113.7, 10.0.0.1".parse().unwrap());
-        assert_eq!(
-            client_ip(&h, Some(&peer)),
-            Some("203.0.113.7".parse().unwrap())
-        );
-        h.insert("x-forwarded-for", "garbage".parse().unwrap());
-        assert_eq!(
-            client_ip(&h, Some(&peer)),
-            Some("10.0.0.9".parse().unwrap())
-        );
-        assert_eq!(client_ip(&h, None), None);
+    fn user_sockets_are_capped_and_given_back() {
+        let alice: UserId = "alice".parse().unwrap();
+        let bob: UserId = "bob".parse().unwrap();
+        let sockets = UserSockets::new(2);
+        let a1 = sockets.try_open(&alice).unwrap();
+        let a2 = sockets.try_open(&alice).unwrap();
+        assert!(sockets.try_open(&alice).is_none());
+        assert!(sockets.try_open(&bob).is_some());
+        drop(a1);
+        assert_eq!(sockets.open(&alice), 1);
+        let a3 = sockets.try_open(&alice).unwrap();
+        drop((a2, a3));
+        assert_eq!(sockets.open(&alice), 0);
+        assert!(sockets.open.lock().unwrap().is_empty());
+        let unlimited = UserSockets::new(0);
+        for _ in 0..3 {
+            assert!(matches!(unlimited.try_open(&alice), Some(None)));
+        }
     }
 }

@@ -4,14 +4,12 @@
 //! Parsing is clap's; [`Config::validate`] adds the checks that span several
 //! settings. Both fail with one line, which `main` prints before exiting.
 
-use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use tracker_core::StoreConfig;
-pub use tracker_runtime::{first_line, LogFormat, RedisArgs};
+pub use tracker_runtime::{first_line, LogFormat, RedisArgs, Secret};
 
 use crate::error::{Error, Result};
 
@@ -31,34 +29,6 @@ pub enum Election {
     Kubernetes,
     /// A token-checked lock key in Redis, for runs without a cluster.
     Redis,
-}
-
-/// A secret setting (a URL with a password): printed redacted.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
 }
 
 /// The reaper's settings.
@@ -253,8 +223,18 @@ mod tests {
     fn the_database_url_is_required_and_redacted() {
         let line = first_line(&parse(&[]).unwrap_err());
         assert!(line.contains("--database-url"), "{line}");
-        let cfg = parse(&["--database-url", "postgres://u:hunter2@h/db"]).unwrap();
-        assert!(!format!("{cfg:?}").contains("hunter2"));
+        let cfg = parse(&[
+            "--database-url",
+            "postgres://u:hunter2@h/db",
+            "--redis-url",
+            "redis://:swordfish@r:6379",
+        ])
+        .unwrap();
+        let debug = format!("{cfg:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("swordfish"),
+            "{debug}"
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Process plumbing shared by `tracker-api` and `tracker-reaper`, kept out of
 //! `tracker-core` (which knows no CLI): the Redis settings both binaries take,
-//! logging setup, the shutdown signal, and start-up errors as one line.
+//! logging setup, the shutdown signal, start-up errors as one line, and
+//! [`Secret`] for settings that must never reach a log.
 
+use std::fmt;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
@@ -10,15 +13,64 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use tracker_core::{KeySpace, RedisMode, StoreConfig};
 
-/// The Redis settings of both binaries (CONTRACT.md §1). Both must agree on
-/// all of them, the shard count above all: it is part of the data layout.
-#[derive(Debug, Clone, Args)]
+/// A secret setting (a key, a URL with a password): `Debug` prints it
+/// redacted, so a config dumped into a log gives nothing away.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// `url` with the password of its userinfo (`scheme://user:PASSWORD@host`)
+/// replaced, for logs and `Debug`; anything else is kept, since the host is
+/// what an operator needs to see.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:<redacted>@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The Redis settings of both binaries. Both must agree on all of them, the
+/// shard count above all: it is part of the data layout.
+#[derive(Clone, Args)]
 pub struct RedisArgs {
-    /// One Redis URL, or comma-separated seed nodes in cluster mode.
+    /// One Redis URL, or comma-separated seed nodes in cluster mode. A
+    /// password in it never shows in `--help` or in logs.
     #[arg(
         long,
         env = "TRACKER_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
     )]
     pub redis_url: String,
 
@@ -39,6 +91,20 @@ pub struct RedisArgs {
     /// Upper bound of every Redis call, reconnects included.
     #[arg(long, env = "TRACKER_REDIS_TIMEOUT", default_value = "2s", value_parser = positive_duration)]
     pub redis_timeout: Duration,
+}
+
+// By hand: the URL may carry a password.
+impl fmt::Debug for RedisArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls().iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisArgs")
+            .field("redis_url", &urls.join(","))
+            .field("redis_mode", &self.redis_mode)
+            .field("key_prefix", &self.key_prefix)
+            .field("redis_shards", &self.redis_shards)
+            .field("redis_timeout", &self.redis_timeout)
+            .finish()
+    }
 }
 
 impl RedisArgs {
@@ -205,6 +271,34 @@ mod tests {
             .starts_with("TRACKER_REDIS_URL"));
         let braces = parse(&["--key-prefix", "a{b}"]).expect("parses");
         assert!(braces.redis.validate().is_err());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_debug_and_help() {
+        let cli = parse(&[
+            "--redis-mode",
+            "cluster",
+            "--redis-url",
+            "redis://:hunter2@a:1,redis://user:s3cret@b:2/0",
+        ])
+        .expect("parses");
+        let debug = format!("{cli:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("s3cret"),
+            "{debug}"
+        );
+        assert!(
+            debug.contains("a:1") && debug.contains("user:<redacted>@b:2/0"),
+            "{debug}"
+        );
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(format!("{:?}", Secret::new("k")), "Secret(<redacted>)");
+        let arg = <Cli as clap::CommandFactory>::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "redis_url")
+            .map(|a| a.is_hide_env_values_set());
+        assert_eq!(arg, Some(true));
     }
 
     #[test]

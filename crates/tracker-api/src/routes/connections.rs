@@ -1,11 +1,11 @@
 //! Registering, heartbeating, listing and closing connections.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
@@ -17,6 +17,7 @@ use tracker_core::{
 use utoipa::ToSchema;
 
 use crate::auth::Principal;
+use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{ApiJson, ConnectionIdPath, ConnectionPath, SessionPath};
 use crate::metrics::{HeartbeatResult, LimitKind, RegistrationResult};
@@ -30,7 +31,8 @@ pub struct RegisterRequest {
     /// Defaults to the token's `sub`; a plain user may only name itself.
     #[serde(default)]
     pub user_id: Option<UserId>,
-    /// IPv4 or IPv6.
+    /// IPv4 or IPv6. Taken from `service` and `admin` tokens only; for a
+    /// plain user the address it connects from is stored instead.
     #[serde(default)]
     #[schema(value_type = Option<ClientIp>)]
     pub client_ip: Option<IpAddr>,
@@ -171,6 +173,7 @@ pub fn interval_seconds(state: &AppState) -> u64 {
         (status = 403, description = "Not the caller's session, or not as itself", body = ErrorBody),
         (status = 404, description = "A plain user on a session the tracker does not know", body = ErrorBody),
         (status = 409, description = "Session terminated, or connection_id taken", body = ErrorBody),
+        (status = 408, description = "Not complete within TRACKER_REQUEST_TIMEOUT", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 429, description = "Connection limit reached", body = ErrorBody),
         (status = 503, description = "Redis unavailable", body = ErrorBody),
@@ -181,6 +184,8 @@ pub async fn register(
     State(state): State<AppState>,
     principal: Principal,
     SessionPath(session_id): SessionPath,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<RegisterRequest>,
 ) -> Result<Response, ApiError> {
     let user_id = body.user_id.unwrap_or_else(|| principal.subject.clone());
@@ -188,12 +193,23 @@ pub async fn register(
     let span = tracing::info_span!("register", session_id = %session_id);
     async move {
         authorize(&state, &principal, &session_id).await?;
+        // A proxy registers on behalf of the client it fronts; a user could
+        // put any address here, so its own is taken instead.
+        let client_ip = if principal.may_set_client_ip() {
+            body.client_ip
+        } else {
+            client_ip(
+                peer.map(|Extension(ConnectInfo(addr))| addr),
+                &headers,
+                &state.trusted_proxies,
+            )
+        };
         let new = NewConnection {
             session_id,
             connection_id: body.connection_id.unwrap_or_else(ConnectionId::new_random),
             user_id,
             protocol: body.protocol,
-            client_ip: body.client_ip,
+            client_ip,
             user_agent: body
                 .user_agent
                 .as_deref()

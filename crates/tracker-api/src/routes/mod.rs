@@ -1,10 +1,15 @@
-//! The router: every route of CONTRACT.md §2 and the layers around them.
+//! The router: every route of the API and the layers around them.
+//!
+//! With a separate ops listener (`TRACKER_METRICS_LISTEN` not equal to
+//! `TRACKER_LISTEN`), `/metrics`, `/readyz` and `/openapi.json` are served
+//! there only, so the public port does not expose internals; `/healthz` is
+//! on both.
 
 pub mod connections;
 pub mod ops;
 pub mod sessions;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::CONTENT_LENGTH;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -13,11 +18,12 @@ use axum::Router;
 
 use crate::error::ApiError;
 use crate::extract::{BATCH_BODY_LIMIT, BODY_LIMIT};
+use crate::metrics::Timeout;
 use crate::state::AppState;
 
-/// The whole API.
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The whole API; `with_ops` adds the ops routes to it.
+pub fn router(state: AppState, with_ops: bool) -> Router {
+    let api = Router::new()
         .route(
             "/v1/sessions/{session_id}/connections",
             post(connections::register).get(connections::list),
@@ -39,37 +45,64 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/connections/{connection_id}", get(connections::get))
         .route("/v1/stats", get(sessions::stats))
         .route("/v1/sessions/{session_id}/ws", get(crate::ws::upgrade))
-        .route("/openapi.json", get(ops::openapi))
-        .merge(ops_router())
-        .fallback(not_found)
+        .route("/healthz", get(ops::healthz));
+    let api = if with_ops {
+        api.merge(ops_router())
+    } else {
+        api
+    };
+    api.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(reject_oversize))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            crate::metrics::track,
+            state.clone(),
+            request_timeout,
         ))
-        .with_state(state)
-}
-
-/// `/healthz`, `/readyz` and `/metrics`, also served alone on
-/// `TRACKER_METRICS_LISTEN` when that is set.
-pub fn ops_router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-}
-
-/// The ops routes with their own state, for the separate listener.
-pub fn ops_only(state: AppState) -> Router {
-    ops_router()
-        .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
         ))
         .with_state(state)
+}
+
+/// `/readyz`, `/metrics` and `/openapi.json` (`/healthz` is on every router).
+fn ops_router() -> Router<AppState> {
+    Router::new()
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+}
+
+/// The ops routes alone, for the separate listener.
+pub fn ops_only(state: AppState) -> Router {
+    ops_router()
+        .route("/healthz", get(ops::healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_timeout,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track,
+        ))
+        .with_state(state)
+}
+
+/// Ends a request that takes longer than `TRACKER_REQUEST_TIMEOUT` with 408.
+/// It bounds the handler only: a WebSocket upgrade answers 101 at once and
+/// the socket lives on outside it.
+async fn request_timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(state.request_timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            state.metrics.connection_timeout(Timeout::Request);
+            tracing::debug!(timeout = ?state.request_timeout, "request timed out");
+            ApiError::RequestTimeout.into_response()
+        }
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -15,7 +15,7 @@ use crate::metrics::HeartbeatResult;
 use crate::routes::connections::authorize;
 use crate::state::AppState;
 
-/// Most pairs one batch may carry (CONTRACT.md §2).
+/// Most pairs one batch may carry.
 pub const MAX_BATCH: usize = 10_000;
 
 #[utoipa::path(
@@ -167,6 +167,7 @@ pub struct BatchResponse {
         (status = 400, description = "Invalid pair, or not 1 to 10,000 pairs", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Needs service or admin", body = ErrorBody),
+        (status = 408, description = "Not complete within TRACKER_REQUEST_TIMEOUT", body = ErrorBody),
         (status = 413, description = "Body over 4 MiB", body = ErrorBody),
         (status = 503, description = "Redis unavailable", body = ErrorBody),
     ),

@@ -302,6 +302,8 @@ async fn shutdown_closes_the_listener() {
     );
 }
 
+/// With their own listener, the ops routes leave the public port (but
+/// `/healthz`), and the ops port serves nothing else.
 #[tokio::test]
 async fn metrics_can_have_their_own_listener() {
     use clap::Parser;
@@ -321,17 +323,24 @@ async fn metrics_can_have_their_own_listener() {
         .await
         .unwrap();
     let ops = format!("http://127.0.0.2:{}", app.ops_port().unwrap());
+    let public = format!("http://127.0.0.1:{}", app.port());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let handle = tokio::spawn(app.run_until(shutdown.clone()));
     let client = reqwest::Client::new();
-    for (path, status) in [
-        ("/metrics", 200),
-        ("/healthz", 200),
-        ("/readyz", 200),
-        ("/v1/stats", 404),
+    for (base, path, status) in [
+        (&ops, "/metrics", 200),
+        (&ops, "/healthz", 200),
+        (&ops, "/readyz", 200),
+        (&ops, "/openapi.json", 200),
+        (&ops, "/v1/stats", 404),
+        (&public, "/metrics", 404),
+        (&public, "/readyz", 404),
+        (&public, "/openapi.json", 404),
+        (&public, "/healthz", 200),
+        (&public, "/v1/stats", 200),
     ] {
-        let res = client.get(format!("{ops}{path}")).send().await.unwrap();
-        assert_eq!(res.status(), status, "{path}");
+        let res = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(res.status(), status, "{base}{path}");
     }
     shutdown.cancel();
     handle.await.unwrap().unwrap();

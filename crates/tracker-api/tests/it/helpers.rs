@@ -18,7 +18,8 @@ use tracker_api::Application;
 use tracker_core::testing::{config, connect, Backend};
 use tracker_core::{IdleTimeout, ResourceState, SessionMeta, Store, StoreConfig};
 
-pub const SECRET: &str = "test-secret-of-the-api";
+/// At least 32 bytes, as the API demands of an HS256 secret.
+pub const SECRET: &str = "test-secret-of-the-api-0123456789";
 
 /// What a test may change about the spawned app.
 #[derive(Debug, Clone)]
@@ -56,6 +57,8 @@ impl Options {
 /// One running API instance on port 0, with a store of its own prefix.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The ops listener, with `--metrics-listen`.
+    pub ops_addr: Option<SocketAddr>,
     pub base: String,
     /// The test's own view of the same keys (to mirror sessions, inspect).
     pub store: Store,
@@ -108,6 +111,9 @@ impl TestApp {
             .await
             .expect("build the app");
         let addr = SocketAddr::from(([127, 0, 0, 1], app.port()));
+        let ops_addr = app
+            .ops_port()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app.run_until(shutdown.clone()));
         let store = Store::connect(store_cfg)
@@ -115,6 +121,7 @@ impl TestApp {
             .expect("the test's own store");
         Self {
             addr,
+            ops_addr,
             base: format!("http://{addr}"),
             store,
             store_cfg: store_cfg.clone(),
@@ -129,6 +136,10 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ops_addr.expect("an ops listener"))
     }
 
     pub fn ws_url(&self, path: &str) -> String {

@@ -12,4 +12,5 @@ mod history;
 mod malformed;
 mod outage;
 mod parsing;
+mod security;
 mod ws;

@@ -61,7 +61,12 @@ async fn live_ids(app: &TestApp, session: &str) -> Vec<String> {
 }
 
 async fn ws_lifecycle(backend: Backend) {
-    let app = TestApp::spawn_with(backend, Options::fast()).await;
+    // The test client is the proxy here: its X-Forwarded-For counts.
+    let opts = Options {
+        extra_args: vec!["--trusted-proxies".into(), "127.0.0.0/8,10.0.0.0/8".into()],
+        ..Options::fast()
+    };
+    let app = TestApp::spawn_with(backend, opts).await;
     let (mut ws, first) = open(&app, "ws-life", &service_token()).await;
     let cid = first["connection"]["connection_id"]
         .as_str()
