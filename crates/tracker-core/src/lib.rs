@@ -31,6 +31,6 @@ pub use error::{Error, Result};
 pub use keys::{KeySpace, ShardId};
 pub use store::{
     BatchOutcome, ClaimOutcome, ClockOffset, Epoch, Expired, HeartbeatAck, IdleTimeout, Limits,
-    NewConnection, OutboxEntry, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta,
-    Stats, Store, StoreConfig, Sweep,
+    MalformedEntry, NewConnection, OutboxEntry, OutboxRead, PendingWake, RedisMode,
+    RegisterOutcome, Registered, SessionMeta, Stats, Store, StoreConfig, Sweep,
 };

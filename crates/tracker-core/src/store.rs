@@ -214,6 +214,26 @@ pub struct OutboxEntry {
     pub record: HistoryRecord,
 }
 
+/// An outbox entry that is not a history record: a field missing or
+/// unparseable (written by hand, or by a version that wrote other fields).
+/// The archiver sets it aside rather than stop the shard on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedEntry {
+    /// The stream entry id, to acknowledge once the entry is set aside.
+    pub id: String,
+    /// The fields as stored, in order; bytes that are not UTF-8 replaced by U+FFFD.
+    pub fields: Vec<(String, String)>,
+    /// The first field found missing or unparseable.
+    pub field: &'static str,
+}
+
+/// One read of a shard's outbox, oldest first; see [`Store::outbox_read_all`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxRead {
+    pub entries: Vec<OutboxEntry>,
+    pub malformed: Vec<MalformedEntry>,
+}
+
 /// A shard's epoch marker; see [`Store::shard_epoch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Epoch {
@@ -898,20 +918,44 @@ impl Store {
             .collect()
     }
 
-    /// The oldest finished connections of one shard awaiting the archiver.
+    /// The oldest finished connections of one shard awaiting the archiver;
+    /// fails on an entry that is not a history record.
     pub async fn outbox_read(&self, shard: ShardId, max: u32) -> Result<Vec<OutboxEntry>> {
-        let op = &self.scripts.outbox_read;
-        let reply: Vec<(String, Vec<String>)> = self.eval_on(op, shard, max).await?;
-        reply
-            .into_iter()
-            .map(|(id, fields)| {
-                let record = parse_history(&fields).ok_or_else(|| Error::Reply {
-                    script: op.name,
-                    detail: format!("malformed outbox entry {id}"),
-                })?;
-                Ok(OutboxEntry { id, record })
-            })
-            .collect()
+        let read = self.outbox_read_all(shard, max).await?;
+        if let Some(bad) = read.malformed.first() {
+            return Err(Error::Reply {
+                script: self.scripts.outbox_read.name,
+                detail: format!("malformed outbox entry {} (field {})", bad.id, bad.field),
+            });
+        }
+        Ok(read.entries)
+    }
+
+    /// Like [`Store::outbox_read`], but an entry that is not a history record
+    /// comes back as a [`MalformedEntry`] instead of failing the read, so one
+    /// bad entry cannot stop its shard's archive.
+    pub async fn outbox_read_all(&self, shard: ShardId, max: u32) -> Result<OutboxRead> {
+        // Bytes, not strings: a value that is not UTF-8 must not fail the whole read.
+        let reply: Vec<(String, Vec<Vec<u8>>)> =
+            self.eval_on(&self.scripts.outbox_read, shard, max).await?;
+        let mut read = OutboxRead::default();
+        for (id, raw) in reply {
+            let mut fields = Vec::with_capacity(raw.len() / 2);
+            let mut not_utf8 = None;
+            for pair in raw.chunks_exact(2) {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                let (k, v) = (text(&pair[0]), text(&pair[1]));
+                if std::str::from_utf8(&pair[1]).is_err() {
+                    not_utf8.get_or_insert_with(|| history_field(&k));
+                }
+                fields.push((k, v));
+            }
+            match not_utf8.map_or_else(|| parse_history(&fields), Err) {
+                Ok(record) => read.entries.push(OutboxEntry { id, record }),
+                Err(field) => read.malformed.push(MalformedEntry { id, fields, field }),
+            }
+        }
+        Ok(read)
     }
 
     /// Drops archived entries (after the commit); returns the shard's backlog left.
@@ -1045,27 +1089,49 @@ fn parse_view(op: &Op, session: &SessionId, f: &[String]) -> Result<Option<Sessi
     }))
 }
 
-fn parse_history(fields: &[String]) -> Option<HistoryRecord> {
+/// The fields of an outbox entry, as `finish_conn` in common.lua writes them.
+const HISTORY_FIELDS: [&str; 10] = ["c", "s", "u", "p", "ip", "ua", "ca", "da", "hb", "r"];
+
+/// A field name as a `'static` string for [`MalformedEntry::field`].
+fn history_field(name: &str) -> &'static str {
+    HISTORY_FIELDS
+        .iter()
+        .find(|f| **f == name)
+        .copied()
+        .unwrap_or("(unknown field)")
+}
+
+/// A history record from an outbox entry's fields, or the first field that
+/// is missing or does not parse.
+fn parse_history(fields: &[(String, String)]) -> Result<HistoryRecord, &'static str> {
     let map: HashMap<&str, &str> = fields
-        .chunks(2)
-        .filter_map(|p| match p {
-            [k, v] => Some((k.as_str(), v.as_str())),
-            _ => None,
-        })
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let time = |k: &str| map.get(k).and_then(|s| parse_ms(s)).map(millis_to_utc);
-    Some(HistoryRecord {
-        connection_id: map.get("c")?.parse().ok()?,
-        session_id: map.get("s")?.parse().ok()?,
-        user_id: map.get("u")?.parse().ok()?,
-        protocol: map.get("p")?.parse().ok()?,
+    fn field<T: std::str::FromStr>(
+        map: &HashMap<&str, &str>,
+        name: &'static str,
+    ) -> Result<T, &'static str> {
+        map.get(name).and_then(|s| s.parse().ok()).ok_or(name)
+    }
+    let time = |name: &'static str| {
+        map.get(name)
+            .and_then(|s| parse_ms(s))
+            .map(millis_to_utc)
+            .ok_or(name)
+    };
+    Ok(HistoryRecord {
+        connection_id: field(&map, "c")?,
+        session_id: field(&map, "s")?,
+        user_id: field(&map, "u")?,
+        protocol: field(&map, "p")?,
         client_ip: map
             .get("ip")
             .copied()
             .and_then(non_empty)
             .map(str::parse)
             .transpose()
-            .ok()?,
+            .map_err(|_| "ip")?,
         user_agent: map
             .get("ua")
             .copied()
@@ -1074,7 +1140,7 @@ fn parse_history(fields: &[String]) -> Option<HistoryRecord> {
         connected_at: time("ca")?,
         disconnected_at: time("da")?,
         last_heartbeat_at: time("hb")?,
-        end_reason: map.get("r")?.parse().ok()?,
+        end_reason: field(&map, "r")?,
     })
 }
 
