@@ -5,7 +5,7 @@ use std::{
     ops::Deref,
     path::Path,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
     time::Duration,
@@ -18,6 +18,10 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    faults::{
+        Fault, FaultId, FaultRule, FaultedRequest, InjectedFault, Injection, Operation, Rules,
+        Target,
+    },
     routes,
     store::{metadata_mut, Selector, StatusError, Store, LEASES, SESSIONS},
     Error, Result,
@@ -53,8 +57,19 @@ pub struct RecordedRequest {
     pub field_manager: Option<String>,
     /// The body as JSON; a body that does not parse is kept as a JSON string, an empty one as null.
     pub body: Value,
-    /// The status the fake answered with, including injected failures and outages.
+    /// The status the fake answered with, including injected failures and outages; 0 if it
+    /// sent no answer (the request hung, or the client gave up first and the server dropped
+    /// it; a [`crate::ApplyAt::AfterDelay`] write still lands then).
     pub status: u16,
+}
+
+/// Sent to open watches to end them; see [`Handle::end_watches`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct WatchCut {
+    /// Bumped for every cut; a watch ends on a cut newer than the one it started after.
+    pub seq: u64,
+    /// End with a `410 Expired` ERROR event rather than a clean end of stream.
+    pub expired: bool,
 }
 
 /// State shared by the routes and every [`Handle`].
@@ -62,9 +77,19 @@ pub struct RecordedRequest {
 struct Shared {
     store: Mutex<Store>,
     requests: Mutex<Vec<RecordedRequest>>,
-    /// Pending injected failures for Session patches: (remaining, status code).
-    patch_failures: Mutex<(usize, u16)>,
+    rules: Mutex<Rules>,
+    /// The rule [`Handle::fail_session_patches`] added last, which its next call replaces.
+    patch_failure_rule: Mutex<Option<FaultId>>,
+    injected: Mutex<Vec<InjectedFault>>,
+    injected_changed: watch::Sender<usize>,
     unavailable: AtomicBool,
+    /// Versions after which watch events are withheld: (after, until), `until` open while
+    /// the gap lasts.
+    watch_gaps: Mutex<Vec<(u64, Option<u64>)>>,
+    watch_cut: watch::Sender<WatchCut>,
+    /// Requests hanging on a [`Fault::Hang`], and the signal that releases them.
+    hung: AtomicUsize,
+    release_hung: watch::Sender<u64>,
     /// Bumped after every store change (and outage) so watches and waiters re-check.
     store_changed: watch::Sender<u64>,
     requests_changed: watch::Sender<usize>,
@@ -89,8 +114,15 @@ impl Handle {
             shared: Arc::new(Shared {
                 store: Mutex::default(),
                 requests: Mutex::default(),
-                patch_failures: Mutex::default(),
+                rules: Mutex::default(),
+                patch_failure_rule: Mutex::default(),
+                injected: Mutex::default(),
+                injected_changed: watch::Sender::new(0),
                 unavailable: AtomicBool::new(false),
+                watch_gaps: Mutex::default(),
+                watch_cut: watch::Sender::new(WatchCut::default()),
+                hung: AtomicUsize::new(0),
+                release_hung: watch::Sender::new(0),
                 store_changed: watch::Sender::new(0),
                 requests_changed: watch::Sender::new(0),
                 closing: CancellationToken::new(),
@@ -161,22 +193,163 @@ impl Handle {
     }
 
     /// Makes the next `count` Session PATCHes fail with `status` (a Kubernetes Status body
-    /// with the matching reason) without touching the object. Replaces any pending failures.
+    /// with the matching reason) without touching the object. Replaces any pending failures
+    /// set by this method; a shorthand for a [`FaultRule`] with [`Fault::Error`].
     pub fn fail_session_patches(&self, count: usize, status: u16) {
-        *lock(&self.shared.patch_failures) = (count, status);
+        let rule = FaultRule::next(
+            count,
+            Target::sessions(&[Operation::Patch]),
+            Fault::Error { status },
+        );
+        let mut previous = lock(&self.shared.patch_failure_rule);
+        let mut rules = lock(&self.shared.rules);
+        if let Some(id) = previous.take() {
+            rules.remove(id);
+        }
+        *previous = Some(rules.add(rule));
+    }
+
+    /// Adds a fault rule; rules are tried in the order they were added and the first that
+    /// fires decides. Refused (422) for a status outside 400-599 or a probability outside 0-1.
+    pub fn add_fault(&self, rule: FaultRule) -> Result<FaultId> {
+        rule.validate().map_err(|e| rejected(&e))?;
+        Ok(lock(&self.shared.rules).add(rule))
+    }
+
+    /// Removes a rule; false if it was not there.
+    pub fn remove_fault(&self, id: FaultId) -> bool {
+        lock(&self.shared.rules).remove(id)
+    }
+
+    /// Removes every rule (those of [`Handle::fail_session_patches`] too). Requests already
+    /// hanging or slowed keep their fault; see [`Handle::release_hung_requests`].
+    pub fn clear_faults(&self) {
+        lock(&self.shared.rules).clear();
+    }
+
+    /// Every fault injected so far, oldest first.
+    pub fn injected_faults(&self) -> Vec<InjectedFault> {
+        lock(&self.shared.injected).clone()
+    }
+
+    /// Waits until `ready` holds for the injected faults and returns them.
+    pub async fn wait_for_injected(
+        &self,
+        ready: impl Fn(&[InjectedFault]) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<InjectedFault>> {
+        let changes = self.shared.injected_changed.subscribe();
+        wait_until(changes, timeout, "injected faults", || {
+            let injected = self.injected_faults();
+            ready(&injected).then_some(injected)
+        })
+        .await
+    }
+
+    /// Requests hanging on a [`Fault::Hang`] right now.
+    pub fn hung_requests(&self) -> usize {
+        self.shared.hung.load(Ordering::SeqCst)
+    }
+
+    /// Answers every request hanging right now with 504 (still not applied); returns how
+    /// many there were. Requests that start hanging later are not affected.
+    pub fn release_hung_requests(&self) -> usize {
+        let count = self.hung_requests();
+        self.shared.release_hung.send_modify(|n| *n += 1);
+        self.log(Injection::HungReleased { count });
+        count
+    }
+
+    /// While `true`, watch events are withheld from every watch, open or opened later, as if
+    /// the watch had silently missed them: a watcher's cache goes stale until it re-lists
+    /// (lists and the initial events of a new watch still show the current state). Which
+    /// events are withheld depends only on their version, not on timing: those after the
+    /// version current when the gap began, up to the one current when it ended.
+    pub fn set_dropping_watch_events(&self, dropping: bool) {
+        let rv = self.resource_version();
+        {
+            let mut gaps = lock(&self.shared.watch_gaps);
+            let open = matches!(gaps.last(), Some((_, None)));
+            match (open, dropping) {
+                (false, true) => gaps.push((rv, None)),
+                (true, false) => {
+                    if let Some(gap) = gaps.last_mut() {
+                        gap.1 = Some(rv);
+                    }
+                }
+                // Already in the asked state: nothing changes, nothing is logged.
+                _ => return,
+            }
+        }
+        self.log(Injection::WatchGap {
+            dropping,
+            resource_version: rv,
+        });
+    }
+
+    /// Ends every open watch cleanly, as a server does when a watch times out; a client
+    /// watches again from the last version it saw and misses nothing. Returns how many ended.
+    pub fn end_watches(&self) -> usize {
+        self.cut_watches(false)
+    }
+
+    /// Ends every open watch with a `410 Expired` ERROR event and compacts the history, so
+    /// watching again from any version seen so far is also 410: the client must re-list.
+    /// Returns how many watches were open.
+    pub fn expire_watches(&self) -> usize {
+        self.compact_history();
+        self.cut_watches(true)
+    }
+
+    fn cut_watches(&self, expired: bool) -> usize {
+        let count = self.shared.watch_cut.receiver_count();
+        self.shared.watch_cut.send_modify(|cut| {
+            cut.seq += 1;
+            cut.expired = expired;
+        });
+        self.log(Injection::WatchesEnded { count, expired });
+        count
+    }
+
+    /// Deletes the Session and creates it again under the same name, atomically: a new
+    /// `metadata.uid` and `creationTimestamp`, `metadata.generation` back at 1, and watchers
+    /// see `DELETED` then `ADDED`. The new Session is the old one with `changes` merged in
+    /// (RFC 7386), e.g. `{"spec": {"state": "running"}}`. Returns the new Session.
+    pub fn recreate_session(
+        &self,
+        namespace: &str,
+        name: &str,
+        changes: Option<Value>,
+    ) -> Result<Value> {
+        let (old, new) = self
+            .write(|s| s.recreate(&SESSIONS, namespace, name, changes.as_ref()))
+            .map_err(|e| rejected(&e))?;
+        let uid = |o: &Value| o["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+        self.log(Injection::Recreated {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            old_uid: uid(&old),
+            new_uid: uid(&new),
+        });
+        Ok(new)
     }
 
     /// While `true`, every API request (not `/_fake`) answers 503 and open watches end,
     /// as during an API server outage.
     pub fn set_unavailable(&self, unavailable: bool) {
         self.shared.unavailable.store(unavailable, Ordering::SeqCst);
+        self.log(Injection::Outage { unavailable });
         // Wake open watches so they notice.
         self.shared.store_changed.send_modify(|_| {});
     }
 
     /// Drops the watch history: watching from any version seen so far answers 410 Expired.
     pub fn compact_history(&self) {
-        self.write(Store::compact);
+        let resource_version = self.write(|s| {
+            s.compact();
+            s.resource_version()
+        });
+        self.log(Injection::HistoryCompacted { resource_version });
     }
 
     /// Waits until `ready` holds for the recorded requests and returns them.
@@ -237,20 +410,75 @@ impl Handle {
         self.shared.unavailable.load(Ordering::SeqCst)
     }
 
-    /// Consumes one injected patch failure, if any is pending.
-    pub(crate) fn take_patch_failure(&self) -> Option<u16> {
-        let mut failures = lock(&self.shared.patch_failures);
-        let (remaining, status) = &mut *failures;
-        if *remaining == 0 {
-            return None;
-        }
-        *remaining -= 1;
-        Some(*status)
+    /// The fault for `request`, if a rule fires; logged here, as it is decided. A request
+    /// to hang gets its [`Hanging`] before the log entry is written, so a test that saw the
+    /// entry and then calls [`Handle::release_hung_requests`] releases it.
+    pub(crate) fn pick_fault(&self, request: FaultedRequest) -> Option<(Fault, Option<Hanging>)> {
+        let (rule, fault) = lock(&self.shared.rules).pick(&request)?;
+        let hanging = (fault == Fault::Hang).then(|| Hanging::new(self.clone()));
+        self.log(Injection::Request {
+            rule,
+            fault,
+            request,
+        });
+        Some((fault, hanging))
+    }
+
+    pub(crate) fn log(&self, injection: Injection) {
+        lock(&self.shared.injected).push(InjectedFault {
+            at: Utc::now(),
+            injection,
+        });
+        self.shared.injected_changed.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the event at `resource_version` falls in a watch gap.
+    pub(crate) fn in_watch_gap(&self, resource_version: u64) -> bool {
+        lock(&self.shared.watch_gaps).iter().any(|(after, until)| {
+            resource_version > *after && until.is_none_or(|u| resource_version <= u)
+        })
+    }
+
+    /// For a new watch: changes after this call end it.
+    pub(crate) fn watch_cuts(&self) -> watch::Receiver<WatchCut> {
+        self.shared.watch_cut.subscribe()
     }
 
     /// Cancelled on shutdown, so that open watches end and graceful shutdown can finish.
     pub(crate) fn closing(&self) -> &CancellationToken {
         &self.shared.closing
+    }
+}
+
+/// A request held by a [`Fault::Hang`]; counted in [`Handle::hung_requests`] while it lives
+/// (it is dropped when answered, or when the client gives up and the server drops the request).
+#[derive(Debug)]
+pub(crate) struct Hanging {
+    handle: Handle,
+    release: watch::Receiver<u64>,
+}
+
+impl Hanging {
+    fn new(handle: Handle) -> Self {
+        let mut release = handle.shared.release_hung.subscribe();
+        release.borrow_and_update();
+        handle.shared.hung.fetch_add(1, Ordering::SeqCst);
+        Self { handle, release }
+    }
+
+    /// Waits for [`Handle::release_hung_requests`] or shutdown.
+    pub(crate) async fn wait(mut self) {
+        let closing = self.handle.shared.closing.clone();
+        tokio::select! {
+            _ = self.release.changed() => {}
+            () = closing.cancelled() => {}
+        }
+    }
+}
+
+impl Drop for Hanging {
+    fn drop(&mut self) {
+        self.handle.shared.hung.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -39,18 +39,60 @@
 //!
 //! Tests get a [`FakeKube`] (which derefs to a cloneable [`Handle`]) to inspect objects and the
 //! writes received on Sessions ([`RecordedRequest`]), to change Sessions as a user would, to
-//! make Session patches fail, to simulate an outage, and to wait for any of that without
-//! sleeping. The same controls are served over HTTP under `/_fake/` for multi-process tests.
+//! inject faults, and to wait for any of that without sleeping. The same controls are served
+//! over HTTP under `/_fake/` for multi-process tests.
 //!
-//! Layout: `store` (objects, versions, event history, selectors), `routes` (the HTTP API and
-//! the `/_fake` control API), `handle` (server lifecycle and the test-facing handle).
+//! Faults on requests are [`FaultRule`]s ([`Handle::add_fault`]): a [`Target`] (resource,
+//! operations, namespace, name), a [`Trigger`] (the next `n` matching requests, every one, or
+//! each with a probability drawn from a seeded generator, reproducible run to run) and a
+//! [`Fault`]:
+//! - [`Fault::Error`]: not applied, answered with a status (500, 409, 429, ...);
+//! - [`Fault::AppliedButError`]: applied (watchers see it), answered 500 or 504 all the same;
+//! - [`Fault::Slow`]: answered after a delay, applied before it ([`ApplyAt::BeforeDelay`]) or
+//!   after it ([`ApplyAt::AfterDelay`]), in which case it lands even if the client gave up;
+//! - [`Fault::Hang`]: not applied, never answered, until the client gives up or
+//!   [`Handle::release_hung_requests`] (504).
+//!
+//! Faults on what watchers see: [`Handle::recreate_session`] (delete and create again under the
+//! same name: new uid, generation 1, `DELETED` then `ADDED`), [`Handle::set_dropping_watch_events`]
+//! (a gap: events withheld from every watch, by version, while lists stay true),
+//! [`Handle::end_watches`] (clean end; the client resumes and misses nothing),
+//! [`Handle::expire_watches`] (`410 Expired` and compaction: the client must re-list) and
+//! [`Handle::compact_history`]. Plus [`Handle::set_unavailable`] for an outage.
+//!
+//! Every fault injected is logged with its time ([`Handle::injected_faults`],
+//! [`Handle::wait_for_injected`], `GET /_fake/injected`): which rule hit which request, and
+//! every other injection above.
+//!
+//! The control API: `POST /_fake/faults` (a [`FaultRule`] as JSON, answers `{"id"}`),
+//! `DELETE /_fake/faults` (all) and `/_fake/faults/{id}`, `GET /_fake/injected`,
+//! `POST /_fake/release-hung`, `POST /_fake/watch-gap` (`{"dropping": bool}`),
+//! `POST /_fake/end-watches`, `POST /_fake/expire-watches`, `POST /_fake/compact`,
+//! `POST /_fake/unavailable` (`{"unavailable": bool}`), `POST /_fake/fail-session-patches`
+//! (`{"count", "status"}`), `GET|DELETE /_fake/requests`, `POST /_fake/sessions/{ns}`
+//! (create or merge), `GET|DELETE /_fake/sessions/{ns}/{name}` and
+//! `POST /_fake/sessions/{ns}/{name}/recreate` (optional body: changes to merge).
+//!
+//! What the faults do not model: a fault hits one request as a whole (no half-written bodies,
+//! no resets mid-stream other than ending a watch), delays use the real clock (not
+//! `tokio::time::pause`), and probabilities are reproducible only for requests arriving in the
+//! same order.
+//!
+//! Layout: `store` (objects, versions, event history, selectors), `faults` (rules and the
+//! log), `routes` (the HTTP API and the `/_fake` control API), `handle` (server lifecycle and
+//! the test-facing handle).
 
+mod faults;
 mod handle;
 mod routes;
 mod store;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use faults::{
+    ApplyAt, Fault, FaultId, FaultRule, FaultedRequest, InjectedFault, Injection, Operation,
+    ResourceKind, Target, Trigger,
+};
 pub use handle::{kubeconfig_yaml, FakeKube, Handle, RecordedRequest, Verb, DEFAULT_NAMESPACE};
 pub use store::HISTORY_LIMIT;
 

@@ -8,7 +8,7 @@ use axum::{
     http::{header, HeaderMap, Method, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{self, get, post},
     Json, Router,
 };
 use chrono::Utc;
@@ -19,8 +19,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    handle::{Handle, RecordedRequest, Verb},
-    store::{Event, Resource, Selector, StatusError, RESOURCES, SESSIONS},
+    faults::{
+        ApplyAt, Fault, FaultId, FaultRule, FaultedRequest, Injection, Operation, ResourceKind,
+    },
+    handle::{Handle, Hanging, RecordedRequest, Verb, WatchCut},
+    store::{Event, Resource, Selector, StatusError, RESOURCES},
     Error,
 };
 
@@ -49,10 +52,21 @@ pub(crate) fn router(handle: Handle) -> Router {
         .route("/_fake/unavailable", post(set_unavailable))
         .route("/_fake/fail-session-patches", post(fail_session_patches))
         .route("/_fake/compact", post(compact))
+        .route("/_fake/faults", post(add_fault).delete(clear_faults))
+        .route("/_fake/faults/{id}", routing::delete(remove_fault))
+        .route("/_fake/injected", get(injected))
+        .route("/_fake/release-hung", post(release_hung))
+        .route("/_fake/watch-gap", post(watch_gap))
+        .route("/_fake/end-watches", post(end_watches))
+        .route("/_fake/expire-watches", post(expire_watches))
         .route("/_fake/sessions/{namespace}", post(apply_session))
         .route(
             "/_fake/sessions/{namespace}/{name}",
             get(session).delete(delete_session),
+        )
+        .route(
+            "/_fake/sessions/{namespace}/{name}/recreate",
+            post(recreate_session),
         );
     api.merge(control)
         .fallback(|| async {
@@ -74,12 +88,15 @@ fn object(code: StatusCode, obj: Value) -> ApiResult {
     Ok((code, Json(obj)).into_response())
 }
 
-/// Outages, injected failures and request recording, in front of every API route.
+/// Outages, injected faults and request recording, in front of every API route.
 async fn intercept(State(handle): State<Handle>, request: Request, next: Next) -> Response {
     let (mut parts, body) = request.into_parts();
     let params = Path::<HashMap<String, String>>::from_request_parts(&mut parts, &())
         .await
         .map(|Path(p)| p)
+        .unwrap_or_default();
+    let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
+        .map(|Query(q)| q)
         .unwrap_or_default();
     let verb = match parts.method {
         Method::POST => Some(Verb::Create),
@@ -88,60 +105,179 @@ async fn intercept(State(handle): State<Handle>, request: Request, next: Next) -
         Method::DELETE => Some(Verb::Delete),
         _ => None,
     };
-    let namespace = params.get("namespace");
-    let is_sessions = params.get("group").map(String::as_str) == Some(SESSIONS.group)
-        && params.get("plural").map(String::as_str) == Some(SESSIONS.plural);
-    let (Some(verb), Some(namespace), true) = (verb, namespace, is_sessions) else {
+    let param = |k: &str| params.get(k).map(String::as_str);
+    let resource = match (param("group"), param("version"), param("plural")) {
+        (Some(g), Some(v), Some(p)) => {
+            Resource::find(g, v, p).and_then(|r| ResourceKind::of_plural(r.plural))
+        }
+        _ => None,
+    };
+    let namespace = params.get("namespace").cloned();
+    let Some(resource) = resource else {
+        // Discovery (and unknown resources, which answer 404): outages only.
         if handle.is_unavailable() {
             return unavailable().into_response();
         }
         return next.run(Request::from_parts(parts, body)).await;
     };
 
-    // Session writes are buffered so the body can be recorded whatever the outcome.
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return StatusError::new(413, "request body too large").into_response();
+    // Writes are buffered: a create's name is in its body, and Session writes are recorded
+    // with their body whatever the outcome.
+    let (body, parsed, content_type) = match verb {
+        Some(_) => {
+            let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+                return StatusError::new(413, "request body too large").into_response();
+            };
+            let content_type = content_type(&parts.headers);
+            let parsed = if bytes.is_empty() {
+                Value::Null
+            } else {
+                parse_body(content_type.as_deref(), &bytes)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            };
+            (Body::from(bytes), parsed, content_type)
+        }
+        None => (body, Value::Null, None),
     };
-    let content_type = content_type(&parts.headers);
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        parse_body(content_type.as_deref(), &bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-    };
-    let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
-        .map(|Query(q)| q)
-        .unwrap_or_default();
     let name = params.get("name").cloned().or_else(|| {
-        body.pointer("/metadata/name")
+        parsed
+            .pointer("/metadata/name")
             .and_then(Value::as_str)
             .map(str::to_owned)
     });
-    let mut record = RecordedRequest {
-        received_at: Utc::now(),
-        namespace: namespace.clone(),
-        name,
-        verb,
-        content_type,
-        field_manager: query.get("fieldManager").cloned(),
-        body,
-        status: 0,
+    let operation = match verb {
+        Some(Verb::Create) => Operation::Create,
+        Some(Verb::Replace) => Operation::Replace,
+        Some(Verb::Patch) => Operation::Patch,
+        Some(Verb::Delete) => Operation::Delete,
+        None if params.contains_key("name") => Operation::Get,
+        None if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => {
+            Operation::Watch
+        }
+        None => Operation::List,
+    };
+    let recording = match (verb, &namespace, resource) {
+        (Some(verb), Some(namespace), ResourceKind::Sessions) => Some(Recording {
+            handle: handle.clone(),
+            request: Some(RecordedRequest {
+                received_at: Utc::now(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                verb,
+                content_type,
+                field_manager: query.get("fieldManager").cloned(),
+                body: parsed,
+                status: 0,
+            }),
+        }),
+        _ => None,
     };
 
+    let request = Request::from_parts(parts, body);
     let response = if handle.is_unavailable() {
         unavailable().into_response()
-    } else if let Some(code) = (verb == Verb::Patch)
-        .then(|| handle.take_patch_failure())
-        .flatten()
-    {
-        StatusError::new(code, "injected failure").into_response()
     } else {
-        next.run(Request::from_parts(parts, Body::from(bytes)))
-            .await
+        let fault = handle.pick_fault(FaultedRequest {
+            resource,
+            operation,
+            namespace,
+            name,
+        });
+        faulted(&handle, fault, request, next).await
     };
-    record.status = response.status().as_u16();
-    handle.record(record);
+    if let Some(recording) = recording {
+        recording.finish(response.status().as_u16());
+    }
     response
+}
+
+/// Runs `request` under the fault picked for it, if any.
+async fn faulted(
+    handle: &Handle,
+    picked: Option<(Fault, Option<Hanging>)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (fault, hanging) = match picked {
+        Some((fault, hanging)) => (Some(fault), hanging),
+        None => (None, None),
+    };
+    match fault {
+        None => next.run(request).await,
+        Some(Fault::Error { status }) => {
+            StatusError::new(status, "injected failure").into_response()
+        }
+        Some(Fault::AppliedButError { status }) => {
+            let _applied = next.run(request).await;
+            StatusError::new(status, "injected failure after the request was applied")
+                .into_response()
+        }
+        Some(Fault::Slow {
+            delay,
+            apply: ApplyAt::BeforeDelay,
+        }) => {
+            let response = next.run(request).await;
+            pause(handle, delay).await;
+            response
+        }
+        Some(Fault::Slow {
+            delay,
+            apply: ApplyAt::AfterDelay,
+        }) => {
+            // A task of its own: the write lands after the delay even if the client gave up
+            // and the server dropped this request meanwhile, as on a loaded API server.
+            let h = handle.clone();
+            let write = tokio::spawn(async move {
+                if pause(&h, delay).await {
+                    next.run(request).await
+                } else {
+                    StatusError::new(503, "fake-kube is shutting down").into_response()
+                }
+            });
+            write
+                .await
+                .unwrap_or_else(|e| StatusError::new(500, e.to_string()).into_response())
+        }
+        Some(Fault::Hang) => {
+            if let Some(hanging) = hanging {
+                hanging.wait().await;
+            }
+            StatusError::new(504, "injected hang released; the request was not applied")
+                .into_response()
+        }
+    }
+}
+
+/// Waits `delay`, or less if the fake shuts down (then answers false).
+async fn pause(handle: &Handle, delay: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = handle.closing().cancelled() => false,
+    }
+}
+
+/// A Session write being served: recorded with the status answered, or with 0 if no answer
+/// was sent (it hung, or the client gave up and the server dropped it).
+struct Recording {
+    handle: Handle,
+    request: Option<RecordedRequest>,
+}
+
+impl Recording {
+    fn finish(mut self, status: u16) {
+        if let Some(mut request) = self.request.take() {
+            request.status = status;
+            self.handle.record(request);
+        }
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(request) = self.request.take() {
+            self.handle.record(request);
+        }
+    }
 }
 
 fn unavailable() -> StatusError {
@@ -370,8 +506,11 @@ fn watch(
             rv
         }),
     };
+    let mut cuts = h.watch_cuts();
+    cuts.borrow_and_update();
     let cursor = WatchCursor {
         changes: h.store_changes(),
+        cuts,
         closing: h.closing().clone(),
         handle: h,
         resource: res,
@@ -392,6 +531,8 @@ fn watch(
 struct WatchCursor {
     handle: Handle,
     changes: watch::Receiver<u64>,
+    /// [`Handle::end_watches`] and [`Handle::expire_watches`].
+    cuts: watch::Receiver<WatchCut>,
     closing: CancellationToken,
     resource: &'static Resource,
     namespace: Option<String>,
@@ -422,6 +563,16 @@ impl WatchCursor {
                 }
                 tokio::select! {
                     changed = c.changes.changed() => if changed.is_err() { return None },
+                    cut = c.cuts.changed() => {
+                        if cut.is_err() || !c.cuts.borrow_and_update().expired {
+                            return None;
+                        }
+                        let oldest = c.handle.resource_version() + 1;
+                        let expired = StatusError::expired(c.after, oldest);
+                        c.pending
+                            .push_back(json!({"type": "ERROR", "object": expired.to_status()}));
+                        c.finished = true;
+                    }
                     () = tokio::time::sleep_until(c.deadline) => return None,
                     () = c.closing.cancelled() => return None,
                 }
@@ -438,15 +589,30 @@ impl WatchCursor {
                 for Event {
                     resource_version,
                     kind,
+                    plural,
+                    namespace,
                     object,
-                    ..
                 } in events
                 {
                     self.after = resource_version;
-                    if self.selector.matches(&object) {
-                        self.pending
-                            .push_back(json!({"type": kind.as_str(), "object": object}));
+                    if !self.selector.matches(&object) {
+                        continue;
                     }
+                    if self.handle.in_watch_gap(resource_version) {
+                        let name = object.pointer("/metadata/name").and_then(Value::as_str);
+                        if let Some(resource) = ResourceKind::of_plural(plural) {
+                            self.handle.log(Injection::WatchEventDropped {
+                                resource,
+                                namespace,
+                                name: name.unwrap_or_default().to_owned(),
+                                event_type: kind.as_str().to_owned(),
+                                resource_version,
+                            });
+                        }
+                        continue;
+                    }
+                    self.pending
+                        .push_back(json!({"type": kind.as_str(), "object": object}));
                 }
             }
             Err(expired) => {
@@ -558,6 +724,75 @@ async fn compact(State(h): State<Handle>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+async fn add_fault(State(h): State<Handle>, Json(rule): Json<FaultRule>) -> ApiResult {
+    match h.add_fault(rule) {
+        Ok(id) => object(StatusCode::OK, json!({"id": id})),
+        Err(e) => Err(control_error(e)),
+    }
+}
+
+async fn clear_faults(State(h): State<Handle>) -> StatusCode {
+    h.clear_faults();
+    StatusCode::NO_CONTENT
+}
+
+async fn remove_fault(State(h): State<Handle>, Path(id): Path<u64>) -> ApiResult {
+    if h.remove_fault(FaultId(id)) {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(StatusError::new(404, format!("no fault rule {id}")))
+    }
+}
+
+async fn injected(State(h): State<Handle>) -> Json<Vec<crate::InjectedFault>> {
+    Json(h.injected_faults())
+}
+
+async fn release_hung(State(h): State<Handle>) -> Json<Value> {
+    Json(json!({"released": h.release_hung_requests()}))
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchGap {
+    dropping: bool,
+}
+
+async fn watch_gap(State(h): State<Handle>, Json(body): Json<WatchGap>) -> StatusCode {
+    h.set_dropping_watch_events(body.dropping);
+    StatusCode::NO_CONTENT
+}
+
+async fn end_watches(State(h): State<Handle>) -> Json<Value> {
+    Json(json!({"ended": h.end_watches()}))
+}
+
+async fn expire_watches(State(h): State<Handle>) -> Json<Value> {
+    Json(json!({"ended": h.expire_watches()}))
+}
+
+async fn recreate_session(
+    State(h): State<Handle>,
+    Path((namespace, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let changes = if body.is_empty() {
+        None
+    } else {
+        Some(parse_body(None, &body)?)
+    };
+    match h.recreate_session(&namespace, &name, changes) {
+        Ok(obj) => object(StatusCode::OK, obj),
+        Err(e) => Err(control_error(e)),
+    }
+}
+
+fn control_error(e: Error) -> StatusError {
+    match e {
+        Error::Rejected { code, message } => StatusError::new(code, message),
+        e => StatusError::new(500, e.to_string()),
+    }
+}
+
 async fn apply_session(
     State(h): State<Handle>,
     Path(namespace): Path<String>,
@@ -565,8 +800,7 @@ async fn apply_session(
 ) -> ApiResult {
     match h.apply_session(&namespace, body) {
         Ok(obj) => object(StatusCode::OK, obj),
-        Err(Error::Rejected { code, message }) => Err(StatusError::new(code, message)),
-        Err(e) => Err(StatusError::new(500, e.to_string())),
+        Err(e) => Err(control_error(e)),
     }
 }
 

@@ -117,7 +117,7 @@ impl StatusError {
     }
 
     /// What a real server says, inside a watch, when the requested version was compacted away.
-    fn expired(requested: u64, oldest: u64) -> Self {
+    pub(crate) fn expired(requested: u64, oldest: u64) -> Self {
         Self {
             reason: "Expired",
             ..Self::new(
@@ -163,8 +163,8 @@ impl EventType {
 pub(crate) struct Event {
     pub resource_version: u64,
     pub kind: EventType,
-    plural: &'static str,
-    namespace: String,
+    pub plural: &'static str,
+    pub namespace: String,
     pub object: Value,
 }
 
@@ -324,6 +324,34 @@ impl Store {
         );
         self.push_event(EventType::Deleted, res, ns, obj.clone());
         Ok(obj)
+    }
+
+    /// Deletes the object and creates it again under the same name, as someone deleting and
+    /// re-applying it would: a new `uid` and `creationTimestamp`, `generation` back at 1,
+    /// and a `DELETED` then an `ADDED` event. The new object is the old one without its
+    /// server-set metadata, with `changes` merged in (RFC 7386). Returns (old, new).
+    pub fn recreate(
+        &mut self,
+        res: &'static Resource,
+        ns: &str,
+        name: &str,
+        changes: Option<&Value>,
+    ) -> StoreResult<(Value, Value)> {
+        let mut fresh = self.get(res, ns, name)?;
+        let meta = metadata_mut(&mut fresh)?;
+        for field in ["uid", "creationTimestamp", "generation", "resourceVersion"] {
+            meta.remove(field);
+        }
+        if let Some(changes) = changes {
+            merge(&mut fresh, changes);
+        }
+        // The name is the point of a re-creation; a change cannot move it elsewhere.
+        let meta = metadata_mut(&mut fresh)?;
+        meta.insert("name".into(), name.into());
+        meta.insert("namespace".into(), ns.into());
+        let old = self.delete(res, ns, name, None)?;
+        let new = self.create(res, ns, fresh)?;
+        Ok((old, new))
     }
 
     /// Events for `res` (in `ns`, or all namespaces) newer than `after`, oldest first.
@@ -664,6 +692,41 @@ mod tests {
             .create(&LEASES, "ns", session("l"))
             .map_err(|e| e.reason);
         assert_eq!(again, Err("AlreadyExists"));
+    }
+
+    #[test]
+    fn recreation_is_a_new_object_under_the_old_name() {
+        let mut store = Store::default();
+        let first = store.create(&SESSIONS, "ns", session("a")).expect("create");
+        store
+            .merge_patch(&SESSIONS, "ns", "a", &json!({"spec": {"state": "x"}}))
+            .expect("patch");
+        let (old, new) = store
+            .recreate(
+                &SESSIONS,
+                "ns",
+                "a",
+                Some(&json!({"spec": {"state": "running"}})),
+            )
+            .expect("recreate");
+        assert_eq!(old["metadata"]["generation"], 2);
+        assert_eq!(new["metadata"]["generation"], 1);
+        assert_ne!(new["metadata"]["uid"], first["metadata"]["uid"]);
+        assert_eq!(new["metadata"]["labels"]["app"], "x");
+        assert_eq!(new["spec"]["state"], "running");
+        let kinds: Vec<_> = store
+            .events_after(&SESSIONS, None, 2)
+            .expect("events")
+            .iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, [EventType::Deleted, EventType::Added]);
+        assert_eq!(
+            store
+                .recreate(&SESSIONS, "ns", "nope", None)
+                .map_err(|e| e.code),
+            Err(404)
+        );
     }
 
     #[test]

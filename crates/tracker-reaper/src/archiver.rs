@@ -5,6 +5,14 @@
 //! the outbox only after its row is committed, and a replayed batch inserts
 //! nothing twice, so every finished connection ends as exactly one row —
 //! across PostgreSQL outages (retried with backoff), leader changes and kills.
+//!
+//! An entry that can never become a row must not stop its shard: when
+//! PostgreSQL refuses a batch for its data, the batch is split in halves until
+//! the refused entries stand alone; those, entries whose connection id already
+//! has another connection's row, and entries that are not history records go
+//! to `connection_history_rejects` (see [`db::insert_rejects`]) and are then
+//! acknowledged like the rest. A failure that is not the data's (PostgreSQL
+//! down, a timeout) still acknowledges nothing and is retried.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +23,12 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracker_core::{ShardId, Store};
+use tracker_core::{HistoryRecord, MalformedEntry, OutboxRead, ShardId, Store};
 
 use crate::backoff::Backoff;
-use crate::db;
-use crate::metrics::{Metrics, Task};
+use crate::db::{self, Reject};
+use crate::metrics::{Metrics, RejectReason, Task};
+use crate::Result;
 
 /// Entries per read and per insert.
 pub const BATCH: u32 = 500;
@@ -121,8 +130,8 @@ async fn archive_shard(
         if stop.is_cancelled() {
             return pass;
         }
-        let entries = match store.outbox_read(shard, BATCH).await {
-            Ok(e) => e,
+        let read = match store.outbox_read_all(shard, BATCH).await {
+            Ok(r) => r,
             Err(e) => {
                 metrics.store_error(Task::Archive);
                 metrics.archive_errors.increment(1);
@@ -131,21 +140,39 @@ async fn archive_shard(
                 return pass;
             }
         };
-        if entries.is_empty() {
+        let ids: Vec<String> = read
+            .entries
+            .iter()
+            .map(|e| e.id.clone())
+            .chain(read.malformed.iter().map(|m| m.id.clone()))
+            .collect();
+        if ids.is_empty() {
             return pass;
         }
-        let records: Vec<_> = entries.iter().map(|e| e.record.clone()).collect();
-        let inserted = match db::insert_history(pool, &records).await {
-            Ok(n) => n,
+        let records: Vec<_> = read.entries.iter().map(|e| e.record.clone()).collect();
+        let written = match archive_batch(pool, shard, read).await {
+            Ok(w) => w,
             Err(e) => {
                 metrics.archive_errors.increment(1);
-                tracing::warn!(shard = shard.0, pending = entries.len(), error = %e, "writing history failed; retrying with backoff");
+                tracing::warn!(shard = shard.0, pending = ids.len(), error = %e, "writing history failed; retrying with backoff");
                 pass.failed = true;
                 return pass;
             }
         };
-        metrics.archived.increment(inserted);
-        pass.archived += entries.len() as u64;
+        metrics.archived.increment(written.inserted);
+        // Counted and logged when first recorded, not again on a replay.
+        for r in written.rejects.iter().filter(|r| r.new) {
+            metrics.history_rejected(r.reason);
+            tracing::warn!(
+                shard = shard.0,
+                entry = %r.entry_id,
+                connection_id = ?r.reject.connection_id,
+                reason = r.reason.as_str(),
+                error = %r.reject.error,
+                "history entry set aside in connection_history_rejects"
+            );
+        }
+        pass.archived += ids.len() as u64;
         // Before the ack, so a crash between an end and its settling (user
         // slot given back, id retired) is repaired by the replay.
         if let Err(e) = store.settle_archived(&records).await {
@@ -154,7 +181,6 @@ async fn archive_shard(
             pass.failed = true;
             return pass;
         }
-        let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
         if let Err(e) = store.outbox_ack(shard, &ids).await {
             // Committed but not acknowledged: the next pass inserts nothing twice.
             metrics.store_error(Task::Archive);
@@ -165,5 +191,147 @@ async fn archive_shard(
         if ids.len() < BATCH as usize {
             return pass;
         }
+    }
+}
+
+/// What [`archive_batch`] committed for one outbox read.
+#[derive(Debug, Default)]
+pub struct BatchWrite {
+    /// History rows newly written.
+    pub inserted: u64,
+    /// Every entry set aside, recorded in `connection_history_rejects`.
+    pub rejects: Vec<SetAside>,
+}
+
+/// One entry of a batch set aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    pub entry_id: String,
+    pub reason: RejectReason,
+    pub reject: Reject,
+    /// Recorded by this call (false: already there, from a replayed batch).
+    pub new: bool,
+}
+
+/// Writes one outbox read: the history rows that PostgreSQL takes, and a
+/// reject for every other entry. On success every entry of `read` may be
+/// acknowledged; on error none may (nothing is lost, a replay is harmless).
+pub async fn archive_batch(pool: &PgPool, shard: ShardId, read: OutboxRead) -> Result<BatchWrite> {
+    let OutboxRead { entries, malformed } = read;
+    let mut out = BatchWrite::default();
+    let mut rejects: Vec<(String, RejectReason, Reject)> = malformed
+        .iter()
+        .map(|m| {
+            (
+                m.id.clone(),
+                RejectReason::Malformed,
+                malformed_reject(shard, m),
+            )
+        })
+        .collect();
+    let (ids, records): (Vec<String>, Vec<_>) =
+        entries.into_iter().map(|e| (e.id, e.record)).unzip();
+    // Ranges of the batch still to write, first half on top. A refused range
+    // is split; a refused single entry is set aside. At most 2n - 1 statements
+    // for n entries, and one when nothing is refused.
+    let mut todo = Vec::new();
+    todo.push(0..records.len());
+    while let Some(range) = todo.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        match db::insert_history(pool, &records[range.clone()]).await {
+            Ok(w) => {
+                out.inserted += w.inserted;
+                for (i, existing) in w.reused {
+                    let i = range.start + i;
+                    let error = format!(
+                        "connection_id already archived for another connection \
+                         (session {}, user {}, connected_at {})",
+                        existing.session_id,
+                        existing.user_id,
+                        tracker_core::domain::rfc3339_ms::format(&existing.connected_at),
+                    );
+                    rejects.push((
+                        ids[i].clone(),
+                        RejectReason::ReusedId,
+                        record_reject(shard, &ids[i], &records[i], error),
+                    ));
+                }
+            }
+            Err(e) => {
+                let Some(refusal) = e.refused_data() else {
+                    return Err(e);
+                };
+                if range.len() == 1 {
+                    let i = range.start;
+                    rejects.push((
+                        ids[i].clone(),
+                        RejectReason::Refused,
+                        record_reject(shard, &ids[i], &records[i], refusal.to_string()),
+                    ));
+                } else {
+                    tracing::debug!(shard = shard.0, entries = range.len(), error = %refusal, "history batch refused; isolating the refused entries");
+                    let mid = range.start + range.len() / 2;
+                    todo.push(mid..range.end);
+                    todo.push(range.start..mid);
+                }
+            }
+        }
+    }
+    let only: Vec<Reject> = rejects.iter().map(|(_, _, r)| r.clone()).collect();
+    let new = db::insert_rejects(pool, &only).await?;
+    out.rejects = rejects
+        .into_iter()
+        .zip(new)
+        .map(|((entry_id, reason, reject), new)| SetAside {
+            entry_id,
+            reason,
+            reject,
+            new,
+        })
+        .collect();
+    Ok(out)
+}
+
+/// The reject of a history record: the entry as JSON, which escapes control
+/// characters, so the payload is storable whatever the record holds.
+fn record_reject(shard: ShardId, id: &str, record: &HistoryRecord, error: String) -> Reject {
+    let payload = serde_json::json!({
+        "shard": shard.0,
+        "entry_id": id,
+        "record": record,
+    });
+    Reject {
+        connection_id: Some(record.connection_id.as_uuid()),
+        payload: payload.to_string(),
+        error,
+    }
+}
+
+/// The reject of an entry that is not a history record: its raw fields.
+fn malformed_reject(shard: ShardId, m: &MalformedEntry) -> Reject {
+    let fields: serde_json::Map<String, serde_json::Value> = m
+        .fields
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+        .collect();
+    let payload = serde_json::json!({
+        "shard": shard.0,
+        "entry_id": m.id,
+        "fields": fields,
+    });
+    let connection_id = m
+        .fields
+        .iter()
+        .find(|(k, _)| k == "c")
+        .and_then(|(_, v)| v.parse().ok());
+    Reject {
+        connection_id,
+        payload: payload.to_string(),
+        error: format!(
+            "not a history record: field {:?} missing or unparseable",
+            m.field
+        ),
     }
 }

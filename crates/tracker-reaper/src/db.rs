@@ -1,9 +1,12 @@
-//! PostgreSQL: the pool, the migrations and the two writes the reaper makes.
+//! PostgreSQL: the pool, the migrations and the writes the reaper makes.
 //!
 //! Each write is one statement per batch (`INSERT ... SELECT FROM UNNEST`)
 //! and idempotent on its primary key, so a batch replayed after a crash
 //! between the commit and the outbox acknowledgement writes nothing twice.
+//! History entries PostgreSQL refuses, or whose connection id is taken by
+//! another connection, are set aside in `connection_history_rejects`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -35,10 +38,49 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
-/// Writes one batch of history rows; answers how many were new.
-pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<u64> {
+/// What a batch of history records made in `connection_history`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HistoryWrite {
+    /// Rows newly written.
+    pub inserted: u64,
+    /// Records whose connection id already has a row of *another* connection
+    /// (another session, user or start): their index in the batch and that row.
+    /// A record whose row exists with the same identity is a redelivery and
+    /// appears nowhere (a crash between the commit and the acknowledgement).
+    pub reused: Vec<(usize, ArchivedConnection)>,
+}
+
+/// What identifies a connection's history row beyond its id: a connection id
+/// seen again with any of these different is another connection under a
+/// reused id. How it ended is not part of it: after a Redis failover the
+/// same connection can end twice (closed, then swept on the promoted replica);
+/// the first archived end stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedConnection {
+    pub session_id: String,
+    pub user_id: String,
+    pub connected_at: DateTime<Utc>,
+}
+
+impl ArchivedConnection {
+    fn of(r: &HistoryRecord) -> Self {
+        Self {
+            session_id: r.session_id.as_str().to_owned(),
+            user_id: r.user_id.as_str().to_owned(),
+            connected_at: r.connected_at,
+        }
+    }
+}
+
+/// Writes one batch of history rows in one statement. Nothing is written if
+/// PostgreSQL refuses any row ([`Error::refused_data`] tells a refused row
+/// from a failed connection); the caller splits the batch to find it.
+///
+/// `ON CONFLICT DO NOTHING RETURNING` names the rows written; only the others
+/// (none, usually) cost a second query comparing them with the rows in the way.
+pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<HistoryWrite> {
     if records.is_empty() {
-        return Ok(0);
+        return Ok(HistoryWrite::default());
     }
     let n = records.len();
     let mut connection_id = Vec::with_capacity(n);
@@ -63,16 +105,17 @@ pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<
         last_heartbeat_at.push(r.last_heartbeat_at);
         end_reason.push(r.end_reason.as_str());
     }
-    let done = sqlx::query(
+    let written: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO connection_history (connection_id, session_id, user_id, protocol, \
              client_ip, user_agent, connected_at, disconnected_at, last_heartbeat_at, \
              end_reason, archived_at) \
          SELECT u.*, now() FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
              $5::inet[], $6::text[], $7::timestamptz[], $8::timestamptz[], \
              $9::timestamptz[], $10::text[]) AS u \
-         ON CONFLICT (connection_id) DO NOTHING",
+         ON CONFLICT (connection_id) DO NOTHING \
+         RETURNING connection_id",
     )
-    .bind(connection_id)
+    .bind(&connection_id)
     .bind(session_id)
     .bind(user_id)
     .bind(protocol)
@@ -82,9 +125,108 @@ pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<
     .bind(disconnected_at)
     .bind(last_heartbeat_at)
     .bind(end_reason)
-    .execute(pool)
+    .fetch_all(pool)
     .await?;
-    Ok(done.rows_affected())
+    let mut write = HistoryWrite {
+        inserted: written.len() as u64,
+        reused: Vec::new(),
+    };
+
+    // To compare: records not written, and records sharing their id with
+    // another record of the batch (only one of them was written, and which
+    // one is for the comparison to say).
+    let mut in_batch: HashMap<Uuid, usize> = HashMap::with_capacity(n);
+    for id in &connection_id {
+        *in_batch.entry(*id).or_default() += 1;
+    }
+    let written: std::collections::HashSet<Uuid> = written.into_iter().collect();
+    let check: Vec<usize> = (0..n)
+        .filter(|&i| {
+            let id = connection_id[i];
+            !written.contains(&id) || in_batch.get(&id).is_some_and(|&k| k > 1)
+        })
+        .collect();
+    if check.is_empty() {
+        return Ok(write);
+    }
+    let ids: Vec<Uuid> = check.iter().map(|&i| connection_id[i]).collect();
+    // A separate statement, not a CTE: it sees rows that a concurrent insert
+    // (a former leader's last batch) committed while ours waited on them.
+    let rows: Vec<(Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT connection_id, session_id, user_id, connected_at \
+         FROM connection_history WHERE connection_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let archived: HashMap<Uuid, ArchivedConnection> = rows
+        .into_iter()
+        .map(|(id, session_id, user_id, connected_at)| {
+            (
+                id,
+                ArchivedConnection {
+                    session_id,
+                    user_id,
+                    connected_at,
+                },
+            )
+        })
+        .collect();
+    for i in check {
+        // The row in the way was deleted between the two statements (by hand,
+        // or a retention job): nothing to compare with; the retry writes it.
+        let existing = archived
+            .get(&connection_id[i])
+            .ok_or(Error::Database(sqlx::Error::RowNotFound))?;
+        if *existing != ArchivedConnection::of(&records[i]) {
+            write.reused.push((i, existing.clone()));
+        }
+    }
+    Ok(write)
+}
+
+/// An outbox entry set aside: PostgreSQL refused it, its connection id is
+/// another connection's, or it is not a history record at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    /// `None` when the entry's own id does not parse.
+    pub connection_id: Option<Uuid>,
+    /// The outbox entry as JSON (any NUL byte escaped as `\u0000`).
+    pub payload: String,
+    /// Why, for the operator: PostgreSQL's message, or ours.
+    pub error: String,
+}
+
+/// Records rejects, each at most once: a batch replayed after a crash between
+/// this commit and the outbox acknowledgement finds its rejects already there
+/// (unique on the payload's hash, and the payload names the shard and entry).
+/// Answers, per reject, whether it is new. One statement each: rejects are rare.
+pub async fn insert_rejects(pool: &PgPool, rejects: &[Reject]) -> Result<Vec<bool>> {
+    let mut new = Vec::with_capacity(rejects.len());
+    for r in rejects {
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO connection_history_rejects (connection_id, payload, error) \
+             VALUES ($1, $2, $3) \
+             ON CONFLICT ((md5(payload))) DO NOTHING \
+             RETURNING reject_id",
+        )
+        .bind(r.connection_id)
+        .bind(storable(&r.payload))
+        .bind(storable(&r.error))
+        .fetch_optional(pool)
+        .await?;
+        new.push(id.is_some());
+    }
+    Ok(new)
+}
+
+/// PostgreSQL text cannot hold NUL; a reject must be storable whatever it holds.
+fn storable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        s.replace('\0', "\\u0000").into()
+    } else {
+        s.into()
+    }
 }
 
 /// What happened to a session, as written to `session_events`.

@@ -57,6 +57,37 @@ impl Error {
     pub fn surely_not_applied(&self) -> bool {
         matches!(self.kube_status(), Some(400..=499) if self.kube_status() != Some(408))
     }
+
+    /// PostgreSQL refused a statement for the data in it, not for the state of
+    /// the connection or the server: retrying the same rows fails the same way.
+    /// Classes 22 (data exception: a NUL byte in text, a value out of range),
+    /// 23 (integrity: NOT NULL, CHECK; the primary key never, the inserts say
+    /// ON CONFLICT DO NOTHING) and 54 (a row too large for an index).
+    /// Everything else (I/O, pool timeouts, 08 connection, 40 rollback,
+    /// 53 resources, 57 shutdown or cancel) is transient and retried.
+    pub fn refused_data(&self) -> Option<Refusal> {
+        let Error::Database(sqlx::Error::Database(db)) = self else {
+            return None;
+        };
+        let code = db.code()?;
+        matches!(code.get(..2), Some("22" | "23" | "54")).then(|| Refusal {
+            sqlstate: code.into_owned(),
+            message: db.message().to_owned(),
+        })
+    }
+}
+
+/// Why PostgreSQL refused some data; see [`Error::refused_data`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.sqlstate)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

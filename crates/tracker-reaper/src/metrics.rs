@@ -17,6 +17,7 @@ pub const EXPIRED: &str = "tracker_reaper_expired_connections_total";
 pub const ARCHIVED: &str = "tracker_reaper_archived_rows_total";
 pub const ARCHIVE_BACKLOG: &str = "tracker_reaper_archive_backlog_rows";
 pub const ARCHIVE_ERRORS: &str = "tracker_reaper_archive_errors_total";
+pub const HISTORY_REJECTED: &str = "tracker_reaper_history_rejected_total";
 pub const HIBERNATIONS: &str = "tracker_reaper_hibernations_total";
 pub const WAKES: &str = "tracker_reaper_wakes_total";
 pub const WAKE_LATENCY: &str = "tracker_reaper_wake_latency_seconds";
@@ -76,6 +77,27 @@ impl WakeResult {
             Self::DryRun => "dry_run",
             Self::Conflict => "conflict",
             Self::Failed => "failed",
+        }
+    }
+}
+
+/// Why the archiver set an outbox entry aside in `connection_history_rejects`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// PostgreSQL refused the row for its data (SQLSTATE class 22, 23 or 54).
+    Refused,
+    /// The connection id already has a row of another connection.
+    ReusedId,
+    /// The entry is not a history record (a field missing or unparseable).
+    Malformed,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::ReusedId => "reused_id",
+            Self::Malformed => "malformed",
         }
     }
 }
@@ -198,6 +220,11 @@ impl Metrics {
             None,
             "failed archive batches (PostgreSQL or Redis)",
         );
+        describe(
+            HISTORY_REJECTED,
+            None,
+            "outbox entries set aside in connection_history_rejects, by reason",
+        );
         describe(HIBERNATIONS, None, "hibernation decisions by result");
         describe(WAKES, None, "pending wakes handled, by result");
         describe(
@@ -254,6 +281,11 @@ impl Metrics {
 
     pub fn wake(&self, result: WakeResult) {
         self.labelled(WAKES, "result", result.as_str()).increment(1);
+    }
+
+    pub fn history_rejected(&self, reason: RejectReason) {
+        self.labelled(HISTORY_REJECTED, "reason", reason.as_str())
+            .increment(1);
     }
 
     pub fn kube_error(&self, op: KubeOp) {

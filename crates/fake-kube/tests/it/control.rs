@@ -3,7 +3,7 @@
 use std::process::Stdio;
 
 use axum::http::{header, Request};
-use fake_kube::RecordedRequest;
+use fake_kube::{InjectedFault, RecordedRequest};
 use kube::{
     api::{Api, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
@@ -11,7 +11,7 @@ use kube::{
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::{api_code, session_json, Session, TIMEOUT};
+use crate::{api_code, session_json, start, Session, NS, TIMEOUT};
 
 fn post(uri: &str, body: &Value) -> Request<Vec<u8>> {
     Request::post(uri)
@@ -103,4 +103,83 @@ async fn binary_serves_a_kubeconfig_and_the_control_api() {
         .unwrap();
     assert!(exit.success(), "graceful exit on SIGTERM, got {exit}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn faults_are_injected_and_read_back_over_the_control_api() {
+    let (fake, client) = start().await;
+    let api: Api<Session> = Api::namespaced(client.clone(), NS);
+    let created: Value = client
+        .request(post(
+            &format!("/_fake/sessions/{NS}"),
+            &session_json("a", "running"),
+        ))
+        .await
+        .unwrap();
+
+    let rule = json!({
+        "target": {"resource": "sessions", "operations": ["patch"], "name": "a"},
+        "fault": {"type": "applied_but_error", "status": 500},
+        "trigger": {"next": 1},
+    });
+    let added: Value = client.request(post("/_fake/faults", &rule)).await.unwrap();
+    let patch = Patch::Merge(json!({"spec": {"state": "hibernated"}}));
+    let answer = api.patch("a", &PatchParams::default(), &patch).await;
+    assert_eq!(api_code(answer).0, 500);
+    assert_eq!(api.get("a").await.unwrap().spec.state, "hibernated");
+
+    let bad = json!({"fault": {"type": "error", "status": 200}, "trigger": "always"});
+    let refused = client.request_text(post("/_fake/faults", &bad)).await;
+    assert_eq!(api_code(refused).0, 422);
+    let remove = || {
+        Request::delete(format!("/_fake/faults/{}", added["id"]))
+            .body(Vec::new())
+            .unwrap()
+    };
+    client.request_text(remove()).await.unwrap();
+    assert_eq!(api_code(client.request_text(remove()).await).0, 404);
+
+    let recreated: Value = client
+        .request(post(
+            &format!("/_fake/sessions/{NS}/a/recreate"),
+            &json!({"spec": {"state": "running"}}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(recreated["metadata"]["generation"], 1);
+    assert_ne!(recreated["metadata"]["uid"], created["metadata"]["uid"]);
+    for (path, body) in [
+        ("/_fake/watch-gap", json!({"dropping": true})),
+        ("/_fake/watch-gap", json!({"dropping": false})),
+        ("/_fake/end-watches", json!({})),
+        ("/_fake/expire-watches", json!({})),
+        ("/_fake/release-hung", json!({})),
+    ] {
+        client.request_text(post(path, &body)).await.unwrap();
+    }
+
+    let injected: Vec<InjectedFault> = client
+        .request(Request::get("/_fake/injected").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(injected, fake.injected_faults());
+    let kinds: Vec<_> = injected
+        .iter()
+        .map(|f| serde_json::to_value(f).unwrap()["kind"].clone())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "request",
+            "recreated",
+            "watch_gap",
+            "watch_gap",
+            "watches_ended",
+            "history_compacted",
+            "watches_ended",
+            "hung_released"
+        ]
+    );
+    let clear = Request::delete("/_fake/faults").body(Vec::new()).unwrap();
+    client.request_text(clear).await.unwrap();
 }

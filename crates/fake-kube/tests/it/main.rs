@@ -3,8 +3,10 @@
 
 mod control;
 mod faults;
+mod injection;
 mod leases;
 mod sessions;
+mod watch_faults;
 
 use std::time::Duration;
 

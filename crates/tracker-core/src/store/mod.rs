@@ -1008,22 +1008,45 @@ impl Store {
             .collect()
     }
 
-    /// The oldest finished connections of one shard awaiting the archiver.
+    /// The oldest finished connections of one shard awaiting the archiver;
+    /// fails on an entry that is not a history record.
     pub async fn outbox_read(&self, shard: ShardId, max: u32) -> Result<Vec<OutboxEntry>> {
-        let op = &self.scripts.outbox_read;
-        let reply: Vec<(String, Vec<String>)> = self
-            .eval_shard_key(op, shard, ShardKey::Outbox, max)
+        let read = self.outbox_read_all(shard, max).await?;
+        if let Some(bad) = read.malformed.first() {
+            return Err(Error::Reply {
+                script: self.scripts.outbox_read.name,
+                detail: format!("malformed outbox entry {} (field {})", bad.id, bad.field),
+            });
+        }
+        Ok(read.entries)
+    }
+
+    /// Like [`Store::outbox_read`], but an entry that is not a history record
+    /// comes back as a [`MalformedEntry`] instead of failing the read, so one
+    /// bad entry cannot stop its shard's archive.
+    pub async fn outbox_read_all(&self, shard: ShardId, max: u32) -> Result<OutboxRead> {
+        // Bytes, not strings: a value that is not UTF-8 must not fail the whole read.
+        let reply: Vec<(String, Vec<Vec<u8>>)> = self
+            .eval_shard_key(&self.scripts.outbox_read, shard, ShardKey::Outbox, max)
             .await?;
-        reply
-            .into_iter()
-            .map(|(id, fields)| {
-                let record = reply::history(&fields).ok_or_else(|| Error::Reply {
-                    script: op.name,
-                    detail: format!("malformed outbox entry {id}"),
-                })?;
-                Ok(OutboxEntry { id, record })
-            })
-            .collect()
+        let mut read = OutboxRead::default();
+        for (id, raw) in reply {
+            let mut fields = Vec::with_capacity(raw.len() / 2);
+            let mut not_utf8 = None;
+            for pair in raw.chunks_exact(2) {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                let (k, v) = (text(&pair[0]), text(&pair[1]));
+                if std::str::from_utf8(&pair[1]).is_err() {
+                    not_utf8.get_or_insert_with(|| reply::history_field(&k));
+                }
+                fields.push((k, v));
+            }
+            match not_utf8.map_or_else(|| reply::history(&fields), Err) {
+                Ok(record) => read.entries.push(OutboxEntry { id, record }),
+                Err(field) => read.malformed.push(MalformedEntry { id, fields, field }),
+            }
+        }
+        Ok(read)
     }
 
     /// Drops archived entries (after the commit); returns the shard's backlog left.

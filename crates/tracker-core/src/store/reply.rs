@@ -85,28 +85,49 @@ pub(crate) fn view(
     Ok(Some((view, non_empty(uid).map(str::to_owned))))
 }
 
-/// An outbox entry's fields (flat field/value pairs, as XRANGE gives them).
-pub(crate) fn history(fields: &[String]) -> Option<HistoryRecord> {
+/// The fields of an outbox entry, as `finish_conn` in common.lua writes them.
+const HISTORY_FIELDS: [&str; 10] = ["c", "s", "u", "p", "ip", "ua", "ca", "da", "hb", "r"];
+
+/// A field name as a `'static` string, for [`crate::store::MalformedEntry::field`].
+pub(crate) fn history_field(name: &str) -> &'static str {
+    HISTORY_FIELDS
+        .iter()
+        .find(|f| **f == name)
+        .copied()
+        .unwrap_or("(unknown field)")
+}
+
+/// A history record from an outbox entry's fields, or the first field that
+/// is missing or does not parse.
+pub(crate) fn history(fields: &[(String, String)]) -> Result<HistoryRecord, &'static str> {
     let map: HashMap<&str, &str> = fields
-        .chunks(2)
-        .filter_map(|p| match p {
-            [k, v] => Some((k.as_str(), v.as_str())),
-            _ => None,
-        })
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let time = |k: &str| map.get(k).and_then(|s| parse_ms(s)).map(millis_to_utc);
-    Some(HistoryRecord {
-        connection_id: map.get("c")?.parse().ok()?,
-        session_id: map.get("s")?.parse().ok()?,
-        user_id: map.get("u")?.parse().ok()?,
-        protocol: map.get("p")?.parse().ok()?,
+    fn field<T: std::str::FromStr>(
+        map: &HashMap<&str, &str>,
+        name: &'static str,
+    ) -> Result<T, &'static str> {
+        map.get(name).and_then(|s| s.parse().ok()).ok_or(name)
+    }
+    let time = |name: &'static str| {
+        map.get(name)
+            .and_then(|s| parse_ms(s))
+            .map(millis_to_utc)
+            .ok_or(name)
+    };
+    Ok(HistoryRecord {
+        connection_id: field(&map, "c")?,
+        session_id: field(&map, "s")?,
+        user_id: field(&map, "u")?,
+        protocol: field(&map, "p")?,
         client_ip: map
             .get("ip")
             .copied()
             .and_then(non_empty)
             .map(str::parse)
             .transpose()
-            .ok()?,
+            .map_err(|_| "ip")?,
         user_agent: map
             .get("ua")
             .copied()
@@ -115,7 +136,7 @@ pub(crate) fn history(fields: &[String]) -> Option<HistoryRecord> {
         connected_at: time("ca")?,
         disconnected_at: time("da")?,
         last_heartbeat_at: time("hb")?,
-        end_reason: map.get("r")?.parse().ok()?,
+        end_reason: field(&map, "r")?,
     })
 }
 
@@ -205,8 +226,8 @@ mod tests {
     }
 
     #[test]
-    fn an_outbox_entry_missing_a_field_is_refused() {
-        let fields = strings(&[
+    fn an_outbox_entry_missing_a_field_names_it() {
+        let flat = strings(&[
             "c",
             "6f1c1d38-9f5e-4a43-8d5e-1f0c2f7a9b10",
             "s",
@@ -228,13 +249,18 @@ mod tests {
             "r",
             "closed",
         ]);
+        let fields: Vec<(String, String)> = flat
+            .chunks(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect();
         let rec = history(&fields).expect("parses");
         assert_eq!(rec.client_ip, None);
         for k in ["c", "s", "u", "p", "ca", "da", "hb", "r"] {
-            let i = fields.iter().position(|f| f == k).expect("field");
-            let mut without = fields.clone();
-            without.drain(i..i + 2);
-            assert!(history(&without).is_none(), "{k}");
+            let without: Vec<_> = fields.iter().filter(|(f, _)| f != k).cloned().collect();
+            assert_eq!(history(&without), Err(history_field(k)), "{k}");
         }
+        let mut bad_ip = fields.clone();
+        bad_ip[4].1 = "not-an-ip".into();
+        assert_eq!(history(&bad_ip), Err("ip"));
     }
 }

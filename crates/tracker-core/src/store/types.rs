@@ -340,6 +340,26 @@ pub struct OutboxEntry {
     pub record: HistoryRecord,
 }
 
+/// An outbox entry that is not a history record: a field missing or
+/// unparseable (written by hand, or by a version that wrote other fields).
+/// The archiver sets it aside rather than stop the shard on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedEntry {
+    /// The stream entry id, to acknowledge once the entry is set aside.
+    pub id: String,
+    /// The fields as stored, in order; bytes that are not UTF-8 replaced by U+FFFD.
+    pub fields: Vec<(String, String)>,
+    /// The first field found missing or unparseable.
+    pub field: &'static str,
+}
+
+/// One read of a shard's outbox, oldest first; see [`crate::Store::outbox_read_all`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxRead {
+    pub entries: Vec<OutboxEntry>,
+    pub malformed: Vec<MalformedEntry>,
+}
+
 /// A shard's epoch marker; see [`crate::Store::shard_epoch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Epoch {

@@ -3,8 +3,13 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use tracker_core::testing::Backend;
-use tracker_core::EndReason;
+use tracker_core::{
+    ConnectionId, EndReason, Limits, NewConnection, Protocol, RegisterOutcome, UserAgent,
+};
+use tracker_reaper::archiver::{archive_pass, Pass};
+use tracker_reaper::metrics::Metrics;
 
 use crate::helpers::{eventually, metric, sid, Env, Proxy, Reaper};
 
@@ -141,19 +146,15 @@ async fn a_replayed_batch_writes_nothing_twice(pool: PgPool) {
     let shard = env.store.keys().shard_of(&sid("s-1"));
     let entries = env.store.outbox_read(shard, 500).await.unwrap();
     let records: Vec<_> = entries.iter().map(|e| e.record.clone()).collect();
-    assert_eq!(
-        tracker_reaper::db::insert_history(&pool, &records)
-            .await
-            .unwrap(),
-        3
-    );
+    let first = tracker_reaper::db::insert_history(&pool, &records)
+        .await
+        .unwrap();
+    assert_eq!((first.inserted, first.reused.len()), (3, 0));
     // A crash between the commit and the acknowledgement replays the batch.
-    assert_eq!(
-        tracker_reaper::db::insert_history(&pool, &records)
-            .await
-            .unwrap(),
-        0
-    );
+    let replay = tracker_reaper::db::insert_history(&pool, &records)
+        .await
+        .unwrap();
+    assert_eq!((replay.inserted, replay.reused.len()), (0, 0));
     assert_eq!(env.history_rows().await, 3);
 }
 
@@ -166,16 +167,346 @@ async fn migrations_apply_once_when_two_replicas_start_together(pool: PgPool) {
     a.unwrap();
     b.unwrap();
     let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT indexname::text FROM pg_indexes WHERE tablename IN ('connection_history', 'session_events') ORDER BY 1",
+        "SELECT indexname::text FROM pg_indexes WHERE tablename IN ('connection_history', 'connection_history_rejects', 'session_events') ORDER BY 1",
     )
     .fetch_all(&pool)
     .await
     .unwrap();
     for expected in [
+        "connection_history_rejects_entry",
+        "connection_history_rejects_time",
         "connection_history_session_time",
         "connection_history_user_time",
         "session_events_session_time",
     ] {
         assert!(indexes.iter().any(|i| i == expected), "{indexes:?}");
     }
+}
+
+/// Appends an entry to the outbox of `session`'s shard as the store's scripts
+/// would, but with any bytes: the store itself writes only what it validated.
+async fn raw_outbox_entry(env: &Env, session: &str, fields: &[(&str, &[u8])]) -> String {
+    let (urls, _) = Backend::Standalone.urls();
+    let mut raw = redis::Client::open(urls[0].as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let shard = env.store.keys().shard_of(&sid(session));
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(
+        env.store
+            .keys()
+            .shard_key(shard, tracker_core::ShardKey::Outbox),
+    )
+    .arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    cmd.query_async(&mut raw).await.unwrap()
+}
+
+/// A complete history entry whose user agent is `ua`.
+async fn entry_with_user_agent(env: &Env, session: &str, ua: &[u8]) -> ConnectionId {
+    let id = ConnectionId::new_random();
+    let now = chrono::Utc::now().timestamp_millis().to_string();
+    let cid = id.to_string();
+    raw_outbox_entry(
+        env,
+        session,
+        &[
+            ("c", cid.as_bytes()),
+            ("s", session.as_bytes()),
+            ("u", b"mallory"),
+            ("p", b"websocket"),
+            ("ip", b"10.1.2.3"),
+            ("ua", ua),
+            ("ca", now.as_bytes()),
+            ("da", now.as_bytes()),
+            ("hb", now.as_bytes()),
+            ("r", b"closed"),
+        ],
+    )
+    .await;
+    id
+}
+
+/// Registers `id` (possibly used before) in `session` and closes it.
+async fn connect_and_close(env: &Env, session: &str, id: ConnectionId) {
+    let new = NewConnection {
+        session_id: sid(session),
+        connection_id: id,
+        user_id: "dave".parse().unwrap(),
+        protocol: Protocol::Websocket,
+        client_ip: None,
+        user_agent: Some(UserAgent::truncated("it/1.0")),
+    };
+    let outcome = env.store.register(&new, Limits::default()).await.unwrap();
+    assert!(
+        matches!(outcome, RegisterOutcome::Created(_)),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        env.store.close(&sid(session), id).await.unwrap(),
+        Some(EndReason::Closed)
+    );
+}
+
+async fn pass(env: &Env, pool: &PgPool, metrics: &Metrics) -> Pass {
+    archive_pass(&env.store, pool, metrics, &CancellationToken::new()).await
+}
+
+/// (connection id, payload, error) of every reject, oldest first.
+async fn rejects(pool: &PgPool) -> Vec<(Option<uuid::Uuid>, String, String)> {
+    sqlx::query_as(
+        "SELECT connection_id, payload, error FROM connection_history_rejects ORDER BY reject_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn archived_ids(pool: &PgPool) -> Vec<uuid::Uuid> {
+    sqlx::query_scalar("SELECT connection_id FROM connection_history ORDER BY connection_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+fn rejected(metrics: &Metrics, reason: &str) -> f64 {
+    metric(
+        &metrics.render(),
+        &format!("tracker_reaper_history_rejected_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn entries_postgres_refuses_are_set_aside_and_the_rest_archived(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let metrics = Metrics::new();
+    // One shard, one batch: good entries with two refused ones among them, so
+    // the split has to go several levels down on both sides.
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for i in 0..30 {
+        if i == 7 || i == 19 {
+            bad.push(entry_with_user_agent(&env, "s-1", b"agent\0with a NUL").await);
+        } else {
+            let id = env.connect("s-1", "alice").await;
+            env.store.close(&sid("s-1"), id).await.unwrap();
+            good.push(id.as_uuid());
+        }
+    }
+    assert_eq!(env.store.outbox_backlog().await.unwrap(), 30);
+
+    let first = pass(&env, &pool, &metrics).await;
+    assert_eq!(
+        first,
+        Pass {
+            archived: 30,
+            failed: false
+        }
+    );
+    good.sort();
+    assert_eq!(archived_ids(&pool).await, good, "each good entry once");
+    assert_eq!(
+        env.store.outbox_backlog().await.unwrap(),
+        0,
+        "outbox drained"
+    );
+    let rejects = rejects(&pool).await;
+    let ids: Vec<_> = rejects.iter().map(|r| r.0).collect();
+    assert_eq!(
+        ids,
+        bad.iter().map(|b| Some(b.as_uuid())).collect::<Vec<_>>()
+    );
+    for (_, payload, error) in &rejects {
+        assert!(error.contains("0x00") && error.contains("22021"), "{error}");
+        // The payload is the entry, NUL escaped, and parses back to it.
+        let json: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(json["record"]["user_agent"], "agent\0with a NUL");
+        assert_eq!(json["record"]["session_id"], "s-1");
+        assert!(json["entry_id"].is_string(), "{payload}");
+    }
+    assert_eq!(rejected(&metrics, "refused"), 2.0);
+    assert_eq!(
+        metric(&metrics.render(), "tracker_reaper_archived_rows_total"),
+        28.0
+    );
+    assert_eq!(
+        metric(&metrics.render(), "tracker_reaper_archive_errors_total"),
+        0.0
+    );
+
+    // Nothing left to do, nothing counted twice.
+    assert_eq!(pass(&env, &pool, &metrics).await, Pass::default());
+    assert_eq!(rejected(&metrics, "refused"), 2.0);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_redelivered_entry_is_not_a_reject(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let metrics = Metrics::new();
+    for _ in 0..3 {
+        let id = env.connect("s-1", "carol").await;
+        env.store.close(&sid("s-1"), id).await.unwrap();
+    }
+    // A former leader committed the batch and died before acknowledging it.
+    let shard = env.store.keys().shard_of(&sid("s-1"));
+    let entries = env.store.outbox_read(shard, 500).await.unwrap();
+    let records: Vec<_> = entries.iter().map(|e| e.record.clone()).collect();
+    tracker_reaper::db::insert_history(&pool, &records)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        pass(&env, &pool, &metrics).await,
+        Pass {
+            archived: 3,
+            failed: false
+        }
+    );
+    assert_eq!(env.history_rows().await, 3);
+    assert_eq!(env.store.outbox_backlog().await.unwrap(), 0);
+    assert!(rejects(&pool).await.is_empty());
+    assert_eq!(rejected(&metrics, "reused_id"), 0.0);
+    assert_eq!(
+        metric(&metrics.render(), "tracker_reaper_archived_rows_total"),
+        0.0
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_reused_connection_id_with_other_content_is_a_reject(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let metrics = Metrics::new();
+    let reused = ConnectionId::new_random();
+    connect_and_close(&env, "s-1", reused).await;
+    assert_eq!(pass(&env, &pool, &metrics).await.archived, 1);
+
+    // The same id again: in another session; in the same session but later;
+    // and twice within one batch (the first written, the second set aside).
+    connect_and_close(&env, "s-2", reused).await;
+    env.clock.advance(Duration::from_secs(1));
+    connect_and_close(&env, "s-1", reused).await;
+    let twice = ConnectionId::new_random();
+    connect_and_close(&env, "s-3", twice).await;
+    env.clock.advance(Duration::from_secs(1));
+    connect_and_close(&env, "s-3", twice).await;
+
+    let p = pass(&env, &pool, &metrics).await;
+    assert_eq!(
+        p,
+        Pass {
+            archived: 4,
+            failed: false
+        }
+    );
+    assert_eq!(env.store.outbox_backlog().await.unwrap(), 0);
+    assert_eq!(rejected(&metrics, "reused_id"), 3.0);
+    let mut ids = vec![reused.as_uuid(), twice.as_uuid()];
+    ids.sort();
+    assert_eq!(archived_ids(&pool).await, ids);
+    // The first archived row stands.
+    let session: String =
+        sqlx::query_scalar("SELECT session_id FROM connection_history WHERE connection_id = $1")
+            .bind(reused.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(session, "s-1");
+    let rejects = rejects(&pool).await;
+    assert_eq!(rejects.len(), 3);
+    for (id, payload, error) in &rejects {
+        assert!(
+            error.contains("already archived for another connection"),
+            "{error}"
+        );
+        let json: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(json["record"]["connection_id"], id.unwrap().to_string());
+    }
+    let reused_sessions: Vec<_> = rejects
+        .iter()
+        .filter(|r| r.0 == Some(reused.as_uuid()))
+        .map(|r| {
+            serde_json::from_str::<serde_json::Value>(&r.1).unwrap()["record"]["session_id"].clone()
+        })
+        .collect();
+    assert_eq!(reused_sessions.len(), 2, "{rejects:?}");
+    assert!(reused_sessions.contains(&"s-2".into()), "{rejects:?}");
+    assert!(reused_sessions.contains(&"s-1".into()), "{rejects:?}");
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn entries_that_are_not_history_records_are_set_aside(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let metrics = Metrics::new();
+    let good = env.connect("s-1", "alice").await;
+    env.store.close(&sid("s-1"), good).await.unwrap();
+    // No end reason, an id that is no id; and a user agent that is not UTF-8.
+    raw_outbox_entry(&env, "s-1", &[("c", b"not-a-uuid"), ("s", b"s-1")]).await;
+    let not_utf8 = entry_with_user_agent(&env, "s-1", b"agent \xff\xfe").await;
+
+    assert_eq!(
+        pass(&env, &pool, &metrics).await,
+        Pass {
+            archived: 3,
+            failed: false
+        }
+    );
+    assert_eq!(archived_ids(&pool).await, vec![good.as_uuid()]);
+    assert_eq!(env.store.outbox_backlog().await.unwrap(), 0);
+    assert_eq!(rejected(&metrics, "malformed"), 2.0);
+    let rejects = rejects(&pool).await;
+    assert_eq!(rejects.len(), 2);
+    assert_eq!(rejects[0].0, None);
+    assert!(rejects[0].2.contains("\"c\""), "{}", rejects[0].2);
+    let json: serde_json::Value = serde_json::from_str(&rejects[0].1).unwrap();
+    assert_eq!(json["fields"]["c"], "not-a-uuid");
+    assert_eq!(rejects[1].0, Some(not_utf8.as_uuid()));
+    assert!(rejects[1].2.contains("\"ua\""), "{}", rejects[1].2);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn postgres_down_is_not_mistaken_for_refused_data(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let metrics = Metrics::new();
+    let opts = pool.connect_options();
+    let pg: std::net::SocketAddr = format!("{}:{}", opts.get_host(), opts.get_port())
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(pg, false).await;
+    let via_proxy = tracker_reaper::db::pool(&env.db_url.replacen(
+        &format!(":{}/", opts.get_port()),
+        &format!(":{}/", proxy.addr.port()),
+        1,
+    ))
+    .unwrap();
+    let good = env.connect("s-1", "alice").await;
+    env.store.close(&sid("s-1"), good).await.unwrap();
+    let bad = entry_with_user_agent(&env, "s-1", b"\0").await;
+
+    // Down: the pass fails, nothing is set aside or acknowledged.
+    let down = pass(&env, &via_proxy, &metrics).await;
+    assert!(down.failed, "{down:?}");
+    assert_eq!(env.store.outbox_backlog().await.unwrap(), 2);
+    assert!(rejects(&pool).await.is_empty());
+    assert_eq!(
+        metric(&metrics.render(), "tracker_reaper_archive_errors_total"),
+        1.0
+    );
+
+    proxy.set_enabled(true);
+    assert_eq!(
+        pass(&env, &via_proxy, &metrics).await,
+        Pass {
+            archived: 2,
+            failed: false
+        }
+    );
+    assert_eq!(archived_ids(&pool).await, vec![good.as_uuid()]);
+    let rejects = rejects(&pool).await;
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0].0, Some(bad.as_uuid()));
+    assert_eq!(env.store.outbox_backlog().await.unwrap(), 0);
 }
