@@ -121,7 +121,7 @@ pub async fn upgrade(
         user_agent: headers
             .get(USER_AGENT)
             .and_then(|v| v.to_str().ok())
-            .map(UserAgent::truncated),
+            .map(UserAgent::from_header),
     };
     let (registered, _) = register_connection(&state, &new).await?;
 

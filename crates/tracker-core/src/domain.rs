@@ -272,23 +272,30 @@ impl UserAgent {
     }
 
     /// Keeps what fits; a user agent is informational, so it is cut rather
-    /// than refused. For text that is not a client's field (a request header,
-    /// a stored record): control characters become spaces, so nothing the
-    /// tracker stores or archives ever holds one.
+    /// than refused. The text is kept as it is: for text read back from the
+    /// store, which was validated on its way in.
     pub fn truncated(s: &str) -> Self {
         let mut end = s.len().min(Self::MAX_BYTES);
         while !s.is_char_boundary(end) {
             end -= 1;
         }
-        let kept = &s[..end];
-        if kept.chars().any(is_forbidden_control) {
-            let clean = kept
+        Self(s[..end].to_owned())
+    }
+
+    /// A user agent from a request header, which the client does not fill
+    /// in as a field: control characters (a header may hold a tab) become
+    /// spaces rather than refuse the request.
+    pub fn from_header(s: &str) -> Self {
+        let cut = Self::truncated(s);
+        if !cut.0.chars().any(is_forbidden_control) {
+            return cut;
+        }
+        Self(
+            cut.0
                 .chars()
                 .map(|c| if is_forbidden_control(c) { ' ' } else { c })
-                .collect();
-            return Self(clean);
-        }
-        Self(kept.to_owned())
+                .collect(),
+        )
     }
 
     pub fn as_str(&self) -> &str {
@@ -624,6 +631,20 @@ mod tests {
         ] {
             assert_eq!(bad.parse::<UserId>().unwrap_err().field, "user_id");
         }
+    }
+
+    #[test]
+    fn user_agent_fields_refuse_control_characters_and_headers_lose_them() {
+        for bad in ["a\u{0}b", "tab\there", "del\u{7f}", "nl\n"] {
+            let e = UserAgent::parse(bad).expect_err(bad);
+            assert_eq!(e.field, "user_agent");
+        }
+        assert_eq!(
+            UserAgent::parse("Mozilla/5.0 (é)").map(|u| u.as_str().to_owned()),
+            Ok("Mozilla/5.0 (é)".to_owned())
+        );
+        assert_eq!(UserAgent::from_header("a\tb\u{0}c").as_str(), "a b c");
+        assert_eq!(UserAgent::from_header("plain").as_str(), "plain");
     }
 
     #[test]

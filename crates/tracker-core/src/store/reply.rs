@@ -193,9 +193,9 @@ mod tests {
             let mut bad = good.clone();
             bad[i] = "\u{0}?".into();
             if i == 5 {
-                // A user agent is informational: kept, control characters blanked.
+                // A user agent is informational: kept as stored.
                 let c = connection(op, &bad, 0).expect("parses");
-                assert_eq!(c.user_agent.as_ref().map(UserAgent::as_str), Some(" ?"));
+                assert_eq!(c.user_agent.as_ref().map(UserAgent::as_str), Some("\u{0}?"));
                 continue;
             }
             assert!(
