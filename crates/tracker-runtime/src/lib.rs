@@ -42,23 +42,7 @@ impl FromStr for Secret {
     }
 }
 
-/// `url` with the password of its userinfo (`scheme://user:PASSWORD@host`)
-/// replaced, for logs and `Debug`; anything else is kept, since the host is
-/// what an operator needs to see.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:<redacted>@{host}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
+pub use tracker_core::redact_url;
 
 /// The Redis settings of both binaries. Both must agree on all of them, the
 /// shard count above all: it is part of the data layout.
@@ -91,6 +75,13 @@ pub struct RedisArgs {
     /// Upper bound of every Redis call, reconnects included.
     #[arg(long, env = "TRACKER_REDIS_TIMEOUT", default_value = "2s", value_parser = positive_duration)]
     pub redis_timeout: Duration,
+
+    /// How long Redis keeps refusing the id of an ended connection. A reuse
+    /// after that is still caught when its history row is archived (it goes
+    /// to connection_history_rejects). Costs about 100 bytes per ended
+    /// connection while kept.
+    #[arg(long, env = "TRACKER_CONNECTION_ID_RETENTION", default_value = "7d", value_parser = positive_duration)]
+    pub connection_id_retention: Duration,
 }
 
 // By hand: the URL may carry a password.
@@ -103,6 +94,7 @@ impl fmt::Debug for RedisArgs {
             .field("key_prefix", &self.key_prefix)
             .field("redis_shards", &self.redis_shards)
             .field("redis_timeout", &self.redis_timeout)
+            .field("connection_id_retention", &self.connection_id_retention)
             .finish()
     }
 }
@@ -139,6 +131,7 @@ impl RedisArgs {
         cfg.heartbeat_window = heartbeat_window;
         cfg.command_timeout = self.redis_timeout;
         cfg.connect_timeout = self.redis_timeout;
+        cfg.ended_id_retention = self.connection_id_retention;
         cfg
     }
 }

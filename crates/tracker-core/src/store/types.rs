@@ -74,13 +74,21 @@ impl std::fmt::Debug for StoreConfig {
     }
 }
 
-/// A URL with its user info replaced, for logs and `Debug`.
+/// `url` with the password of its userinfo (`scheme://user:PASSWORD@host`)
+/// replaced, for logs and `Debug`; anything else is kept, since the host is
+/// what an operator needs to see.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:<redacted>@{host}{tail}")
         }
-        _ => url.to_owned(),
+        None => url.to_owned(),
     }
 }
 
@@ -380,9 +388,12 @@ mod tests {
     fn urls_lose_their_passwords_in_logs() {
         assert_eq!(
             redact_url("redis://:s3cret@host:6379/0"),
-            "redis://***@host:6379/0"
+            "redis://:<redacted>@host:6379/0"
         );
-        assert_eq!(redact_url("rediss://user:p@ss@host"), "rediss://***@host");
+        assert_eq!(
+            redact_url("rediss://user:p@ss@host"),
+            "rediss://user:<redacted>@host"
+        );
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
         let cfg = StoreConfig::new(vec!["redis://:s3cret@h".into()], RedisMode::Standalone);
         assert!(!format!("{cfg:?}").contains("s3cret"));
