@@ -87,9 +87,13 @@ impl History {
         Self { pool, timeout }
     }
 
+    /// The history of `session`, newest first; with `resource`, only what
+    /// belongs to that Session resource (its `metadata.uid`): a name reused
+    /// by a new resource does not show the old one's history.
     pub async fn session(
         &self,
         session: &SessionId,
+        resource: Option<&str>,
         limit: i64,
         before: Option<DateTime<Utc>>,
     ) -> Result<SessionHistory, ApiError> {
@@ -99,23 +103,27 @@ impl History {
                     archived_at \
              FROM connection_history \
              WHERE session_id = $1 AND ($2::timestamptz IS NULL OR disconnected_at < $2) \
+               AND ($4::text IS NULL OR session_uid = $4) \
              ORDER BY disconnected_at DESC, connection_id DESC \
              LIMIT $3",
         )
         .bind(session.as_str())
         .bind(before)
         .bind(limit)
+        .bind(resource)
         .fetch_all(&self.pool);
         let events = sqlx::query_as::<_, EventRow>(
             "SELECT event_id, session_id, namespace, event_type, reason, occurred_at, details \
              FROM session_events \
              WHERE session_id = $1 AND ($2::timestamptz IS NULL OR occurred_at < $2) \
+               AND ($4::text IS NULL OR details->>'session_uid' = $4) \
              ORDER BY occurred_at DESC, event_id DESC \
              LIMIT $3",
         )
         .bind(session.as_str())
         .bind(before)
         .bind(limit)
+        .bind(resource)
         .fetch_all(&self.pool);
         let both = async { tokio::try_join!(connections, events) };
         match tokio::time::timeout(self.timeout, both).await {

@@ -525,6 +525,9 @@ pub struct HistoryRecord {
     #[serde(with = "rfc3339_ms")]
     pub last_heartbeat_at: DateTime<Utc>,
     pub end_reason: EndReason,
+    /// `metadata.uid` of the Session resource the session was when the
+    /// connection ended; `None` for a session without resource.
+    pub session_uid: Option<String>,
 }
 
 /// Converts a Redis millisecond timestamp into a UTC time. Out-of-range values

@@ -93,6 +93,7 @@ pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<
     let mut disconnected_at = Vec::with_capacity(n);
     let mut last_heartbeat_at = Vec::with_capacity(n);
     let mut end_reason = Vec::with_capacity(n);
+    let mut session_uid = Vec::with_capacity(n);
     for r in records {
         connection_id.push(r.connection_id.as_uuid());
         session_id.push(r.session_id.as_str().to_owned());
@@ -104,14 +105,15 @@ pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<
         disconnected_at.push(r.disconnected_at);
         last_heartbeat_at.push(r.last_heartbeat_at);
         end_reason.push(r.end_reason.as_str());
+        session_uid.push(r.session_uid.as_deref());
     }
     let written: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO connection_history (connection_id, session_id, user_id, protocol, \
              client_ip, user_agent, connected_at, disconnected_at, last_heartbeat_at, \
-             end_reason, archived_at) \
+             end_reason, session_uid, archived_at) \
          SELECT u.*, now() FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
              $5::inet[], $6::text[], $7::timestamptz[], $8::timestamptz[], \
-             $9::timestamptz[], $10::text[]) AS u \
+             $9::timestamptz[], $10::text[], $11::text[]) AS u \
          ON CONFLICT (connection_id) DO NOTHING \
          RETURNING connection_id",
     )
@@ -125,6 +127,7 @@ pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<
     .bind(disconnected_at)
     .bind(last_heartbeat_at)
     .bind(end_reason)
+    .bind(session_uid)
     .fetch_all(pool)
     .await?;
     let mut write = HistoryWrite {

@@ -252,6 +252,7 @@ impl Hibernator {
         let details = serde_json::json!({
             "platform": self.acting.platform(),
             "term": term.0,
+            "session_uid": claim.uid,
             "idle_since": view.as_ref().and_then(|v| v.idle_since).map(|t| tracker_core::domain::rfc3339_ms::format(&t)),
             "idle_timeout_seconds": view.as_ref().and_then(|v| v.idle_timeout_seconds),
         });

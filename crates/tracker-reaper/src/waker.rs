@@ -181,7 +181,7 @@ impl Waker {
                         id.as_str(),
                         EventType::DryRunWake,
                         "connection",
-                        self.details(wake, None),
+                        self.details(wake, None, None),
                     );
                     self.metrics.wake(WakeResult::DryRun);
                     tracing::info!("would wake (dry run)");
@@ -287,7 +287,7 @@ impl Waker {
                 id.as_str(),
                 EventType::Woken,
                 "connection",
-                self.details(wake, generation),
+                self.details(wake, uid, generation),
             );
             self.metrics.wake(WakeResult::Woken);
             tracing::info!(latency = ?latency, "Session woken");
@@ -325,10 +325,16 @@ impl Waker {
         }
     }
 
-    fn details(&self, wake: &PendingWake, generation: Option<i64>) -> serde_json::Value {
+    fn details(
+        &self,
+        wake: &PendingWake,
+        uid: Option<&str>,
+        generation: Option<i64>,
+    ) -> serde_json::Value {
         serde_json::json!({
             "platform": self.acting.platform(),
             "requested_at": tracker_core::domain::rfc3339_ms::format(&wake.requested_at),
+            "session_uid": uid,
             "generation": generation,
         })
     }

@@ -12,7 +12,6 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::{ApiJson, SessionPath};
 use crate::history::SessionHistory;
 use crate::metrics::HeartbeatResult;
-use crate::routes::connections::authorize;
 use crate::state::AppState;
 
 /// Most pairs one batch may carry.
@@ -106,9 +105,20 @@ pub async fn history(
     RawQuery(query): RawQuery,
 ) -> Result<Json<SessionHistory>, ApiError> {
     let (limit, before) = history_query(query.as_deref())?;
-    authorize(&state, &principal, &session_id).await?;
+    // A user sees the history of the Session resource it owns now, not of an
+    // earlier resource under the same name; services and admins see all.
+    let resource = if principal.privileged {
+        None
+    } else {
+        let found = state.store.session_with_uid(&session_id).await?;
+        principal.check_session(found.as_ref().map(|(view, _)| view))?;
+        Some(found.and_then(|(_, uid)| uid).unwrap_or_default())
+    };
     let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
-    history.session(&session_id, limit, before).await.map(Json)
+    history
+        .session(&session_id, resource.as_deref(), limit, before)
+        .await
+        .map(Json)
 }
 
 #[utoipa::path(

@@ -102,3 +102,73 @@ async fn history_with_postgres_down_is_a_quick_503() {
     assert_eq!((status, code.as_str()), (503, "unavailable"));
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+/// A Session deleted and created again under the same name is another
+/// session: its owner reads its own history, not the previous resource's
+/// (which a service or admin still sees).
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_recreated_sessions_owner_sees_only_its_own_history(pool: PgPool) {
+    for (i, resource) in [(1u128, "uid-previous"), (2, "uid-desk-9")] {
+        sqlx::query(
+            "INSERT INTO connection_history (connection_id, session_id, user_id, protocol, \
+                 connected_at, disconnected_at, last_heartbeat_at, end_reason, archived_at, \
+                 session_uid) \
+             VALUES ($1, 'desk-9', 'someone', 'vnc', now(), now(), now(), 'closed', now(), $2)",
+        )
+        .bind(uuid::Uuid::from_u128(i))
+        .bind(resource)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO session_events VALUES ($1, 'desk-9', 'streamspace', 'hibernated', \
+                 'idle_timeout', now(), jsonb_build_object('session_uid', $2::text))",
+        )
+        .bind(uuid::Uuid::from_u128(100 + i))
+        .bind(resource)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let opts = Options {
+        history: Some(History::from_pool(pool, Duration::from_secs(2))),
+        ..Options::default()
+    };
+    let app = TestApp::spawn_with(Backend::Standalone, opts).await;
+    // The helper mirrors the Session as resource "uid-desk-9".
+    app.mirror(
+        "desk-9",
+        Some("alice"),
+        tracker_core::ResourceState::Running,
+    )
+    .await;
+
+    let ids = |body: &Value, list: &str, key: &str| -> Vec<String> {
+        body[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[key].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let res = app
+        .get("/v1/sessions/desk-9/history", &token("alice", &["user"]))
+        .await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        ids(&body, "connections", "connection_id"),
+        vec![uuid::Uuid::from_u128(2).to_string()]
+    );
+    assert_eq!(
+        ids(&body, "events", "event_id"),
+        vec![uuid::Uuid::from_u128(102).to_string()]
+    );
+
+    let res = app
+        .get("/v1/sessions/desk-9/history", &service_token())
+        .await;
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(ids(&body, "connections", "connection_id").len(), 2);
+    assert_eq!(ids(&body, "events", "event_id").len(), 2);
+}

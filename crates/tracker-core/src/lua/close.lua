@@ -24,7 +24,7 @@ if hb <= now - window then
   -- It died before the close arrived; history says so.
   reason, ended = 'expired', hb + window
 end
-finish_conn(S, cid, rec, hb, ended, reason)
+finish_conn(S, m, cid, rec, hb, ended, reason)
 local after = snapshot(S, m)
 note_ended(S, m, after.n, rec[6], ended)
 account(before, after)

@@ -241,15 +241,17 @@ end
 
 -- Removes a connection and appends its history record to the outbox in the
 -- same script, so a finished connection is either live or in the outbox,
--- never neither.
-local function finish_conn(S, cid, rec, hb, ended, reason)
+-- never neither. The record names the Session resource (uid) the session was
+-- when the connection ended, so a name reused by a new resource does not
+-- show the old one's history.
+local function finish_conn(S, m, cid, rec, hb, ended, reason)
   redis.call('HDEL', K_CONN, cid)
   redis.call('ZREM', S.c, cid)
   redis.call('HINCRBY', K_STATS, 'conns', -1)
   redis.call('HINCRBY', K_STATS, 'proto:' .. rec[3], -1)
   redis.call('XADD', K_OUTBOX, '*',
     'c', cid, 's', S.id, 'u', rec[2], 'p', rec[3], 'ip', rec[4], 'ua', ua_text(rec[5]),
-    'ca', ms(rec[6]), 'da', ms(ended), 'hb', ms(hb), 'r', reason)
+    'ca', ms(rec[6]), 'da', ms(ended), 'hb', ms(hb), 'r', reason, 'su', m.uid or '')
   ua_release(rec[5])
 end
 

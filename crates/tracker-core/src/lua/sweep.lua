@@ -35,7 +35,7 @@ for i = 4, #ARGV do
     local raw = redis.call('HGET', K_CONN, cid)
     if raw then
       local rec = decode(raw)
-      finish_conn(S, cid, rec, hb, hb + window, 'expired')
+      finish_conn(S, m, cid, rec, hb, hb + window, 'expired')
       out[#out + 1] = S.id
       out[#out + 1] = cid
       out[#out + 1] = rec[2]

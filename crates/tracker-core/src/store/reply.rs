@@ -86,7 +86,7 @@ pub(crate) fn view(
 }
 
 /// The fields of an outbox entry, as `finish_conn` in common.lua writes them.
-const HISTORY_FIELDS: [&str; 10] = ["c", "s", "u", "p", "ip", "ua", "ca", "da", "hb", "r"];
+const HISTORY_FIELDS: [&str; 11] = ["c", "s", "u", "p", "ip", "ua", "ca", "da", "hb", "r", "su"];
 
 /// A field name as a `'static` string, for [`crate::store::MalformedEntry::field`].
 pub(crate) fn history_field(name: &str) -> &'static str {
@@ -137,6 +137,12 @@ pub(crate) fn history(fields: &[(String, String)]) -> Result<HistoryRecord, &'st
         disconnected_at: time("da")?,
         last_heartbeat_at: time("hb")?,
         end_reason: field(&map, "r")?,
+        // Absent in entries written before it existed.
+        session_uid: map
+            .get("su")
+            .copied()
+            .and_then(non_empty)
+            .map(str::to_owned),
     })
 }
 

@@ -309,6 +309,13 @@ async fn a_recreated_session_is_a_new_session(backend: Backend) {
         .unwrap();
     assert_eq!(finished, FinishOutcome::Stale);
     assert_eq!(state(&store, &s).await, SessionState::Idle);
+    // Its history is the new resource's.
+    let c = conn(&s, "alice", Protocol::Vnc);
+    created(store.register(&c, Limits::default()).await.unwrap());
+    store.close(&s, c.connection_id).await.unwrap();
+    let archived = outbox(&store).await;
+    assert_eq!(archived.len(), 1);
+    assert_eq!(archived[0].record.session_uid.as_deref(), Some("new"));
 }
 
 async fn a_late_event_of_a_deleted_resource_is_ignored(backend: Backend) {
