@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the API with schemathesis (PyPI) against its own /openapi.json (issue 6):
+# Fuzzes the API with schemathesis (PyPI) against its own /openapi.json:
 # every check on, 0 server errors and 0 responses that break the documented
 # schema expected. Not part of CI (it needs PyPI and takes minutes).
 #

@@ -1,4 +1,4 @@
-//! Reads a session's archive from PostgreSQL (CONTRACT.md §4), newest first.
+//! Reads a session's archive from PostgreSQL, newest first.
 //!
 //! The pool connects lazily, so the API starts and serves everything else
 //! while PostgreSQL is down; each query is bounded by the backend timeout.

@@ -3,7 +3,7 @@
 //! Everything that crosses the service edge is parsed into these types first
 //! (`FromStr` / `TryFrom`), so the store never sees an unchecked string. Each
 //! validation error names the field it is about, because that is what the API
-//! reports back to the client (CONTRACT.md §2).
+//! reports back to the client.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -350,7 +350,7 @@ impl FromStr for EndReason {
     }
 }
 
-/// The state of a session as the tracker reports it (CONTRACT.md §2).
+/// The state of a session as the tracker reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
@@ -443,7 +443,7 @@ impl FromStr for ResourceState {
     }
 }
 
-/// A live connection as clients see it (C in CONTRACT.md §2).
+/// A live connection as clients see it (C in the API).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConnectionView {
@@ -466,7 +466,7 @@ pub struct ConnectionView {
     pub expires_at: DateTime<Utc>,
 }
 
-/// A session's state and counters (S in CONTRACT.md §2).
+/// A session's state and counters (S in the API).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionView {
@@ -505,7 +505,7 @@ pub struct SessionView {
 }
 
 /// A finished connection, exactly the columns of `connection_history`
-/// (CONTRACT.md §4) but `archived_at`, which the archiver sets.
+/// but `archived_at`, which the archiver sets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryRecord {

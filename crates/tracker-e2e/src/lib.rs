@@ -1,4 +1,4 @@
-//! Multi-process end-to-end harness of the connection tracker (issue 6).
+//! Multi-process end-to-end harness of the connection tracker.
 //!
 //! It starts the real binaries as separate processes: two (or more) `tracker-api` replicas and
 //! two `tracker-reaper` replicas, against the real Redis Cluster, a fresh PostgreSQL database,

@@ -36,7 +36,7 @@ pub fn sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// The reaper's leadership gauge, `tracker_reaper_is_leader` (CONTRACT.md §3).
+/// The reaper's leadership gauge, `tracker_reaper_is_leader`.
 pub const IS_LEADER: &str = "tracker_reaper_is_leader";
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Settings: every one an environment variable with an equal `--flag`
-//! (CONTRACT.md §1), durations in humantime form.
+//!, durations in humantime form.
 //!
 //! Parsing is clap's; [`Config::validate`] adds the checks that span several
 //! settings. Both fail with one line, which `main` prints before exiting.

@@ -1,5 +1,5 @@
 //! The Session custom resource as the reaper reads it, and the pure
-//! translation of one into what the store mirrors (CONTRACT.md §5).
+//! translation of one into what the store mirrors.
 
 use std::time::Duration;
 

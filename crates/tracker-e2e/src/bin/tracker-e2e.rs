@@ -1,4 +1,4 @@
-//! `tracker-e2e`: the full end-to-end runs of issue 6, one subcommand per scenario, printing
+//! `tracker-e2e`: the full end-to-end runs, one subcommand per scenario, printing
 //! its figures. Build the binaries under test first (same profile):
 //!
 //! ```sh

@@ -1,6 +1,6 @@
 //! An API replica killed with SIGKILL while it holds WebSockets. Nobody is left to close its
 //! connections, so the reaper must expire them: every one archived as `expired` within
-//! window + sweep interval + 1 s (CONTRACT.md §3) of the kill, none live forever. The sockets
+//! window + sweep interval + 1 s of the kill, none live forever. The sockets
 //! held by the other replica must not notice.
 
 use std::collections::HashMap;
@@ -287,7 +287,7 @@ pub async fn run(mut opts: HarnessOptions, params: ApiKillParams) -> Result<ApiK
         }
     }
     // Then a graceful stop of the same replica: Close 1001 to every socket, connections
-    // removed (`closed`) before it exits (CONTRACT.md §2).
+    // removed (`closed`) before it exits.
     let term_stop = CancellationToken::new();
     let _stop_term = term_stop.clone().drop_guard();
     let draining = sockets::open(

@@ -169,7 +169,7 @@ pub async fn run(opts: HarnessOptions, params: LeaderKillParams) -> Result<Leade
         };
         let took = killed_at.elapsed();
         takeovers.push(took);
-        // The Lease names the new leader (CONTRACT.md §5: holder = pod name).
+        // The Lease names the new leader.
         let expected = h.reaper_pod_name(new_leader);
         let holder = poll::until(
             Duration::from_secs(2),

@@ -40,7 +40,7 @@ impl RacesParams {
         }
     }
 
-    /// The full size of issue 6.
+    /// The full size: the figures of docs/reliability.md.
     pub fn full(seed: u64) -> Self {
         Self {
             episodes: 10_000,

@@ -43,7 +43,7 @@ impl WsDropParams {
     }
 }
 
-/// "A few seconds" of issue 6, on top of window + sweep interval.
+/// "A few seconds" on top of window + sweep interval.
 pub const FEW_SECONDS: Duration = Duration::from_secs(5);
 
 /// Slower pings for many sockets: 10,000 sockets pinged every 500 ms would be 20,000 Redis
