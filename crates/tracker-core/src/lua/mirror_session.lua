@@ -24,10 +24,13 @@ local m = load_meta(S)
 if uid ~= '' and m.du == uid then return 0 end
 local before = snapshot(S, m)
 if uid ~= '' and m.uid and m.uid ~= uid then
-  -- Another resource under the same name: nothing of the old one applies.
+  -- Another resource under the same name: nothing of the old one applies,
+  -- not even a pending wake (wake_if_in_use below asks again if someone is
+  -- connected).
   for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'nb' }) do
     set_meta(S, m, f, nil)
   end
+  redis.call('ZREM', K_WAKE, S.id)
 elseif gen and m.gen and gen < tonumber(m.gen) then
   return 0
 end

@@ -414,9 +414,11 @@ impl Store {
             _ => return Err(bad_reply(op, &reply)),
         };
         match &outcome {
-            RegisterOutcome::Created(_) if claim != IdClaim::Registered => {
-                // From now on only a replay of this live connection may use the id.
-                // Should this fail, the caller's retry replays and marks it.
+            RegisterOutcome::Created(_) | RegisterOutcome::Replayed(_)
+                if claim != IdClaim::Registered =>
+            {
+                // From now on only a replay of this live connection may use the
+                // id. Should this fail, the caller's retry replays and marks it.
                 self.mark_id(new).await?;
             }
             RegisterOutcome::Created(_) | RegisterOutcome::Replayed(_) => {}

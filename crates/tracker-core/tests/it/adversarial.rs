@@ -23,6 +23,7 @@ crate::both!(
     idle_since_is_the_latest_disconnect_however_late_the_sweep,
     a_recreated_session_is_a_new_session,
     a_late_event_of_a_deleted_resource_is_ignored,
+    a_wake_for_the_old_resource_does_not_wake_the_new_one,
     the_sweep_says_more_while_one_session_still_holds_dead_connections,
     an_archived_connection_gives_its_user_slot_back_even_after_a_crash,
 );
@@ -381,4 +382,27 @@ async fn an_archived_connection_gives_its_user_slot_back_even_after_a_crash(back
     store.settle_archived(&records).await.unwrap();
     let left: i64 = raw(backend, redis::cmd("ZCARD").arg(&key)).await;
     assert_eq!(left, 0, "the archiver gave the slot back");
+}
+
+/// A wake recorded for the old resource is not carried over to a new one
+/// under the same name, unless someone is connected to it.
+async fn a_wake_for_the_old_resource_does_not_wake_the_new_one(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "old", ResourceState::Hibernated, 3).await;
+    let c = conn(&s, "alice", Protocol::Vnc);
+    created(store.register(&c, Limits::default()).await.unwrap());
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+    store.close(&s, c.connection_id).await.unwrap();
+    mirror_as(&store, T1, &s, "new", ResourceState::Hibernated, 1).await;
+    assert!(pending_wake_ids(&store).await.is_empty());
+    assert_eq!(state(&store, &s).await, SessionState::Hibernated);
+    // Someone connected: the new resource is woken.
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
 }
