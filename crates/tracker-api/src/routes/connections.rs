@@ -36,8 +36,10 @@ pub struct RegisterRequest {
     #[serde(default)]
     #[schema(value_type = Option<ClientIp>)]
     pub client_ip: Option<IpAddr>,
-    /// Kept up to 512 bytes.
+    /// Kept up to 512 bytes; control characters (U+0000 to U+001F, U+007F)
+    /// are refused.
     #[serde(default)]
+    #[schema(pattern = "^[^\\x00-\\x1f\\x7f]*$")]
     pub user_agent: Option<String>,
     /// Supply one to make retries idempotent.
     #[serde(default)]
