@@ -187,6 +187,12 @@ impl Handle {
         self.read(|s| s.get(&LEASES, namespace, name)).ok()
     }
 
+    /// Every change of a Session (created, modified, deleted) since the start, oldest first,
+    /// with the time it was applied; unlike the watch history it is never compacted.
+    pub fn session_changes(&self) -> Vec<crate::SessionChange> {
+        self.read(|s| s.session_changes().to_vec())
+    }
+
     /// The latest resourceVersion handed out.
     pub fn resource_version(&self) -> u64 {
         self.read(Store::resource_version)

@@ -94,7 +94,7 @@ pub use faults::{
     ResourceKind, Target, Trigger,
 };
 pub use handle::{kubeconfig_yaml, FakeKube, Handle, RecordedRequest, Verb, DEFAULT_NAMESPACE};
-pub use store::HISTORY_LIMIT;
+pub use store::{SessionChange, HISTORY_LIMIT};
 
 /// Errors from starting, driving or observing the fake.
 #[derive(Debug, thiserror::Error)]

@@ -178,11 +178,33 @@ pub(crate) struct Store {
     history: VecDeque<Event>,
     /// Version of the newest event dropped from `history`; watches must start at or after it.
     compacted: u64,
+    /// Every Session change ever made, never compacted: what a test checks the real outcome
+    /// of ambiguous writes (applied but answered 5xx, landing after the client gave up) by.
+    session_changes: Vec<SessionChange>,
+}
+
+/// One change of a stored Session, as [`crate::Handle::session_changes`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionChange {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub resource_version: u64,
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    pub event_type: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// `spec.state` after the change, if the object has one.
+    pub state: Option<String>,
 }
 
 impl Store {
     pub fn resource_version(&self) -> u64 {
         self.resource_version
+    }
+
+    pub fn session_changes(&self) -> &[SessionChange] {
+        &self.session_changes
     }
 
     pub fn get(&self, res: &'static Resource, ns: &str, name: &str) -> StoreResult<Value> {
@@ -451,6 +473,18 @@ impl Store {
     }
 
     fn push_event(&mut self, kind: EventType, res: &'static Resource, ns: &str, object: Value) {
+        if res.plural == SESSIONS.plural {
+            let text = |p: &str| object.pointer(p).and_then(Value::as_str).map(str::to_owned);
+            self.session_changes.push(SessionChange {
+                at: chrono::Utc::now(),
+                resource_version: self.resource_version,
+                event_type: kind.as_str().to_owned(),
+                namespace: ns.to_owned(),
+                name: text("/metadata/name").unwrap_or_default(),
+                uid: text("/metadata/uid").unwrap_or_default(),
+                state: text("/spec/state"),
+            });
+        }
         if self.history.len() == HISTORY_LIMIT {
             if let Some(dropped) = self.history.pop_front() {
                 self.compacted = dropped.resource_version;

@@ -62,6 +62,9 @@ pub struct HarnessOptions {
     pub redis: RedisTarget,
     /// `TRACKER_REDIS_TIMEOUT` of every process (`None`: the binaries' default, 2 s).
     pub redis_timeout: Option<Duration>,
+    /// `TRACKER_KUBE_TIMEOUT` of the reapers (`None`: the binary's default, 5 s); the races
+    /// scenario shortens it so that its slow Kubernetes answers outlast it.
+    pub kube_timeout: Option<Duration>,
     /// Keep the run directory (logs) even after a clean shutdown.
     pub keep_run_dir: bool,
 }
@@ -78,6 +81,7 @@ impl Default for HarnessOptions {
             services: Services::from_env(),
             redis: RedisTarget::Cluster,
             redis_timeout: None,
+            kube_timeout: None,
             keep_run_dir: std::env::var_os("TRACKER_E2E_KEEP").is_some(),
         }
     }
@@ -406,6 +410,9 @@ impl Harness {
                 set("TRACKER_NAMESPACE", self.namespace.clone());
                 set("TRACKER_LEASE_NAME", LEASE_NAME.into());
                 set("TRACKER_LEASE_DURATION", humantime(t.lease_duration));
+                if let Some(timeout) = self.opts.kube_timeout {
+                    set("TRACKER_KUBE_TIMEOUT", humantime(timeout));
+                }
                 set("KUBECONFIG", self.kubeconfig.display().to_string());
                 set("POD_NAME", format!("{}-{}", slot.name(), slot.incarnation));
             }
@@ -717,6 +724,13 @@ impl Harness {
     /// Every `spec.state` patch the fake received for this run's Sessions, oldest first.
     pub fn state_patches(&self) -> Vec<StatePatch> {
         state_patches(&self.fake.requests(), &self.namespace)
+    }
+
+    /// Every change of this run's Sessions as the fake applied it, oldest first.
+    pub fn session_changes(&self) -> Vec<fake_kube::SessionChange> {
+        let mut changes = self.fake.session_changes();
+        changes.retain(|c| c.namespace == self.namespace);
+        changes
     }
 
     /// Waits until `connection_history` holds at least `expected` rows; answers the count.

@@ -53,6 +53,10 @@ enum Scenario {
         sessions: usize,
         #[arg(long, default_value_t = 96)]
         concurrency: usize,
+        /// Share of the reaper's Session patches the fake Kubernetes API server faults
+        /// (0: none, and no re-created Sessions or watch gaps either).
+        #[arg(long, default_value_t = 0.1)]
+        faults: f64,
     },
     /// SIGKILL the leading reaper K times under load.
     LeaderKill {
@@ -129,6 +133,7 @@ async fn main() -> ExitCode {
             episodes,
             sessions,
             concurrency,
+            faults,
         } => races::run(
             opts,
             races::RacesParams {
@@ -136,6 +141,7 @@ async fn main() -> ExitCode {
                 sessions,
                 concurrency,
                 seed,
+                faults,
             },
         )
         .await

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::load::Registration;
 use crate::db::HistoryRow;
 use crate::harness::StatePatch;
+use fake_kube::SessionChange;
 
 /// How long before a hibernation patch a connection must have been proven live for the patch
 /// to count as "hibernated while in use": a registration landing while a hibernation is
@@ -24,8 +25,16 @@ pub struct SessionFigures {
     pub hibernations: usize,
     /// Landed (2xx) `running` patches.
     pub wakes: usize,
-    /// Patches the fake refused (409 conflicts of the resourceVersion precondition, ...).
+    /// Patches not answered 2xx (409 conflicts of the resourceVersion precondition, injected
+    /// failures, answers the reaper gave up on).
     pub refused_patches: usize,
+    /// Of those, answered 5xx or not at all: they may have landed; the landings say.
+    pub ambiguous_patches: usize,
+    /// Sessions re-created during the run (deleted and created again under their name).
+    pub births: usize,
+    /// Hibernations no decision on a Session in use made (born hibernated, or a patch sent
+    /// before the connection landing late) that a wake undid in time.
+    pub undone_late_hibernations: usize,
     /// Patches without field manager `tracker-reaper` or not a JSON merge patch.
     pub malformed_patches: usize,
     /// Registrations whose answer said `waking`.
@@ -60,19 +69,93 @@ impl SessionFigures {
     }
 }
 
-/// Checks the session invariants. `wake_deadline`: how long after its answer a registration
-/// that needs a wake may wait for the `running` patch.
+/// A `spec.state` the Session took, as the fake applied it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Landing {
+    pub session: String,
+    pub state: String,
+    pub at: DateTime<Utc>,
+    /// The Session was (re-)created with this state rather than patched to it.
+    pub birth: bool,
+}
+
+/// The state changes of each Session from the fake's change log: what really landed, whatever
+/// the writer was told (an applied-but-500 patch landed; a slow one landed when the fake
+/// applied it, maybe after the reaper gave up). A patch that changes nothing is no change.
+pub fn landings_from_changes(changes: &[SessionChange]) -> Vec<Landing> {
+    let mut last: HashMap<(&str, &str), Option<&str>> = HashMap::new();
+    let mut out = Vec::new();
+    for c in changes {
+        let key = (c.name.as_str(), c.uid.as_str());
+        let state = c.state.as_deref();
+        let birth = match c.event_type.as_str() {
+            "ADDED" => true,
+            "MODIFIED" if last.get(&key).copied().flatten() != state => false,
+            _ => {
+                last.insert(key, state);
+                continue;
+            }
+        };
+        last.insert(key, state);
+        if let Some(state) = state {
+            out.push(Landing {
+                session: c.name.clone(),
+                state: state.to_owned(),
+                at: c.at,
+                birth,
+            });
+        }
+    }
+    out
+}
+
+/// Landings read from the patches' answers alone (2xx landed), for records without a change
+/// log; exact only when no fault hides what landed.
+pub fn landings_from_patches(patches: &[StatePatch]) -> Vec<Landing> {
+    patches
+        .iter()
+        .filter(|p| p.landed())
+        .map(|p| Landing {
+            session: p.session.clone(),
+            state: p.state.clone(),
+            at: p.at,
+            birth: false,
+        })
+        .collect()
+}
+
+/// Checks the session invariants from the patches' answers alone; see [`check_landings`].
 pub fn check_sessions(
     registrations: &[Registration],
     patches: &[StatePatch],
     wake_deadline: Duration,
 ) -> SessionFigures {
+    check_landings(
+        registrations,
+        patches,
+        &landings_from_patches(patches),
+        wake_deadline,
+    )
+}
+
+/// Checks the session invariants. `patches`: what the reaper sent and was answered;
+/// `landings`: what the Sessions really became (see [`landings_from_changes`]);
+/// `wake_deadline`: how long after its answer a registration that needs a wake may wait for
+/// the `running` patch.
+pub fn check_landings(
+    registrations: &[Registration],
+    patches: &[StatePatch],
+    landings: &[Landing],
+    wake_deadline: Duration,
+) -> SessionFigures {
     let mut f = SessionFigures::default();
-    let mut by_session: BTreeMap<&str, Vec<&StatePatch>> = BTreeMap::new();
+    let mut sent: BTreeMap<&str, Vec<&StatePatch>> = BTreeMap::new();
     for p in patches {
         if !p.landed() {
             f.refused_patches += 1;
-            continue;
+            if p.status == 0 || p.status >= 500 {
+                f.ambiguous_patches += 1;
+            }
         }
         if p.field_manager.as_deref() != Some("tracker-reaper")
             || !p
@@ -82,32 +165,71 @@ pub fn check_sessions(
         {
             f.malformed_patches += 1;
         }
-        match p.state.as_str() {
-            "hibernated" => f.hibernations += 1,
-            "running" => f.wakes += 1,
-            _ => {}
-        }
-        by_session.entry(&p.session).or_default().push(p);
+        sent.entry(&p.session).or_default().push(p);
     }
-    for list in by_session.values_mut() {
+    for list in sent.values_mut() {
         list.sort_by_key(|p| p.at);
     }
+    let mut by_session: BTreeMap<&str, Vec<&Landing>> = BTreeMap::new();
+    for l in landings {
+        match (l.birth, l.state.as_str()) {
+            (true, _) => f.births += 1,
+            (false, "hibernated") => f.hibernations += 1,
+            (false, "running") => f.wakes += 1,
+            _ => {}
+        }
+        by_session.entry(&l.session).or_default().push(l);
+    }
+    for list in by_session.values_mut() {
+        list.sort_by_key(|l| l.at);
+    }
+    // Births before the first registration are the scenario creating its Sessions.
+    f.births = f.births.saturating_sub(
+        by_session
+            .values()
+            .filter(|l| l.first().is_some_and(|l| l.birth))
+            .count(),
+    );
     let mut regs_by_session: HashMap<&str, Vec<&Registration>> = HashMap::new();
     for r in registrations.iter().filter(|r| r.connection_id.is_some()) {
         regs_by_session.entry(&r.session).or_default().push(r);
     }
     let none = Vec::new();
+    let woken_after = |list: &[&Landing], from: DateTime<Utc>, until: DateTime<Utc>| {
+        list.iter()
+            .any(|l| l.state == "running" && l.at > from && l.at <= until)
+    };
 
-    // 1. No hibernation while in use.
+    // 1. No hibernation while in use. Two hibernations are no decision made on a Session in
+    // use, so they must only be undone in time: a re-created Session born hibernated, and a
+    // patch the reaper sent before the connection existed that the fault delayed until after
+    // (the fake applies a slow write when it likes; the store must then learn it and wake).
     for (session, list) in &by_session {
         let regs = regs_by_session.get(session).unwrap_or(&none);
-        for p in list.iter().filter(|p| p.state == "hibernated") {
+        let sent = sent.get(session).map_or(&[][..], |v| &v[..]);
+        for l in list.iter().filter(|l| l.state == "hibernated") {
+            let carried_by = sent
+                .iter()
+                .rev()
+                .find(|p| p.state == "hibernated" && p.at <= l.at)
+                .map(|p| p.at);
             for r in regs {
-                if r.answered_at <= p.at - IN_USE_MARGIN && r.live_until >= p.at {
+                if r.answered_at <= l.at - IN_USE_MARGIN && r.live_until >= l.at {
+                    let not_decided_on_it =
+                        l.birth || carried_by.is_some_and(|t| t < r.answered_at);
+                    if not_decided_on_it && woken_after(list, l.at, l.at + wake_deadline) {
+                        f.undone_late_hibernations += 1;
+                        continue;
+                    }
                     f.hibernated_in_use.push(format!(
-                        "{session}: hibernated at {} while connection {} ({}) was live from {} \
+                        "{session}: {} at {} while connection {} ({}) was live from {} \
                          to at least {}",
-                        p.at,
+                        if l.birth {
+                            "re-created hibernated"
+                        } else {
+                            "hibernated"
+                        },
+                        l.at,
                         r.connection_id.unwrap_or_default(),
                         r.kind.as_str(),
                         r.answered_at,
@@ -118,18 +240,37 @@ pub fn check_sessions(
         }
     }
 
-    // 2. Alternation: exactly one wake per hibernation.
-    for (session, list) in &by_session {
-        let mut prev = "running";
+    // 2. Alternation: exactly one wake per hibernation, among the patches the reaper was
+    // told landed. A patch answered 5xx or not at all may have landed or not, and the reaper
+    // rightly re-reads and may patch again (the landed state is what checks 1, 3 and 4
+    // judge), so the sequence starts afresh after one, and after a re-creation.
+    for (session, list) in &sent {
+        let births: Vec<DateTime<Utc>> = by_session
+            .get(session)
+            .map(|l| l.iter().filter(|l| l.birth).map(|l| l.at).collect())
+            .unwrap_or_default();
+        let mut prev: Option<&str> = Some("running");
+        let mut prev_at: Option<DateTime<Utc>> = None;
         for p in list {
-            if p.state == prev {
+            if p.status == 0 || p.status >= 500 {
+                prev = None;
+                continue;
+            }
+            if !p.landed() {
+                continue;
+            }
+            if prev_at.is_some_and(|t| births.iter().any(|b| *b > t && *b <= p.at)) {
+                prev = None;
+            }
+            if prev == Some(p.state.as_str()) {
                 let what = format!("{session}: {} patch at {} follows another", p.state, p.at);
-                match prev {
+                match p.state.as_str() {
                     "running" => f.double_wakes.push(what),
                     _ => f.double_hibernations.push(what),
                 }
             }
-            prev = &p.state;
+            prev = Some(&p.state);
+            prev_at = Some(p.at);
         }
     }
 
@@ -139,7 +280,8 @@ pub fn check_sessions(
     // hibernation in flight landed just after (within IN_USE_MARGIN: a claim made before the
     // registration, patched after it). If the Session was running throughout, there is
     // nothing to wake: the claim it overlapped was rolled back (or its leader died before
-    // patching), or the wake had already landed and was not yet acknowledged.
+    // patching), or the wake had already landed and was not yet acknowledged. A Session
+    // re-created running meanwhile is no longer hibernated: that counts as woken.
     for r in registrations.iter().filter(|r| r.connection_id.is_some()) {
         let list = by_session
             .get(r.session.as_str())
@@ -154,17 +296,17 @@ pub fn check_sessions(
         }
         let until = r.answered_at + wake_deadline;
         // The hibernation this registration must undo, if any.
-        let last = list.iter().rev().find(|p| p.at <= r.answered_at);
+        let last = list.iter().rev().find(|l| l.at <= r.answered_at);
         let to_undo = match last {
-            Some(p) if p.state == "hibernated" => Some(p.at),
+            Some(l) if l.state == "hibernated" => Some(l.at),
             _ => list
                 .iter()
-                .find(|p| {
-                    p.state == "hibernated"
-                        && p.at > r.answered_at
-                        && p.at <= r.answered_at + IN_USE_MARGIN
+                .find(|l| {
+                    l.state == "hibernated"
+                        && l.at > r.answered_at
+                        && l.at <= r.answered_at + IN_USE_MARGIN
                 })
-                .map(|p| p.at),
+                .map(|l| l.at),
         };
         let Some(hibernated_at) = to_undo else {
             continue;
@@ -172,10 +314,7 @@ pub fn check_sessions(
         if r.needs_wake() && hibernated_at >= r.sent_at {
             f.registrations_during_hibernation += 1;
         }
-        let woken = list
-            .iter()
-            .any(|p| p.state == "running" && p.at > hibernated_at && p.at <= until);
-        if !woken {
+        if !woken_after(list, hibernated_at, until) {
             f.missing_wakes.push(format!(
                 "{}: registration {} ({}, answered `{}` at {}, Session hibernated at {}) not \
                  followed by a wake by {}",
@@ -190,24 +329,37 @@ pub fn check_sessions(
         }
     }
 
-    // 4. Every wake was asked for.
+    // 4. Every wake was asked for: by a registration, or by a connection live when the
+    // Session became hibernated without the reaper deciding it (see check 1).
     for (session, list) in &by_session {
         let regs = regs_by_session.get(session).unwrap_or(&none);
         let mut prev_wake: Option<DateTime<Utc>> = None;
-        for p in list.iter().filter(|p| p.state == "running") {
+        let mut prev: Option<&Landing> = None;
+        for l in list.iter() {
+            if l.state != "running" || l.birth {
+                prev = Some(l);
+                continue;
+            }
             let from = prev_wake.map(|t| t - IN_USE_MARGIN);
             let asked = regs.iter().any(|r| {
                 (r.needs_wake() || r.seen_hibernated_at.is_some())
-                    && r.sent_at <= p.at
+                    && r.sent_at <= l.at
                     && from.is_none_or(|f| r.sent_at >= f)
             });
-            if !asked {
+            let live_at_hibernation = prev.is_some_and(|h| {
+                h.state == "hibernated"
+                    && regs
+                        .iter()
+                        .any(|r| r.answered_at <= l.at && r.live_until >= h.at - IN_USE_MARGIN)
+            });
+            if !asked && !live_at_hibernation {
                 f.unexplained_wakes.push(format!(
                     "{session}: running patch at {} with no registration asking for it",
-                    p.at
+                    l.at
                 ));
             }
-            prev_wake = Some(p.at);
+            prev_wake = Some(l.at);
+            prev = Some(l);
         }
     }
     f
@@ -315,8 +467,14 @@ impl fmt::Display for SessionFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "  hibernate patches landed: {}, wake patches landed: {}, refused patches: {}",
-            self.hibernations, self.wakes, self.refused_patches
+            "  hibernate patches landed: {}, wake patches landed: {}, refused patches: {} \
+             ({} answered 5xx or not at all)",
+            self.hibernations, self.wakes, self.refused_patches, self.ambiguous_patches
+        )?;
+        writeln!(
+            f,
+            "  sessions re-created: {}; late hibernations undone in time: {}",
+            self.births, self.undone_late_hibernations
         )?;
         writeln!(
             f,
@@ -536,6 +694,79 @@ mod tests {
         let f = check_sessions(&regs, &patches, DEADLINE);
         assert_eq!(f.missing_wakes.len(), 1, "{f}");
         assert_eq!(f.refused_patches, 1);
+    }
+
+    fn change(name: &str, uid: &str, kind: &str, state: &str, at: i64) -> SessionChange {
+        SessionChange {
+            at: t(at),
+            resource_version: 0,
+            event_type: kind.into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            uid: uid.into(),
+            state: Some(state.into()),
+        }
+    }
+
+    #[test]
+    fn landings_follow_the_stored_state_not_the_answers() {
+        // Applied but answered 500, then a no-op re-patch after reading it back, then a
+        // re-creation born hibernated.
+        let changes = [
+            change("s", "u1", "ADDED", "running", 0),
+            change("s", "u1", "MODIFIED", "hibernated", 3000),
+            change("s", "u1", "MODIFIED", "hibernated", 3100),
+            change("s", "u1", "DELETED", "hibernated", 4000),
+            change("s", "u2", "ADDED", "hibernated", 4000),
+        ];
+        let l = landings_from_changes(&changes);
+        let seen: Vec<(&str, bool)> = l.iter().map(|l| (l.state.as_str(), l.birth)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("running", true),
+                ("hibernated", false),
+                ("hibernated", true)
+            ]
+        );
+        let mut failed = patch("s", "hibernated", 2990);
+        failed.status = 500;
+        let patches = [failed, patch("s", "hibernated", 3090)];
+        let f = check_landings(&[], &patches, &l, DEADLINE);
+        assert_eq!(f.violations(), 0, "{f}");
+        assert_eq!((f.hibernations, f.births, f.ambiguous_patches), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_late_or_reborn_hibernation_in_use_must_be_undone_in_time() {
+        // Sent at 1000 (slow), the connection registered at 2000, landed at 4500.
+        let regs = [reg("s", "running", 1990, 2000, 9000)];
+        let patches = [patch("s", "hibernated", 1000), patch("s", "running", 4700)];
+        let landings = |wake_at: i64| {
+            vec![
+                Landing {
+                    session: "s".into(),
+                    state: "hibernated".into(),
+                    at: t(4500),
+                    birth: false,
+                },
+                Landing {
+                    session: "s".into(),
+                    state: "running".into(),
+                    at: t(wake_at),
+                    birth: false,
+                },
+            ]
+        };
+        let f = check_landings(&regs, &patches, &landings(4700), DEADLINE);
+        assert_eq!(f.violations(), 0, "{f}");
+        assert_eq!(f.undone_late_hibernations, 1);
+        let f = check_landings(&regs, &patches, &landings(12_000), DEADLINE);
+        assert_eq!(f.hibernated_in_use.len(), 1, "{f}");
+        // Sent while the connection was already live: a violation even if undone.
+        let patches = [patch("s", "hibernated", 4400), patch("s", "running", 4700)];
+        let f = check_landings(&regs, &patches, &landings(4700), DEADLINE);
+        assert_eq!(f.hibernated_in_use.len(), 1, "{f}");
     }
 
     #[test]

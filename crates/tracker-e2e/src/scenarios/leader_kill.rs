@@ -205,6 +205,7 @@ pub async fn run(opts: HarnessOptions, params: LeaderKillParams) -> Result<Leade
         sessions: params.sessions,
         concurrency: params.concurrency,
         seed: params.seed,
+        faults: 0.0,
     };
     // A wake recorded just before a kill waits for the takeover.
     let wake_deadline = WAKE_DEADLINE + lease + TAKEOVER_MARGIN;

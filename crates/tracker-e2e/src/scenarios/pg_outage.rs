@@ -124,6 +124,7 @@ pub async fn run(mut opts: HarnessOptions, params: PgOutageParams) -> Result<PgO
         sessions: params.sessions,
         concurrency: params.concurrency,
         seed: params.seed,
+        faults: 0.0,
     };
     let run = finish(&h, &recorder, WAKE_DEADLINE, races_params, load_time).await?;
     let mut figures = PgOutageFigures {

@@ -5,6 +5,13 @@
 //! - every registration answered `waking` (or made on a hibernated session) followed by
 //!   exactly one `running` patch within a few seconds;
 //! - history rows equal the connections ended: 0 lost, 0 doubled, the right `end_reason`.
+//!
+//! With `faults` above 0 the fake Kubernetes API server also misbehaves, seeded: that share
+//! of the reaper's Session patches fail plainly, land but answer 500/504, or answer only
+//! after longer than the reaper's Kubernetes timeout and the lease (landing before or after
+//! the delay); now and then a Session is deleted and re-created under its name while
+//! episodes run on it, and watches miss events for a moment, then end or expire. What landed
+//! is then read from the fake's change log, not from the answers the reaper got.
 
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -14,19 +21,28 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::checks::{check_history, check_sessions, some, HistoryFigures, SessionFigures};
+use fake_kube::{ApplyAt, Fault, FaultRule, Injection, Operation};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::checks::{
+    check_history, check_landings, landings_from_changes, some, HistoryFigures, SessionFigures,
+};
 use super::load::{self, Kind, LoadParams, Recorder, Registration, Target};
 use super::{drain, exits_line, live_connections, sessions, verdict, write_result};
 use crate::harness::{Harness, HarnessOptions};
 use crate::Result;
 
 /// Size of a races run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RacesParams {
     pub episodes: usize,
     pub sessions: usize,
     pub concurrency: usize,
     pub seed: u64,
+    /// Share of the reaper's Session patches the fake Kubernetes API server faults, and
+    /// whether it re-creates Sessions and opens watch gaps (0: a well-behaved server).
+    pub faults: f64,
 }
 
 impl RacesParams {
@@ -37,6 +53,7 @@ impl RacesParams {
             sessions: 24,
             concurrency: 16,
             seed,
+            faults: 0.1,
         }
     }
 
@@ -47,12 +64,107 @@ impl RacesParams {
             sessions: 200,
             concurrency: 96,
             seed,
+            faults: 0.1,
         }
     }
 }
 
 /// How long after its answer a registration that needs a wake may wait for the patch.
 pub const WAKE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The reapers' Kubernetes timeout under faults: shorter than the default so that a slow
+/// answer outlasts it without stretching the run.
+pub const FAULT_KUBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a slow Session patch waits: beyond [`FAULT_KUBE_TIMEOUT`] and the lease (3 s),
+/// so the reaper gives up on it and may have lost its term before it lands.
+pub const SLOW_PATCH: Duration = Duration::from_millis(3500);
+
+/// The wake deadline under faults. A wake patch may be slow (its answer never comes; it
+/// lands [`SLOW_PATCH`] after it was sent), and the reaper only learns that by timing out and
+/// reading the Session again, which may itself be before the landing, so it patches again:
+/// the deadline stretches by the delay and two timeouts.
+pub fn fault_wake_deadline() -> Duration {
+    WAKE_DEADLINE + SLOW_PATCH + 2 * FAULT_KUBE_TIMEOUT
+}
+
+/// The faults the fake injected, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultFigures {
+    pub errors: usize,
+    pub applied_500: usize,
+    pub applied_504: usize,
+    pub slow_applied_before: usize,
+    pub slow_applied_after: usize,
+    pub hangs: usize,
+    pub recreated: usize,
+    pub watch_gaps: usize,
+    pub watch_events_dropped: usize,
+    pub watches_ended: usize,
+    pub watches_expired: usize,
+}
+
+impl FaultFigures {
+    pub fn from_log(log: &[fake_kube::InjectedFault]) -> Self {
+        let mut f = Self::default();
+        for i in log {
+            match &i.injection {
+                Injection::Request { fault, .. } => match fault {
+                    Fault::Error { .. } => f.errors += 1,
+                    Fault::AppliedButError { status: 504 } => f.applied_504 += 1,
+                    Fault::AppliedButError { .. } => f.applied_500 += 1,
+                    Fault::Slow {
+                        apply: ApplyAt::BeforeDelay,
+                        ..
+                    } => f.slow_applied_before += 1,
+                    Fault::Slow {
+                        apply: ApplyAt::AfterDelay,
+                        ..
+                    } => f.slow_applied_after += 1,
+                    Fault::Hang => f.hangs += 1,
+                },
+                Injection::Recreated { .. } => f.recreated += 1,
+                Injection::WatchGap { dropping: true, .. } => f.watch_gaps += 1,
+                Injection::WatchEventDropped { .. } => f.watch_events_dropped += 1,
+                Injection::WatchesEnded { expired: false, .. } => f.watches_ended += 1,
+                Injection::WatchesEnded { expired: true, .. } => f.watches_expired += 1,
+                _ => {}
+            }
+        }
+        f
+    }
+
+    pub fn patch_faults(&self) -> usize {
+        self.errors
+            + self.applied_500
+            + self.applied_504
+            + self.slow_applied_before
+            + self.slow_applied_after
+            + self.hangs
+    }
+}
+
+impl fmt::Display for FaultFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  faults: {} Session patches (error {}, applied+500 {}, applied+504 {}, slow \
+             applied before {}, slow applied after {}, hang {}); re-created {}; watch gaps {} \
+             ({} events dropped), watches ended {}, expired {}",
+            self.patch_faults(),
+            self.errors,
+            self.applied_500,
+            self.applied_504,
+            self.slow_applied_before,
+            self.slow_applied_after,
+            self.hangs,
+            self.recreated,
+            self.watch_gaps,
+            self.watch_events_dropped,
+            self.watches_ended,
+            self.watches_expired
+        )
+    }
+}
 
 /// What the clients did and saw, from the [`Recorder`]'s counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -176,6 +288,7 @@ pub struct RacesFigures {
     pub load: LoadFigures,
     pub sessions: SessionFigures,
     pub history: HistoryFigures,
+    pub faults: FaultFigures,
     pub live_after_drain: u64,
     pub events: Vec<(String, i64)>,
     pub exits: String,
@@ -228,6 +341,7 @@ impl fmt::Display for RacesFigures {
             p.episodes, p.sessions, p.concurrency, p.seed, self.load_time, self.drain_time
         )?;
         write!(f, "{}", self.load)?;
+        write!(f, "{}", self.faults)?;
         write!(f, "{}", self.sessions)?;
         write!(f, "{}", self.history)?;
         writeln!(
@@ -242,7 +356,11 @@ impl fmt::Display for RacesFigures {
 }
 
 /// Runs the races scenario on a fresh harness.
-pub async fn run(opts: HarnessOptions, params: RacesParams) -> Result<RacesFigures> {
+pub async fn run(mut opts: HarnessOptions, params: RacesParams) -> Result<RacesFigures> {
+    let faulty = params.faults > 0.0;
+    if faulty && opts.kube_timeout.is_none() {
+        opts.kube_timeout = Some(FAULT_KUBE_TIMEOUT);
+    }
     let mut h = Harness::start(opts).await?;
     let names = sessions(&h, params.sessions).await?;
     let timing = h.timing();
@@ -259,11 +377,36 @@ pub async fn run(opts: HarnessOptions, params: RacesParams) -> Result<RacesFigur
         seed: params.seed,
         wake_wait: Duration::from_secs(2) + timing.heartbeat_window + Duration::from_secs(4),
     };
+    let chaos = CancellationToken::new();
+    let chaos_task = faulty.then(|| {
+        add_patch_faults(&h, params)?;
+        Ok::<_, crate::Error>(tokio::spawn(disturb(
+            h.fake().handle(),
+            h.namespace().to_owned(),
+            target.sessions.clone(),
+            params.seed,
+            chaos.clone(),
+        )))
+    });
+    let chaos_task = chaos_task.transpose()?;
     let started = Instant::now();
     let recorder = load::run(target, load_params, CancellationToken::new()).await;
     let load_time = started.elapsed();
+    chaos.cancel();
+    if let Some(task) = chaos_task {
+        let _ = task.await;
+    }
+    // The tail (drain, last wakes) runs on a well-behaved server: what happened during the
+    // load must settle, not be disturbed forever.
+    h.fake().clear_faults();
+    h.fake().set_dropping_watch_events(false);
     h.check_running()?;
-    let mut figures = finish(&h, &recorder, WAKE_DEADLINE, params, load_time).await?;
+    let wake_deadline = if faulty {
+        fault_wake_deadline()
+    } else {
+        WAKE_DEADLINE
+    };
+    let mut figures = finish(&h, &recorder, wake_deadline, params, load_time).await?;
     let run_dir = h.run_dir().to_owned();
     if !figures.problems().is_empty() {
         h.keep_run_dir();
@@ -273,6 +416,75 @@ pub async fn run(opts: HarnessOptions, params: RacesParams) -> Result<RacesFigur
     figures.unclean_exits = exits.iter().filter(|e| !e.clean).count();
     let problems = figures.problems();
     verdict("races", figures, &problems, run_dir)
+}
+
+/// Seeded probability rules on this run's Session patches, one per kind of fault.
+fn add_patch_faults(h: &Harness, params: RacesParams) -> Result<()> {
+    let slow = |apply| Fault::Slow {
+        delay: SLOW_PATCH,
+        apply,
+    };
+    let faults = [
+        Fault::Error { status: 500 },
+        Fault::AppliedButError { status: 500 },
+        Fault::AppliedButError { status: 504 },
+        slow(ApplyAt::BeforeDelay),
+        slow(ApplyAt::AfterDelay),
+    ];
+    // Rules are tried in order; each takes an equal share of the rate.
+    let n = faults.len();
+    for (i, fault) in faults.into_iter().enumerate() {
+        let share = params.faults / n as f64;
+        let p = share / (1.0 - share * i as f64);
+        let target = fake_kube::Target::sessions(&[Operation::Patch]).in_namespace(h.namespace());
+        let seed = params.seed.wrapping_add(0x5EED_0000 + i as u64);
+        h.fake()
+            .add_fault(FaultRule::probability(
+                p.clamp(0.0, 1.0),
+                seed,
+                target,
+                fault,
+            ))
+            .map_err(|e| crate::Error::Setup(format!("add a fault rule: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Every couple of seconds (seeded) either re-creates a random Session under its name (with
+/// its current spec: a hibernated one is born hibernated) while the episodes go on, or opens
+/// a watch gap of a few hundred milliseconds and then ends the watches, cleanly or expired
+/// (the reaper must re-list to see what it missed).
+async fn disturb(
+    fake: fake_kube::Handle,
+    namespace: String,
+    sessions: Arc<Vec<String>>,
+    seed: u64,
+    stop: CancellationToken,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xD157_0AB5);
+    loop {
+        let pause = Duration::from_millis(rng.random_range(1000..3000));
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = stop.cancelled() => return,
+        }
+        if rng.random_bool(0.5) && !sessions.is_empty() {
+            let name = &sessions[rng.random_range(0..sessions.len())];
+            if let Err(e) = fake.recreate_session(&namespace, name, None) {
+                tracing::warn!("re-create {name}: {e}");
+            }
+        } else {
+            fake.set_dropping_watch_events(true);
+            let gap = Duration::from_millis(rng.random_range(200..1000));
+            tokio::time::sleep(gap).await;
+            fake.set_dropping_watch_events(false);
+            if rng.random_bool(0.5) {
+                fake.end_watches();
+            } else {
+                fake.expire_watches();
+            }
+        }
+    }
 }
 
 /// After the load: wait for the wake deadline of the last registrations and for the archive
@@ -298,8 +510,13 @@ pub(crate) async fn finish(
     }
     let live_after_drain = live_connections(h).await?;
     let patches = h.state_patches();
+    // What landed is read from the Sessions' own changes: an answer of 500/504 or none at
+    // all says nothing about it, and a re-created Session starts a history of its own.
+    let changes = h.session_changes();
+    let landings = landings_from_changes(&changes);
     let wake_deadline = chrono::Duration::from_std(wake_deadline).unwrap_or_default();
-    let sessions = check_sessions(&regs, &patches, wake_deadline);
+    let sessions = check_landings(&regs, &patches, &landings, wake_deadline);
+    let faults = FaultFigures::from_log(&h.fake().injected_faults());
     let rows = h.db()?.history().await?;
     let history = check_history(&regs, &rows);
     let events = h.db()?.event_counts().await.unwrap_or_default();
@@ -307,6 +524,8 @@ pub(crate) async fn finish(
         // What the checks saw, for a post-mortem next to the process logs.
         h.save_json("registrations.json", &regs)?;
         h.save_json("patches.json", &patches)?;
+        h.save_json("session_changes.json", &changes)?;
+        h.save_json("injected_faults.json", &h.fake().injected_faults())?;
         let rows: Vec<(String, String, String)> = rows
             .iter()
             .map(|r| {
@@ -326,6 +545,7 @@ pub(crate) async fn finish(
         load: LoadFigures::from_recorder(recorder, &regs),
         sessions,
         history,
+        faults,
         live_after_drain,
         events,
         exits: String::new(),
