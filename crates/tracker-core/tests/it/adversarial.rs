@@ -25,6 +25,7 @@ crate::both!(
     a_late_event_of_a_deleted_resource_is_ignored,
     the_sweep_says_more_while_one_session_still_holds_dead_connections,
     an_archived_connection_gives_its_user_slot_back_even_after_a_crash,
+    a_finish_after_a_wake_ended_the_claim_is_not_claimed,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -374,4 +375,31 @@ async fn an_archived_connection_gives_its_user_slot_back_even_after_a_crash(back
     store.settle_archived(&records).await.unwrap();
     let left: i64 = raw(backend, redis::cmd("ZCARD").arg(&key)).await;
     assert_eq!(left, 0, "the archiver gave the slot back");
+}
+
+/// Finding (model.rs): a connection arrived while the hibernation patch was
+/// in flight, so a wake ended the claim; the patch landed and its finish
+/// answered `Finished` ("this term's claim ended") instead of `NotClaimed`.
+async fn a_finish_after_a_wake_ended_the_claim_is_not_claimed(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    let finished = store
+        .finish_hibernation(&s, T1, Some("u1"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(finished, FinishOutcome::NotClaimed);
+    assert_eq!(state(&store, &s).await, SessionState::Waking);
+    assert_eq!(pending_wake_ids(&store).await, vec![s]);
 }
