@@ -7,7 +7,7 @@ use std::time::Duration;
 use tracker_core::testing::Backend;
 use tracker_core::{
     ClaimOutcome, ClaimRefusal, FinishOutcome, Limits, Protocol, RegisterOutcome, ResourceState,
-    SessionState, Term, Written,
+    SessionState, ShardKey, Term, Written,
 };
 
 use crate::support::*;
@@ -26,6 +26,7 @@ crate::both!(
     the_sweep_says_more_while_one_session_still_holds_dead_connections,
     an_archived_connection_gives_its_user_slot_back_even_after_a_crash,
     a_finish_after_a_wake_ended_the_claim_is_not_claimed,
+    terms_only_grow_even_when_every_key_is_lost,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -402,4 +403,29 @@ async fn a_finish_after_a_wake_ended_the_claim_is_not_claimed(backend: Backend) 
     assert_eq!(finished, FinishOutcome::NotClaimed);
     assert_eq!(state(&store, &s).await, SessionState::Waking);
     assert_eq!(pending_wake_ids(&store).await, vec![s]);
+}
+
+/// Finding (model.rs): Redis lost every key — the term sequence and every
+/// shard's newest term — and the next leader drew the term of the leader
+/// before the loss again, so that leader's late writes passed every fence.
+async fn terms_only_grow_even_when_every_key_is_lost(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let old = store.begin_term().await.unwrap();
+    let mut lost = vec![store.keys().term_seq_key()];
+    lost.extend(
+        store
+            .keys()
+            .shards()
+            .map(|shard| store.keys().shard_key(shard, ShardKey::Term)),
+    );
+    for key in lost {
+        let _: i64 = raw(backend, redis::cmd("DEL").arg(key)).await;
+    }
+    let new = store.begin_term().await.unwrap();
+    assert!(new > old, "{new:?} after {old:?}");
+    let s = sid("desk-1");
+    assert_eq!(
+        mirror_as(&store, old, &s, "u1", ResourceState::Running, 1).await,
+        Written::Fenced
+    );
 }
