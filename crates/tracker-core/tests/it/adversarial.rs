@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    ClaimOutcome, ClaimRefusal, FinishOutcome, Limits, Protocol, RegisterOutcome, ResourceState,
-    SessionState, ShardKey, Term, Written,
+    ClaimOutcome, ClaimRefusal, EndReason, FinishOutcome, Limits, Protocol, RegisterOutcome,
+    ResourceState, SessionState, ShardKey, Term, Written,
 };
 
 use crate::support::*;
@@ -27,6 +27,7 @@ crate::both!(
     an_archived_connection_gives_its_user_slot_back_even_after_a_crash,
     a_finish_after_a_wake_ended_the_claim_is_not_claimed,
     terms_only_grow_even_when_every_key_is_lost,
+    idle_since_counts_a_dead_connection_closed_before_the_sweep,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -427,5 +428,43 @@ async fn terms_only_grow_even_when_every_key_is_lost(backend: Backend) {
     assert_eq!(
         mirror_as(&store, old, &s, "u1", ResourceState::Running, 1).await,
         Written::Fenced
+    );
+}
+
+/// Finding (model.rs): with a dead connection waiting for the sweep, closing
+/// another one (live, or dead too but newer) left the session's idle-since
+/// at the older one's death: earlier than the close, and earlier than what
+/// the view had shown a moment before.
+async fn idle_since_counts_a_dead_connection_closed_before_the_sweep(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    let older = conn(&s, "alice", Protocol::Vnc);
+    let newer = conn(&s, "bob", Protocol::Vnc);
+    created(store.register(&older, Limits::default()).await.unwrap());
+    clock.advance(Duration::from_secs(30));
+    created(store.register(&newer, Limits::default()).await.unwrap());
+    clock.advance(WINDOW);
+    let shown = store.session(&s).await.unwrap().unwrap().idle_since;
+    assert!(shown.is_some(), "both are dead");
+    let reason = store.close(&s, newer.connection_id).await.unwrap();
+    assert_eq!(reason, Some(EndReason::Expired));
+    let view = store.session(&s).await.unwrap().unwrap();
+    assert_eq!(view.idle_since, shown, "idle-since went back");
+
+    // A live one closed while a dead one waits for the sweep.
+    let r = sid("desk-2");
+    let dead = conn(&r, "alice", Protocol::Vnc);
+    let live = conn(&r, "bob", Protocol::Vnc);
+    created(store.register(&dead, Limits::default()).await.unwrap());
+    clock.advance(Duration::from_secs(30));
+    created(store.register(&live, Limits::default()).await.unwrap());
+    clock.advance(Duration::from_secs(40));
+    let reason = store.close(&r, live.connection_id).await.unwrap();
+    assert_eq!(reason, Some(EndReason::Closed));
+    let view = store.session(&r).await.unwrap().unwrap();
+    assert!(view.last_disconnect_at.is_some());
+    assert_eq!(
+        view.idle_since, view.last_disconnect_at,
+        "idle since the close, not since the dead one died"
     );
 }
