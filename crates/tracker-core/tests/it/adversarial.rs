@@ -28,6 +28,7 @@ crate::both!(
     a_finish_after_a_wake_ended_the_claim_is_not_claimed,
     terms_only_grow_even_when_every_key_is_lost,
     idle_since_counts_a_dead_connection_closed_before_the_sweep,
+    a_late_event_of_a_resource_forgotten_by_a_relist_is_ignored,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -466,5 +467,29 @@ async fn idle_since_counts_a_dead_connection_closed_before_the_sweep(backend: Ba
     assert_eq!(
         view.idle_since, view.last_disconnect_at,
         "idle since the close, not since the dead one died"
+    );
+}
+
+/// Finding (model.rs): a resource deleted while the watch was down was
+/// forgotten by the relist (without a uid: whatever is mirrored), then a late
+/// write of what a leader had read before the deletion (the waker mirroring
+/// a terminated Session) brought it back: the store mirrored a resource that
+/// no longer existed, and refused every connection as terminated.
+async fn a_late_event_of_a_resource_forgotten_by_a_relist_is_ignored(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "old", ResourceState::Terminated, 3).await;
+    let forgotten = store.forget_session(&s, T1, None).await.unwrap();
+    assert_eq!(forgotten, Written::Done);
+    assert_eq!(
+        mirror_as(&store, T1, &s, "old", ResourceState::Terminated, 3).await,
+        Written::Noop
+    );
+    assert_eq!(store.session(&s).await.unwrap(), None);
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
     );
 }
