@@ -21,7 +21,7 @@ use crate::support::*;
 
 /// A cluster master as `CLUSTER NODES` describes it.
 #[derive(Debug, Clone)]
-struct Node {
+pub(crate) struct Node {
     id: String,
     host: String,
     port: u16,
@@ -29,7 +29,7 @@ struct Node {
 }
 
 impl Node {
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://{}:{}", self.host, self.port)
     }
 
@@ -48,7 +48,7 @@ async fn node_cmd<T: redis::FromRedisValue>(node: &Node, cmd: &redis::Cmd) -> T 
 }
 
 /// The masters of the test cluster, from the first seed node's view.
-async fn masters() -> Vec<Node> {
+pub(crate) async fn masters() -> Vec<Node> {
     let (urls, _) = Backend::Cluster.urls();
     let mut c = redis::Client::open(urls[0].as_str())
         .unwrap()
