@@ -306,6 +306,9 @@ local function session_view(S, m, now, window)
   local idle_since = ''
   if live == 0 then
     local since = m.is and tonumber(m.is) or nil
+    -- No connection was live after the last one ended, even while dead ones
+    -- wait for the sweep (idle-since is only set once none is left).
+    if m.ld and (not since or tonumber(m.ld) > since) then since = tonumber(m.ld) end
     -- Dead but not yet swept: idle since the newest of them stopped being live.
     if newest_hb and (not since or newest_hb + window > since) then since = newest_hb + window end
     if since then idle_since = ms(since) end

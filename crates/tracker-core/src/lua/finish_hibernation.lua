@@ -3,10 +3,12 @@
 -- KEYS     the shard keys (common.lua), then the session's c and m
 -- ARGV     clock offset ms, window ms, session id, leader term, uid of the
 --          patched resource, its generation ('' if unknown)
--- Returns  'finished' when recorded; 'fenced' when a newer leader wrote here;
---          'not_claimed' when the claim is not this term's any more (lapsed and
---          taken, rolled back, or ended by a wake); 'stale' when the store
---          knows another resource or a newer generation.
+-- Returns  'finished' when recorded and this term's claim ended; 'fenced' when
+--          a newer leader wrote here; 'not_claimed' when recorded but the claim
+--          is not this term's any more (lapsed and taken, rolled back, or ended
+--          by a wake); 'stale' when nothing was recorded: the store knows
+--          another resource or a newer generation (this term's claim, if any,
+--          ends all the same).
 -- Atomic   the end of the claim with the state change. A wake recorded while
 --          the patch was in flight stays pending, so it is not lost; a live
 --          connection found now records one.
@@ -21,13 +23,14 @@ if m.res ~= '1' or m.ks == 'terminated' or (m.uid and uid ~= '' and m.uid ~= uid
   return 'stale'
 end
 local before = snapshot(S, m)
-local outcome = 'finished'
+-- Only this term's claim ends here. One rolled back, ended by a wake, or
+-- lapsed and taken by another term is not ours: the outcome says so.
+local outcome = 'not_claimed'
 if m.ph == 'h' and m.ht == ms(term) then
   set_meta(S, m, 'ph', nil)
   set_meta(S, m, 'hx', nil)
   set_meta(S, m, 'ht', nil)
-elseif m.ph == 'h' then
-  outcome = 'not_claimed'
+  outcome = 'finished'
 end
 -- What the resource says is a fact whoever's claim it was, unless it is older
 -- than what the store already knows.
@@ -35,7 +38,7 @@ if not gen or not m.gen or gen >= tonumber(m.gen) then
   set_meta(S, m, 'ks', 'hibernated')
   if gen then set_meta(S, m, 'gen', ms(gen)) end
   wake_if_in_use(S, m, now, window)
-elseif outcome == 'finished' then
+else
   outcome = 'stale'
 end
 account(before, snapshot(S, m))

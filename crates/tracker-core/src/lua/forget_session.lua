@@ -6,9 +6,9 @@
 -- Returns  1 if the session was mirrored and is now forgotten; 0 if not
 --          mirrored, or another resource is mirrored under the name; -1 if fenced.
 -- Atomic   dropping the mirrored fields with the indexes that depend on them.
---          The deleted uid is remembered, so a late event of the deleted
---          resource does not bring it back. Live connections stay until they
---          close or expire.
+--          The deleted uid (without one, the uid mirrored) is remembered, so a
+--          late event of the deleted resource does not bring it back. Live
+--          connections stay until they close or expire.
 
 local S = session_at(1, ARGV[3])
 local term, uid = tonumber(ARGV[4]), ARGV[5]
@@ -19,6 +19,9 @@ if uid ~= '' and m.uid and m.uid ~= uid then
   set_meta(S, m, 'du', uid)
   return 0
 end
+-- Without a uid, whatever is mirrored is gone: remember that one.
+local gone = uid
+if gone == '' then gone = m.uid or '' end
 local before = snapshot(S, m)
 local was = redis.call('SREM', K_KNOWN, S.id)
 redis.call('ZREM', K_WAKE, S.id)
@@ -33,6 +36,6 @@ if after.n == 0 then
   redis.call('DEL', S.m)
   m = {}
 end
-if uid ~= '' then set_meta(S, m, 'du', uid) end
+if gone ~= '' then set_meta(S, m, 'du', gone) end
 keep_meta(S, m, after.n)
 return was

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    ClaimOutcome, ClaimRefusal, FinishOutcome, Limits, Protocol, RegisterOutcome, ResourceState,
-    SessionState, Term, Written,
+    ClaimOutcome, ClaimRefusal, EndReason, FinishOutcome, Limits, Protocol, RegisterOutcome,
+    ResourceState, SessionState, ShardKey, Term, Written,
 };
 
 use crate::support::*;
@@ -26,6 +26,10 @@ crate::both!(
     a_wake_for_the_old_resource_does_not_wake_the_new_one,
     the_sweep_says_more_while_one_session_still_holds_dead_connections,
     an_archived_connection_gives_its_user_slot_back_even_after_a_crash,
+    a_finish_after_a_wake_ended_the_claim_is_not_claimed,
+    terms_only_grow_even_when_every_key_is_lost,
+    idle_since_counts_a_dead_connection_closed_before_the_sweep,
+    a_late_event_of_a_resource_forgotten_by_a_relist_is_ignored,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -405,4 +409,118 @@ async fn a_wake_for_the_old_resource_does_not_wake_the_new_one(backend: Backend)
             .unwrap(),
     );
     assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+}
+
+/// Finding (model.rs): a connection arrived while the hibernation patch was
+/// in flight, so a wake ended the claim; the patch landed and its finish
+/// answered `Finished` ("this term's claim ended") instead of `NotClaimed`.
+async fn a_finish_after_a_wake_ended_the_claim_is_not_claimed(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    let finished = store
+        .finish_hibernation(&s, T1, Some("u1"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(finished, FinishOutcome::NotClaimed);
+    assert_eq!(state(&store, &s).await, SessionState::Waking);
+    assert_eq!(pending_wake_ids(&store).await, vec![s]);
+}
+
+/// Finding (model.rs): Redis lost every key — the term sequence and every
+/// shard's newest term — and the next leader drew the term of the leader
+/// before the loss again, so that leader's late writes passed every fence.
+async fn terms_only_grow_even_when_every_key_is_lost(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let old = store.begin_term().await.unwrap();
+    let mut lost = vec![store.keys().term_seq_key()];
+    lost.extend(
+        store
+            .keys()
+            .shards()
+            .map(|shard| store.keys().shard_key(shard, ShardKey::Term)),
+    );
+    for key in lost {
+        let _: i64 = raw(backend, redis::cmd("DEL").arg(key)).await;
+    }
+    let new = store.begin_term().await.unwrap();
+    assert!(new > old, "{new:?} after {old:?}");
+    let s = sid("desk-1");
+    assert_eq!(
+        mirror_as(&store, old, &s, "u1", ResourceState::Running, 1).await,
+        Written::Fenced
+    );
+}
+
+/// Finding (model.rs): with a dead connection waiting for the sweep, closing
+/// another one (live, or dead too but newer) left the session's idle-since
+/// at the older one's death: earlier than the close, and earlier than what
+/// the view had shown a moment before.
+async fn idle_since_counts_a_dead_connection_closed_before_the_sweep(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    let older = conn(&s, "alice", Protocol::Vnc);
+    let newer = conn(&s, "bob", Protocol::Vnc);
+    created(store.register(&older, Limits::default()).await.unwrap());
+    clock.advance(Duration::from_secs(30));
+    created(store.register(&newer, Limits::default()).await.unwrap());
+    clock.advance(WINDOW);
+    let shown = store.session(&s).await.unwrap().unwrap().idle_since;
+    assert!(shown.is_some(), "both are dead");
+    let reason = store.close(&s, newer.connection_id).await.unwrap();
+    assert_eq!(reason, Some(EndReason::Expired));
+    let view = store.session(&s).await.unwrap().unwrap();
+    assert_eq!(view.idle_since, shown, "idle-since went back");
+
+    // A live one closed while a dead one waits for the sweep.
+    let r = sid("desk-2");
+    let dead = conn(&r, "alice", Protocol::Vnc);
+    let live = conn(&r, "bob", Protocol::Vnc);
+    created(store.register(&dead, Limits::default()).await.unwrap());
+    clock.advance(Duration::from_secs(30));
+    created(store.register(&live, Limits::default()).await.unwrap());
+    clock.advance(Duration::from_secs(40));
+    let reason = store.close(&r, live.connection_id).await.unwrap();
+    assert_eq!(reason, Some(EndReason::Closed));
+    let view = store.session(&r).await.unwrap().unwrap();
+    assert!(view.last_disconnect_at.is_some());
+    assert_eq!(
+        view.idle_since, view.last_disconnect_at,
+        "idle since the close, not since the dead one died"
+    );
+}
+
+/// Finding (model.rs): a resource deleted while the watch was down was
+/// forgotten by the relist (without a uid: whatever is mirrored), then a late
+/// write of what a leader had read before the deletion (the waker mirroring
+/// a terminated Session) brought it back: the store mirrored a resource that
+/// no longer existed, and refused every connection as terminated.
+async fn a_late_event_of_a_resource_forgotten_by_a_relist_is_ignored(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "old", ResourceState::Terminated, 3).await;
+    let forgotten = store.forget_session(&s, T1, None).await.unwrap();
+    assert_eq!(forgotten, Written::Done);
+    assert_eq!(
+        mirror_as(&store, T1, &s, "old", ResourceState::Terminated, 3).await,
+        Written::Noop
+    );
+    assert_eq!(store.session(&s).await.unwrap(), None);
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
 }

@@ -8,5 +8,6 @@ mod concurrency;
 mod connections;
 mod hibernation;
 mod migration;
+mod model;
 mod properties;
 mod support;

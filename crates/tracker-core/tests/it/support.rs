@@ -225,3 +225,8 @@ pub async fn register_at_once(
         .map(Result::unwrap)
         .collect()
 }
+
+/// Held by the tests that load the shared servers hardest (the slot
+/// migration, the model runs), so that on a two-core machine they do not
+/// run at once and starve each other into timeouts.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
