@@ -626,38 +626,44 @@ impl Store {
         Ok(Some(reason))
     }
 
-    /// After connections ended: gives back their user slots and starts the
-    /// expiry of their ids. Best effort here; the archiver repeats it for
-    /// every archived connection ([`Store::settle_archived`]), so a crash in
+    /// After connections ended: gives their user slots back at once, so the
+    /// user may connect again. Best effort here; the archiver settles every
+    /// archived connection again ([`Store::settle_archived`]), so a crash in
     /// between leaks nothing.
     async fn settle(&self, ended: &[(&UserId, &SessionId, ConnectionId)]) {
-        if let Err(e) = self.try_settle(ended).await {
+        if let Err(e) = self.release_ended_slots(ended).await {
             tracing::debug!(error = %e, connections = ended.len(),
-                "settling ended connections failed; the archiver settles them again");
+                "releasing user slots failed; the archiver releases them again");
         }
     }
 
-    async fn try_settle(&self, ended: &[(&UserId, &SessionId, ConnectionId)]) -> Result<()> {
+    async fn release_ended_slots(
+        &self,
+        ended: &[(&UserId, &SessionId, ConnectionId)],
+    ) -> Result<()> {
         let members: Vec<String> = ended.iter().map(|(_, s, id)| slot_member(s, *id)).collect();
         let slots: Vec<(&UserId, &str)> = ended
             .iter()
             .zip(&members)
             .map(|((u, _, _), m)| (*u, m.as_str()))
             .collect();
-        let ids: Vec<ConnectionId> = ended.iter().map(|(_, _, id)| *id).collect();
-        let (a, b) = tokio::join!(self.release_slots_of(&slots, None), self.retire_ids(&ids));
-        a.and(b)
+        self.release_slots_of(&slots, None).await
     }
 
     /// Settles archived connections: their user slots are given back and
-    /// their ids start to expire. Idempotent; the archiver calls it for every
-    /// batch before acknowledging it.
+    /// their ids start to expire. Only here: nothing waits for an id's
+    /// expiry, so the close and the sweep leave it to the archiver.
+    /// Idempotent; the archiver calls it for every batch before
+    /// acknowledging it.
     pub async fn settle_archived(&self, records: &[HistoryRecord]) -> Result<()> {
         let ended: Vec<_> = records
             .iter()
             .map(|r| (&r.user_id, &r.session_id, r.connection_id))
             .collect();
-        self.try_settle(&ended).await
+        let ids: Vec<ConnectionId> = records.iter().map(|r| r.connection_id).collect();
+        let (slots, retired) =
+            tokio::join!(self.release_ended_slots(&ended), self.retire_ids(&ids));
+        slots.and(retired)
     }
 
     async fn retire_ids(&self, ids: &[ConnectionId]) -> Result<()> {
