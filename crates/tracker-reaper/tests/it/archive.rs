@@ -204,36 +204,9 @@ async fn raw_outbox_entry(env: &Env, session: &str, fields: &[(&str, &[u8])]) ->
     cmd.query_async(&mut raw).await.unwrap()
 }
 
-/// A complete history entry whose user agent is `ua`.
-async fn entry_with_user_agent(env: &Env, session: &str, ua: &[u8]) -> ConnectionId {
-    let id = ConnectionId::new_random();
-    let now = chrono::Utc::now().timestamp_millis().to_string();
-    let cid = id.to_string();
-    raw_outbox_entry(
-        env,
-        session,
-        &[
-            ("c", cid.as_bytes()),
-            ("s", session.as_bytes()),
-            ("u", b"mallory"),
-            ("p", b"websocket"),
-            ("ip", b"10.1.2.3"),
-            ("ua", ua),
-            ("ca", now.as_bytes()),
-            ("da", now.as_bytes()),
-            ("hb", now.as_bytes()),
-            ("r", b"closed"),
-        ],
-    )
-    .await;
-    id
-}
-
-/// The outbox entry of a connection `id` that lived in `session` and was
-/// closed. The store refuses to register an id twice, so a reused id reaches
-/// the archiver only when it slipped past the id index (an id reused after
-/// the index forgot it); the entry is written as the close script would.
-async fn connect_and_close(env: &Env, session: &str, id: ConnectionId) {
+/// A complete `closed` history entry, written as the close script would
+/// write it but with any bytes in its user agent.
+async fn closed_entry(env: &Env, session: &str, id: ConnectionId, user: &str, ip: &str, ua: &[u8]) {
     let now = (chrono::Utc::now().timestamp_millis() + env.clock.millis()).to_string();
     let cid = id.to_string();
     raw_outbox_entry(
@@ -242,10 +215,10 @@ async fn connect_and_close(env: &Env, session: &str, id: ConnectionId) {
         &[
             ("c", cid.as_bytes()),
             ("s", session.as_bytes()),
-            ("u", b"dave"),
+            ("u", user.as_bytes()),
             ("p", b"websocket"),
-            ("ip", b""),
-            ("ua", b"it/1.0"),
+            ("ip", ip.as_bytes()),
+            ("ua", ua),
             ("ca", now.as_bytes()),
             ("da", now.as_bytes()),
             ("hb", now.as_bytes()),
@@ -253,6 +226,21 @@ async fn connect_and_close(env: &Env, session: &str, id: ConnectionId) {
         ],
     )
     .await;
+}
+
+/// A complete history entry whose user agent is `ua`.
+async fn entry_with_user_agent(env: &Env, session: &str, ua: &[u8]) -> ConnectionId {
+    let id = ConnectionId::new_random();
+    closed_entry(env, session, id, "mallory", "10.1.2.3", ua).await;
+    id
+}
+
+/// The outbox entry of a connection `id` that lived in `session` and was
+/// closed. The store refuses to register an id twice, so a reused id reaches
+/// the archiver only when it slipped past the id index (an id reused after
+/// the index forgot it).
+async fn connect_and_close(env: &Env, session: &str, id: ConnectionId) {
+    closed_entry(env, session, id, "dave", "", b"it/1.0").await;
 }
 
 async fn pass(env: &Env, pool: &PgPool, metrics: &Metrics) -> Pass {
