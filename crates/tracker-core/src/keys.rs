@@ -92,13 +92,21 @@ impl KeySpace {
             .collect()
     }
 
-    /// A session's connection set and metadata hash, in that order.
-    pub fn session_keys(&self, session: &SessionId) -> [String; 2] {
+    /// A session's keys, in the order `lua/common.lua` reads them: its
+    /// connection set, its user counts and its metadata hash.
+    pub fn session_keys(&self, session: &SessionId) -> [String; 3] {
         let base = self.shard_base(self.shard_of(session));
         [
             format!("{base}:s:{session}:c"),
+            format!("{base}:s:{session}:u"),
             format!("{base}:s:{session}:m"),
         ]
+    }
+
+    /// A session's connection set alone (what heartbeats touch).
+    pub fn session_conns_key(&self, session: &SessionId) -> String {
+        let [c, _, _] = self.session_keys(session);
+        c
     }
 
     /// The shard of a connection id's index entry.
@@ -225,9 +233,10 @@ mod tests {
         assert_eq!(bucket(b"session-1", 32), bucket(b"session-1", 32));
         assert_eq!(bucket(b"", 32), (0xcbf2_9ce4_8422_2325u64 % 32) as u16);
         assert_eq!(ks.shard_key(ShardId(7), ShardKey::Due), "trk:{7}:due");
-        let [c, m] = ks.session_keys(&sid("session-1"));
+        let [c, u, m] = ks.session_keys(&sid("session-1"));
         let shard = ks.shard_of(&sid("session-1")).0;
         assert_eq!(c, format!("trk:{{{shard}}}:s:session-1:c"));
+        assert_eq!(u, format!("trk:{{{shard}}}:s:session-1:u"));
         assert_eq!(m, format!("trk:{{{shard}}}:s:session-1:m"));
         assert_eq!(ks.lock_key("reaper"), "trk:{lock}:reaper");
     }

@@ -1,6 +1,6 @@
 -- ack_wake.lua: the resource is running again; the wake is no longer pending.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, uid of the
 --          resource read or patched, its generation ('' if unknown)
 -- Returns  1 if a pending wake was acknowledged, 0 if none was pending, -1 if fenced.

@@ -1,6 +1,6 @@
 -- claim_hibernation.lua: compare-and-set a session from idle to hibernating.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, claim lifetime ms, leader term
 -- Returns  {'claimed', generation, uid, idle timeout ms} ('' where unknown) or
 --          {'refused', reason}, reason one of 'fenced' (a newer leader wrote

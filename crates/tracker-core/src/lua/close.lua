@@ -1,6 +1,6 @@
 -- close.lua: close a connection and queue its history record.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, connection id
 -- Returns  {'closed', user id} when a live connection was closed;
 --          {'expired', user id} when it was already dead (archived as expired);

@@ -20,8 +20,11 @@
 --                            User agents repeat (one browser build, many users), so a
 --                            connection keeps a 13-byte reference instead of the text.
 --   KEYS[10] term     STRING the newest leader term that wrote to this shard (fencing)
---   then, per session the script works on, two keys:
+--   then, per session the script works on, three keys:
 --            c        ZSET   connection id -> last heartbeat ms
+--            u        HASH   user id -> number of its connections in c; present only
+--                            while they belong to two users or more, so a session of
+--                            one user (the common case) pays nothing for it
 --            m        HASH   session metadata:
 --       res "1" once a Session resource was mirrored; uid its metadata.uid;
 --       du the uid of the last resource deleted under this name; own owner;
@@ -29,8 +32,11 @@
 --       ph phase: "h" hibernating (claimed), "w" waking (wake pending);
 --       hx claim lapses at (ms); ht term of the claim's holder;
 --       nb no hibernation before (ms, after a rollback);
---       is idle since; ld last disconnect; lc last connection among those
---       already gone (the view adds the live ones) (all ms).
+--       is idle since; ld last disconnect; lc a lower bound of the last
+--       connection: the newest start among connections gone or registered
+--       while another one was there (the view adds any present one) (all ms).
+--   No script walks a session's connections but to list them or to expire
+--   the dead ones: counts are kept as they change.
 --   A session without resource gets a metadata hash only once a connection of
 --   it ends, so a busy unknown session costs one sorted set and nothing more.
 --
@@ -50,9 +56,10 @@ local function ms(x)
   return string.format('%.0f', x)
 end
 
--- The i-th session (1-based) of this call: its id and its two keys.
+-- The i-th session (1-based) of this call: its id and its keys.
 local function session_at(i, sid)
-  return { id = sid, c = KEYS[SHARD_KEYS + 2 * i - 1], m = KEYS[SHARD_KEYS + 2 * i] }
+  local b = SHARD_KEYS + 3 * (i - 1)
+  return { id = sid, c = KEYS[b + 1], u = KEYS[b + 2], m = KEYS[b + 3] }
 end
 
 local function now_ms()
@@ -113,25 +120,34 @@ local function live_count(S, now, window)
   return redis.call('ZCOUNT', S.c, '(' .. ms(now - window), '+inf')
 end
 
--- True when the session's connections belong to at least two users. Sessions
--- hold a handful of connections, so reading them beats keeping a per-user
--- hash for every session.
-local function is_shared(S)
-  local ids = redis.call('ZRANGE', S.c, 0, -1)
-  if #ids < 2 then return false end
-  local first = nil
-  for _, cid in ipairs(ids) do
-    local raw = redis.call('HGET', K_CONN, cid)
-    if raw then
-      local uid = decode(raw)[2]
-      if first == nil then
-        first = uid
-      elseif uid ~= first then
-        return true
-      end
-    end
+-- The user of some connection of the session (nil if none).
+local function some_user(S)
+  local first = redis.call('ZRANGE', S.c, 0, 0)
+  if not first[1] then return nil end
+  local raw = redis.call('HGET', K_CONN, first[1])
+  if not raw then return nil end
+  return decode(raw)[2]
+end
+
+-- A connection of `uid` joins the n already in the session (call before
+-- adding it). The user hash appears once a second user does.
+local function users_add(S, n, uid)
+  if redis.call('EXISTS', S.u) == 1 then
+    redis.call('HINCRBY', S.u, uid, 1)
+    return
   end
-  return false
+  if n == 0 then return end
+  local other = some_user(S)
+  if other ~= nil and other ~= uid then
+    redis.call('HSET', S.u, other, n, uid, 1)
+  end
+end
+
+-- A connection of `uid` left the session; back to one user, the hash goes.
+local function users_remove(S, uid)
+  if redis.call('EXISTS', S.u) == 0 then return end
+  if redis.call('HINCRBY', S.u, uid, -1) <= 0 then redis.call('HDEL', S.u, uid) end
+  if redis.call('HLEN', S.u) <= 1 then redis.call('DEL', S.u) end
 end
 
 -- What the counters depend on. Counters count connections until they are
@@ -139,7 +155,7 @@ end
 -- one sweep interval; views filter by time instead.
 local function snapshot(S, m)
   local n = redis.call('ZCARD', S.c)
-  return { state = state_of(m, n), n = n, shared = is_shared(S) }
+  return { state = state_of(m, n), n = n, shared = redis.call('EXISTS', S.u) == 1 }
 end
 
 local function account(before, after)
@@ -247,6 +263,7 @@ end
 local function finish_conn(S, m, cid, rec, hb, ended, reason)
   redis.call('HDEL', K_CONN, cid)
   redis.call('ZREM', S.c, cid)
+  users_remove(S, rec[2])
   redis.call('HINCRBY', K_STATS, 'conns', -1)
   redis.call('HINCRBY', K_STATS, 'proto:' .. rec[3], -1)
   redis.call('XADD', K_OUTBOX, '*',
@@ -273,32 +290,51 @@ local function conn_fields(cid, rec, hb)
   return { cid, rec[1], rec[2], rec[3], rec[4], ua_text(rec[5]), ms(rec[6]), ms(hb) }
 end
 
+-- Distinct users among the live connections: every user of the session,
+-- less those whose connections are all dead but not yet swept. Beyond
+-- O(log n), it costs O(dead), which the sweep keeps small.
+local function live_users(S, n, live, cutoff)
+  if live == 0 then return 0 end
+  if redis.call('EXISTS', S.u) == 0 then return 1 end
+  local distinct = redis.call('HLEN', S.u)
+  if live == n then return distinct end
+  local dead_of = {}
+  for _, cid in ipairs(redis.call('ZRANGEBYSCORE', S.c, '-inf', ms(cutoff))) do
+    local raw = redis.call('HGET', K_CONN, cid)
+    if raw then
+      local uid = decode(raw)[2]
+      dead_of[uid] = (dead_of[uid] or 0) + 1
+    end
+  end
+  for uid, dead in pairs(dead_of) do
+    if tonumber(redis.call('HGET', S.u, uid) or '0') <= dead then distinct = distinct - 1 end
+  end
+  return distinct
+end
+
 -- Flat session view: exists, state, owner, live, distinct users, last connection,
 -- last disconnect, idle since, idle timeout ms, hibernates at, resource uid
 -- ('' where none). "Live" here is by time, as clients define it.
 local function session_view(S, m, now, window)
-  local all = redis.call('ZRANGE', S.c, 0, -1, 'WITHSCORES')
+  local n = redis.call('ZCARD', S.c)
   local cutoff = now - window
-  local users, distinct, live, newest_hb = {}, 0, 0, nil
+  local live, distinct, newest_hb = 0, 0, nil
   local last_conn = m.lc and tonumber(m.lc) or nil
-  for i = 1, #all, 2 do
-    local hb = tonumber(all[i + 1])
-    local raw = redis.call('HGET', K_CONN, all[i])
+  if n > 0 then
+    live = redis.call('ZCOUNT', S.c, '(' .. ms(cutoff), '+inf')
+    distinct = live_users(S, n, live, cutoff)
+    local newest = redis.call('ZRANGE', S.c, -1, -1, 'WITHSCORES')
+    newest_hb = tonumber(newest[2])
+    -- Any present connection will do: lc covers every one registered after
+    -- the first of those present (see register.lua).
+    local raw = redis.call('HGET', K_CONN, newest[1])
     if raw then
-      local rec = decode(raw)
-      if not last_conn or rec[6] > last_conn then last_conn = rec[6] end
-      if hb > cutoff then
-        live = live + 1
-        if not users[rec[2]] then
-          users[rec[2]] = true
-          distinct = distinct + 1
-        end
-      end
+      local connected = decode(raw)[6]
+      if not last_conn or connected > last_conn then last_conn = connected end
     end
-    if not newest_hb or hb > newest_hb then newest_hb = hb end
   end
   local exists = '0'
-  if #all > 0 then exists = '1' end
+  if n > 0 then exists = '1' end
   for f in pairs(m) do
     -- A tombstone of a deleted resource (du) alone is no knowledge of a session.
     if f ~= 'du' then exists = '1' end

@@ -1,6 +1,6 @@
 -- finish_hibernation.lua: the hibernation patch landed; record it.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, uid of the
 --          patched resource, its generation ('' if unknown)
 -- Returns  'finished' when recorded and this term's claim ended; 'fenced' when

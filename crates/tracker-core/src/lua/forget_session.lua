@@ -1,6 +1,6 @@
 -- forget_session.lua: the Session resource was deleted.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, uid of the
 --          deleted resource ('' if unknown: forget whatever is mirrored)
 -- Returns  1 if the session was mirrored and is now forgotten; 0 if not

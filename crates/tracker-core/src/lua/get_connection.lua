@@ -1,6 +1,6 @@
 -- get_connection.lua: one connection by id, if it is live.
 --
--- KEYS     the shard keys (common.lua), then c and m of the session the id
+-- KEYS     the shard keys (common.lua), then the keys of the session the id
 --          index names
 -- ARGV     clock offset ms, window ms, session id, connection id
 -- Returns  the 8 connection fields, or {} if absent, of another session, or dead.

@@ -1,6 +1,6 @@
 -- list_connections.lua: the live connections of a session, oldest heartbeat first.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id
 -- Returns  {<8 connection fields>, <8 connection fields>, ...}
 -- Atomic   a consistent snapshot of the session (read only).

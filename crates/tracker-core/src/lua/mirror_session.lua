@@ -1,6 +1,6 @@
 -- mirror_session.lua: record what the Session resource says (the reaper's mirror).
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, resource uid,
 --          owner ('' if none), spec.state, idle timeout ms or 'off' (exempt,
 --          or empty spec.idleTimeout), metadata.generation ('' if unknown)

@@ -1,6 +1,6 @@
 -- register.lua: register a connection on a session.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, connection id, user id,
 --          protocol, client ip ('' if none), user agent ('' if none),
 --          per-session limit (0 = none), '1' if the id index says this id was
@@ -51,6 +51,12 @@ end
 
 local before = snapshot(S, m)
 local rec = { S.id, uid, proto, ip, ua_ref(ua), now }
+users_add(S, before.n, uid)
+-- The view's last connection is the newer of lc and the start of any one
+-- present connection: a connection registered while others are present
+-- goes to lc, so every present one but the oldest is covered by lc, and the
+-- oldest is no newer than the others.
+if before.n > 0 and (not m.lc or tonumber(m.lc) < now) then set_meta(S, m, 'lc', ms(now)) end
 redis.call('HSET', K_CONN, cid, cmsgpack.pack(rec))
 redis.call('ZADD', S.c, now, cid)
 redis.call('HINCRBY', K_STATS, 'conns', 1)

@@ -1,6 +1,6 @@
 -- rollback_hibernation.lua: the hibernation patch did not land; release the claim.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, retry delay ms
 -- Returns  1 if this term's claim was released; 0 if the claim is not this
 --          term's (lapsed and taken, or already ended by a wake); -1 if fenced.

@@ -1,6 +1,6 @@
 -- session_view.lua: a session's state and counters.
 --
--- KEYS     the shard keys (common.lua), then the session's c and m
+-- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id
 -- Returns  the 11 session view fields (the first is '0' if the tracker knows
 --          nothing of the session).

@@ -1,6 +1,6 @@
 -- sweep.lua: expire up to N dead connections of some sessions of one shard.
 --
--- KEYS     the shard keys (common.lua), then c and m of each candidate session
+-- KEYS     the shard keys (common.lua), then the keys of each candidate session
 --          (from sweep_candidates.lua), in ARGV order
 -- ARGV     clock offset ms, window ms, max connections to expire, then the
 --          candidate session ids

@@ -543,7 +543,7 @@ impl Store {
         session: &SessionId,
         id: ConnectionId,
     ) -> Result<Option<HeartbeatAck>> {
-        let [c, _] = self.keys.session_keys(session);
+        let c = self.keys.session_conns_key(session);
         let at: Option<i64> = self
             .eval(
                 &self.scripts.heartbeat,
@@ -577,8 +577,7 @@ impl Store {
             let mut args: Vec<String> = Vec::with_capacity(1 + idx.len());
             args.push(self.window_ms().to_string());
             for &i in &idx {
-                let [c, _] = self.keys.session_keys(&pairs[i].0);
-                keys.push(c);
+                keys.push(self.keys.session_conns_key(&pairs[i].0));
                 args.push(pairs[i].1.to_string());
             }
             let reply: Vec<i64> = self.eval(op, &keys, args).await?;

@@ -6,6 +6,7 @@
 mod adversarial;
 mod concurrency;
 mod connections;
+mod counters;
 mod hibernation;
 mod migration;
 mod model;
