@@ -5,7 +5,8 @@ use std::time::Duration;
 /// What can go wrong talking to the store. Business outcomes (a limit reached,
 /// a terminated session) are not errors; they are variants of the operation's
 /// own outcome type.
-#[derive(Debug, thiserror::Error)]
+/// Clone: one failed call may answer many callers (coalesced heartbeats).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A setting makes no sense; raised at start, never at run time.
     #[error("invalid store configuration: {0}")]

@@ -51,7 +51,7 @@ scripts! {
         mirror_session, forget_session,
     ],
     plain: [
-        heartbeat, heartbeat_batch, sweep_candidates, due_sessions, pending_wakes,
+        heartbeat_batch, sweep_candidates, due_sessions, pending_wakes,
         stats, known_sessions, outbox_read, outbox_ack, outbox_len, epoch,
         term_next, term_begin, claim_id, mark_id, retire_ids, reserve_user,
         release_user, lock_acquire, lock_release,

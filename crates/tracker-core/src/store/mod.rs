@@ -10,6 +10,7 @@
 //! - [`types`]: settings and the outcome of each operation;
 //! - `reply`: turning script replies into those values.
 
+mod coalesce;
 mod reply;
 mod types;
 
@@ -192,6 +193,7 @@ pub struct Store {
     timeout: Duration,
     ended_id_retention: Duration,
     clock: ClockOffset,
+    heartbeats: std::sync::Arc<coalesce::Coalescer>,
 }
 
 impl std::fmt::Debug for Store {
@@ -259,7 +261,13 @@ impl Store {
                 }))
             }
         };
+        // A script's keys share a slot on a cluster: heartbeats coalesce per shard there.
+        let heartbeat_groups = match backend {
+            Backend::Standalone(_) => 1,
+            Backend::Cluster(_) => usize::from(keys.shard_count()),
+        };
         Ok(Self {
+            heartbeats: std::sync::Arc::new(coalesce::Coalescer::new(heartbeat_groups)),
             backend,
             keys: std::sync::Arc::new(keys),
             scripts: std::sync::Arc::new(Scripts::load()),
@@ -537,21 +545,80 @@ impl Store {
         Ok(self.connection_on(session, id).await?.is_some())
     }
 
-    /// Records a heartbeat; `None` once the connection is closed, swept or dead.
+    /// Records a heartbeat; `None` once the connection is closed, swept or
+    /// dead. Heartbeats arriving together share one script call (see
+    /// `coalesce`).
     pub async fn heartbeat(
         &self,
         session: &SessionId,
         id: ConnectionId,
     ) -> Result<Option<HeartbeatAck>> {
-        let c = self.keys.session_conns_key(session);
-        let at: Option<i64> = self
-            .eval(
-                &self.scripts.heartbeat,
-                &[c],
-                (self.window_ms(), id.to_string()),
-            )
-            .await?;
+        let group = match self.backend {
+            Backend::Standalone(_) => 0,
+            Backend::Cluster(_) => usize::from(self.keys.shard_of(session).0),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = coalesce::Pending {
+            key: self.keys.session_conns_key(session),
+            id: id.to_string(),
+            reply,
+        };
+        if let Some(batch) = self.heartbeats.push(group, pending) {
+            // Its own task: the call serves every queued caller, so it must
+            // not stop when this caller gives up waiting.
+            tokio::spawn(self.clone().send_heartbeats(group, batch));
+        }
+        let at = answer.await.map_err(|_| Error::Reply {
+            script: self.scripts.heartbeat_batch.name,
+            detail: "the heartbeat call ended without an answer".into(),
+        })??;
         Ok(at.map(|ms| self.ack(ms)))
+    }
+
+    /// Sends queued heartbeats of one group until its queue is empty.
+    async fn send_heartbeats(self, group: usize, mut batch: Vec<coalesce::Pending>) {
+        loop {
+            let (keys, ids): (Vec<String>, Vec<String>) =
+                batch.iter().map(|p| (p.key.clone(), p.id.clone())).unzip();
+            let result = self.heartbeat_call(keys, ids).await;
+            for (i, p) in batch.into_iter().enumerate() {
+                let answer = match &result {
+                    Ok((at, unknown)) => Ok((!unknown.contains(&i)).then_some(*at)),
+                    Err(e) => Err(e.clone()),
+                };
+                // A caller that gave up no longer listens: nothing to do.
+                let _ = p.reply.send(answer);
+            }
+            match self.heartbeats.next(group) {
+                Some(next) => batch = next,
+                None => return,
+            }
+        }
+    }
+
+    /// One `heartbeat_batch` call over connection set keys (one slot on a
+    /// cluster) and their connection ids: the heartbeat time in ms and the
+    /// positions (0-based) of the unknown or dead ones, ascending.
+    async fn heartbeat_call(
+        &self,
+        keys: Vec<String>,
+        ids: Vec<String>,
+    ) -> Result<(i64, Vec<usize>)> {
+        let op = &self.scripts.heartbeat_batch;
+        let reply: Vec<i64> = self.eval(op, &keys, (self.window_ms(), ids)).await?;
+        let Some((&at, unknown)) = reply.split_first() else {
+            return Err(bad_reply(op, &reply));
+        };
+        let unknown = unknown
+            .iter()
+            .map(|&n| {
+                usize::try_from(n - 1)
+                    .ok()
+                    .filter(|&k| k < keys.len())
+                    .ok_or_else(|| bad_reply(op, &reply))
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        Ok((at, unknown))
     }
 
     fn ack(&self, at_ms: i64) -> HeartbeatAck {
@@ -571,27 +638,16 @@ impl Store {
         for (i, (sid, _)) in pairs.iter().enumerate() {
             by_shard.entry(self.keys.shard_of(sid)).or_default().push(i);
         }
-        let op = &self.scripts.heartbeat_batch;
         let calls = by_shard.into_values().map(|idx| async move {
-            let mut keys = Vec::with_capacity(idx.len());
-            let mut args: Vec<String> = Vec::with_capacity(1 + idx.len());
-            args.push(self.window_ms().to_string());
-            for &i in &idx {
-                keys.push(self.keys.session_conns_key(&pairs[i].0));
-                args.push(pairs[i].1.to_string());
-            }
-            let reply: Vec<i64> = self.eval(op, &keys, args).await?;
-            // reply[0] is the time; the rest are 1-based positions within `idx`.
-            let unknown = reply
+            let (keys, ids) = idx
                 .iter()
-                .skip(1)
-                .map(|&n| {
-                    usize::try_from(n - 1)
-                        .ok()
-                        .and_then(|k| idx.get(k).copied())
-                        .ok_or_else(|| bad_reply(op, &reply))
+                .map(|&i| {
+                    let (sid, id) = &pairs[i];
+                    (self.keys.session_conns_key(sid), id.to_string())
                 })
-                .collect::<Result<Vec<usize>>>()?;
+                .unzip();
+            let (_, unknown) = self.heartbeat_call(keys, ids).await?;
+            let unknown: Vec<usize> = unknown.into_iter().map(|k| idx[k]).collect();
             Ok::<_, Error>((idx.len(), unknown))
         });
         let mut outcome = BatchOutcome::default();

@@ -16,6 +16,7 @@ crate::both!(
     a_late_heartbeat_never_revives_a_connection,
     closing_a_dead_connection_archives_it_as_expired,
     batch_heartbeats_report_exactly_the_unknown_pairs,
+    concurrent_single_heartbeats_each_get_their_own_answer,
     stats_follow_every_change,
     limits_refuse_the_connection_over_the_limit,
     a_refused_registration_gives_its_user_slot_back,
@@ -366,4 +367,35 @@ async fn user_agents_are_shared_but_never_mixed_up(backend: Backend) {
     }
     let out = outbox(&store).await;
     assert_eq!(out[0].record.user_agent, firefox.user_agent);
+}
+
+async fn concurrent_single_heartbeats_each_get_their_own_answer(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let mut live = Vec::new();
+    for i in 0..40 {
+        let c = conn(&sid(&format!("desk-{}", i % 7)), "alice", Protocol::Http);
+        created(store.register(&c, Limits::default()).await.unwrap());
+        live.push((c.session_id, c.connection_id));
+    }
+    // Unknown ones among them: never registered, of another session, closed.
+    let closed = live.pop().unwrap();
+    store.close(&closed.0, closed.1).await.unwrap();
+    let unknown = [
+        (sid("desk-1"), ConnectionId::new_random()),
+        (sid("desk-9"), live[0].1),
+        closed,
+    ];
+    clock.advance(Duration::from_secs(1));
+    // Many rounds at once, so that calls are in flight while others queue.
+    let calls = (0..5)
+        .flat_map(|_| live.iter().chain(&unknown))
+        .map(|(s, c)| {
+            let store = store.clone();
+            let (s, c) = (s.clone(), *c);
+            tokio::spawn(async move { ((s.clone(), c), store.heartbeat(&s, c).await.unwrap()) })
+        });
+    for call in futures::future::join_all(calls).await {
+        let (pair, ack) = call.unwrap();
+        assert_eq!(ack.is_some(), live.contains(&pair), "{pair:?}");
+    }
 }
