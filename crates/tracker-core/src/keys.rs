@@ -158,12 +158,13 @@ pub enum ShardKey {
     UserAgents,
     UserAgentUses,
     Term,
+    WakeSignal,
     Epoch,
 }
 
 impl ShardKey {
-    /// What shard scripts declare as `KEYS[1..=10]`, in this order.
-    pub const DECLARED: [ShardKey; 10] = [
+    /// What shard scripts declare as `KEYS[1..=11]`, in this order.
+    pub const DECLARED: [ShardKey; 11] = [
         ShardKey::Conn,
         ShardKey::Live,
         ShardKey::Due,
@@ -174,6 +175,7 @@ impl ShardKey {
         ShardKey::UserAgents,
         ShardKey::UserAgentUses,
         ShardKey::Term,
+        ShardKey::WakeSignal,
     ];
 
     fn name(self) -> &'static str {
@@ -188,6 +190,7 @@ impl ShardKey {
             ShardKey::UserAgents => "ua",
             ShardKey::UserAgentUses => "uan",
             ShardKey::Term => "term",
+            ShardKey::WakeSignal => "wakesig",
             ShardKey::Epoch => "epoch",
         }
     }

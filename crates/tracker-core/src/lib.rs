@@ -33,5 +33,5 @@ pub use store::{
     redact_url, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch, Expired,
     FinishOutcome, HeartbeatAck, IdleTimeout, Limits, MalformedEntry, NewConnection, OutboxEntry,
     OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta, Stats, Store,
-    StoreConfig, Sweep, Term, Written,
+    StoreConfig, Sweep, Term, WakeListener, Written,
 };

@@ -1,12 +1,21 @@
-//! The waker: polls every shard's pending wakes (a registration on a
+//! The waker: reads every shard's pending wakes (a registration on a
 //! hibernated or hibernating session records one, once) and patches each
 //! Session `spec.state: running`, then acknowledges the wake and records a
 //! `woken` event.
 //!
+//! Wakes are pushed, not polled: the script that records a wake also signals
+//! its shard, and listeners blocked on those signals (dedicated connections,
+//! see `tracker_core::WakeListener`) start a read at once. An idle waker so
+//! costs one blocking call per listener every [`SIGNAL_WAIT`], plus a backstop
+//! read of every shard every [`BACKSTOP_POLLS`] intervals, which serves a wake
+//! whose signal was lost (a listener reconnecting, a failover). Wakes that
+//! wait for something (a hibernation in flight, a conflict, a retry delay)
+//! are read again after the interval or their delay.
+//!
 //! Each wake leads to one patch: the patch is conditional on the
 //! resourceVersion read just before, the acknowledgement follows it, and a
 //! resource found `running` already is acknowledged without a patch. A
-//! session whose hibernation is still in flight is left for the next poll
+//! session whose hibernation is still in flight is left for the next read
 //! (see [`InFlight`]).
 
 use std::collections::{HashMap, HashSet};
@@ -15,13 +24,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::future::join_all;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracker_core::{PendingWake, ResourceState, SessionId, Store, Written};
+use tracker_core::{PendingWake, ResourceState, SessionId, ShardId, Store, Written};
 
 use crate::acting::{Acting, Fence, InFlight, TermContext};
-use crate::backoff;
+use crate::backoff::{self, Backoff};
 use crate::db::EventType;
 use crate::error::Error;
 use crate::events::EventSink;
@@ -31,6 +41,14 @@ use crate::session::{resource_state, session_meta, Session};
 
 /// Pending wakes read per shard and poll.
 pub const BATCH: u32 = 100;
+
+/// How long one blocking wait for a signal lasts: an idle listener makes one
+/// call per this period.
+pub const SIGNAL_WAIT: Duration = Duration::from_secs(5);
+
+/// Without any signal every shard is read every this many intervals anyway
+/// (5 s at the default 25 ms interval).
+pub const BACKSTOP_POLLS: u32 = 200;
 
 /// Retry delay after `failures` failed attempts: 100 ms doubling to 30 s.
 pub fn retry_after_failure(failures: u32) -> Duration {
@@ -110,21 +128,41 @@ impl Waker {
         }
     }
 
-    /// Polls until `stop`.
+    /// Reads and serves pending wakes until `stop`: when signalled, when a
+    /// waiting wake is due again, and at the backstop period.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let signal = Arc::new(Notify::new());
+        let listeners: Vec<_> = self
+            .store
+            .wake_signal_groups()
+            .into_iter()
+            .map(|shards| {
+                let listen = listen(self.store.clone(), shards, signal.clone(), stop.clone());
+                tokio::spawn(listen)
+            })
+            .collect();
+        let backstop = self.interval * BACKSTOP_POLLS;
         loop {
+            let again = self.poll(&stop).await;
+            let pause = again.map_or(backstop, |at| {
+                at.saturating_duration_since(Instant::now()).min(backstop)
+            });
             tokio::select! {
-                () = stop.cancelled() => return,
-                _ = ticker.tick() => {}
+                () = stop.cancelled() => break,
+                () = signal.notified() => {}
+                () = tokio::time::sleep(pause) => {}
             }
-            self.poll(&stop).await;
+        }
+        for listener in listeners {
+            // They stop with `stop`; waiting keeps their connections from outliving the term.
+            let _ = listener.await;
         }
     }
 
-    /// One poll over every shard.
-    pub async fn poll(&mut self, stop: &CancellationToken) {
+    /// One read over every shard, and the wakes served. Answers when to read
+    /// again although no signal comes: some wakes wait (in flight, conflict,
+    /// retry delay) or the read failed; `None` when nothing waits.
+    pub async fn poll(&mut self, stop: &CancellationToken) -> Option<Instant> {
         let reads = self
             .store
             .keys()
@@ -138,13 +176,16 @@ impl Waker {
                 Err(e) => failed = Some(e),
             }
         }
+        let soon = Instant::now() + self.interval;
+        let mut again = None;
         match failed {
             Some(e) => {
                 self.metrics.store_error(Task::Wake);
                 if self.healthy {
-                    tracing::warn!(error = %e, "reading pending wakes failed; retrying every poll");
+                    tracing::warn!(error = %e, "reading pending wakes failed; retrying every interval");
                 }
                 self.healthy = false;
+                again = Some(soon);
             }
             None => self.healthy = true,
         }
@@ -152,9 +193,9 @@ impl Waker {
         self.retries.retain(|id, _| ids.contains(id));
         self.dry_run_seen.retain(|(id, _)| ids.contains(id));
         let now = Instant::now();
-        for wake in pending {
+        for wake in &pending {
             if stop.is_cancelled() {
-                return;
+                return None;
             }
             if self.in_flight.contains(&wake.session_id) {
                 continue;
@@ -167,8 +208,24 @@ impl Waker {
                 continue;
             }
             let span = tracing::info_span!("wake", session_id = %wake.session_id);
-            self.wake_one(&wake).instrument(span).await;
+            self.wake_one(wake).instrument(span).await;
         }
+        for wake in &pending {
+            let dry_run_recorded = self.dry_run_seen.contains(&(
+                wake.session_id.clone(),
+                wake.requested_at.timestamp_millis(),
+            ));
+            let at = match self.retries.get(&wake.session_id) {
+                Some(r) => r.not_before.max(soon),
+                // Recorded once; it stays pending by design.
+                None if dry_run_recorded => continue,
+                // Served (read again to see it gone), or waiting for a
+                // hibernation in flight or after a conflict.
+                None => soon,
+            };
+            again = Some(again.map_or(at, |a: Instant| a.min(at)));
+        }
+        again
     }
 
     async fn wake_one(&mut self, wake: &PendingWake) {
@@ -361,6 +418,54 @@ impl Waker {
         let delay = retry_after_failure(r.failures);
         r.not_before = Instant::now() + delay;
         delay
+    }
+}
+
+/// Waits for signals on one connection until it fails; answers the failure.
+async fn wait_signals(
+    store: &Store,
+    shards: &[ShardId],
+    signal: &Notify,
+    backoff: &mut Backoff,
+) -> tracker_core::Error {
+    let mut listener = match store.wake_listener(shards).await {
+        Ok(l) => l,
+        Err(e) => return e,
+    };
+    loop {
+        match listener.wait(SIGNAL_WAIT).await {
+            Ok(signalled) => {
+                backoff.reset();
+                if signalled {
+                    signal.notify_one();
+                }
+            }
+            Err(e) => return e,
+        }
+    }
+}
+
+/// Blocks on the wake signals of `shards` until `stop`, notifying `signal`
+/// for each one; reconnects with backoff after a failure (the backstop read
+/// covers the gap).
+async fn listen(store: Store, shards: Vec<ShardId>, signal: Arc<Notify>, stop: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let failed = tokio::select! {
+            () = stop.cancelled() => return,
+            e = wait_signals(&store, &shards, &signal, &mut backoff) => e,
+        };
+        let retry = backoff.next_delay();
+        if backoff.attempts() == 1 {
+            tracing::warn!(error = %failed, retry_in = ?retry, first_shard = shards.first().map(|s| s.0),
+                "waiting for wake signals failed; reconnecting (the backstop read covers the gap)");
+        } else {
+            tracing::debug!(error = %failed, retry_in = ?retry, "waiting for wake signals failed again");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(retry) => {}
+        }
     }
 }
 

@@ -20,6 +20,9 @@
 --                            User agents repeat (one browser build, many users), so a
 --                            connection keeps a 13-byte reference instead of the text.
 --   KEYS[10] term     STRING the newest leader term that wrote to this shard (fencing)
+--   KEYS[11] wakesig  LIST   at most one element: "a wake was recorded here since the
+--                            reaper last looked"; the reaper blocks on it (BLPOP)
+--                            instead of polling the wake index
 --   then, per session the script works on, three keys:
 --            c        ZSET   connection id -> last heartbeat ms
 --            u        HASH   user id -> number of its connections in c; present only
@@ -45,8 +48,8 @@
 
 local K_CONN, K_LIVE, K_DUE, K_WAKE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTBOX, K_STATS, K_KNOWN = KEYS[5], KEYS[6], KEYS[7]
-local K_UA, K_UAN, K_TERM = KEYS[8], KEYS[9], KEYS[10]
-local SHARD_KEYS = 10
+local K_UA, K_UAN, K_TERM, K_WAKESIG = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local SHARD_KEYS = 11
 -- Metadata of a session nobody mirrored and nobody is connected to is kept this
 -- long, so its view stays readable for a while, then it expires by itself.
 local UNKNOWN_TTL_MS = 86400000
@@ -194,7 +197,11 @@ local function request_wake(S, m, now)
   set_meta(S, m, 'ph', 'w')
   set_meta(S, m, 'hx', nil)
   set_meta(S, m, 'ht', nil)
-  redis.call('ZADD', K_WAKE, 'NX', now, S.id)
+  -- Ring the reaper's bell once: one element is enough to end its wait, and
+  -- it reads every pending wake when it wakes up.
+  if redis.call('ZADD', K_WAKE, 'NX', now, S.id) == 1 and redis.call('LLEN', K_WAKESIG) == 0 then
+    redis.call('LPUSH', K_WAKESIG, '1')
+  end
 end
 
 -- The promise "a session in use is never hibernated without a wake": whenever

@@ -12,6 +12,7 @@
 
 mod coalesce;
 mod reply;
+mod signals;
 mod types;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::keys::{KeySpace, ShardId, ShardKey};
 use crate::scripts::{Op, Scripts};
 use reply::{bad_reply, flag, parse_ms, CONN_FIELDS, VIEW_FIELDS};
+pub use signals::WakeListener;
 use types::millis;
 pub use types::*;
 
@@ -194,6 +196,8 @@ pub struct Store {
     ended_id_retention: Duration,
     clock: ClockOffset,
     heartbeats: std::sync::Arc<coalesce::Coalescer>,
+    blocking: std::sync::Arc<signals::BlockingClient>,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -215,6 +219,7 @@ impl Store {
         if cfg.heartbeat_window < Duration::from_millis(1) {
             return Err(Error::Config("heartbeat window must be positive".into()));
         }
+        let blocking;
         let backend = match cfg.mode {
             RedisMode::Standalone => {
                 let [url] = cfg.urls.as_slice() else {
@@ -222,6 +227,7 @@ impl Store {
                         "standalone mode takes exactly one redis URL".into(),
                     ));
                 };
+                blocking = signals::BlockingClient::standalone(url)?;
                 let client = redis::Client::open(url.as_str())?;
                 let manager_cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(cfg.connect_timeout))
@@ -237,6 +243,7 @@ impl Store {
                 if cfg.urls.is_empty() {
                     return Err(Error::Config("cluster mode needs seed node URLs".into()));
                 }
+                blocking = signals::BlockingClient::cluster(&cfg.urls, cfg.connect_timeout)?;
                 // Retries cover redirections and TRYAGAIN while a slot migrates
                 // (scripts then wait until the slot's keys are on one node); the
                 // command timeout still bounds the whole call.
@@ -268,6 +275,8 @@ impl Store {
         };
         Ok(Self {
             heartbeats: std::sync::Arc::new(coalesce::Coalescer::new(heartbeat_groups)),
+            blocking: std::sync::Arc::new(blocking),
+            connect_timeout: cfg.connect_timeout,
             backend,
             keys: std::sync::Arc::new(keys),
             scripts: std::sync::Arc::new(Scripts::load()),

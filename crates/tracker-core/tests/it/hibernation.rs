@@ -17,6 +17,7 @@ crate::both!(
     a_rolled_back_claim_waits_before_the_next_try,
     a_lapsed_claim_can_be_claimed_again,
     a_wake_recorded_during_the_claim_survives_the_hibernation,
+    a_recorded_wake_signals_its_listener_once,
     stale_mirror_events_are_ignored,
     a_deleted_resource_is_forgotten,
     epochs_are_stable_until_the_data_is_lost,
@@ -373,4 +374,47 @@ async fn leader_locks_are_held_by_one_holder(backend: Backend) {
     assert!(!store.lock_release("reaper", "b").await.unwrap());
     assert!(store.lock_release("reaper", "a").await.unwrap());
     assert!(store.lock_acquire("reaper", "b", lease).await.unwrap());
+}
+
+async fn a_recorded_wake_signals_its_listener_once(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    let shard = store.keys().shard_of(&s);
+    let groups = store.wake_signal_groups();
+    let covered: Vec<_> = groups.iter().flatten().copied().collect();
+    let mut sorted = covered.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        (sorted.len(), covered.len()),
+        (usize::from(store.keys().shard_count()), covered.len()),
+        "every shard in exactly one group"
+    );
+    let group = groups.iter().find(|g| g.contains(&shard)).unwrap();
+    let mut listener = store.wake_listener(group).await.unwrap();
+    let quick = Duration::from_millis(20);
+    assert!(!listener.wait(quick).await.unwrap(), "nothing recorded yet");
+
+    mirror(
+        &store,
+        &s,
+        ResourceState::Hibernated,
+        IdleTimeout::After(IDLE),
+        1,
+    )
+    .await;
+    for user in ["alice", "bob"] {
+        store
+            .register(&conn(&s, user, Protocol::Vnc), Limits::default())
+            .await
+            .unwrap();
+    }
+    let signal = store
+        .keys()
+        .shard_key(shard, tracker_core::ShardKey::WakeSignal);
+    let queued: i64 = raw(backend, redis::cmd("LLEN").arg(&signal)).await;
+    assert_eq!(queued, 1, "one signal however many registrations");
+    assert!(listener.wait(Duration::from_secs(5)).await.unwrap());
+    assert!(!listener.wait(quick).await.unwrap(), "consumed");
+    assert_eq!(store.pending_wakes(shard, 10).await.unwrap().len(), 1);
 }

@@ -215,3 +215,56 @@ async fn a_connection_during_a_failing_hibernation_needs_no_wake_patch(pool: PgP
     assert!(env.events("s1").await.is_empty());
     reaper.stop().await;
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_wake_whose_signal_was_lost_is_served_by_the_backstop_read(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
+        .unwrap();
+    let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    reaper.wait_leader(Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "s1 mirrored", || async {
+        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
+    })
+    .await;
+
+    // A wake recorded as the store records one (phase 'w' in the metadata,
+    // see lua/common.lua, and an entry in the wake index), but whose signal
+    // never reaches the reaper (lost with a listener's connection, say).
+    let s = sid("s1");
+    let shard = env.store.keys().shard_of(&s);
+    let [_, _, meta] = env.store.keys().session_keys(&s);
+    let wakes = env
+        .store
+        .keys()
+        .shard_key(shard, tracker_core::ShardKey::Wake);
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .hset(&meta, "ph", "w")
+        .zadd(&wakes, "s1", chrono::Utc::now().timestamp_millis());
+    let mut redis = redis::Client::open(env.store_cfg.urls[0].as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = pipe.query_async(&mut redis).await.unwrap();
+    assert_eq!(env.state("s1").await, Some(SessionState::Waking));
+
+    fake.wait_for_session(
+        NS,
+        "s1",
+        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    // Nobody is connected: running again, and idle.
+    eventually(Duration::from_secs(5), "wake acknowledged", || async {
+        (env.state("s1").await == Some(SessionState::Idle)).then_some(())
+    })
+    .await;
+    assert!(env.store.pending_wakes(shard, 10).await.unwrap().is_empty());
+    assert_eq!(patched_states(&fake, "s1"), ["running"]);
+    reaper.stop().await;
+}
