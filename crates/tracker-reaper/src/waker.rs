@@ -94,6 +94,7 @@ impl Waker {
             metrics,
             in_flight,
             fence,
+            ..
         } = ctx;
         Self {
             store,
