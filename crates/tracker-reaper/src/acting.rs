@@ -1,10 +1,13 @@
-//! What the hibernator and the waker share: how they act, and which sessions
-//! have a hibernation patch in flight.
+//! What the subsystems of one leadership term share ([`TermContext`]): the
+//! store, PostgreSQL, how decisions are carried out, the term's fence, and
+//! which sessions have a hibernation patch in flight.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use sqlx::PgPool;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracker_core::{SessionId, Store, Term};
 
@@ -12,7 +15,8 @@ use crate::events::EventSink;
 use crate::metrics::Metrics;
 use crate::platform::SessionApi;
 
-/// What the acting subsystems of one leadership term share.
+/// What the subsystems of one leadership term share; built once per term
+/// and handed to each of them.
 #[derive(Debug, Clone)]
 pub struct TermContext {
     pub store: Store,
@@ -21,6 +25,15 @@ pub struct TermContext {
     pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
     pub fence: Fence,
+    pub pool: PgPool,
+    /// True once the migrations are applied: nothing is written before.
+    pub db_ready: watch::Receiver<bool>,
+    /// The sweep nudges the archiver after it expired connections.
+    pub archive_nudge: Arc<Notify>,
+    /// The hibernator tells the mirror to list Sessions again after a data loss.
+    pub relist: Arc<Notify>,
+    /// Cancelled when the term ends (leadership lost, fenced, shutdown).
+    pub stop: CancellationToken,
 }
 
 /// How decisions are carried out.
@@ -35,7 +48,24 @@ pub enum Acting {
     RecordOnly,
 }
 
+/// How decisions are carried out, without the means: what pure decisions
+/// look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Patch,
+    DryRun,
+    RecordOnly,
+}
+
 impl Acting {
+    pub fn mode(&self) -> Mode {
+        match self {
+            Acting::Patch(_) => Mode::Patch,
+            Acting::DryRun => Mode::DryRun,
+            Acting::RecordOnly => Mode::RecordOnly,
+        }
+    }
+
     /// For event details.
     pub fn platform(&self) -> &'static str {
         match self {
@@ -68,6 +98,11 @@ impl Fence {
 
     pub fn term(&self) -> Term {
         self.term
+    }
+
+    /// The token that ends the term's acting.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     /// A write was refused because a newer leader wrote first: this replica

@@ -14,17 +14,16 @@
 //! acknowledged like the rest. A failure that is not the data's (PostgreSQL
 //! down, a timeout) still acknowledges nothing and is retried.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use sqlx::PgPool;
-use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::{HistoryRecord, MalformedEntry, OutboxRead, ShardId, Store};
 
+use crate::acting::TermContext;
 use crate::backoff::Backoff;
 use crate::db::{self, Reject};
 use crate::metrics::{Metrics, RejectReason, Task};
@@ -44,17 +43,19 @@ pub struct Pass {
     pub failed: bool,
 }
 
-/// Archives until `stop`: passes back to back while there is work, then every
-/// `interval` (or when nudged), with backoff while PostgreSQL or Redis fail.
-pub async fn run(
-    store: Store,
-    pool: PgPool,
-    mut db_ready: watch::Receiver<bool>,
-    interval: Duration,
-    metrics: Arc<Metrics>,
-    nudge: Arc<Notify>,
-    stop: CancellationToken,
-) {
+/// Archives until the term ends: passes back to back while there is work,
+/// then every `interval` (or when nudged), with backoff while PostgreSQL or
+/// Redis fail.
+pub async fn run(ctx: TermContext, interval: Duration) {
+    let TermContext {
+        store,
+        pool,
+        mut db_ready,
+        metrics,
+        archive_nudge: nudge,
+        stop,
+        ..
+    } = ctx;
     tokio::select! {
         () = stop.cancelled() => return,
         _ = db_ready.wait_for(|ready| *ready) => {}

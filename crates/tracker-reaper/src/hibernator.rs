@@ -28,7 +28,7 @@ use tracker_core::{
     SessionMeta, ShardId, Store, Written,
 };
 
-use crate::acting::{Acting, Fence, InFlight, TermContext};
+use crate::acting::{Acting, Fence, InFlight, Mode, TermContext};
 use crate::backoff;
 use crate::db::EventType;
 use crate::error::Error;
@@ -133,7 +133,7 @@ fn retry_after_failure(failures: u32) -> Duration {
 const RETRY_AFTER_CHANGE: Duration = Duration::from_secs(2);
 
 impl Hibernator {
-    pub fn new(ctx: TermContext, relist: Arc<Notify>, settings: Settings) -> Self {
+    pub fn new(ctx: TermContext, settings: Settings) -> Self {
         let TermContext {
             store,
             acting,
@@ -141,6 +141,8 @@ impl Hibernator {
             metrics,
             in_flight,
             fence,
+            relist,
+            ..
         } = ctx;
         let guard = Guard::new(Instant::now(), settings.heartbeat_window);
         Self {
@@ -227,26 +229,34 @@ impl Hibernator {
         // Entered before the claim: a wake recorded after the claim finds us here.
         let _in_flight = self.in_flight.enter(id);
         let term = self.fence.term();
-        let claim = match self
+        let outcome = match self
             .store
             .claim_hibernation(id, self.settings.claim_lifetime, term)
             .await
         {
-            Ok(ClaimOutcome::Claimed(claim)) => claim,
-            Ok(ClaimOutcome::Refused(ClaimRefusal::Fenced)) => {
-                self.fence.fenced("claim_hibernation");
-                return;
-            }
-            Ok(ClaimOutcome::Refused(reason)) => {
-                self.metrics.hibernation(HibernationResult::Skipped);
-                tracing::debug!(reason = reason.as_str(), "claim refused");
-                return;
-            }
+            Ok(outcome) => outcome,
             Err(e) => {
                 self.metrics.store_error(Task::Hibernate);
                 tracing::warn!(error = %e, "claiming a hibernation failed");
                 return;
             }
+        };
+        let step = decide_hibernation(&outcome, self.acting.mode());
+        match step {
+            HibernationStep::StopFenced => {
+                self.fence.fenced("claim_hibernation");
+                return;
+            }
+            HibernationStep::Skip(reason) => {
+                self.metrics.hibernation(HibernationResult::Skipped);
+                tracing::debug!(reason = reason.as_str(), "claim refused");
+                return;
+            }
+            HibernationStep::RecordDryRun | HibernationStep::Finish | HibernationStep::Patch => {}
+        }
+        // Every refusal is one of the steps above.
+        let ClaimOutcome::Claimed(claim) = outcome else {
+            return;
         };
         let view = self.store.session(id).await.ok().flatten();
         let details = serde_json::json!({
@@ -256,8 +266,8 @@ impl Hibernator {
             "idle_since": view.as_ref().and_then(|v| v.idle_since).map(|t| tracker_core::domain::rfc3339_ms::format(&t)),
             "idle_timeout_seconds": view.as_ref().and_then(|v| v.idle_timeout_seconds),
         });
-        match self.acting.clone() {
-            Acting::DryRun => {
+        match step {
+            HibernationStep::RecordDryRun => {
                 self.events.record(
                     id.as_str(),
                     EventType::DryRunHibernate,
@@ -268,11 +278,17 @@ impl Hibernator {
                 tracing::info!("would hibernate (dry run)");
                 self.rollback(id, self.settings.dry_run_retry).await;
             }
-            Acting::RecordOnly => {
+            HibernationStep::Finish => {
                 self.finish(id, claim.uid.as_deref(), claim.generation, details)
                     .await;
             }
-            Acting::Patch(api) => self.patch(api.as_ref(), id, &claim, details).await,
+            HibernationStep::Patch => {
+                // The mode is the acting's: Patch comes with its API.
+                if let Acting::Patch(api) = self.acting.clone() {
+                    self.patch(api.as_ref(), id, &claim, details).await;
+                }
+            }
+            HibernationStep::StopFenced | HibernationStep::Skip(_) => {}
         }
     }
 
@@ -452,6 +468,33 @@ impl Hibernator {
     }
 }
 
+/// What to do with a due session once the store answered its claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HibernationStep {
+    /// A newer leader wrote to the shard first: stop acting.
+    StopFenced,
+    /// Not claimed (connected again, busy, not due, ...): leave it.
+    Skip(ClaimRefusal),
+    /// Dry run: record what would happen, roll the claim back so it is
+    /// decided again later.
+    RecordDryRun,
+    /// No platform to act on: the claim is the hibernation; finish it.
+    Finish,
+    /// Check the resource as it is now ([`decide`]) and patch it.
+    Patch,
+}
+
+/// Decides the step from the claim's outcome and the term's [`Mode`].
+pub fn decide_hibernation(outcome: &ClaimOutcome, mode: Mode) -> HibernationStep {
+    match (outcome, mode) {
+        (ClaimOutcome::Refused(ClaimRefusal::Fenced), _) => HibernationStep::StopFenced,
+        (ClaimOutcome::Refused(reason), _) => HibernationStep::Skip(*reason),
+        (ClaimOutcome::Claimed(_), Mode::DryRun) => HibernationStep::RecordDryRun,
+        (ClaimOutcome::Claimed(_), Mode::RecordOnly) => HibernationStep::Finish,
+        (ClaimOutcome::Claimed(_), Mode::Patch) => HibernationStep::Patch,
+    }
+}
+
 /// Why a claimed session is let go without a patch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseReason {
@@ -625,6 +668,40 @@ mod tests {
         // A claim made before the uid was known does not refuse a resource.
         let unknown = Claim { uid: None, ..c };
         assert_eq!(decide(&unknown, Some(&running("u9", ten))), Decision::Patch);
+    }
+
+    #[test]
+    fn every_claim_outcome_and_mode_has_its_step() {
+        let refusals = [
+            ClaimRefusal::Fenced,
+            ClaimRefusal::NotMirrored,
+            ClaimRefusal::NotRunning,
+            ClaimRefusal::Busy,
+            ClaimRefusal::Connected,
+            ClaimRefusal::Exempt,
+            ClaimRefusal::NotDue,
+        ];
+        let modes = [Mode::Patch, Mode::DryRun, Mode::RecordOnly];
+        for mode in modes {
+            for refusal in refusals {
+                let expected = match refusal {
+                    ClaimRefusal::Fenced => HibernationStep::StopFenced,
+                    other => HibernationStep::Skip(other),
+                };
+                assert_eq!(
+                    decide_hibernation(&ClaimOutcome::Refused(refusal), mode),
+                    expected,
+                    "{refusal:?} under {mode:?}"
+                );
+            }
+            let claimed = ClaimOutcome::Claimed(claim(IdleTimeout::After(Duration::from_secs(60))));
+            let expected = match mode {
+                Mode::Patch => HibernationStep::Patch,
+                Mode::DryRun => HibernationStep::RecordDryRun,
+                Mode::RecordOnly => HibernationStep::Finish,
+            };
+            assert_eq!(decide_hibernation(&claimed, mode), expected, "{mode:?}");
+        }
     }
 
     #[test]

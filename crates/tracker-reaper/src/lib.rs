@@ -98,7 +98,8 @@ pub struct Application {
     store: Store,
     pool: PgPool,
     metrics: Arc<Metrics>,
-    listener: TcpListener,
+    /// Bound at build; taken by [`Application::run_until`] to serve on.
+    listener: Option<TcpListener>,
     kube: Option<kube::Client>,
     session_api: Option<Arc<dyn SessionApi>>,
     lock: Arc<dyn LeaseLock>,
@@ -184,7 +185,7 @@ impl Application {
             store,
             pool,
             metrics: Arc::new(Metrics::new()),
-            listener,
+            listener: Some(listener),
             kube,
             session_api,
             lock,
@@ -195,7 +196,8 @@ impl Application {
     /// The bound port of the metrics listener (useful with port 0).
     pub fn metrics_port(&self) -> u16 {
         self.listener
-            .local_addr()
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
             .map(|a| a.port())
             .unwrap_or_default()
     }
@@ -228,51 +230,12 @@ impl Application {
     /// Runs until `shutdown` is cancelled, then stops in order: acting
     /// subsystems, the lease (released), the event writer (flushed), the
     /// metrics listener.
-    pub async fn run_until(self, shutdown: CancellationToken) -> Result<()> {
-        let acting = self.acting();
-        let background = TaskTracker::new();
-        let last = CancellationToken::new();
-        background.spawn(http::serve(
-            self.listener,
-            self.metrics.clone(),
-            self.store.clone(),
-            last.clone(),
-        ));
-
-        let (db_ready_tx, db_ready) = watch::channel(false);
-        if self.cfg.skip_migrations {
-            db_ready_tx.send_replace(true);
-        } else {
-            background.spawn(migrate(
-                self.pool.clone(),
-                db_ready_tx.clone(),
-                shutdown.clone(),
-            ));
-        }
-
-        let (events, events_rx) = EventSink::new(&self.cfg.namespace, self.metrics.clone());
-        background.spawn(events::run_writer(
-            events_rx,
-            self.pool.clone(),
-            db_ready.clone(),
-            self.metrics.clone(),
-            last.clone(),
-        ));
-
-        let elector_stop = CancellationToken::new();
+    pub async fn run_until(mut self, shutdown: CancellationToken) -> Result<()> {
+        let (background, shared) = self.start_background(&shutdown);
         let mut leader = self.leader.subscribe();
-        background.spawn(election::run_elector(
-            self.lock.clone(),
-            self.cfg.lease_duration,
-            self.leader.clone(),
-            self.metrics.clone(),
-            elector_stop.clone(),
-        ));
-
-        let nudge = Arc::new(Notify::new());
         tracing::info!(
             holder = self.lock.holder(),
-            platform = acting.platform(),
+            platform = shared.acting.platform(),
             "reaper running; standing by for the lease"
         );
         loop {
@@ -288,73 +251,9 @@ impl Application {
                 }
                 continue;
             };
-            let fence = Fence::new(fence, term.clone());
-            let subsystems = TaskTracker::new();
-            // The hibernator notices a Redis data loss; the mirror then lists again.
-            let relist = Arc::new(Notify::new());
-            subsystems.spawn(sweeper::run(
-                self.store.clone(),
-                self.cfg.sweep_interval,
-                self.metrics.clone(),
-                nudge.clone(),
-                term.clone(),
-            ));
-            subsystems.spawn(archiver::run(
-                self.store.clone(),
-                self.pool.clone(),
-                db_ready.clone(),
-                self.cfg.archive_interval,
-                self.metrics.clone(),
-                nudge.clone(),
-                term.clone(),
-            ));
-            if let (Some(client), Some(_)) = (&self.kube, &self.session_api) {
-                subsystems.spawn(mirror::run(
-                    Api::<Session>::namespaced(client.clone(), &self.cfg.namespace),
-                    self.store.clone(),
-                    self.cfg.default_idle_timeout,
-                    self.metrics.clone(),
-                    relist.clone(),
-                    fence.clone(),
-                    term.clone(),
-                ));
-            }
-            let ctx = TermContext {
-                store: self.store.clone(),
-                acting: acting.clone(),
-                events: events.clone(),
-                metrics: self.metrics.clone(),
-                in_flight: InFlight::default(),
-                fence: fence.clone(),
-            };
-            let hibernator = hibernator::Hibernator::new(
-                ctx.clone(),
-                relist,
-                hibernator::Settings {
-                    interval: self.cfg.hibernate_interval,
-                    heartbeat_window: self.cfg.heartbeat_window,
-                    claim_lifetime: (self.cfg.kube_timeout * 3).max(Duration::from_secs(10)),
-                    dry_run_retry: self.cfg.default_idle_timeout.max(Duration::from_secs(60)),
-                    default_idle_timeout: self.cfg.default_idle_timeout,
-                },
-            );
-            subsystems.spawn(hibernator.run(term.clone()));
-            let waker =
-                waker::Waker::new(ctx, self.cfg.default_idle_timeout, self.cfg.wake_interval);
-            subsystems.spawn(waker.run(term.clone()));
-            subsystems.close();
-
-            tokio::select! {
-                () = term.cancelled() => {}
-                _ = leader.wait_for(|l| !*l) => {}
-            }
-            term.cancel();
-            if tokio::time::timeout(STOP_DEADLINE, subsystems.wait())
-                .await
-                .is_err()
-            {
-                tracing::error!("acting subsystems did not stop in time");
-            }
+            let ctx = self.term_context(&shared, Fence::new(fence, term.clone()));
+            let fence = ctx.fence.clone();
+            self.act(ctx, &mut leader).await;
             if shutdown.is_cancelled() {
                 break;
             }
@@ -369,21 +268,154 @@ impl Application {
                 }
             }
         }
-
-        elector_stop.cancel();
-        drop(events);
-        drop(db_ready_tx);
-        last.cancel();
-        background.close();
-        if tokio::time::timeout(STOP_DEADLINE, background.wait())
-            .await
-            .is_err()
-        {
-            tracing::error!("background tasks did not stop in time");
-        }
+        drop(shared);
+        background.stop().await;
         tracing::info!("reaper stopped");
         Ok(())
     }
+
+    /// Starts what runs leader or not: the metrics listener, the migrations,
+    /// the event writer and the election.
+    fn start_background(&mut self, shutdown: &CancellationToken) -> (Background, Shared) {
+        let bg = Background {
+            tasks: TaskTracker::new(),
+            last: CancellationToken::new(),
+            elector_stop: CancellationToken::new(),
+            db_ready: watch::Sender::new(false),
+        };
+        if let Some(listener) = self.listener.take() {
+            bg.tasks.spawn(http::serve(
+                listener,
+                self.metrics.clone(),
+                self.store.clone(),
+                bg.last.clone(),
+            ));
+        }
+        if self.cfg.skip_migrations {
+            bg.db_ready.send_replace(true);
+        } else {
+            bg.tasks.spawn(migrate(
+                self.pool.clone(),
+                bg.db_ready.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let (events, events_rx) = EventSink::new(&self.cfg.namespace, self.metrics.clone());
+        bg.tasks.spawn(events::run_writer(
+            events_rx,
+            self.pool.clone(),
+            bg.db_ready.subscribe(),
+            self.metrics.clone(),
+            bg.last.clone(),
+        ));
+        bg.tasks.spawn(election::run_elector(
+            self.lock.clone(),
+            self.cfg.lease_duration,
+            self.leader.clone(),
+            self.metrics.clone(),
+            bg.elector_stop.clone(),
+        ));
+        let shared = Shared {
+            acting: self.acting(),
+            events,
+            db_ready: bg.db_ready.subscribe(),
+            archive_nudge: Arc::new(Notify::new()),
+        };
+        (bg, shared)
+    }
+
+    /// What one term's subsystems share, fresh for each term but for what
+    /// outlives terms.
+    fn term_context(&self, shared: &Shared, fence: Fence) -> TermContext {
+        TermContext {
+            store: self.store.clone(),
+            acting: shared.acting.clone(),
+            events: shared.events.clone(),
+            metrics: self.metrics.clone(),
+            in_flight: InFlight::default(),
+            pool: self.pool.clone(),
+            db_ready: shared.db_ready.clone(),
+            archive_nudge: shared.archive_nudge.clone(),
+            relist: Arc::new(Notify::new()),
+            stop: fence.stop_token(),
+            fence,
+        }
+    }
+
+    /// Runs the acting subsystems for one term, until it is cancelled or
+    /// leadership is lost; then stops them (bounded by [`STOP_DEADLINE`]).
+    async fn act(&self, ctx: TermContext, leader: &mut watch::Receiver<bool>) {
+        let cfg = &self.cfg;
+        let term = ctx.stop.clone();
+        let subsystems = TaskTracker::new();
+        subsystems.spawn(sweeper::run(ctx.clone(), cfg.sweep_interval));
+        subsystems.spawn(archiver::run(ctx.clone(), cfg.archive_interval));
+        if let (Some(client), Some(_)) = (&self.kube, &self.session_api) {
+            let api = Api::<Session>::namespaced(client.clone(), &cfg.namespace);
+            subsystems.spawn(mirror::run(ctx.clone(), api, cfg.default_idle_timeout));
+        }
+        let hibernator = hibernator::Hibernator::new(
+            ctx.clone(),
+            hibernator::Settings {
+                interval: cfg.hibernate_interval,
+                heartbeat_window: cfg.heartbeat_window,
+                claim_lifetime: (cfg.kube_timeout * 3).max(Duration::from_secs(10)),
+                dry_run_retry: cfg.default_idle_timeout.max(Duration::from_secs(60)),
+                default_idle_timeout: cfg.default_idle_timeout,
+            },
+        );
+        subsystems.spawn(hibernator.run(term.clone()));
+        let waker = waker::Waker::new(ctx, cfg.default_idle_timeout, cfg.wake_interval);
+        subsystems.spawn(waker.run(term.clone()));
+        subsystems.close();
+
+        tokio::select! {
+            () = term.cancelled() => {}
+            _ = leader.wait_for(|l| !*l) => {}
+        }
+        term.cancel();
+        wait_stopped(&subsystems, "acting subsystems").await;
+    }
+}
+
+/// Waits for closed `tasks` to end, at most [`STOP_DEADLINE`].
+async fn wait_stopped(tasks: &TaskTracker, what: &'static str) {
+    if tokio::time::timeout(STOP_DEADLINE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(tasks = what, "tasks did not stop in time");
+    }
+}
+
+/// The tasks that run leader or not, and how they are stopped.
+struct Background {
+    tasks: TaskTracker,
+    /// Stops the metrics listener and the event writer (which flushes first).
+    last: CancellationToken,
+    elector_stop: CancellationToken,
+    db_ready: watch::Sender<bool>,
+}
+
+impl Background {
+    /// Releases the lease, flushes the events, closes the listener; bounded
+    /// by [`STOP_DEADLINE`].
+    async fn stop(self) {
+        self.elector_stop.cancel();
+        drop(self.db_ready);
+        self.last.cancel();
+        self.tasks.close();
+        wait_stopped(&self.tasks, "background").await;
+    }
+}
+
+/// What outlives leadership terms: the queue of session events, the
+/// migrations' readiness and the archive nudge.
+struct Shared {
+    acting: Acting,
+    events: EventSink,
+    db_ready: watch::Receiver<bool>,
+    archive_nudge: Arc<Notify>,
 }
 
 /// Starts a term: draws a fresh term and fences every shard with it,

@@ -20,27 +20,27 @@ use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, ResourceExt};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracker_core::{SessionId, Store, Written};
 
-use crate::acting::Fence;
+use crate::acting::{Fence, TermContext};
 use crate::backoff::Backoff;
 use crate::metrics::{KubeOp, Metrics, Task};
 use crate::session::{session_meta, Session};
 
-/// Mirrors Sessions of `api`'s namespace until `stop`. `relist` starts the
-/// watch over with a full list: after Redis lost its data, the store has
-/// forgotten every Session while the watch has nothing new to say.
-pub async fn run(
-    api: Api<Session>,
-    store: Store,
-    default_idle: Duration,
-    metrics: Arc<Metrics>,
-    relist: Arc<Notify>,
-    fence: Fence,
-    stop: CancellationToken,
-) {
+/// Mirrors Sessions of `api`'s namespace until the term ends. The term's
+/// `relist` starts the watch over with a full list: after Redis lost its
+/// data, the store has forgotten every Session while the watch has nothing
+/// new to say.
+pub async fn run(ctx: TermContext, api: Api<Session>, default_idle: Duration) {
+    let TermContext {
+        store,
+        metrics,
+        fence,
+        relist,
+        stop,
+        ..
+    } = ctx;
     let mirror = Mirror {
         store,
         default_idle,

@@ -3,28 +3,28 @@
 //! connection to its shard's history outbox in the same script, so the
 //! archiver (nudged after a productive sweep) finds it there.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::Store;
 
+use crate::acting::TermContext;
 use crate::metrics::{Metrics, Task};
 
 /// Connections expired per script call: bounds the time Redis is busy.
 pub const BATCH: u32 = 1000;
 
-/// Sweeps every `interval` until `stop`.
-pub async fn run(
-    store: Store,
-    interval: Duration,
-    metrics: Arc<Metrics>,
-    archive_nudge: Arc<Notify>,
-    stop: CancellationToken,
-) {
+/// Sweeps every `interval` until the term ends.
+pub async fn run(ctx: TermContext, interval: Duration) {
+    let TermContext {
+        store,
+        metrics,
+        archive_nudge,
+        stop,
+        ..
+    } = ctx;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {

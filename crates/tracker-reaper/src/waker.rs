@@ -112,6 +112,7 @@ impl Waker {
             metrics,
             in_flight,
             fence,
+            ..
         } = ctx;
         Self {
             store,
