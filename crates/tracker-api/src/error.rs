@@ -2,7 +2,9 @@
 //!
 //! Handlers return `Result<_, ApiError>`; nothing else decides a status.
 //! Backend failures are logged here, once, and answered with a generic body:
-//! details of Redis or PostgreSQL never reach a client.
+//! details of Redis or PostgreSQL never reach a client. A response carries
+//! markers ([`BackendFailure`], [`LimitRejection`]) that [`crate::metrics`]
+//! counts; this module does not depend on the metrics.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -10,7 +12,15 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::metrics::{Backend, LimitKind};
+tracker_runtime::label_enum!(
+    /// A backend the API depends on.
+    Backend { Redis => "redis", Postgres => "postgres" }
+);
+
+tracker_runtime::label_enum!(
+    /// Which connection limit refused a registration.
+    LimitKind { Session => "session", User => "user", UserWebsockets => "user_websockets" }
+);
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::metrics::Backend;
+use crate::error::Backend;
 
 /// A row of `connection_history`.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]

@@ -1,10 +1,13 @@
-//! Prometheus metrics of one API instance.
+//! Prometheus metrics of one API instance, on the workspace's one metrics
+//! stack ([`tracker_runtime::metrics`]).
 //!
 //! Each [`Metrics`] owns its registry (no global recorder), so several
 //! instances in one test process count separately. Every label value comes
 //! from a fixed set: route patterns, enums; never ids or error text.
+//!
+//! This module reads what [`crate::error`] leaves on a response (which
+//! backend failed, which limit refused); `error` knows nothing of metrics.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +15,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,48 +24,15 @@ use prometheus_client::registry::Registry;
 use tracing::Instrument;
 use tracker_core::Protocol;
 
+use tracker_runtime::label_enum;
+use tracker_runtime::metrics::SharedRegistry;
+
+use crate::error::{Backend, LimitKind};
 use crate::error::{BackendFailure, LimitRejection};
-
-/// Declares a label-value enum: its variants and their exact spelling.
-macro_rules! label_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl EncodeLabelValue for $name {
-            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
-                fmt::Write::write_str(encoder, self.as_str())
-            }
-        }
-    };
-}
-
-label_enum!(
-    /// A backend the API depends on.
-    Backend { Redis => "redis", Postgres => "postgres" }
-);
 
 label_enum!(
     /// Which timeout closed a connection or ended a request.
     Timeout { Header => "header", Keepalive => "keepalive", Request => "request" }
-);
-
-label_enum!(
-    /// Which connection limit refused a registration.
-    LimitKind { Session => "session", User => "user", UserWebsockets => "user_websockets" }
 );
 
 label_enum!(
@@ -155,7 +125,7 @@ pub struct Metrics(Arc<Inner>);
 
 #[derive(Debug)]
 struct Inner {
-    registry: Registry,
+    registry: SharedRegistry,
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily<RouteLabels>,
     websockets_open: Gauge,
@@ -238,7 +208,7 @@ impl Metrics {
             backend_errors.clone(),
         );
         Self(Arc::new(Inner {
-            registry,
+            registry: Arc::new(registry),
             requests,
             duration,
             websockets_open,
@@ -251,15 +221,14 @@ impl Metrics {
         }))
     }
 
+    /// The registry, for the ops routes.
+    pub fn registry(&self) -> SharedRegistry {
+        self.0.registry.clone()
+    }
+
     /// The registry in the text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.0.registry) {
-            // Writing into a String cannot fail; if it ever does, a partial
-            // scrape is better than none.
-            tracing::error!(error = %e, "could not encode metrics");
-        }
-        out
+        tracker_runtime::metrics::render(&self.0.registry)
     }
 
     pub fn heartbeats(&self, result: HeartbeatResult, n: u64) {

@@ -39,8 +39,9 @@ use utoipa::ToSchema;
 use crate::auth::{bearer_token, query_token};
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody};
+use crate::error::{Backend, LimitKind};
 use crate::extract::SessionPath;
-use crate::metrics::{HeartbeatResult, LimitKind};
+use crate::metrics::HeartbeatResult;
 use crate::routes::connections::{authorize, register_connection};
 use crate::state::AppState;
 
@@ -330,7 +331,7 @@ async fn serve(
                             // Redis trouble is not the client's fault: keep
                             // the socket, the next frame retries.
                             Err(e) => {
-                                state.metrics.backend_error(crate::metrics::Backend::Redis);
+                                state.metrics.backend_error(Backend::Redis);
                                 tracing::warn!(error = %e, "could not record a websocket heartbeat");
                             }
                         }
@@ -367,7 +368,7 @@ async fn push_state_change(
         }
         Ok(_) => true,
         Err(e) => {
-            state.metrics.backend_error(crate::metrics::Backend::Redis);
+            state.metrics.backend_error(Backend::Redis);
             tracing::debug!(error = %e, "could not poll the session state");
             true
         }
@@ -396,7 +397,7 @@ async fn remove(state: &AppState, session_id: &SessionId, connection_id: Connect
         ),
         Ok(None) => {}
         Err(e) => {
-            state.metrics.backend_error(crate::metrics::Backend::Redis);
+            state.metrics.backend_error(Backend::Redis);
             tracing::warn!(
                 session_id = %session_id,
                 connection_id = %connection_id,

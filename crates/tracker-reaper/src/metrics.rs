@@ -2,157 +2,181 @@
 //! global recorder, so several reapers in one test process keep their own
 //! `tracker_reaper_is_leader`.
 //!
+//! Built on the workspace's one metrics stack ([`tracker_runtime::metrics`]):
+//! a `prometheus-client` registry per instance, rendered by the shared ops
+//! routes ([`crate::http`]). The handles keep the small API the subsystems
+//! call (`increment`, `set`, `record`), so the stack underneath can change
+//! without touching them.
+//!
 //! Names follow `tracker_reaper_<thing>_<unit>`; every label value comes from
-//! a fixed enum, never from ids or error text.
+//! a fixed enum, never from ids or error text. Counters are registered
+//! without their `_total` suffix: the encoder adds it.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter as RawCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tracker_runtime::label_enum;
+use tracker_runtime::metrics::SharedRegistry;
 
 pub const IS_LEADER: &str = "tracker_reaper_is_leader";
-pub const LEADER_CHANGES: &str = "tracker_reaper_leadership_changes_total";
+pub const LEADER_CHANGES: &str = "tracker_reaper_leadership_changes";
 pub const SWEEP_DURATION: &str = "tracker_reaper_sweep_duration_seconds";
-pub const EXPIRED: &str = "tracker_reaper_expired_connections_total";
-pub const ARCHIVED: &str = "tracker_reaper_archived_rows_total";
+pub const EXPIRED: &str = "tracker_reaper_expired_connections";
+pub const ARCHIVED: &str = "tracker_reaper_archived_rows";
 pub const ARCHIVE_BACKLOG: &str = "tracker_reaper_archive_backlog_rows";
-pub const ARCHIVE_ERRORS: &str = "tracker_reaper_archive_errors_total";
-pub const HISTORY_REJECTED: &str = "tracker_reaper_history_rejected_total";
-pub const HIBERNATIONS: &str = "tracker_reaper_hibernations_total";
-pub const WAKES: &str = "tracker_reaper_wakes_total";
+pub const ARCHIVE_ERRORS: &str = "tracker_reaper_archive_errors";
+pub const HISTORY_REJECTED: &str = "tracker_reaper_history_rejected";
+pub const HIBERNATIONS: &str = "tracker_reaper_hibernations";
+pub const WAKES: &str = "tracker_reaper_wakes";
 pub const WAKE_LATENCY: &str = "tracker_reaper_wake_latency_seconds";
-pub const KUBE_ERRORS: &str = "tracker_reaper_kube_errors_total";
-pub const STORE_ERRORS: &str = "tracker_reaper_store_errors_total";
-pub const EVENTS_WRITTEN: &str = "tracker_reaper_session_events_written_total";
-pub const EVENTS_DROPPED: &str = "tracker_reaper_session_events_dropped_total";
+pub const KUBE_ERRORS: &str = "tracker_reaper_kube_errors";
+pub const STORE_ERRORS: &str = "tracker_reaper_store_errors";
+pub const EVENTS_WRITTEN: &str = "tracker_reaper_session_events_written";
+pub const EVENTS_DROPPED: &str = "tracker_reaper_session_events_dropped";
 
-/// Outcome of one hibernation decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HibernationResult {
-    /// Patched (or, with `TRACKER_PLATFORM=none`, recorded as hibernated).
-    Hibernated,
-    /// `TRACKER_DRY_RUN`: decided and recorded, nothing changed.
-    DryRun,
-    /// The claim was refused or the resource was not `running`.
-    Skipped,
-    /// Someone changed the Session between our read and our patch.
-    Conflict,
-    /// The patch failed; the claim was rolled back for a later retry.
-    Failed,
-}
+/// Buckets of the `_seconds` histograms: 1 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
-impl HibernationResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Hibernated => "hibernated",
-            Self::DryRun => "dry_run",
-            Self::Skipped => "skipped",
-            Self::Conflict => "conflict",
-            Self::Failed => "failed",
-        }
+label_enum!(
+    /// Outcome of one hibernation decision.
+    HibernationResult {
+        /// Patched (or, with `TRACKER_PLATFORM=none`, recorded as hibernated).
+        Hibernated => "hibernated",
+        /// `TRACKER_DRY_RUN`: decided and recorded, nothing changed.
+        DryRun => "dry_run",
+        /// The claim was refused or the resource was not `running`.
+        Skipped => "skipped",
+        /// Someone changed the Session between our read and our patch.
+        Conflict => "conflict",
+        /// The patch failed; the claim was rolled back for a later retry.
+        Failed => "failed",
+    }
+);
+
+label_enum!(
+    /// Outcome of one pending wake.
+    WakeResult {
+        /// Patched to `running` (or recorded, with `TRACKER_PLATFORM=none`).
+        Woken => "woken",
+        /// The resource was running already; the wake was acknowledged.
+        AlreadyRunning => "already_running",
+        /// The Session is gone or terminated; the wake was dropped.
+        Dropped => "dropped",
+        /// `TRACKER_DRY_RUN`: recorded, nothing changed.
+        DryRun => "dry_run",
+        Conflict => "conflict",
+        Failed => "failed",
+    }
+);
+
+label_enum!(
+    /// Why the archiver set an outbox entry aside in `connection_history_rejects`.
+    RejectReason {
+        /// PostgreSQL refused the row for its data (SQLSTATE class 22, 23 or 54).
+        Refused => "refused",
+        /// The connection id already has a row of another connection.
+        ReusedId => "reused_id",
+        /// The entry is not a history record (a field missing or unparseable).
+        Malformed => "malformed",
+    }
+);
+
+label_enum!(
+    /// A Kubernetes call, for the error counter.
+    KubeOp {
+        GetSession => "get_session",
+        PatchSession => "patch_session",
+        WatchSessions => "watch_sessions",
+        Lease => "lease",
+    }
+);
+
+label_enum!(
+    /// A subsystem, for the store error counter.
+    Task {
+        Election => "election",
+        Sweep => "sweep",
+        Archive => "archive",
+        Hibernate => "hibernate",
+        Wake => "wake",
+        Mirror => "mirror",
+    }
+);
+
+/// A monotonic count.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(prometheus_client::metrics::counter::Counter);
+
+impl Counter {
+    pub fn increment(&self, n: u64) {
+        self.0.inc_by(n);
     }
 }
 
-/// Outcome of one pending wake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WakeResult {
-    /// Patched to `running` (or recorded, with `TRACKER_PLATFORM=none`).
-    Woken,
-    /// The resource was running already; the wake was acknowledged.
-    AlreadyRunning,
-    /// The Session is gone or terminated; the wake was dropped.
-    Dropped,
-    /// `TRACKER_DRY_RUN`: recorded, nothing changed.
-    DryRun,
-    Conflict,
-    Failed,
-}
+/// A value that goes up and down.
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(prometheus_client::metrics::gauge::Gauge<f64, AtomicU64>);
 
-impl WakeResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Woken => "woken",
-            Self::AlreadyRunning => "already_running",
-            Self::Dropped => "dropped",
-            Self::DryRun => "dry_run",
-            Self::Conflict => "conflict",
-            Self::Failed => "failed",
-        }
+impl Gauge {
+    pub fn set(&self, value: f64) {
+        self.0.set(value);
     }
 }
 
-/// Why the archiver set an outbox entry aside in `connection_history_rejects`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    /// PostgreSQL refused the row for its data (SQLSTATE class 22, 23 or 54).
-    Refused,
-    /// The connection id already has a row of another connection.
-    ReusedId,
-    /// The entry is not a history record (a field missing or unparseable).
-    Malformed,
-}
+/// A distribution of durations, in seconds.
+#[derive(Debug, Clone)]
+pub struct Histogram(prometheus_client::metrics::histogram::Histogram);
 
-impl RejectReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Refused => "refused",
-            Self::ReusedId => "reused_id",
-            Self::Malformed => "malformed",
-        }
+impl Default for Histogram {
+    fn default() -> Self {
+        Self(prometheus_client::metrics::histogram::Histogram::new(
+            LATENCY_BUCKETS,
+        ))
     }
 }
 
-/// A Kubernetes call, for the error counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KubeOp {
-    GetSession,
-    PatchSession,
-    WatchSessions,
-    Lease,
-}
-
-impl KubeOp {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::GetSession => "get_session",
-            Self::PatchSession => "patch_session",
-            Self::WatchSessions => "watch_sessions",
-            Self::Lease => "lease",
-        }
+impl Histogram {
+    pub fn record(&self, value: f64) {
+        self.0.observe(value);
     }
 }
 
-/// A subsystem, for the store error counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    Election,
-    Sweep,
-    Archive,
-    Hibernate,
-    Wake,
-    Mirror,
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HibernationLabel {
+    result: HibernationResult,
 }
 
-impl Task {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Election => "election",
-            Self::Sweep => "sweep",
-            Self::Archive => "archive",
-            Self::Hibernate => "hibernate",
-            Self::Wake => "wake",
-            Self::Mirror => "mirror",
-        }
-    }
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WakeLabel {
+    result: WakeResult,
 }
 
-static METADATA: Metadata<'static> =
-    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: RejectReason,
+}
 
-/// The reaper's metric handles and their Prometheus rendering.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OperationLabel {
+    operation: KubeOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TaskLabel {
+    task: Task,
+}
+
+/// The reaper's metric handles and their registry.
+#[derive(Debug)]
 pub struct Metrics {
-    recorder: metrics_exporter_prometheus::PrometheusRecorder,
-    handle: PrometheusHandle,
+    registry: SharedRegistry,
     pub is_leader: Gauge,
     pub leader_changes: Counter,
     pub sweep_duration: Histogram,
@@ -163,12 +187,11 @@ pub struct Metrics {
     pub wake_latency: Histogram,
     pub events_written: Counter,
     pub events_dropped: Counter,
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").finish_non_exhaustive()
-    }
+    hibernations: Family<HibernationLabel, RawCounter>,
+    wakes: Family<WakeLabel, RawCounter>,
+    history_rejected: Family<ReasonLabel, RawCounter>,
+    kube_errors: Family<OperationLabel, RawCounter>,
+    store_errors: Family<TaskLabel, RawCounter>,
 }
 
 impl Default for Metrics {
@@ -179,132 +202,151 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let latency_buckets = [
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ];
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets);
-        // Non-empty buckets cannot fail; fall back to summaries rather than panic.
-        let recorder = match builder {
-            Ok(b) => b.build_recorder(),
-            Err(_) => PrometheusBuilder::new().build_recorder(),
-        };
-        let handle = recorder.handle();
-        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
-            recorder.describe_counter(name.into(), unit, SharedString::from(help));
-        };
-        describe(
+        let mut r = Registry::default();
+        let is_leader = Gauge::default();
+        r.register(
             IS_LEADER,
-            None,
             "1 while this replica holds the lease, else 0",
+            is_leader.0.clone(),
         );
-        describe(
+        let leader_changes = Counter::default();
+        r.register(
             LEADER_CHANGES,
-            None,
             "times this replica gained or lost leadership",
+            leader_changes.0.clone(),
         );
-        describe(
+        let sweep_duration = Histogram::default();
+        r.register(
             SWEEP_DURATION,
-            Some(Unit::Seconds),
             "duration of one sweep over all shards",
+            sweep_duration.0.clone(),
         );
-        describe(EXPIRED, None, "connections expired by the sweep");
-        describe(ARCHIVED, None, "history rows written to PostgreSQL");
-        describe(
+        let expired = Counter::default();
+        r.register(
+            EXPIRED,
+            "connections expired by the sweep",
+            expired.0.clone(),
+        );
+        let archived = Counter::default();
+        r.register(
+            ARCHIVED,
+            "history rows written to PostgreSQL",
+            archived.0.clone(),
+        );
+        let archive_backlog = Gauge::default();
+        r.register(
             ARCHIVE_BACKLOG,
-            None,
             "finished connections not yet archived",
+            archive_backlog.0.clone(),
         );
-        describe(
+        let archive_errors = Counter::default();
+        r.register(
             ARCHIVE_ERRORS,
-            None,
             "failed archive batches (PostgreSQL or Redis)",
+            archive_errors.0.clone(),
         );
-        describe(
+        let history_rejected = Family::default();
+        r.register(
             HISTORY_REJECTED,
-            None,
             "outbox entries set aside in connection_history_rejects, by reason",
+            history_rejected.clone(),
         );
-        describe(HIBERNATIONS, None, "hibernation decisions by result");
-        describe(WAKES, None, "pending wakes handled, by result");
-        describe(
+        let hibernations = Family::default();
+        r.register(
+            HIBERNATIONS,
+            "hibernation decisions by result",
+            hibernations.clone(),
+        );
+        let wakes = Family::default();
+        r.register(WAKES, "pending wakes handled, by result", wakes.clone());
+        let wake_latency = Histogram::default();
+        r.register(
             WAKE_LATENCY,
-            Some(Unit::Seconds),
             "from wake request to patched Session",
+            wake_latency.0.clone(),
         );
-        describe(
+        let kube_errors = Family::default();
+        r.register(
             KUBE_ERRORS,
-            None,
             "failed Kubernetes API calls by operation",
+            kube_errors.clone(),
         );
-        describe(STORE_ERRORS, None, "failed Redis calls by subsystem");
-        describe(EVENTS_WRITTEN, None, "session_events rows written");
-        describe(
+        let store_errors = Family::default();
+        r.register(
+            STORE_ERRORS,
+            "failed Redis calls by subsystem",
+            store_errors.clone(),
+        );
+        let events_written = Counter::default();
+        r.register(
+            EVENTS_WRITTEN,
+            "session_events rows written",
+            events_written.0.clone(),
+        );
+        let events_dropped = Counter::default();
+        r.register(
             EVENTS_DROPPED,
-            None,
             "session events dropped because the queue was full",
+            events_dropped.0.clone(),
         );
-        let counter =
-            |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
-        let gauge =
-            |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &METADATA);
-        let histogram = |name: &'static str| {
-            recorder.register_histogram(&Key::from_static_name(name), &METADATA)
-        };
-        let m = Self {
-            is_leader: gauge(IS_LEADER),
-            leader_changes: counter(LEADER_CHANGES),
-            sweep_duration: histogram(SWEEP_DURATION),
-            expired: counter(EXPIRED),
-            archived: counter(ARCHIVED),
-            archive_backlog: gauge(ARCHIVE_BACKLOG),
-            archive_errors: counter(ARCHIVE_ERRORS),
-            wake_latency: histogram(WAKE_LATENCY),
-            events_written: counter(EVENTS_WRITTEN),
-            events_dropped: counter(EVENTS_DROPPED),
-            handle,
-            recorder,
-        };
-        m.is_leader.set(0.0);
-        m
-    }
-
-    fn labelled(&self, name: &'static str, label: &'static str, value: &'static str) -> Counter {
-        let key = Key::from_parts(name, vec![Label::from_static_parts(label, value)]);
-        self.recorder.register_counter(&key, &METADATA)
+        Self {
+            registry: Arc::new(r),
+            is_leader,
+            leader_changes,
+            sweep_duration,
+            expired,
+            archived,
+            archive_backlog,
+            archive_errors,
+            wake_latency,
+            events_written,
+            events_dropped,
+            hibernations,
+            wakes,
+            history_rejected,
+            kube_errors,
+            store_errors,
+        }
     }
 
     pub fn hibernation(&self, result: HibernationResult) {
-        self.labelled(HIBERNATIONS, "result", result.as_str())
-            .increment(1);
+        self.hibernations
+            .get_or_create(&HibernationLabel { result })
+            .inc();
     }
 
     pub fn wake(&self, result: WakeResult) {
-        self.labelled(WAKES, "result", result.as_str()).increment(1);
+        self.wakes.get_or_create(&WakeLabel { result }).inc();
     }
 
     pub fn history_rejected(&self, reason: RejectReason) {
-        self.labelled(HISTORY_REJECTED, "reason", reason.as_str())
-            .increment(1);
+        self.history_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn kube_error(&self, op: KubeOp) {
-        self.labelled(KUBE_ERRORS, "operation", op.as_str())
-            .increment(1);
+        self.kube_errors
+            .get_or_create(&OperationLabel { operation: op })
+            .inc();
     }
 
     pub fn store_error(&self, task: Task) {
-        self.labelled(STORE_ERRORS, "task", task.as_str())
-            .increment(1);
+        self.store_errors.get_or_create(&TaskLabel { task }).inc();
     }
 
     pub fn observe_sweep(&self, took: Duration) {
         self.sweep_duration.record(took.as_secs_f64());
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The registry, for the ops routes.
+    pub fn registry(&self) -> SharedRegistry {
+        self.registry.clone()
+    }
+
+    /// The OpenMetrics text exposition of every metric.
     pub fn render(&self) -> String {
-        self.handle.render()
+        tracker_runtime::metrics::render(&self.registry)
     }
 }
 
@@ -319,22 +361,27 @@ mod tests {
         m.hibernation(HibernationResult::DryRun);
         m.wake(WakeResult::Woken);
         m.kube_error(KubeOp::PatchSession);
+        m.store_error(Task::Election);
+        m.history_rejected(RejectReason::ReusedId);
+        m.leader_changes.increment(2);
+        m.archive_backlog.set(7.0);
         m.observe_sweep(Duration::from_millis(3));
         let text = m.render();
-        assert!(text.contains("tracker_reaper_is_leader 1"), "{text}");
-        assert!(
-            text.contains("tracker_reaper_hibernations_total{result=\"dry_run\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("tracker_reaper_wakes_total{result=\"woken\"} 1"),
-            "{text}"
-        );
-        assert!(text.contains("tracker_reaper_kube_errors_total{operation=\"patch_session\"} 1"));
-        assert!(
-            text.contains("tracker_reaper_sweep_duration_seconds_bucket"),
-            "{text}"
-        );
+        for series in [
+            "tracker_reaper_is_leader 1",
+            "tracker_reaper_hibernations_total{result=\"dry_run\"} 1",
+            "tracker_reaper_wakes_total{result=\"woken\"} 1",
+            "tracker_reaper_kube_errors_total{operation=\"patch_session\"} 1",
+            "tracker_reaper_store_errors_total{task=\"election\"} 1",
+            "tracker_reaper_history_rejected_total{reason=\"reused_id\"} 1",
+            "tracker_reaper_leadership_changes_total 2",
+            "tracker_reaper_archive_backlog_rows 7",
+            "tracker_reaper_expired_connections_total 0",
+            "tracker_reaper_sweep_duration_seconds_bucket{le=\"0.005\"} 1",
+            "tracker_reaper_wake_latency_seconds_count 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
     }
 
     #[test]

@@ -1,7 +1,18 @@
 //! Process plumbing shared by `tracker-api` and `tracker-reaper`, kept out of
-//! `tracker-core` (which knows no CLI): the Redis settings both binaries take,
-//! logging setup, the shutdown signal, start-up errors as one line, and
-//! [`Secret`] for settings that must never reach a log.
+//! `tracker-core` (which knows no CLI, HTTP or metrics exposition) and
+//! written once here rather than once per binary:
+//!
+//! - the Redis settings both binaries take ([`RedisArgs`]), [`Secret`] for
+//!   settings that must never reach a log, start-up errors as one line
+//!   ([`parse_settings`], [`first_line`]);
+//! - logging setup ([`init_telemetry`]) and the shutdown signal
+//!   ([`cancel_on_signal`]);
+//! - [`metrics`]: the one metrics stack (`prometheus-client`, a registry per
+//!   instance) and [`label_enum!`] for bounded label values;
+//! - [`ops`]: `/metrics`, `/healthz` and `/readyz`, the same in both binaries.
+
+pub mod metrics;
+pub mod ops;
 
 use std::fmt;
 use std::process::ExitCode;

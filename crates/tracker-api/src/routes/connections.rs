@@ -18,9 +18,9 @@ use utoipa::ToSchema;
 
 use crate::auth::Principal;
 use crate::client_ip::client_ip;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, LimitKind};
 use crate::extract::{ApiJson, ConnectionIdPath, ConnectionPath, SessionPath};
-use crate::metrics::{HeartbeatResult, LimitKind, RegistrationResult};
+use crate::metrics::{HeartbeatResult, RegistrationResult};
 use crate::state::AppState;
 
 /// Body of a registration.
