@@ -1,6 +1,6 @@
 //! Checks of the Kubernetes deployment in `deploy/`; this crate has no code.
 //!
-//! Its one test binary, `tests/manifests.rs`, reads the rendered chart
+//! Its one test binary, `tests/it/` (a module per concept), reads the rendered chart
 //! (`deploy/rendered/*.yaml`, written by `scripts/render-manifests.sh`) and
 //! the standalone CRD (`deploy/crds/*.yaml`), and:
 //!

@@ -120,6 +120,21 @@ struct Replica {
 }
 
 impl Replica {
+    /// A slot on free loopback ports (an API gets a listener as well as its metrics port).
+    fn new(role: Role, index: usize) -> Result<Self> {
+        Ok(Self {
+            role,
+            index,
+            incarnation: 0,
+            listen: match role {
+                Role::Api => Some(loopback(free_port()?)),
+                Role::Reaper => None,
+            },
+            metrics: loopback(free_port()?),
+            process: None,
+        })
+    }
+
     fn name(&self) -> String {
         format!("{}-{}", self.role.as_str(), self.index)
     }
@@ -177,34 +192,15 @@ impl Harness {
     /// Starts everything and waits until every process is ready and one reaper leads.
     pub async fn start(opts: HarnessOptions) -> Result<Self> {
         let bins = Binaries::locate()?;
-        if opts.redis == RedisTarget::Cluster {
-            if opts.services.cluster_urls.is_empty() {
-                return Err(Error::Setup(
-                    "TRACKER_TEST_CLUSTER_URLS names no node".into(),
-                ));
-            }
-            check_cluster(&opts.services.cluster_urls).await?;
-        }
+        check_redis(&opts).await?;
         let run = uuid::Uuid::new_v4().simple().to_string();
-        let short = &run[..12];
-        let run_dir = std::env::temp_dir().join("tracker-e2e").join(short);
-        std::fs::create_dir_all(&run_dir)
-            .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
-        // Shown by the test harness on failure (and by the binary always).
-        eprintln!("tracker-e2e: run dir {}", run_dir.display());
-
+        let run_dir = create_run_dir(&run[..12])?;
         let fake = FakeKube::start().await?;
         let kubeconfig = run_dir.join("kubeconfig");
         fake.write_kubeconfig(&kubeconfig)?;
         let db = TestDatabase::create(&opts.services.database_url).await?;
         let proxy = if opts.reaper_database_via_proxy {
-            let (host, port) = db.server();
-            let target = tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .map_err(|e| Error::io(format!("resolve {host}:{port}"), e))?
-                .next()
-                .ok_or_else(|| Error::Setup(format!("{host}:{port} resolves to nothing")))?;
-            Some(Proxy::start(target).await?)
+            Some(database_proxy(&db).await?)
         } else {
             None
         };
@@ -212,29 +208,13 @@ impl Harness {
             Auth::Jwt => Some(token(JWT_SECRET, SERVICE_SUBJECT, &["service"])?),
             Auth::Disabled => None,
         };
-        let mut apis = Vec::new();
-        for index in 0..opts.apis {
-            apis.push(Replica {
-                role: Role::Api,
-                index,
-                incarnation: 0,
-                listen: Some(loopback(free_port()?)),
-                metrics: loopback(free_port()?),
-                process: None,
-            });
-        }
+        let apis = (0..opts.apis)
+            .map(|index| Replica::new(Role::Api, index))
+            .collect::<Result<Vec<_>>>()?;
+        let reapers = (0..opts.reapers)
+            .map(|index| Replica::new(Role::Reaper, index))
+            .collect::<Result<Vec<_>>>()?;
         let endpoints = Endpoints::new(apis.iter().filter_map(|r| r.listen).collect());
-        let mut reapers = Vec::new();
-        for index in 0..opts.reapers {
-            reapers.push(Replica {
-                role: Role::Reaper,
-                index,
-                incarnation: 0,
-                listen: None,
-                metrics: loopback(free_port()?),
-                process: None,
-            });
-        }
         let client = ApiClient::new(endpoints.clone(), token)?;
         let probe = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
@@ -242,7 +222,7 @@ impl Harness {
             .map_err(|e| Error::http("build the probe client", e))?;
         let mut h = Self {
             namespace: format!("e2e-{}", &run[..8]),
-            prefix: format!("e2e-{short}"),
+            prefix: format!("e2e-{}", &run[..12]),
             opts,
             run_dir,
             bins,
@@ -257,24 +237,30 @@ impl Harness {
             reapers,
             finished: false,
         };
+        h.start_processes().await?;
+        Ok(h)
+    }
+
+    /// Spawns every replica, waits until each is ready, then until one reaper leads.
+    async fn start_processes(&mut self) -> Result<()> {
         // Reapers first: they apply the migrations.
-        for i in 0..h.reapers.len() {
-            h.spawn(Role::Reaper, i)?;
+        for i in 0..self.reapers.len() {
+            self.spawn(Role::Reaper, i)?;
         }
-        for i in 0..h.apis.len() {
-            h.spawn(Role::Api, i)?;
+        for i in 0..self.apis.len() {
+            self.spawn(Role::Api, i)?;
         }
-        for i in 0..h.reapers.len() {
-            h.wait_ready(Role::Reaper, i).await?;
+        for i in 0..self.reapers.len() {
+            self.wait_ready(Role::Reaper, i).await?;
         }
-        for i in 0..h.apis.len() {
-            h.wait_ready(Role::Api, i).await?;
+        for i in 0..self.apis.len() {
+            self.wait_ready(Role::Api, i).await?;
         }
-        if !h.reapers.is_empty() {
-            h.wait_leader(h.opts.timing.lease_duration * 2 + Duration::from_secs(10))
+        if !self.reapers.is_empty() {
+            self.wait_leader(self.opts.timing.lease_duration * 2 + Duration::from_secs(10))
                 .await?;
         }
-        Ok(h)
+        Ok(())
     }
 
     pub fn run_dir(&self) -> &Path {
@@ -526,7 +512,15 @@ impl Harness {
 
     /// A reaper's `/metrics` text, or `None` if it is down or does not answer.
     pub async fn reaper_metrics(&self, i: usize) -> Option<String> {
-        let slot = self.reapers.get(i)?;
+        self.metrics_text(self.reapers.get(i)?).await
+    }
+
+    /// An API replica's `/metrics` text, or `None` if it is down or does not answer.
+    pub async fn api_metrics(&self, i: usize) -> Option<String> {
+        self.metrics_text(self.apis.get(i)?).await
+    }
+
+    async fn metrics_text(&self, slot: &Replica) -> Option<String> {
         slot.process.as_ref()?;
         let r = self
             .probe
@@ -537,19 +531,6 @@ impl Harness {
         if !r.status().is_success() {
             return None;
         }
-        r.text().await.ok()
-    }
-
-    /// An API replica's `/metrics` text.
-    pub async fn api_metrics(&self, i: usize) -> Option<String> {
-        let slot = self.apis.get(i)?;
-        slot.process.as_ref()?;
-        let r = self
-            .probe
-            .get(format!("http://{}/metrics", slot.metrics))
-            .send()
-            .await
-            .ok()?;
         r.text().await.ok()
     }
 
@@ -838,6 +819,41 @@ fn loopback(port: u16) -> SocketAddr {
 fn port_taken(log: &Path) -> bool {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.contains("Address already in use") || text.contains("address in use")
+}
+
+/// Fails early, naming the command to run, when the options want the shared Redis Cluster
+/// and it is not there.
+async fn check_redis(opts: &HarnessOptions) -> Result<()> {
+    if opts.redis != RedisTarget::Cluster {
+        return Ok(());
+    }
+    if opts.services.cluster_urls.is_empty() {
+        return Err(Error::Setup(
+            "TRACKER_TEST_CLUSTER_URLS names no node".into(),
+        ));
+    }
+    check_cluster(&opts.services.cluster_urls).await
+}
+
+/// Creates `<tmp>/tracker-e2e/<short>`, where the children's logs go.
+fn create_run_dir(short: &str) -> Result<PathBuf> {
+    let run_dir = std::env::temp_dir().join("tracker-e2e").join(short);
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
+    // Shown by the test harness on failure (and by the binary always).
+    eprintln!("tracker-e2e: run dir {}", run_dir.display());
+    Ok(run_dir)
+}
+
+/// A cuttable proxy in front of the run's PostgreSQL server.
+async fn database_proxy(db: &TestDatabase) -> Result<Proxy> {
+    let (host, port) = db.server();
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| Error::io(format!("resolve {host}:{port}"), e))?
+        .next()
+        .ok_or_else(|| Error::Setup(format!("{host}:{port} resolves to nothing")))?;
+    Proxy::start(target).await
 }
 
 /// Fails with the command to run if no seed node of the cluster accepts a TCP connection.

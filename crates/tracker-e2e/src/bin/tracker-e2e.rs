@@ -12,7 +12,6 @@
 //! be set up or did not finish.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracker_e2e::scenarios::{api_kill, leader_kill, pg_outage, races, redis_restart, ws_drop};
@@ -46,65 +45,17 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Scenario {
     /// Randomized races of registrations, heartbeats, closes, expiry, hibernation and wakes.
-    Races {
-        #[arg(long, default_value_t = 10_000)]
-        episodes: usize,
-        #[arg(long, default_value_t = 200)]
-        sessions: usize,
-        #[arg(long, default_value_t = 96)]
-        concurrency: usize,
-        /// Share of the reaper's Session patches the fake Kubernetes API server faults
-        /// (0: none, and no re-created Sessions or watch gaps either).
-        #[arg(long, default_value_t = 0.1)]
-        faults: f64,
-    },
+    Races(races::RacesParams),
     /// SIGKILL the leading reaper K times under load.
-    LeaderKill {
-        #[arg(long, default_value_t = 20)]
-        kills: usize,
-        #[arg(long, default_value_t = 100)]
-        sessions: usize,
-        #[arg(long, default_value_t = 48)]
-        concurrency: usize,
-    },
+    LeaderKill(leader_kill::LeaderKillParams),
     /// PostgreSQL unreachable from the reapers under load.
-    PgOutage {
-        /// Outage length (humantime, e.g. 60s).
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-        outage: Duration,
-        #[arg(long, default_value_t = 100)]
-        sessions: usize,
-        #[arg(long, default_value_t = 48)]
-        concurrency: usize,
-    },
+    PgOutage(pg_outage::PgOutageParams),
     /// SIGKILL an API replica holding WebSockets.
-    ApiKill {
-        #[arg(long, default_value_t = 1000)]
-        websockets: usize,
-        #[arg(long, default_value_t = 200)]
-        survivors: usize,
-    },
+    ApiKill(api_kill::ApiKillParams),
     /// Many WebSockets dropped at once.
-    WsDrop {
-        #[arg(long, default_value_t = 10_000)]
-        websockets: usize,
-        #[arg(long, default_value_t = 500)]
-        sessions: usize,
-    },
+    WsDrop(ws_drop::WsDropParams),
     /// A private redis-server SIGKILLed and restarted empty (API and reapers in standalone mode).
-    RedisRestart {
-        /// How long Redis stays down (humantime).
-        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-        outage: Duration,
-        #[arg(long, default_value_t = 40)]
-        sessions: usize,
-        /// HTTP clients per session (each session also holds one WebSocket).
-        #[arg(long, default_value_t = 3)]
-        http_per_session: usize,
-        /// Bound of every API answer while Redis is down (humantime).
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-        max_latency: Duration,
-    },
+    RedisRestart(redis_restart::RedisRestartParams),
 }
 
 #[tokio::main]
@@ -129,95 +80,25 @@ async fn main() -> ExitCode {
     };
     eprintln!("tracker-e2e: seed {seed}");
     let result = match cli.scenario {
-        Scenario::Races {
-            episodes,
-            sessions,
-            concurrency,
-            faults,
-        } => races::run(
-            opts,
-            races::RacesParams {
-                episodes,
-                sessions,
-                concurrency,
-                seed,
-                faults,
-            },
-        )
-        .await
-        .map(|f| f.to_string()),
-        Scenario::LeaderKill {
-            kills,
-            sessions,
-            concurrency,
-        } => leader_kill::run(
-            opts,
-            leader_kill::LeaderKillParams {
-                kills,
-                sessions,
-                concurrency,
-                seed,
-            },
-        )
-        .await
-        .map(|f| f.to_string()),
-        Scenario::PgOutage {
-            outage,
-            sessions,
-            concurrency,
-        } => pg_outage::run(
-            opts,
-            pg_outage::PgOutageParams {
-                outage,
-                sessions,
-                concurrency,
-                seed,
-            },
-        )
-        .await
-        .map(|f| f.to_string()),
-        Scenario::ApiKill {
-            websockets,
-            survivors,
-        } => api_kill::run(
-            opts,
-            api_kill::ApiKillParams {
-                websockets,
-                survivors,
-                sessions: (websockets / 20).max(1),
-            },
-        )
-        .await
-        .map(|f| f.to_string()),
-        Scenario::WsDrop {
-            websockets,
-            sessions,
-        } => ws_drop::run(
-            opts,
-            ws_drop::WsDropParams {
-                websockets,
-                sessions,
-                concurrency: 200,
-            },
-        )
-        .await
-        .map(|f| f.to_string()),
-        Scenario::RedisRestart {
-            outage,
-            sessions,
-            http_per_session,
-            max_latency,
-        } => redis_restart::run(
-            opts,
-            redis_restart::RedisRestartParams {
-                sessions,
-                http_per_session,
-                outage,
-                max_latency,
-            },
-        )
-        .await
-        .map(|f| f.to_string()),
+        Scenario::Races(p) => races::run(opts, races::RacesParams { seed, ..p })
+            .await
+            .map(|f| f.to_string()),
+        Scenario::LeaderKill(p) => {
+            leader_kill::run(opts, leader_kill::LeaderKillParams { seed, ..p })
+                .await
+                .map(|f| f.to_string())
+        }
+        Scenario::PgOutage(p) => pg_outage::run(opts, pg_outage::PgOutageParams { seed, ..p })
+            .await
+            .map(|f| f.to_string()),
+        Scenario::ApiKill(p) => {
+            let sessions = (p.websockets / 20).max(1);
+            api_kill::run(opts, api_kill::ApiKillParams { sessions, ..p })
+                .await
+                .map(|f| f.to_string())
+        }
+        Scenario::WsDrop(p) => ws_drop::run(opts, p).await.map(|f| f.to_string()),
+        Scenario::RedisRestart(p) => redis_restart::run(opts, p).await.map(|f| f.to_string()),
     };
     match result {
         Ok(figures) => {

@@ -13,17 +13,21 @@ use uuid::Uuid;
 
 use super::checks::some;
 use super::sockets::{self, HoldEnd, OnStop};
-use super::{exits_line, live_connections_on, verdict, write_result};
+use super::{conclude, live_connections_on, write_result};
 use crate::harness::{Harness, HarnessOptions};
 use crate::Result;
 
 /// Size of an API-kill run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct ApiKillParams {
     /// WebSockets on the replica that is killed.
+    #[arg(long, default_value_t = 1000)]
     pub websockets: usize,
     /// WebSockets on the surviving replica.
+    #[arg(long, default_value_t = 200)]
     pub survivors: usize,
+    /// One per 20 killed WebSockets from the command line.
+    #[arg(skip)]
     pub sessions: usize,
 }
 
@@ -136,6 +140,8 @@ impl ApiKillFigures {
         p
     }
 }
+
+impl_figures!(ApiKillFigures);
 
 impl fmt::Display for ApiKillFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -329,7 +335,7 @@ pub async fn run(mut opts: HarnessOptions, params: ApiKillParams) -> Result<ApiK
         .count();
     let live_after = live_connections_on(&h, 1).await?;
     h.check_running()?;
-    let mut figures = ApiKillFigures {
+    let figures = ApiKillFigures {
         params,
         bound,
         archived_after,
@@ -357,13 +363,5 @@ pub async fn run(mut opts: HarnessOptions, params: ApiKillParams) -> Result<ApiK
         exits: String::new(),
         unclean_exits: 0,
     };
-    let run_dir = h.run_dir().to_owned();
-    if !figures.problems().is_empty() {
-        h.keep_run_dir();
-    }
-    let exits = h.shutdown().await?;
-    figures.exits = exits_line(&exits);
-    figures.unclean_exits = exits.iter().filter(|e| !e.clean).count();
-    let problems = figures.problems();
-    verdict("api-kill", figures, &problems, run_dir)
+    conclude(h, "api-kill", figures).await
 }

@@ -13,16 +13,20 @@ use tokio::time::Instant;
 
 use super::load::BackgroundLoad;
 use super::races::{finish, RacesFigures, RacesParams, WAKE_DEADLINE};
-use super::{exits_line, sessions, verdict};
+use super::{conclude, sessions};
 use crate::harness::{Harness, HarnessOptions};
 use crate::{poll, Error, Result};
 
 /// Size of a leader-kill run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct LeaderKillParams {
+    #[arg(long, default_value_t = 20)]
     pub kills: usize,
+    #[arg(long, default_value_t = 100)]
     pub sessions: usize,
+    #[arg(long, default_value_t = 48)]
     pub concurrency: usize,
+    #[arg(skip)]
     pub seed: u64,
 }
 
@@ -89,6 +93,8 @@ impl LeaderKillFigures {
         p
     }
 }
+
+impl_figures!(LeaderKillFigures => run);
 
 impl fmt::Display for LeaderKillFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -210,7 +216,7 @@ pub async fn run(opts: HarnessOptions, params: LeaderKillParams) -> Result<Leade
     // A wake recorded just before a kill waits for the takeover.
     let wake_deadline = WAKE_DEADLINE + lease + TAKEOVER_MARGIN;
     let run = finish(&h, &recorder, wake_deadline, races_params, load_time).await?;
-    let mut figures = LeaderKillFigures {
+    let figures = LeaderKillFigures {
         params,
         lease,
         takeovers,
@@ -218,13 +224,5 @@ pub async fn run(opts: HarnessOptions, params: LeaderKillParams) -> Result<Leade
         wrong_lease_holders: wrong_holders,
         run,
     };
-    let run_dir = h.run_dir().to_owned();
-    if !figures.problems().is_empty() {
-        h.keep_run_dir();
-    }
-    let exits = h.shutdown().await?;
-    figures.run.exits = exits_line(&exits);
-    figures.run.unclean_exits = exits.iter().filter(|e| !e.clean).count();
-    let problems = figures.problems();
-    verdict("leader-kill", figures, &problems, run_dir)
+    conclude(h, "leader-kill", figures).await
 }

@@ -3,6 +3,24 @@
 //! Sizes are parameters: CI runs the short versions (`tests/e2e.rs`), the full ones run
 //! behind `cargo run -p tracker-e2e --release -- <scenario>`.
 
+/// Implements [`Figures`] for a figures type with an inherent `problems` and the fields
+/// `exits` and `unclean_exits` (on itself, or on its field `$inner`).
+macro_rules! impl_figures {
+    ($figures:ty $(=> $inner:ident)?) => {
+        impl $crate::scenarios::Figures for $figures {
+            fn problems(&self) -> Vec<String> {
+                Self::problems(self)
+            }
+
+            fn set_exits(&mut self, line: String, unclean: usize) {
+                let holder = &mut (*self)$(.$inner)?;
+                holder.exits = line;
+                holder.unclean_exits = unclean;
+            }
+        }
+    };
+}
+
 pub mod api_kill;
 pub mod checks;
 pub mod leader_kill;
@@ -60,14 +78,32 @@ pub(crate) async fn live_connections_on(h: &Harness, replica: usize) -> Result<u
         .ok_or_else(|| Error::Protocol(format!("/v1/stats answered {} {}", a.status, a.body)))
 }
 
-/// `Ok(figures)` if there is no problem, else [`Error::Violated`] carrying the figures.
-pub(crate) fn verdict<F: std::fmt::Display>(
+/// What every scenario's figures answer to [`conclude`].
+pub(crate) trait Figures: std::fmt::Display {
+    /// Every broken promise, in words; empty when the run passed.
+    fn problems(&self) -> Vec<String>;
+    /// Records how the processes ended at the harness's shutdown.
+    fn set_exits(&mut self, line: String, unclean: usize);
+}
+
+/// The common end of a scenario: keeps the run directory if the figures already show a
+/// problem, shuts the harness down, records the exits, and answers `Ok(figures)` if there is
+/// no problem, else [`Error::Violated`] carrying them.
+pub(crate) async fn conclude<F: Figures>(
+    mut h: Harness,
     scenario: &'static str,
-    figures: F,
-    problems: &[String],
-    run_dir: std::path::PathBuf,
+    mut figures: F,
 ) -> Result<F> {
-    if problems.is_empty() {
+    let run_dir = h.run_dir().to_owned();
+    if !figures.problems().is_empty() {
+        h.keep_run_dir();
+    }
+    let exits = h.shutdown().await?;
+    figures.set_exits(
+        exits_line(&exits),
+        exits.iter().filter(|e| !e.clean).count(),
+    );
+    if figures.problems().is_empty() {
         Ok(figures)
     } else {
         Err(Error::Violated {
@@ -78,7 +114,6 @@ pub(crate) fn verdict<F: std::fmt::Display>(
     }
 }
 
-/// The process exits of a shutdown, one line.
 /// The last line of a scenario's figures: PASS, or FAIL with every problem.
 pub(crate) fn write_result(
     f: &mut std::fmt::Formatter<'_>,
@@ -91,7 +126,8 @@ pub(crate) fn write_result(
     }
 }
 
-pub(crate) fn exits_line(exits: &[crate::harness::Exit]) -> String {
+/// The process exits of a shutdown, one line.
+fn exits_line(exits: &[crate::harness::Exit]) -> String {
     let mut s = String::new();
     for e in exits {
         let _ = write!(

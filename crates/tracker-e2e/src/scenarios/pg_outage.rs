@@ -9,16 +9,21 @@ use tokio::time::Instant;
 
 use super::load::BackgroundLoad;
 use super::races::{finish, RacesFigures, RacesParams, WAKE_DEADLINE};
-use super::{exits_line, sessions, verdict};
+use super::{conclude, sessions};
 use crate::harness::{Harness, HarnessOptions};
 use crate::{metrics, poll, Error, Result};
 
 /// Size of an outage run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct PgOutageParams {
+    /// Outage length (humantime, e.g. 60s).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub outage: Duration,
+    #[arg(long, default_value_t = 100)]
     pub sessions: usize,
+    #[arg(long, default_value_t = 48)]
     pub concurrency: usize,
+    #[arg(skip)]
     pub seed: u64,
 }
 
@@ -62,6 +67,8 @@ impl PgOutageFigures {
         self.run.problems()
     }
 }
+
+impl_figures!(PgOutageFigures => run);
 
 impl fmt::Display for PgOutageFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -127,20 +134,12 @@ pub async fn run(mut opts: HarnessOptions, params: PgOutageParams) -> Result<PgO
         faults: 0.0,
     };
     let run = finish(&h, &recorder, WAKE_DEADLINE, races_params, load_time).await?;
-    let mut figures = PgOutageFigures {
+    let figures = PgOutageFigures {
         params,
         rows_before_cut: usize::try_from(rows_before_cut).unwrap_or(0),
         rows_during_cut: usize::try_from(rows_end_of_cut - rows_before_cut).unwrap_or(0),
         peak_backlog: peak,
         run,
     };
-    let run_dir = h.run_dir().to_owned();
-    if !figures.problems().is_empty() {
-        h.keep_run_dir();
-    }
-    let exits = h.shutdown().await?;
-    figures.run.exits = exits_line(&exits);
-    figures.run.unclean_exits = exits.iter().filter(|e| !e.clean).count();
-    let problems = figures.problems();
-    verdict("pg-outage", figures, &problems, run_dir)
+    conclude(h, "pg-outage", figures).await
 }

@@ -29,19 +29,24 @@ use super::checks::{
     check_history, check_landings, landings_from_changes, some, HistoryFigures, SessionFigures,
 };
 use super::load::{self, Kind, LoadParams, Recorder, Registration, Target};
-use super::{drain, exits_line, live_connections, sessions, verdict, write_result};
+use super::{conclude, drain, live_connections, sessions, write_result};
 use crate::harness::{Harness, HarnessOptions};
 use crate::Result;
 
 /// Size of a races run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
 pub struct RacesParams {
+    #[arg(long, default_value_t = 10_000)]
     pub episodes: usize,
+    #[arg(long, default_value_t = 200)]
     pub sessions: usize,
+    #[arg(long, default_value_t = 96)]
     pub concurrency: usize,
+    #[arg(skip)]
     pub seed: u64,
     /// Share of the reaper's Session patches the fake Kubernetes API server faults, and
     /// whether it re-creates Sessions and opens watch gaps (0: a well-behaved server).
+    #[arg(long, default_value_t = 0.1)]
     pub faults: f64,
 }
 
@@ -332,6 +337,8 @@ impl RacesFigures {
     }
 }
 
+impl_figures!(RacesFigures);
+
 impl fmt::Display for RacesFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let p = &self.params;
@@ -406,16 +413,8 @@ pub async fn run(mut opts: HarnessOptions, params: RacesParams) -> Result<RacesF
     } else {
         WAKE_DEADLINE
     };
-    let mut figures = finish(&h, &recorder, wake_deadline, params, load_time).await?;
-    let run_dir = h.run_dir().to_owned();
-    if !figures.problems().is_empty() {
-        h.keep_run_dir();
-    }
-    let exits = h.shutdown().await?;
-    figures.exits = exits_line(&exits);
-    figures.unclean_exits = exits.iter().filter(|e| !e.clean).count();
-    let problems = figures.problems();
-    verdict("races", figures, &problems, run_dir)
+    let figures = finish(&h, &recorder, wake_deadline, params, load_time).await?;
+    conclude(h, "races", figures).await
 }
 
 /// Seeded probability rules on this run's Session patches, one per kind of fault.

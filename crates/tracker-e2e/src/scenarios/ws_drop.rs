@@ -11,17 +11,20 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::sockets::{self, OnStop};
-use super::{exits_line, live_connections, verdict, write_result};
+use super::{conclude, live_connections, write_result};
 use crate::harness::{Harness, HarnessOptions};
 use crate::settings::Timing;
 use crate::Result;
 
 /// Size of a drop run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct WsDropParams {
+    #[arg(long, default_value_t = 10_000)]
     pub websockets: usize,
+    #[arg(long, default_value_t = 500)]
     pub sessions: usize,
     /// Concurrent handshakes while opening.
+    #[arg(skip = 200_usize)]
     pub concurrency: usize,
 }
 
@@ -99,6 +102,8 @@ impl WsDropFigures {
         p
     }
 }
+
+impl_figures!(WsDropFigures);
 
 impl fmt::Display for WsDropFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -186,7 +191,7 @@ pub async fn run(mut opts: HarnessOptions, params: WsDropParams) -> Result<WsDro
     let unexpected_rows = found.difference(&ids).count();
     let live_after = live_connections(&h).await?;
     h.check_running()?;
-    let mut figures = WsDropFigures {
+    let figures = WsDropFigures {
         params,
         open_time,
         bound,
@@ -200,13 +205,5 @@ pub async fn run(mut opts: HarnessOptions, params: WsDropParams) -> Result<WsDro
         exits: String::new(),
         unclean_exits: 0,
     };
-    let run_dir = h.run_dir().to_owned();
-    if !figures.problems().is_empty() {
-        h.keep_run_dir();
-    }
-    let exits = h.shutdown().await?;
-    figures.exits = exits_line(&exits);
-    figures.unclean_exits = exits.iter().filter(|e| !e.clean).count();
-    let problems = figures.problems();
-    verdict("ws-drop", figures, &problems, run_dir)
+    conclude(h, "ws-drop", figures).await
 }

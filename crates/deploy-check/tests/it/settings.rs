@@ -1,0 +1,200 @@
+//! Environment variables: the documented settings, read by their binary, shared ones equal,
+//! secrets from a Secret.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{Container, Secret};
+
+use crate::support::{default_render, one_of, repo, sources, value_at, values};
+use crate::workloads::{env, env_var, workload, Binary};
+
+/// The settings of docs/configuration.md, by the binary that reads each
+/// variable.
+pub(crate) const API_ENV: &[&str] = &[
+    "TRACKER_REDIS_URL",
+    "TRACKER_REDIS_MODE",
+    "TRACKER_KEY_PREFIX",
+    "TRACKER_DATABASE_URL",
+    "TRACKER_LISTEN",
+    "TRACKER_METRICS_LISTEN",
+    "TRACKER_JWT_SECRET",
+    "TRACKER_AUTH",
+    "TRACKER_HEARTBEAT_INTERVAL",
+    "TRACKER_HEARTBEAT_WINDOW",
+    "TRACKER_MAX_CONNECTIONS_PER_SESSION",
+    "TRACKER_MAX_CONNECTIONS_PER_USER",
+    "TRACKER_MAX_WEBSOCKETS_PER_USER",
+    "TRACKER_JWT_ISSUER",
+    "TRACKER_JWT_AUDIENCE",
+    "TRACKER_JWT_LEEWAY",
+    "TRACKER_JWT_PUBLIC_KEY_FILE",
+    "TRACKER_TRUSTED_PROXIES",
+    "TRACKER_HEADER_TIMEOUT",
+    "TRACKER_KEEPALIVE_TIMEOUT",
+    "TRACKER_REQUEST_TIMEOUT",
+    "TRACKER_MAX_OPEN_CONNECTIONS",
+    "RUST_LOG",
+    "TRACKER_LOG_FORMAT",
+    "TRACKER_REDIS_SHARDS",
+    "TRACKER_REDIS_TIMEOUT",
+    "TRACKER_SHUTDOWN_TIMEOUT",
+];
+pub(crate) const REAPER_ENV: &[&str] = &[
+    "TRACKER_REDIS_URL",
+    "TRACKER_REDIS_MODE",
+    "TRACKER_KEY_PREFIX",
+    "TRACKER_DATABASE_URL",
+    "TRACKER_METRICS_LISTEN",
+    "TRACKER_HEARTBEAT_WINDOW",
+    "TRACKER_SWEEP_INTERVAL",
+    "TRACKER_DEFAULT_IDLE_TIMEOUT",
+    "TRACKER_PLATFORM",
+    "TRACKER_DRY_RUN",
+    "TRACKER_SKIP_MIGRATIONS",
+    "TRACKER_ELECTION",
+    "TRACKER_NAMESPACE",
+    "TRACKER_LEASE_NAME",
+    "TRACKER_LEASE_DURATION",
+    "KUBECONFIG",
+    "RUST_LOG",
+    "TRACKER_LOG_FORMAT",
+    "TRACKER_REDIS_SHARDS",
+    "TRACKER_REDIS_TIMEOUT",
+    "TRACKER_SHUTDOWN_TIMEOUT",
+    "POD_NAME",
+];
+/// Read by libraries (tracing-subscriber, kube), not named in our sources.
+pub(crate) const LIBRARY_ENV: &[&str] = &["RUST_LOG", "KUBECONFIG"];
+
+/// Where each plain environment variable's value comes from in `values.yaml`.
+pub(crate) const ENV_FROM_VALUES: &[(&str, &str)] = &[
+    ("TRACKER_REDIS_URL", "redis.url"),
+    ("TRACKER_REDIS_MODE", "redis.mode"),
+    ("TRACKER_KEY_PREFIX", "redis.keyPrefix"),
+    ("TRACKER_REDIS_SHARDS", "redis.shards"),
+    ("TRACKER_REDIS_TIMEOUT", "redis.timeout"),
+    ("TRACKER_HEARTBEAT_WINDOW", "heartbeat.window"),
+    ("TRACKER_HEARTBEAT_INTERVAL", "heartbeat.interval"),
+    ("RUST_LOG", "logging.level"),
+    ("TRACKER_LOG_FORMAT", "logging.format"),
+    ("TRACKER_AUTH", "api.auth"),
+    (
+        "TRACKER_MAX_CONNECTIONS_PER_SESSION",
+        "api.maxConnectionsPerSession",
+    ),
+    (
+        "TRACKER_MAX_CONNECTIONS_PER_USER",
+        "api.maxConnectionsPerUser",
+    ),
+    (
+        "TRACKER_MAX_WEBSOCKETS_PER_USER",
+        "api.maxWebsocketsPerUser",
+    ),
+    ("TRACKER_JWT_ISSUER", "api.jwt.issuer"),
+    ("TRACKER_JWT_AUDIENCE", "api.jwt.audience"),
+    ("TRACKER_JWT_LEEWAY", "api.jwt.leeway"),
+    ("TRACKER_TRUSTED_PROXIES", "api.trustedProxies"),
+    ("TRACKER_HEADER_TIMEOUT", "api.headerTimeout"),
+    ("TRACKER_KEEPALIVE_TIMEOUT", "api.keepaliveTimeout"),
+    ("TRACKER_REQUEST_TIMEOUT", "api.requestTimeout"),
+    ("TRACKER_MAX_OPEN_CONNECTIONS", "api.maxOpenConnections"),
+    ("TRACKER_SHUTDOWN_TIMEOUT", "api.shutdownTimeout"),
+    ("TRACKER_SWEEP_INTERVAL", "reaper.sweepInterval"),
+    ("TRACKER_DEFAULT_IDLE_TIMEOUT", "reaper.defaultIdleTimeout"),
+    ("TRACKER_PLATFORM", "reaper.platform"),
+    ("TRACKER_DRY_RUN", "reaper.dryRun"),
+    ("TRACKER_SKIP_MIGRATIONS", "reaper.skipMigrations"),
+    ("TRACKER_ELECTION", "reaper.election"),
+    ("TRACKER_LEASE_NAME", "reaper.lease.name"),
+    ("TRACKER_LEASE_DURATION", "reaper.lease.duration"),
+];
+
+/// Settings that are part of the shared data layout or semantics: the API
+/// and the reaper must get the same value.
+pub(crate) const SHARED_ENV: &[&str] = &[
+    "TRACKER_REDIS_URL",
+    "TRACKER_REDIS_MODE",
+    "TRACKER_KEY_PREFIX",
+    "TRACKER_REDIS_SHARDS",
+    "TRACKER_HEARTBEAT_WINDOW",
+];
+
+#[test]
+fn env_vars_are_the_contracts_and_read_by_their_binary() {
+    let docs = default_render();
+    for binary in [Binary::Api, Binary::Reaper] {
+        let (_, c) = workload(&docs, binary);
+        assert!(c.env_from.is_none(), "{}: no envFrom", binary.name());
+        // Settings both binaries share are parsed in tracker-runtime.
+        let src = sources(&repo().join("crates").join(binary.name()).join("src"))
+            + &sources(&repo().join("crates/tracker-runtime/src"));
+        let mut seen = BTreeSet::new();
+        for e in env(&c) {
+            assert!(
+                seen.insert(&e.name),
+                "{}: {} set twice",
+                binary.name(),
+                e.name
+            );
+            assert!(
+                binary.allowed_env().contains(&e.name.as_str()),
+                "{}: {} is not a variable of the contract for this binary",
+                binary.name(),
+                e.name
+            );
+            if !LIBRARY_ENV.contains(&e.name.as_str()) {
+                assert!(
+                    src.contains(&format!("\"{}\"", e.name)),
+                    "{}: {} is set but neither crates/{}/src nor tracker-runtime reads it",
+                    binary.name(),
+                    e.name,
+                    binary.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn shared_settings_are_identical_in_both_deployments() {
+    let docs = default_render();
+    let (_, api) = workload(&docs, Binary::Api);
+    let (_, reaper) = workload(&docs, Binary::Reaper);
+    for name in SHARED_ENV {
+        let a = env_var(&api, name);
+        let r = env_var(&reaper, name);
+        assert_eq!(
+            serde_json::to_value(a).expect("serializes"),
+            serde_json::to_value(r).expect("serializes"),
+            "{name} differs between the API and the reaper"
+        );
+    }
+}
+
+#[test]
+fn secrets_come_from_a_secret() {
+    let docs = default_render();
+    let values = values();
+    let secret: Secret = one_of(&docs);
+    let secret_name = secret.metadata.name.clone().expect("named");
+    let key_ref = |c: &Container, name: &str| {
+        env_var(c, name)
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.clone())
+            .unwrap_or_else(|| panic!("{name} comes from a secretKeyRef"))
+    };
+    let (_, api) = workload(&docs, Binary::Api);
+    let (_, reaper) = workload(&docs, Binary::Reaper);
+    let jwt = key_ref(&api, "TRACKER_JWT_SECRET");
+    assert_eq!(jwt.name, secret_name);
+    assert_eq!(jwt.key, value_at(&values, "secret.keys.jwtSecret"));
+    // Auth is always on (the chart refuses api.auth=disabled): never optional.
+    assert_ne!(jwt.optional, Some(true), "the JWT secret is required");
+    for (c, optional) in [(&api, Some(true)), (&reaper, None)] {
+        let db = key_ref(c, "TRACKER_DATABASE_URL");
+        assert_eq!(db.name, secret_name);
+        assert_eq!(db.key, value_at(&values, "secret.keys.databaseUrl"));
+        assert_eq!(db.optional, optional, "{}", c.name);
+    }
+}
