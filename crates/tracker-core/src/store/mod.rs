@@ -309,12 +309,7 @@ impl Store {
     /// One command, within the timeout.
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
         let mut conn = self.backend.conn();
-        let result = match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
-            Ok(r) => r.map_err(Error::from),
-            Err(_) => Err(Error::Timeout(self.timeout)),
-        };
-        self.backend.observe(&result);
-        result
+        self.bounded(cmd.query_async(&mut conn)).await
     }
 
     /// Runs a script with its declared keys; `ARGV[1]` is always the clock offset.
@@ -330,7 +325,16 @@ impl Store {
         }
         inv.arg(self.clock.millis()).arg(args);
         let mut conn = self.backend.conn();
-        let result = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+        self.bounded(inv.invoke_async(&mut conn)).await
+    }
+
+    /// Every call goes through here: bounded by the command timeout, and
+    /// observed (a run of timeouts replaces a cluster connection).
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::Timeout(self.timeout)),
         };
@@ -892,7 +896,7 @@ impl Store {
         Ok(Sweep {
             expired,
             // A full candidate list may have left sessions unread.
-            more: more == "1" || candidates.len() >= max as usize,
+            more: reply::flag_text(more) || candidates.len() >= max as usize,
         })
     }
 

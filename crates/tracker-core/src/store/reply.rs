@@ -22,9 +22,15 @@ pub(crate) fn bad_reply(op: &Op, reply: &[impl std::fmt::Debug]) -> Error {
     }
 }
 
-/// Scripts answer yes/no questions with 1 or 0.
+/// Scripts answer yes/no questions with 1 or 0: here, and nowhere else, is
+/// what that means.
 pub(crate) fn flag(n: i64) -> bool {
     n == 1
+}
+
+/// A yes/no answer inside a reply of strings.
+pub(crate) fn flag_text(s: &str) -> bool {
+    s.parse().is_ok_and(flag)
 }
 
 pub(crate) fn connection(op: &Op, f: &[String], window_ms: i64) -> Result<ConnectionView> {
@@ -60,7 +66,7 @@ pub(crate) fn view(
     let [exists, state, owner, live, users, lc, ld, idle, ito, due, uid] = f else {
         return Err(bad());
     };
-    if exists != "1" {
+    if !flag_text(exists) {
         return Ok(None);
     }
     let time = |s: &String| {
@@ -167,6 +173,14 @@ mod tests {
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn one_means_yes_and_anything_else_no() {
+        assert!(flag(1));
+        assert!(!flag(0) && !flag(-1) && !flag(2));
+        assert!(flag_text("1"));
+        assert!(!flag_text("0") && !flag_text("") && !flag_text("yes") && !flag_text("01x"));
     }
 
     #[test]
