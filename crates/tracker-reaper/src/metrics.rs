@@ -25,6 +25,10 @@ pub const KUBE_ERRORS: &str = "tracker_reaper_kube_errors_total";
 pub const STORE_ERRORS: &str = "tracker_reaper_store_errors_total";
 pub const EVENTS_WRITTEN: &str = "tracker_reaper_session_events_written_total";
 pub const EVENTS_DROPPED: &str = "tracker_reaper_session_events_dropped_total";
+pub const HISTORY_PARTITIONS: &str = "tracker_reaper_history_partitions";
+pub const HISTORY_PARTITIONS_CREATED: &str = "tracker_reaper_history_partitions_created_total";
+pub const HISTORY_PARTITIONS_DROPPED: &str = "tracker_reaper_history_partitions_dropped_total";
+pub const HISTORY_PARTITION_ERRORS: &str = "tracker_reaper_history_partition_errors_total";
 
 /// Outcome of one hibernation decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +167,10 @@ pub struct Metrics {
     pub wake_latency: Histogram,
     pub events_written: Counter,
     pub events_dropped: Counter,
+    pub history_partitions: Gauge,
+    pub history_partitions_created: Counter,
+    pub history_partitions_dropped: Counter,
+    pub history_partition_errors: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -244,6 +252,26 @@ impl Metrics {
             None,
             "session events dropped because the queue was full",
         );
+        describe(
+            HISTORY_PARTITIONS,
+            None,
+            "monthly partitions of connection_history",
+        );
+        describe(
+            HISTORY_PARTITIONS_CREATED,
+            None,
+            "monthly history partitions created",
+        );
+        describe(
+            HISTORY_PARTITIONS_DROPPED,
+            None,
+            "monthly history partitions dropped past retention",
+        );
+        describe(
+            HISTORY_PARTITION_ERRORS,
+            None,
+            "failed history partition upkeeps",
+        );
         let counter =
             |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
         let gauge =
@@ -262,6 +290,10 @@ impl Metrics {
             wake_latency: histogram(WAKE_LATENCY),
             events_written: counter(EVENTS_WRITTEN),
             events_dropped: counter(EVENTS_DROPPED),
+            history_partitions: gauge(HISTORY_PARTITIONS),
+            history_partitions_created: counter(HISTORY_PARTITIONS_CREATED),
+            history_partitions_dropped: counter(HISTORY_PARTITIONS_DROPPED),
+            history_partition_errors: counter(HISTORY_PARTITION_ERRORS),
             handle,
             recorder,
         };
