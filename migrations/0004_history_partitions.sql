@@ -16,9 +16,9 @@
 ALTER TABLE connection_history RENAME TO connection_history_unpartitioned;
 ALTER TABLE connection_history_unpartitioned
     RENAME CONSTRAINT connection_history_pkey TO connection_history_unpartitioned_pkey;
-DROP INDEX connection_history_session_time;
-DROP INDEX connection_history_user_time;
-DROP INDEX connection_history_session_uid_idx;
+DROP INDEX IF EXISTS connection_history_session_time;
+DROP INDEX IF EXISTS connection_history_user_time;
+DROP INDEX IF EXISTS connection_history_session_uid_idx;
 
 CREATE TABLE connection_history (
     connection_id     uuid        NOT NULL,
@@ -34,8 +34,7 @@ CREATE TABLE connection_history (
         CONSTRAINT connection_history_end_reason_check
         CHECK (end_reason IN ('closed', 'expired', 'max_duration')),
     archived_at       timestamptz NOT NULL DEFAULT now(),
-    session_uid       text        NULL,
-    PRIMARY KEY (connection_id, disconnected_at)
+    session_uid       text        NULL
 ) PARTITION BY RANGE (disconnected_at);
 
 -- Rows beyond every month's partition (a clock far off, a month not created
@@ -63,17 +62,9 @@ BEGIN
     END LOOP;
 END $$;
 
--- The same reads as before: a session's and a user's history, newest first.
-CREATE INDEX connection_history_session_time
-    ON connection_history (session_id, disconnected_at DESC);
-CREATE INDEX connection_history_user_time
-    ON connection_history (user_id, disconnected_at DESC);
-CREATE INDEX connection_history_session_uid_idx
-    ON connection_history (session_id, session_uid, disconnected_at DESC);
-
 -- Which connection ids have their row, and where (its disconnected_at).
 CREATE TABLE connection_history_ids (
-    connection_id   uuid        PRIMARY KEY,
+    connection_id   uuid        NOT NULL,
     disconnected_at timestamptz NOT NULL
 );
 
@@ -86,6 +77,18 @@ INSERT INTO connection_history
            disconnected_at, last_heartbeat_at, end_reason, archived_at, session_uid
     FROM connection_history_unpartitioned;
 DROP TABLE connection_history_unpartitioned;
+
+-- Keys and indexes are built after the copy: one sort per partition beats
+-- millions of inserts into them.
+ALTER TABLE connection_history_ids ADD PRIMARY KEY (connection_id);
+ALTER TABLE connection_history ADD PRIMARY KEY (connection_id, disconnected_at);
+-- The same reads as before: a session's and a user's history, newest first.
+CREATE INDEX connection_history_session_time
+    ON connection_history (session_id, disconnected_at DESC);
+CREATE INDEX connection_history_user_time
+    ON connection_history (user_id, disconnected_at DESC);
+CREATE INDEX connection_history_session_uid_idx
+    ON connection_history (session_id, session_uid, disconnected_at DESC);
 
 -- Claims the id before the row is written; a row whose id is taken is
 -- skipped. Concurrent inserts of one id wait on each other's claim (the
