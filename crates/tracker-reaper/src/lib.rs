@@ -8,6 +8,7 @@
 //!   outbox to `connection_history` in PostgreSQL, exactly one row each;
 //! - **keeps the history's monthly partitions** ([`partitions`]): creates
 //!   the coming months, drops those past `TRACKER_HISTORY_RETENTION`;
+//! - **refreshes the daily usage rollup** ([`rollup`]) of ended days;
 //! - **mirrors** ([`mirror`]): keeps Session resources' owner, state and idle
 //!   timeout in the store for the API (leader only: see the module);
 //! - **hibernates** ([`hibernator`]) idle Sessions and **wakes** ([`waker`])
@@ -45,6 +46,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod partitions;
 pub mod platform;
+pub mod rollup;
 pub mod session;
 pub mod sweeper;
 pub mod waker;
@@ -354,6 +356,7 @@ impl Application {
         subsystems.spawn(sweeper::run(ctx.clone(), cfg.sweep_interval));
         subsystems.spawn(archiver::run(ctx.clone(), cfg.archive_interval));
         subsystems.spawn(partitions::run(ctx.clone(), cfg.retention()));
+        subsystems.spawn(rollup::run(ctx.clone()));
         if let (Some(client), Some(_)) = (&self.kube, &self.session_api) {
             let api = Api::<Session>::namespaced(client.clone(), &cfg.namespace);
             subsystems.spawn(mirror::run(ctx.clone(), api, cfg.default_idle_timeout));

@@ -6,7 +6,8 @@
 //! A row no month takes lands in the default partition, so the archive never
 //! fails for want of a partition. Creating a month moves that month's rows
 //! out of the default partition first; rows of a past month still kept get
-//! their month created; rows of an expired month are deleted from it.
+//! their month created; rows of an expired month are deleted from it. The
+//! daily usage rollup of expired days is deleted too.
 //!
 //! [`plan`] decides (pure, tested exhaustively); [`upkeep`] reads the
 //! catalogue, asks [`plan`] and carries the plan out. Every step is
@@ -182,6 +183,14 @@ pub async fn upkeep(
                 .execute(pool)
                 .await?
                 .rows_affected();
+        // The usage of those days goes with them.
+        sqlx::query(
+            "WITH rolled AS (DELETE FROM connection_usage_daily WHERE day < $1) \
+             DELETE FROM connection_usage_dirty WHERE day < $1",
+        )
+        .bind(before)
+        .execute(pool)
+        .await?;
     }
     done.partitions = months(pool).await?.len();
     Ok(done)

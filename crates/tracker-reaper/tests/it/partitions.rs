@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tracker_core::{ConnectionId, EndReason, HistoryRecord, Protocol};
 use tracker_reaper::db::{insert_history, MIGRATOR};
 use tracker_reaper::partitions::{months, upkeep, Month};
+use tracker_reaper::rollup::refresh;
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -264,4 +265,65 @@ async fn rows_past_retention_leave_the_default_partition(pool: PgPool) {
         count(&pool, "SELECT count(*) FROM connection_history_ids").await,
         0
     );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn the_rollup_refreshes_ended_days_and_retention_takes_them(pool: PgPool) {
+    let dirty = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, DateTime<Utc>>(
+            "SELECT day FROM connection_usage_dirty ORDER BY day",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    // One connection on the 10th, one across the night into the 12th.
+    let a = record(ConnectionId::new_random(), at("2031-03-10T10:05:00Z"));
+    let mut b = record(ConnectionId::new_random(), at("2031-03-12T01:00:00Z"));
+    b.connected_at = at("2031-03-11T23:00:00Z");
+    insert_history(&pool, &[a, b]).await.unwrap();
+    let days = [
+        at("2031-03-10T00:00:00Z"),
+        at("2031-03-11T00:00:00Z"),
+        at("2031-03-12T00:00:00Z"),
+    ];
+    assert_eq!(dirty(pool.clone()).await, days);
+
+    // On the 12th at noon, the 10th and the 11th have ended; the 12th not.
+    let refreshed = refresh(&pool, at("2031-03-12T12:00:00Z")).await.unwrap();
+    assert_eq!(refreshed, 2);
+    assert_eq!(dirty(pool.clone()).await, days[2..]);
+    let rolled: Vec<(String, DateTime<Utc>, String, f64, i64, i32)> = sqlx::query_as(
+        "SELECT group_by, day, key, connected_seconds, connections, peak_concurrent \
+         FROM connection_usage_daily ORDER BY group_by, day, key",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let row =
+        |kind: &str, day, key: &str, secs, n| (kind.to_owned(), day, key.to_owned(), secs, n, 1);
+    assert_eq!(
+        rolled,
+        [
+            row("session", days[0], "s-1", 300.0, 1),
+            row("session", days[1], "s-1", 3600.0, 1),
+            row("user", days[0], "ursula", 300.0, 1),
+            row("user", days[1], "ursula", 3600.0, 1),
+        ]
+    );
+    // Nothing ended since: nothing to do.
+    assert_eq!(refresh(&pool, at("2031-03-12T12:00:00Z")).await.unwrap(), 0);
+
+    // Retention takes the usage of the days it drops.
+    upkeep(&pool, at("2031-06-15T00:00:00Z"), Some(DAY * 30))
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM connection_usage_daily) + \
+                (SELECT count(*) FROM connection_usage_dirty)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
 }
