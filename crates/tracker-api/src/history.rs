@@ -140,6 +140,23 @@ impl History {
     }
 }
 
+impl History {
+    /// Runs one query of another route on the archive's pool, bounded and
+    /// with its errors answered as the history's are.
+    pub async fn run<T, F>(&self, query: impl FnOnce(PgPool) -> F) -> Result<T, ApiError>
+    where
+        F: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        match tokio::time::timeout(self.timeout, query(self.pool.clone())).await {
+            Ok(r) => r.map_err(pg_error),
+            Err(_) => Err(ApiError::Unavailable {
+                backend: Backend::Postgres,
+                detail: format!("no answer within {:?}", self.timeout),
+            }),
+        }
+    }
+}
+
 /// Connection trouble is a 503 (retry later); anything else is a bug or a
 /// schema mismatch, a 500.
 fn pg_error(e: sqlx::Error) -> ApiError {

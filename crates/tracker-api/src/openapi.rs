@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{connections, ops, sessions};
+use crate::routes::{connections, ops, sessions, usage};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -21,6 +21,7 @@ use crate::routes::{connections, ops, sessions};
         sessions::session,
         sessions::history,
         sessions::stats,
+        usage::usage,
         crate::ws::upgrade,
         ops::healthz,
         ops::readyz,
@@ -38,6 +39,8 @@ use crate::routes::{connections, ops, sessions};
         crate::history::HistoryRow,
         crate::history::EventRow,
         crate::ws::ServerFrame,
+        usage::Usage,
+        usage::UsageRow,
     )),
     modifiers(&BearerAuth),
     tags(

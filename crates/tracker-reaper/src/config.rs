@@ -107,6 +107,10 @@ pub struct Config {
     #[arg(long, env = "TRACKER_KUBE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub kube_timeout: Duration,
 
+    /// History older than this is dropped, a month at a time; `0` keeps it for ever.
+    #[arg(long, env = "TRACKER_HISTORY_RETENTION", default_value = "400d", value_parser = humantime::parse_duration)]
+    pub history_retention: Duration,
+
     /// `text` or `json`.
     #[arg(long, env = "TRACKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -165,6 +169,11 @@ impl Config {
         Ok(())
     }
 
+    /// The history retention; `None` keeps history for ever.
+    pub fn retention(&self) -> Option<Duration> {
+        (!self.history_retention.is_zero()).then_some(self.history_retention)
+    }
+
     /// What the core store needs.
     pub fn store_config(&self) -> StoreConfig {
         self.redis.store_config(self.heartbeat_window)
@@ -216,6 +225,7 @@ mod tests {
         assert_eq!(cfg.lease_name, "tracker-reaper");
         assert_eq!(cfg.lease_duration, Duration::from_secs(15));
         assert_eq!(cfg.log_format, LogFormat::Text);
+        assert_eq!(cfg.retention(), Some(Duration::from_secs(400 * 86_400)));
         cfg.validate().unwrap();
     }
 
@@ -245,6 +255,8 @@ mod tests {
             &["--database-url", "x", "--platform", "nomad"],
             &["--database-url", "x", "--dry-run", "yes please"],
             &["--database-url", "x", "--metrics-listen", "nowhere"],
+            &["--database-url", "x", "--history-retention", "a year"],
+            &["--database-url", "x", "--history-retention", "400x"],
         ] {
             let err = parse(args).unwrap_err();
             let first = err.to_string();
@@ -292,6 +304,14 @@ mod tests {
         ])
         .unwrap();
         assert!(cfg.dry_run && cfg.skip_migrations);
+    }
+
+    #[test]
+    fn a_zero_retention_keeps_history_for_ever() {
+        let cfg = parse(&["--database-url", "x", "--history-retention", "0"]).unwrap();
+        assert_eq!(cfg.retention(), None);
+        let cfg = parse(&["--database-url", "x", "--history-retention", "90d"]).unwrap();
+        assert_eq!(cfg.retention(), Some(Duration::from_secs(90 * 86_400)));
     }
 
     #[test]

@@ -76,8 +76,10 @@ impl ArchivedConnection {
 /// PostgreSQL refuses any row ([`Error::refused_data`] tells a refused row
 /// from a failed connection); the caller splits the batch to find it.
 ///
-/// `ON CONFLICT DO NOTHING RETURNING` names the rows written; only the others
-/// (none, usually) cost a second query comparing them with the rows in the way.
+/// The table's trigger skips a row whose connection id has a row already
+/// (see `migrations/0004_history_partitions.sql`), like `ON CONFLICT DO
+/// NOTHING` would: `RETURNING` names the rows written; only the others (none,
+/// usually) cost a second query comparing them with the rows in the way.
 pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<HistoryWrite> {
     if records.is_empty() {
         return Ok(HistoryWrite::default());
@@ -114,7 +116,7 @@ pub async fn insert_history(pool: &PgPool, records: &[HistoryRecord]) -> Result<
          SELECT u.*, now() FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
              $5::inet[], $6::text[], $7::timestamptz[], $8::timestamptz[], \
              $9::timestamptz[], $10::text[], $11::text[]) AS u \
-         ON CONFLICT (connection_id) DO NOTHING \
+         ON CONFLICT (connection_id, disconnected_at) DO NOTHING \
          RETURNING connection_id",
     )
     .bind(&connection_id)

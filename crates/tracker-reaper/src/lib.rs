@@ -6,6 +6,9 @@
 //!   the window, every `TRACKER_SWEEP_INTERVAL`, every shard;
 //! - **archives** ([`archiver`]): moves finished connections from the Redis
 //!   outbox to `connection_history` in PostgreSQL, exactly one row each;
+//! - **keeps the history's monthly partitions** ([`partitions`]): creates
+//!   the coming months, drops those past `TRACKER_HISTORY_RETENTION`;
+//! - **refreshes the daily usage rollup** ([`rollup`]) of ended days;
 //! - **mirrors** ([`mirror`]): keeps Session resources' owner, state and idle
 //!   timeout in the store for the API (leader only: see the module);
 //! - **hibernates** ([`hibernator`]) idle Sessions and **wakes** ([`waker`])
@@ -41,7 +44,9 @@ pub mod hibernator;
 pub mod http;
 pub mod metrics;
 pub mod mirror;
+pub mod partitions;
 pub mod platform;
+pub mod rollup;
 pub mod session;
 pub mod sweeper;
 pub mod waker;
@@ -350,6 +355,8 @@ impl Application {
         let subsystems = TaskTracker::new();
         subsystems.spawn(sweeper::run(ctx.clone(), cfg.sweep_interval));
         subsystems.spawn(archiver::run(ctx.clone(), cfg.archive_interval));
+        subsystems.spawn(partitions::run(ctx.clone(), cfg.retention()));
+        subsystems.spawn(rollup::run(ctx.clone()));
         if let (Some(client), Some(_)) = (&self.kube, &self.session_api) {
             let api = Api::<Session>::namespaced(client.clone(), &cfg.namespace);
             subsystems.spawn(mirror::run(ctx.clone(), api, cfg.default_idle_timeout));

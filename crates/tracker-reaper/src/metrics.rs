@@ -38,6 +38,10 @@ pub const KUBE_ERRORS: &str = "tracker_reaper_kube_errors";
 pub const STORE_ERRORS: &str = "tracker_reaper_store_errors";
 pub const EVENTS_WRITTEN: &str = "tracker_reaper_session_events_written";
 pub const EVENTS_DROPPED: &str = "tracker_reaper_session_events_dropped";
+pub const HISTORY_PARTITIONS: &str = "tracker_reaper_history_partitions";
+pub const HISTORY_PARTITIONS_CREATED: &str = "tracker_reaper_history_partitions_created";
+pub const HISTORY_PARTITIONS_DROPPED: &str = "tracker_reaper_history_partitions_dropped";
+pub const HISTORY_PARTITION_ERRORS: &str = "tracker_reaper_history_partition_errors";
 
 /// Buckets of the `_seconds` histograms: 1 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 13] = [
@@ -187,6 +191,10 @@ pub struct Metrics {
     pub wake_latency: Histogram,
     pub events_written: Counter,
     pub events_dropped: Counter,
+    pub history_partitions: Gauge,
+    pub history_partitions_created: Counter,
+    pub history_partitions_dropped: Counter,
+    pub history_partition_errors: Counter,
     hibernations: Family<HibernationLabel, RawCounter>,
     wakes: Family<WakeLabel, RawCounter>,
     history_rejected: Family<ReasonLabel, RawCounter>,
@@ -289,6 +297,30 @@ impl Metrics {
             "session events dropped because the queue was full",
             events_dropped.0.clone(),
         );
+        let history_partitions = Gauge::default();
+        r.register(
+            HISTORY_PARTITIONS,
+            "monthly partitions of connection_history",
+            history_partitions.0.clone(),
+        );
+        let history_partitions_created = Counter::default();
+        r.register(
+            HISTORY_PARTITIONS_CREATED,
+            "monthly history partitions created",
+            history_partitions_created.0.clone(),
+        );
+        let history_partitions_dropped = Counter::default();
+        r.register(
+            HISTORY_PARTITIONS_DROPPED,
+            "monthly history partitions dropped past retention",
+            history_partitions_dropped.0.clone(),
+        );
+        let history_partition_errors = Counter::default();
+        r.register(
+            HISTORY_PARTITION_ERRORS,
+            "failed history partition upkeeps",
+            history_partition_errors.0.clone(),
+        );
         Self {
             registry: Arc::new(r),
             is_leader,
@@ -301,6 +333,10 @@ impl Metrics {
             wake_latency,
             events_written,
             events_dropped,
+            history_partitions,
+            history_partitions_created,
+            history_partitions_dropped,
+            history_partition_errors,
             hibernations,
             wakes,
             history_rejected,

@@ -8,6 +8,7 @@
 pub mod connections;
 pub mod ops;
 pub mod sessions;
+pub mod usage;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::CONTENT_LENGTH;
@@ -44,6 +45,7 @@ pub fn router(state: AppState, with_ops: bool) -> Router {
         .route("/v1/sessions/{session_id}/history", get(sessions::history))
         .route("/v1/connections/{connection_id}", get(connections::get))
         .route("/v1/stats", get(sessions::stats))
+        .route("/v1/usage", get(usage::usage))
         .route("/v1/sessions/{session_id}/ws", get(crate::ws::upgrade))
         .route("/healthz", get(ops::healthz));
     let api = if with_ops {

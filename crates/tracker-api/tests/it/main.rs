@@ -13,4 +13,5 @@ mod malformed;
 mod outage;
 mod parsing;
 mod security;
+mod usage;
 mod ws;

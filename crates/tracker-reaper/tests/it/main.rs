@@ -17,4 +17,5 @@ mod helpers;
 mod hibernate;
 mod http;
 mod mirror;
+mod partitions;
 mod wake;
