@@ -7,7 +7,9 @@
 //!
 //! Layout:
 //! - [`config`]: the settings (`TRACKER_*` variables and equal flags);
-//! - [`auth`]: bearer JWTs and who may act on which session;
+//! - [`auth`]: who is calling (bearer JWTs);
+//! - [`access`]: what the caller may do: roles, and who may act on which
+//!   session;
 //! - [`client_ip`]: the client's address, and when `X-Forwarded-For` counts;
 //! - [`error`]: the one table from error to status and code;
 //! - [`extract`]: JSON and path extractors whose rejections name the field;
@@ -24,6 +26,7 @@
 //! WebSocket gets Close 1001 and its connection removed, all within
 //! `TRACKER_SHUTDOWN_TIMEOUT`.
 
+pub mod access;
 pub mod auth;
 pub mod client_ip;
 pub mod config;

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{connections, ops, sessions};
+use crate::routes::{connections, heartbeats, ops, sessions};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -17,7 +17,7 @@ use crate::routes::{connections, ops, sessions};
         connections::close,
         connections::list,
         connections::get,
-        sessions::batch,
+        heartbeats::batch,
         sessions::session,
         sessions::history,
         sessions::stats,

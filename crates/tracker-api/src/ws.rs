@@ -36,13 +36,14 @@ use tracker_core::{
 };
 use utoipa::ToSchema;
 
-use crate::auth::{bearer_token, query_token};
+use crate::access::authorize;
+use crate::auth::bearer_token;
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody};
 use crate::error::{Backend, LimitKind};
-use crate::extract::SessionPath;
+use crate::extract::{query_param, SessionPath};
 use crate::metrics::HeartbeatResult;
-use crate::routes::connections::{authorize, register_connection};
+use crate::routes::connections::register_connection;
 use crate::state::AppState;
 
 /// A text frame from the server.
@@ -88,7 +89,7 @@ pub async fn upgrade(
 ) -> Result<Response, ApiError> {
     let token = match bearer_token(&headers)? {
         Some(t) => Some(t.to_owned()),
-        None => query_token(&uri),
+        None => query_param(&uri, "access_token"),
     };
     let principal = state.auth.authenticate(token.as_deref())?;
     let ws = ws.map_err(|r| {
@@ -101,13 +102,13 @@ pub async fn upgrade(
         return Err(ApiError::ShuttingDown);
     }
     authorize(&state, &principal, &session_id).await?;
-    let slot = if principal.privileged {
-        None
-    } else {
+    let slot = if principal.counts_websockets() {
         state
             .user_sockets
             .try_open(&principal.subject)
             .ok_or(ApiError::ConnectionLimit(LimitKind::UserWebsockets))?
+    } else {
+        None
     };
     let new = NewConnection {
         session_id,
