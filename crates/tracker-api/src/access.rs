@@ -157,18 +157,7 @@ mod tests {
     }
 
     fn view(owner: Option<&str>) -> SessionView {
-        SessionView {
-            session_id: "s1".parse().unwrap(),
-            state: SessionState::Idle,
-            owner: owner.map(str::to_owned),
-            active_connections: 0,
-            distinct_users: 0,
-            last_connection_at: None,
-            last_disconnect_at: None,
-            idle_since: None,
-            idle_timeout_seconds: None,
-            hibernates_at: None,
-        }
+        crate::test_support::view(&"s1".parse().unwrap(), SessionState::Idle, owner)
     }
 
     #[test]

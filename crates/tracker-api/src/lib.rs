@@ -13,8 +13,8 @@
 //! - [`client_ip`]: the client's address, and when `X-Forwarded-For` counts;
 //! - [`error`]: the one table from error to status and code;
 //! - [`extract`]: JSON and path extractors whose rejections name the field;
-//! - [`routes`]: the router and the handlers, by concept;
-//! - [`ws`]: WebSocket tracking and its shutdown;
+//! - [`routes`]: the router and the handlers, by concept, WebSocket
+//!   tracking ([`routes::ws`]) among them;
 //! - [`serve`]: the HTTP/1.1 server loop with its timeouts and connection cap;
 //! - [`history`]: the PostgreSQL archive reader;
 //! - [`metrics`]: per-instance Prometheus metrics with bounded labels;
@@ -38,7 +38,28 @@ pub mod openapi;
 pub mod routes;
 pub mod serve;
 pub mod state;
-pub mod ws;
+
+/// Builders the unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use tracker_core::{SessionId, SessionState, SessionView};
+
+    /// A session view with no connections or timers.
+    pub fn view(session: &SessionId, state: SessionState, owner: Option<&str>) -> SessionView {
+        SessionView {
+            session_id: session.clone(),
+            state,
+            owner: owner.map(str::to_owned),
+            active_connections: 0,
+            distinct_users: 0,
+            last_connection_at: None,
+            last_disconnect_at: None,
+            idle_since: None,
+            idle_timeout_seconds: None,
+            hibernates_at: None,
+        }
+    }
+}
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,9 +74,10 @@ use crate::auth::{Authenticator, JwtRules};
 use crate::config::{AuthMode, Config, ConfigError};
 use crate::history::History;
 use crate::metrics::Metrics;
+use crate::routes::ws::user_sockets::UserSockets;
+use crate::routes::ws::watch::SessionWatches;
 use crate::serve::ConnLimits;
 use crate::state::{AppState, Inner};
-use crate::ws::UserSockets;
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +147,14 @@ impl Application {
             Some(addr) if cfg.separate_ops_listener() => Some(bind(addr).await?),
             _ => None,
         };
+        let draining = CancellationToken::new();
+        let metrics = Metrics::new();
+        let session_watches = SessionWatches::new(
+            store.clone(),
+            cfg.heartbeat_interval,
+            metrics.clone(),
+            draining.clone(),
+        );
         let state = AppState::new(Inner {
             store,
             auth,
@@ -134,10 +164,11 @@ impl Application {
             request_timeout: cfg.request_timeout,
             trusted_proxies: cfg.trusted_proxies.clone(),
             user_sockets: UserSockets::new(cfg.max_websockets_per_user),
+            session_watches,
             history,
-            metrics: Metrics::new(),
+            metrics,
             sockets: TaskTracker::new(),
-            draining: CancellationToken::new(),
+            draining,
         });
         Ok(Self {
             listener,

@@ -21,7 +21,7 @@ use crate::routes::{connections, heartbeats, ops, sessions};
         sessions::session,
         sessions::history,
         sessions::stats,
-        crate::ws::upgrade,
+        crate::routes::ws::upgrade,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -37,7 +37,7 @@ use crate::routes::{connections, heartbeats, ops, sessions};
         crate::error::ErrorDetail,
         crate::history::HistoryRow,
         crate::history::EventRow,
-        crate::ws::ServerFrame,
+        crate::routes::ws::ServerFrame,
     )),
     modifiers(&BearerAuth),
     tags(

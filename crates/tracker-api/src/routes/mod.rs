@@ -5,7 +5,7 @@
 //!
 //! Modules, by concept: [`connections`] (register, heartbeat, list, close),
 //! [`heartbeats`] (the batch heartbeat of proxies), [`sessions`] (views,
-//! history, stats), [`crate::ws`] (WebSocket tracking), [`ops`] (health, readiness,
+//! history, stats), [`ws`] (WebSocket tracking), [`ops`] (health, readiness,
 //! metrics, the OpenAPI document).
 //!
 //! With a separate ops listener (`TRACKER_METRICS_LISTEN` not equal to
@@ -17,6 +17,7 @@ pub mod connections;
 pub mod heartbeats;
 pub mod ops;
 pub mod sessions;
+pub mod ws;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::CONTENT_LENGTH;
@@ -53,7 +54,7 @@ fn api_routes() -> Router<AppState> {
         .route("/v1/sessions/{session_id}", get(sessions::session))
         .route("/v1/sessions/{session_id}/history", get(sessions::history))
         .route("/v1/stats", get(sessions::stats))
-        .route("/v1/sessions/{session_id}/ws", get(crate::ws::upgrade))
+        .route("/v1/sessions/{session_id}/ws", get(ws::upgrade))
 }
 
 /// `/healthz`, on every listener.
