@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tracker_core::UserId;
 
 use crate::access::{Principal, Role};
+use crate::config::{ConfigError, TokenKey};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -74,6 +75,29 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
+    /// The authenticator the validated settings ask for; a public key file
+    /// is read here, once.
+    pub fn from_settings(key: TokenKey<'_>, rules: &JwtRules) -> Result<Self, ConfigError> {
+        match key {
+            TokenKey::Disabled => {
+                tracing::warn!(
+                    "TRACKER_AUTH=disabled: every request is treated as an admin. \
+                     Never run this way outside a local machine."
+                );
+                Ok(Self::disabled())
+            }
+            TokenKey::Secret(secret) => Ok(Self::hs256(secret.expose().as_bytes(), rules)),
+            TokenKey::PublicKeyFile(path) => {
+                let key_error = |reason: String| ConfigError::PublicKey {
+                    path: path.display().to_string(),
+                    reason,
+                };
+                let pem = std::fs::read(path).map_err(|e| key_error(e.to_string()))?;
+                Self::public_key_pem(&pem, rules).map_err(|e| key_error(e.to_string()))
+            }
+        }
+    }
+
     pub fn disabled() -> Self {
         Authenticator::Disabled(Principal {
             subject: "admin".parse().expect("\"admin\" is a valid user id"),

@@ -70,8 +70,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracker_core::Store;
 
-use crate::auth::{Authenticator, JwtRules};
-use crate::config::{AuthMode, Config, ConfigError};
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError, TokenKey};
 use crate::history::History;
 use crate::metrics::Metrics;
 use crate::routes::ws::user_sockets::UserSockets;
@@ -107,18 +107,10 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects to Redis (and prepares the lazy PostgreSQL pool), then binds.
+    /// Checks the settings, connects to Redis (and prepares the lazy
+    /// PostgreSQL pool), then binds.
     pub async fn build(cfg: Config) -> Result<Self, BuildError> {
-        cfg.validate()?;
-        // Before any connection: a bad key file is a settings error.
-        let auth = authenticator(&cfg)?;
-        let store = Store::connect(&cfg.store_config()).await?;
-        let history = cfg
-            .database_url
-            .as_ref()
-            .map(|url| History::connect_lazy(url.expose(), cfg.redis.redis_timeout))
-            .transpose()?;
-        Self::assemble(cfg, auth, store, history).await
+        Self::start(cfg, None).await
     }
 
     /// Builds around a given store and archive (tests share a clock offset
@@ -128,8 +120,32 @@ impl Application {
         store: Store,
         history: Option<History>,
     ) -> Result<Self, BuildError> {
-        cfg.validate()?;
-        let auth = authenticator(&cfg)?;
+        Self::start(cfg, Some((store, history))).await
+    }
+
+    /// Both builds: the settings are checked here, and only here, before
+    /// anything connects.
+    async fn start(
+        cfg: Config,
+        backends: Option<(Store, Option<History>)>,
+    ) -> Result<Self, BuildError> {
+        let key = cfg.validate()?;
+        if matches!(key, TokenKey::PublicKeyFile(_)) && cfg.jwt_secret.is_some() {
+            tracing::info!("TRACKER_JWT_PUBLIC_KEY_FILE is set: TRACKER_JWT_SECRET is not used");
+        }
+        let auth = Authenticator::from_settings(key, &cfg.jwt_rules())?;
+        let (store, history) = match backends {
+            Some(given) => given,
+            None => {
+                let store = Store::connect(&cfg.store_config()).await?;
+                let history = cfg
+                    .database_url
+                    .as_ref()
+                    .map(|url| History::connect_lazy(url.expose(), cfg.redis.redis_timeout))
+                    .transpose()?;
+                (store, history)
+            }
+        };
         Self::assemble(cfg, auth, store, history).await
     }
 
@@ -250,39 +266,6 @@ impl Application {
             ),
         }
         Ok(())
-    }
-}
-
-/// Token checking as configured; the key file is read here, once.
-fn authenticator(cfg: &Config) -> Result<Authenticator, ConfigError> {
-    if cfg.auth == AuthMode::Disabled {
-        tracing::warn!(
-            "TRACKER_AUTH=disabled: every request is treated as an admin. \
-             Never run this way outside a local machine."
-        );
-        return Ok(Authenticator::disabled());
-    }
-    let rules = JwtRules {
-        leeway: cfg.jwt_leeway,
-        issuer: cfg.jwt_issuer.clone().filter(|s| !s.is_empty()),
-        audience: cfg.jwt_audience.clone().filter(|s| !s.is_empty()),
-    };
-    if let Some(path) = &cfg.jwt_public_key_file {
-        let key_error = |reason: String| ConfigError::PublicKey {
-            path: path.display().to_string(),
-            reason,
-        };
-        let pem = std::fs::read(path).map_err(|e| key_error(e.to_string()))?;
-        let auth =
-            Authenticator::public_key_pem(&pem, &rules).map_err(|e| key_error(e.to_string()))?;
-        if cfg.jwt_secret.is_some() {
-            tracing::info!("TRACKER_JWT_PUBLIC_KEY_FILE is set: TRACKER_JWT_SECRET is not used");
-        }
-        return Ok(auth);
-    }
-    match &cfg.jwt_secret {
-        Some(secret) => Ok(Authenticator::hs256(secret.expose().as_bytes(), &rules)),
-        None => Err(ConfigError::MissingJwtSecret),
     }
 }
 
