@@ -1,83 +1,29 @@
-//! Who is calling, and what they may do (docs/security.md).
+//! Who is calling (docs/security.md); what the caller may then do is
+//! [`crate::access`]'s.
 //!
 //! A bearer JWT names the caller (`sub`) and its `roles`. It is HS256 with
 //! `TRACKER_JWT_SECRET`, or RS256/ES256/EdDSA with the key of
 //! `TRACKER_JWT_PUBLIC_KEY_FILE`: exactly one algorithm is accepted, the
 //! key's, so a token cannot pick how it is checked. `exp` is required, `nbf`
 //! is checked when present, both within `TRACKER_JWT_LEEWAY`; `iss` and `aud`
-//! are required when configured. `service` and `admin` act on any session; a
-//! plain `user` only on sessions it owns, and only as itself. The decisions
-//! are pure functions on [`Principal`] so they are unit-tested without a
-//! server.
+//! are required when configured. The token comes from the `Authorization`
+//! header; the WebSocket route also takes it from the query
+//! ([`crate::extract::query_param`]), since browsers cannot set headers there.
 
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Uri};
+use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use tracker_core::{SessionView, UserId};
+use tracker_core::UserId;
 
+use crate::access::{Principal, Role};
+use crate::config::{ConfigError, TokenKey};
 use crate::error::ApiError;
 use crate::state::AppState;
-
-/// The authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// `sub`: the caller's user id.
-    pub subject: UserId,
-    /// Holds `service` or `admin`: may act on any session, as anyone.
-    pub privileged: bool,
-    /// Holds `user`.
-    pub user: bool,
-}
-
-impl Principal {
-    /// For `service`/`admin`-only routes.
-    pub fn require_privileged(&self) -> Result<(), ApiError> {
-        if self.privileged {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(
-                "this route needs the service or admin role",
-            ))
-        }
-    }
-
-    /// Whether the caller may act on a session, given what the tracker knows
-    /// of it. A plain user cannot own a session whose owner is unknown, so an
-    /// unknown session is a 404 for it, while another user's is a 403.
-    pub fn check_session(&self, view: Option<&SessionView>) -> Result<(), ApiError> {
-        if self.privileged {
-            return Ok(());
-        }
-        if !self.user {
-            return Err(ApiError::Forbidden("the token carries no known role"));
-        }
-        match view.and_then(|v| v.owner.as_deref()) {
-            None => Err(ApiError::SessionNotFound),
-            Some(owner) if owner == self.subject.as_str() => Ok(()),
-            Some(_) => Err(ApiError::Forbidden("the session belongs to another user")),
-        }
-    }
-
-    /// Whether the caller may state a connection's `client_ip` itself; a
-    /// plain user's is the address it connects from.
-    pub fn may_set_client_ip(&self) -> bool {
-        self.privileged
-    }
-
-    /// Whether the caller may act as `user` (register a connection for it).
-    pub fn check_acting_as(&self, user: &UserId) -> Result<(), ApiError> {
-        if self.privileged || user == &self.subject {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden("a user may only act as itself"))
-        }
-    }
-}
 
 #[derive(Debug, Deserialize)]
 struct Claims {
@@ -129,11 +75,33 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
+    /// The authenticator the validated settings ask for; a public key file
+    /// is read here, once.
+    pub fn from_settings(key: TokenKey<'_>, rules: &JwtRules) -> Result<Self, ConfigError> {
+        match key {
+            TokenKey::Disabled => {
+                tracing::warn!(
+                    "TRACKER_AUTH=disabled: every request is treated as an admin. \
+                     Never run this way outside a local machine."
+                );
+                Ok(Self::disabled())
+            }
+            TokenKey::Secret(secret) => Ok(Self::hs256(secret.expose().as_bytes(), rules)),
+            TokenKey::PublicKeyFile(path) => {
+                let key_error = |reason: String| ConfigError::PublicKey {
+                    path: path.display().to_string(),
+                    reason,
+                };
+                let pem = std::fs::read(path).map_err(|e| key_error(e.to_string()))?;
+                Self::public_key_pem(&pem, rules).map_err(|e| key_error(e.to_string()))
+            }
+        }
+    }
+
     pub fn disabled() -> Self {
         Authenticator::Disabled(Principal {
             subject: "admin".parse().expect("\"admin\" is a valid user id"),
-            privileged: true,
-            user: false,
+            role: Role::Admin,
         })
     }
 
@@ -201,11 +169,9 @@ impl Authenticator {
             data.claims.sub.parse::<UserId>().map_err(|_| {
                 ApiError::Unauthenticated("the token's subject is not a valid user id")
             })?;
-        let has = |r: &str| data.claims.roles.iter().any(|x| x == r);
         Ok(Principal {
             subject,
-            privileged: has("service") || has("admin"),
-            user: has("user"),
+            role: Role::from_claims(&data.claims.roles),
         })
     }
 }
@@ -246,50 +212,6 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     }
 }
 
-/// The `access_token` query parameter; accepted on the WebSocket path only,
-/// since browsers cannot set headers on a WebSocket handshake.
-pub fn query_token(uri: &Uri) -> Option<String> {
-    let query = uri.query()?;
-    form_pairs(query)
-        .find(|(k, _)| k == "access_token")
-        .map(|(_, v)| v)
-}
-
-/// `k=v` pairs of a query string, percent-decoded; undecodable pairs are skipped.
-pub(crate) fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            Some((percent_decode(k)?, percent_decode(v)?))
-        })
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
@@ -302,60 +224,6 @@ impl FromRequestParts<AppState> for Principal {
 mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};
-    use tracker_core::SessionState;
-
-    fn principal(sub: &str, privileged: bool, user: bool) -> Principal {
-        Principal {
-            subject: sub.parse().unwrap(),
-            privileged,
-            user,
-        }
-    }
-
-    fn view(owner: Option<&str>) -> SessionView {
-        SessionView {
-            session_id: "s1".parse().unwrap(),
-            state: SessionState::Idle,
-            owner: owner.map(str::to_owned),
-            active_connections: 0,
-            distinct_users: 0,
-            last_connection_at: None,
-            last_disconnect_at: None,
-            idle_since: None,
-            idle_timeout_seconds: None,
-            hibernates_at: None,
-        }
-    }
-
-    #[test]
-    fn session_access_matrix() {
-        let alice = principal("alice", false, true);
-        let service = principal("proxy", true, false);
-        let nobody = principal("x", false, false);
-        assert!(alice.check_session(Some(&view(Some("alice")))).is_ok());
-        assert!(matches!(
-            alice.check_session(Some(&view(Some("bob")))),
-            Err(ApiError::Forbidden(_))
-        ));
-        assert!(matches!(
-            alice.check_session(None),
-            Err(ApiError::SessionNotFound)
-        ));
-        assert!(matches!(
-            alice.check_session(Some(&view(None))),
-            Err(ApiError::SessionNotFound)
-        ));
-        assert!(service.check_session(None).is_ok());
-        assert!(matches!(
-            nobody.check_session(Some(&view(Some("x")))),
-            Err(ApiError::Forbidden(_))
-        ));
-        assert!(alice.require_privileged().is_err());
-        assert!(service.require_privileged().is_ok());
-        assert!(alice.check_acting_as(&"alice".parse().unwrap()).is_ok());
-        assert!(alice.check_acting_as(&"bob".parse().unwrap()).is_err());
-        assert!(service.check_acting_as(&"bob".parse().unwrap()).is_ok());
-    }
 
     fn token(secret: &str, claims: serde_json::Value) -> String {
         encode(
@@ -381,7 +249,10 @@ mod tests {
         );
         assert_eq!(
             auth.authenticate(Some(&ok)).unwrap(),
-            principal("alice", false, true)
+            Principal {
+                subject: "alice".parse().unwrap(),
+                role: Role::User
+            }
         );
         let cases = [
             None,
@@ -412,11 +283,9 @@ mod tests {
                 "{t:?}"
             );
         }
-        assert!(
-            Authenticator::disabled()
-                .authenticate(None)
-                .unwrap()
-                .privileged
+        assert_eq!(
+            Authenticator::disabled().authenticate(None).unwrap().role,
+            Role::Admin
         );
     }
 
@@ -434,13 +303,5 @@ mod tests {
             Some(KeyError::Unsupported)
         );
         assert!(Authenticator::public_key_pem(&[0xff, 0xfe], &rules).is_err());
-    }
-
-    #[test]
-    fn query_tokens_are_decoded() {
-        let uri: Uri = "/v1/sessions/s/ws?x=1&access_token=a%2Eb+c&y"
-            .parse()
-            .unwrap();
-        assert_eq!(query_token(&uri).as_deref(), Some("a.b c"));
     }
 }

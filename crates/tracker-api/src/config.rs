@@ -1,13 +1,18 @@
 //! Settings of the API process: every one an environment variable with an
 //! equal `--flag`, durations in humantime form (docs/configuration.md).
 //!
+//! clap checks each value alone; [`Config::validate`] checks how they fit
+//! together, and is called in one place: [`crate::Application::build`] (and
+//! its test twin), before anything connects. It answers with what it found
+//! out ([`TokenKey`]), so nothing downstream checks the same again.
+//!
 //! Secrets (`TRACKER_JWT_SECRET`, `TRACKER_DATABASE_URL`, a password in
 //! `TRACKER_REDIS_URL`) are kept out of `--help` and print redacted in
 //! `Debug`, so dumping the config never leaks them.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -15,6 +20,8 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use tracker_core::{Limits, StoreConfig};
 use tracker_runtime::{positive_duration, LogFormat, RedisArgs, Secret};
+
+use crate::auth::JwtRules;
 
 /// Shortest `TRACKER_JWT_SECRET`: HS256 keys shorter than its 256-bit
 /// output make brute force cheaper than breaking the hash.
@@ -184,6 +191,18 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// How bearer tokens are checked, as the validated settings say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKey<'a> {
+    /// `TRACKER_AUTH=disabled` (on a loopback listener).
+    Disabled,
+    /// HS256 with `TRACKER_JWT_SECRET`, long enough.
+    Secret(&'a Secret),
+    /// The key in `TRACKER_JWT_PUBLIC_KEY_FILE` (read when the
+    /// authenticator is built).
+    PublicKeyFile(&'a Path),
+}
+
 /// A setting that parses but makes no sense together with the others.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -205,19 +224,22 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Checks what clap cannot: settings that depend on each other.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        match self.auth {
-            AuthMode::Jwt if self.jwt_public_key_file.is_some() => {}
-            AuthMode::Jwt => {
-                let secret = self.jwt_secret.as_ref().map_or("", Secret::expose);
-                if secret.is_empty() {
-                    return Err(ConfigError::MissingJwtSecret);
+    /// Checks what clap cannot: settings that depend on each other. Returns
+    /// how tokens are to be checked, which follows from the same settings.
+    pub fn validate(&self) -> Result<TokenKey<'_>, ConfigError> {
+        let key = match self.auth {
+            AuthMode::Jwt => match (&self.jwt_public_key_file, &self.jwt_secret) {
+                (Some(path), _) => TokenKey::PublicKeyFile(path),
+                (None, Some(secret)) if secret.expose().len() >= MIN_JWT_SECRET_BYTES => {
+                    TokenKey::Secret(secret)
                 }
-                if secret.len() < MIN_JWT_SECRET_BYTES {
-                    return Err(ConfigError::ShortJwtSecret { len: secret.len() });
+                (None, Some(secret)) if !secret.expose().is_empty() => {
+                    return Err(ConfigError::ShortJwtSecret {
+                        len: secret.expose().len(),
+                    });
                 }
-            }
+                (None, _) => return Err(ConfigError::MissingJwtSecret),
+            },
             // Anyone who reaches an unauthenticated API is an admin: only
             // this machine may.
             AuthMode::Disabled if !self.listen.ip().is_loopback() => {
@@ -225,15 +247,26 @@ impl Config {
                     listen: self.listen,
                 });
             }
-            AuthMode::Disabled => {}
-        }
+            AuthMode::Disabled => TokenKey::Disabled,
+        };
         if self.heartbeat_interval >= self.heartbeat_window {
             return Err(ConfigError::IntervalNotBelowWindow {
                 interval: self.heartbeat_interval,
                 window: self.heartbeat_window,
             });
         }
-        self.redis.validate().map_err(ConfigError::Redis)
+        self.redis.validate().map_err(ConfigError::Redis)?;
+        Ok(key)
+    }
+
+    /// What tokens must satisfy besides their signature; empty issuer and
+    /// audience settings mean none.
+    pub fn jwt_rules(&self) -> JwtRules {
+        JwtRules {
+            leeway: self.jwt_leeway,
+            issuer: self.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            audience: self.jwt_audience.clone().filter(|s| !s.is_empty()),
+        }
     }
 
     /// The store settings these flags describe.
@@ -292,7 +325,7 @@ mod tests {
         assert_eq!(cfg.max_open_connections, 20_000);
         assert!(cfg.trusted_proxies.is_empty());
         assert!(!cfg.separate_ops_listener());
-        assert_eq!(cfg.validate(), Ok(()));
+        assert!(matches!(cfg.validate(), Ok(TokenKey::Secret(_))));
     }
 
     #[test]
@@ -317,15 +350,20 @@ mod tests {
     fn jwt_needs_a_long_secret_and_the_interval_fits_the_window() {
         let cfg = parse(&[]).unwrap();
         assert_eq!(cfg.validate(), Err(ConfigError::MissingJwtSecret));
+        let cfg = parse(&["--jwt-secret", ""]).unwrap();
+        assert_eq!(cfg.validate(), Err(ConfigError::MissingJwtSecret));
         let cfg = parse(&["--jwt-secret", &SECRET[1..]]).unwrap();
         assert_eq!(cfg.validate(), Err(ConfigError::ShortJwtSecret { len: 31 }));
-        let cfg = parse(&["--jwt-public-key-file", "/k.pem"]).unwrap();
-        assert_eq!(cfg.validate(), Ok(()));
+        let cfg = parse(&["--jwt-public-key-file", "/k.pem", "--jwt-secret", "x"]).unwrap();
+        assert_eq!(
+            cfg.validate(),
+            Ok(TokenKey::PublicKeyFile(Path::new("/k.pem")))
+        );
         let local = ["--auth", "disabled", "--listen", "127.0.0.1:8080"];
         let cfg = parse(&local).unwrap();
-        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(cfg.validate(), Ok(TokenKey::Disabled));
         let cfg = parse(&["--auth", "disabled", "--listen", "[::1]:8080"]).unwrap();
-        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(cfg.validate(), Ok(TokenKey::Disabled));
         let cfg = parse(&["--auth", "disabled"]).unwrap();
         assert!(matches!(
             cfg.validate(),

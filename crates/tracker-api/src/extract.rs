@@ -1,5 +1,6 @@
-//! Extractors whose every rejection is an [`ApiError`] naming the field at
-//! fault, instead of axum's plain-text rejections.
+//! Everything read out of a request before a handler sees it: extractors
+//! whose every rejection is an [`ApiError`] naming the field at fault
+//! (instead of axum's plain-text rejections), and query-string decoding.
 
 use std::str::FromStr;
 
@@ -8,7 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use serde::de::DeserializeOwned;
 use tracker_core::{ConnectionId, SessionId, ValidationError};
 
@@ -192,6 +193,53 @@ impl<S: Send + Sync> FromRequestParts<S> for ConnectionIdPath {
     }
 }
 
+/// The value of query parameter `name`, percent-decoded; `None` if absent.
+pub fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    form_pairs(uri.query()?)
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+/// `k=v` pairs of a query string, percent-decoded (`+` is a space);
+/// undecodable pairs are skipped.
+pub fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((percent_decode(k)?, percent_decode(v)?))
+        })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                // from_str_radix alone would take a sign: "%+f".
+                if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +302,18 @@ mod tests {
             h.insert(CONTENT_TYPE, v.parse().unwrap());
             assert_eq!(require_json(&h).is_ok(), ok, "{v}");
         }
+    }
+
+    #[test]
+    fn query_parameters_are_decoded() {
+        let uri: Uri = "/v1/sessions/s/ws?x=1&access_token=a%2Eb+c&y"
+            .parse()
+            .unwrap();
+        assert_eq!(query_param(&uri, "access_token").as_deref(), Some("a.b c"));
+        assert_eq!(query_param(&uri, "y").as_deref(), Some(""));
+        assert_eq!(query_param(&uri, "z"), None);
+        // Bad escapes and invalid UTF-8 drop the pair, not the query.
+        let pairs: Vec<_> = form_pairs("a=%zz&b=%ff&d=%+f&c=%41").collect();
+        assert_eq!(pairs, [("c".to_owned(), "A".to_owned())]);
     }
 }

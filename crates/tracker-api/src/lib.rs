@@ -7,12 +7,14 @@
 //!
 //! Layout:
 //! - [`config`]: the settings (`TRACKER_*` variables and equal flags);
-//! - [`auth`]: bearer JWTs and who may act on which session;
+//! - [`auth`]: who is calling (bearer JWTs);
+//! - [`access`]: what the caller may do: roles, and who may act on which
+//!   session;
 //! - [`client_ip`]: the client's address, and when `X-Forwarded-For` counts;
 //! - [`error`]: the one table from error to status and code;
 //! - [`extract`]: JSON and path extractors whose rejections name the field;
-//! - [`routes`]: the router and the handlers, by concept;
-//! - [`ws`]: WebSocket tracking and its shutdown;
+//! - [`routes`]: the router and the handlers, by concept, WebSocket
+//!   tracking ([`routes::ws`]) among them;
 //! - [`serve`]: the HTTP/1.1 server loop with its timeouts and connection cap;
 //! - [`history`]: the PostgreSQL archive reader;
 //! - [`metrics`]: per-instance Prometheus metrics with bounded labels;
@@ -24,6 +26,7 @@
 //! WebSocket gets Close 1001 and its connection removed, all within
 //! `TRACKER_SHUTDOWN_TIMEOUT`.
 
+pub mod access;
 pub mod auth;
 pub mod client_ip;
 pub mod config;
@@ -35,7 +38,28 @@ pub mod openapi;
 pub mod routes;
 pub mod serve;
 pub mod state;
-pub mod ws;
+
+/// Builders the unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use tracker_core::{SessionId, SessionState, SessionView};
+
+    /// A session view with no connections or timers.
+    pub fn view(session: &SessionId, state: SessionState, owner: Option<&str>) -> SessionView {
+        SessionView {
+            session_id: session.clone(),
+            state,
+            owner: owner.map(str::to_owned),
+            active_connections: 0,
+            distinct_users: 0,
+            last_connection_at: None,
+            last_disconnect_at: None,
+            idle_since: None,
+            idle_timeout_seconds: None,
+            hibernates_at: None,
+        }
+    }
+}
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -46,13 +70,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracker_core::Store;
 
-use crate::auth::{Authenticator, JwtRules};
-use crate::config::{AuthMode, Config, ConfigError};
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError, TokenKey};
 use crate::history::History;
 use crate::metrics::Metrics;
+use crate::routes::ws::user_sockets::UserSockets;
+use crate::routes::ws::watch::SessionWatches;
 use crate::serve::ConnLimits;
 use crate::state::{AppState, Inner};
-use crate::ws::UserSockets;
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,18 +107,10 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects to Redis (and prepares the lazy PostgreSQL pool), then binds.
+    /// Checks the settings, connects to Redis (and prepares the lazy
+    /// PostgreSQL pool), then binds.
     pub async fn build(cfg: Config) -> Result<Self, BuildError> {
-        cfg.validate()?;
-        // Before any connection: a bad key file is a settings error.
-        let auth = authenticator(&cfg)?;
-        let store = Store::connect(&cfg.store_config()).await?;
-        let history = cfg
-            .database_url
-            .as_ref()
-            .map(|url| History::connect_lazy(url.expose(), cfg.redis.redis_timeout))
-            .transpose()?;
-        Self::assemble(cfg, auth, store, history).await
+        Self::start(cfg, None).await
     }
 
     /// Builds around a given store and archive (tests share a clock offset
@@ -103,8 +120,32 @@ impl Application {
         store: Store,
         history: Option<History>,
     ) -> Result<Self, BuildError> {
-        cfg.validate()?;
-        let auth = authenticator(&cfg)?;
+        Self::start(cfg, Some((store, history))).await
+    }
+
+    /// Both builds: the settings are checked here, and only here, before
+    /// anything connects.
+    async fn start(
+        cfg: Config,
+        backends: Option<(Store, Option<History>)>,
+    ) -> Result<Self, BuildError> {
+        let key = cfg.validate()?;
+        if matches!(key, TokenKey::PublicKeyFile(_)) && cfg.jwt_secret.is_some() {
+            tracing::info!("TRACKER_JWT_PUBLIC_KEY_FILE is set: TRACKER_JWT_SECRET is not used");
+        }
+        let auth = Authenticator::from_settings(key, &cfg.jwt_rules())?;
+        let (store, history) = match backends {
+            Some(given) => given,
+            None => {
+                let store = Store::connect(&cfg.store_config()).await?;
+                let history = cfg
+                    .database_url
+                    .as_ref()
+                    .map(|url| History::connect_lazy(url.expose(), cfg.redis.redis_timeout))
+                    .transpose()?;
+                (store, history)
+            }
+        };
         Self::assemble(cfg, auth, store, history).await
     }
 
@@ -122,6 +163,14 @@ impl Application {
             Some(addr) if cfg.separate_ops_listener() => Some(bind(addr).await?),
             _ => None,
         };
+        let draining = CancellationToken::new();
+        let metrics = Metrics::new();
+        let session_watches = SessionWatches::new(
+            store.clone(),
+            cfg.heartbeat_interval,
+            metrics.clone(),
+            draining.clone(),
+        );
         let state = AppState::new(Inner {
             store,
             auth,
@@ -131,10 +180,11 @@ impl Application {
             request_timeout: cfg.request_timeout,
             trusted_proxies: cfg.trusted_proxies.clone(),
             user_sockets: UserSockets::new(cfg.max_websockets_per_user),
+            session_watches,
             history,
-            metrics: Metrics::new(),
+            metrics,
             sockets: TaskTracker::new(),
-            draining: CancellationToken::new(),
+            draining,
         });
         Ok(Self {
             listener,
@@ -216,39 +266,6 @@ impl Application {
             ),
         }
         Ok(())
-    }
-}
-
-/// Token checking as configured; the key file is read here, once.
-fn authenticator(cfg: &Config) -> Result<Authenticator, ConfigError> {
-    if cfg.auth == AuthMode::Disabled {
-        tracing::warn!(
-            "TRACKER_AUTH=disabled: every request is treated as an admin. \
-             Never run this way outside a local machine."
-        );
-        return Ok(Authenticator::disabled());
-    }
-    let rules = JwtRules {
-        leeway: cfg.jwt_leeway,
-        issuer: cfg.jwt_issuer.clone().filter(|s| !s.is_empty()),
-        audience: cfg.jwt_audience.clone().filter(|s| !s.is_empty()),
-    };
-    if let Some(path) = &cfg.jwt_public_key_file {
-        let key_error = |reason: String| ConfigError::PublicKey {
-            path: path.display().to_string(),
-            reason,
-        };
-        let pem = std::fs::read(path).map_err(|e| key_error(e.to_string()))?;
-        let auth =
-            Authenticator::public_key_pem(&pem, &rules).map_err(|e| key_error(e.to_string()))?;
-        if cfg.jwt_secret.is_some() {
-            tracing::info!("TRACKER_JWT_PUBLIC_KEY_FILE is set: TRACKER_JWT_SECRET is not used");
-        }
-        return Ok(auth);
-    }
-    match &cfg.jwt_secret {
-        Some(secret) => Ok(Authenticator::hs256(secret.expose().as_bytes(), &rules)),
-        None => Err(ConfigError::MissingJwtSecret),
     }
 }
 

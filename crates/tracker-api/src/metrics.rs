@@ -129,6 +129,8 @@ struct Inner {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily<RouteLabels>,
     websockets_open: Gauge,
+    session_watches: Gauge,
+    session_watch_reads: Counter,
     connections_open: Gauge,
     timeouts: Family<TimeoutLabels, Counter>,
     heartbeats: Family<HeartbeatLabels, Counter>,
@@ -171,6 +173,18 @@ impl Metrics {
             "WebSockets currently open on this replica",
             websockets_open.clone(),
         );
+        let session_watches = Gauge::default();
+        registry.register(
+            "tracker_api_session_watches",
+            "Sessions whose state this replica reads for its WebSockets, one reader each",
+            session_watches.clone(),
+        );
+        let session_watch_reads = Counter::default();
+        registry.register(
+            "tracker_api_session_watch_reads",
+            "Session state reads on behalf of WebSockets (one per watched session per heartbeat interval)",
+            session_watch_reads.clone(),
+        );
         let connections_open = Gauge::default();
         registry.register(
             "tracker_api_connections_open",
@@ -212,6 +226,8 @@ impl Metrics {
             requests,
             duration,
             websockets_open,
+            session_watches,
+            session_watch_reads,
             connections_open,
             timeouts,
             heartbeats,
@@ -277,6 +293,18 @@ impl Metrics {
             .timeouts
             .get_or_create(&TimeoutLabels { timeout })
             .inc();
+    }
+
+    pub fn session_watch_started(&self) {
+        self.0.session_watches.inc();
+    }
+
+    pub fn session_watch_stopped(&self) {
+        self.0.session_watches.dec();
+    }
+
+    pub fn session_watch_read(&self) {
+        self.0.session_watch_reads.inc();
     }
 
     /// Counts an open WebSocket until the guard drops.

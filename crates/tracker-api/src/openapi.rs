@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{connections, ops, sessions, usage};
+use crate::routes::{connections, heartbeats, ops, sessions, usage};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -17,12 +17,12 @@ use crate::routes::{connections, ops, sessions, usage};
         connections::close,
         connections::list,
         connections::get,
-        sessions::batch,
+        heartbeats::batch,
         sessions::session,
         sessions::history,
         sessions::stats,
         usage::usage,
-        crate::ws::upgrade,
+        crate::routes::ws::upgrade,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -38,7 +38,7 @@ use crate::routes::{connections, ops, sessions, usage};
         crate::error::ErrorDetail,
         crate::history::HistoryRow,
         crate::history::EventRow,
-        crate::ws::ServerFrame,
+        crate::routes::ws::ServerFrame,
         usage::Usage,
         usage::UsageRow,
     )),

@@ -16,7 +16,7 @@
 //!
 //! Shutdown: stop accepting, let each connection finish its request and
 //! close, and return when all have. Upgraded sockets are no longer HTTP
-//! connections: [`crate::ws`] drains them.
+//! connections: [`crate::routes::ws`] drains them.
 
 use std::future::Future;
 use std::io;

@@ -14,7 +14,8 @@ use crate::auth::Authenticator;
 use crate::config::TrustedProxies;
 use crate::history::History;
 use crate::metrics::Metrics;
-use crate::ws::UserSockets;
+use crate::routes::ws::user_sockets::UserSockets;
+use crate::routes::ws::watch::SessionWatches;
 
 /// Cheap to clone: one `Arc`.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct Inner {
     pub trusted_proxies: TrustedProxies,
     /// Open WebSockets per plain user on this replica.
     pub user_sockets: Arc<UserSockets>,
+    /// One reader of each session's state for the WebSockets here.
+    pub session_watches: SessionWatches,
     /// `None` without `TRACKER_DATABASE_URL`: history answers 503.
     pub history: Option<History>,
     pub metrics: Metrics,

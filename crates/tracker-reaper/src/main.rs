@@ -1,10 +1,11 @@
-//! `tracker-reaper`: telemetry, settings, build, run until SIGTERM or SIGINT.
+//! `tracker-reaper`: settings, telemetry, build (which checks the settings),
+//! run until SIGTERM or SIGINT.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use tracker_reaper::{Application, Config};
+use tracker_reaper::{Application, Config, Error};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -12,23 +13,29 @@ async fn main() -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    if let Err(e) = cfg.validate() {
-        eprintln!("tracker-reaper: {e}");
-        return ExitCode::from(2);
-    }
     tracker_runtime::init_telemetry(cfg.log_format);
-    match run(cfg).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Logged once, with the whole cause chain on one line.
-            tracing::error!(error = format!("{e:#}"), "reaper failed");
-            ExitCode::FAILURE
+    let app = match Application::build(cfg).await {
+        Ok(app) => app,
+        // Settings that do not fit together: one line, as for a bad value.
+        Err(Error::Config(e)) => {
+            eprintln!("tracker-reaper: {e}");
+            return ExitCode::from(2);
         }
+        Err(e) => return failed(anyhow::Error::new(e).context("start the reaper")),
+    };
+    match run(app).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => failed(e),
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    let app = Application::build(cfg).await.context("start the reaper")?;
+/// Logged once, with the whole cause chain on one line.
+fn failed(e: anyhow::Error) -> ExitCode {
+    tracing::error!(error = format!("{e:#}"), "reaper failed");
+    ExitCode::FAILURE
+}
+
+async fn run(app: Application) -> anyhow::Result<()> {
     tracing::info!(metrics_port = app.metrics_port(), "metrics listener bound");
     let shutdown = CancellationToken::new();
     tokio::spawn(tracker_runtime::cancel_on_signal(shutdown.clone()));

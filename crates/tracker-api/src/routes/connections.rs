@@ -16,7 +16,7 @@ use tracker_core::{
 };
 use utoipa::ToSchema;
 
-use crate::auth::Principal;
+use crate::access::{authorize, authorize_connection, Principal};
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody, LimitKind};
 use crate::extract::{ApiJson, ConnectionIdPath, ConnectionPath, SessionPath};
@@ -95,20 +95,6 @@ pub struct HeartbeatResponse {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ConnectionList {
     pub connections: Vec<ConnectionView>,
-}
-
-/// Whether `principal` may act on `session`. Only plain users cost a lookup:
-/// services and admins act on any session.
-pub async fn authorize(
-    state: &AppState,
-    principal: &Principal,
-    session: &SessionId,
-) -> Result<(), ApiError> {
-    if principal.privileged {
-        return Ok(());
-    }
-    let view = state.store.session(session).await?;
-    principal.check_session(view.as_ref())
 }
 
 /// Registers after the caller is authorized; shared by HTTP and WebSocket.
@@ -369,14 +355,6 @@ pub async fn get(
         .get_connection(connection_id)
         .await?
         .ok_or(ApiError::ConnectionNotFound)?;
-    // A user sees its own connections, and every connection of its sessions.
-    if !principal.privileged && connection.user_id != principal.subject {
-        authorize(&state, &principal, &connection.session_id)
-            .await
-            .map_err(|e| match e {
-                ApiError::SessionNotFound => ApiError::ConnectionNotFound,
-                other => other,
-            })?;
-    }
+    authorize_connection(&state, &principal, &connection).await?;
     Ok(Json(connection))
 }

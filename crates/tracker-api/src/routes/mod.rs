@@ -1,4 +1,12 @@
-//! The router: every route of the API and the layers around them.
+//! The router: every route of the API, listed in one place ([`api_routes`]
+//! for the API, [`ops_routes`] for operations), and the layers around them.
+//! A new route module adds its routes to that list and its handlers to
+//! [`crate::openapi`]; nothing else needs to know about it.
+//!
+//! Modules, by concept: [`connections`] (register, heartbeat, list, close),
+//! [`heartbeats`] (the batch heartbeat of proxies), [`sessions`] (views,
+//! history, stats), [`ws`] (WebSocket tracking), [`ops`] (health, readiness,
+//! metrics, the OpenAPI document).
 //!
 //! With a separate ops listener (`TRACKER_METRICS_LISTEN` not equal to
 //! `TRACKER_LISTEN`), `/metrics`, `/readyz` and `/openapi.json` are served
@@ -6,15 +14,17 @@
 //! on both.
 
 pub mod connections;
+pub mod heartbeats;
 pub mod ops;
 pub mod sessions;
 pub mod usage;
+pub mod ws;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::CONTENT_LENGTH;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 use crate::error::ApiError;
@@ -22,9 +32,9 @@ use crate::extract::{BATCH_BODY_LIMIT, BODY_LIMIT};
 use crate::metrics::Timeout;
 use crate::state::AppState;
 
-/// The whole API; `with_ops` adds the ops routes to it.
-pub fn router(state: AppState, with_ops: bool) -> Router {
-    let api = Router::new()
+/// Every route of the API proper.
+fn api_routes() -> Router<AppState> {
+    Router::new()
         .route(
             "/v1/sessions/{session_id}/connections",
             post(connections::register).get(connections::list),
@@ -35,53 +45,58 @@ pub fn router(state: AppState, with_ops: bool) -> Router {
         )
         .route(
             "/v1/sessions/{session_id}/connections/{connection_id}",
-            axum::routing::delete(connections::close),
+            delete(connections::close),
         )
+        .route("/v1/connections/{connection_id}", get(connections::get))
         .route(
             "/v1/heartbeats",
-            post(sessions::batch).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
+            post(heartbeats::batch).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
         )
         .route("/v1/sessions/{session_id}", get(sessions::session))
         .route("/v1/sessions/{session_id}/history", get(sessions::history))
-        .route("/v1/connections/{connection_id}", get(connections::get))
         .route("/v1/stats", get(sessions::stats))
         .route("/v1/usage", get(usage::usage))
-        .route("/v1/sessions/{session_id}/ws", get(crate::ws::upgrade))
-        .route("/healthz", get(ops::healthz));
-    let api = if with_ops {
-        api.merge(ops_router())
-    } else {
-        api
-    };
-    api.fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(reject_oversize))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            request_timeout,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            crate::metrics::track,
-        ))
-        .with_state(state)
+        .route("/v1/sessions/{session_id}/ws", get(ws::upgrade))
 }
 
-/// `/readyz`, `/metrics` and `/openapi.json` (`/healthz` is on every router).
-fn ops_router() -> Router<AppState> {
-    Router::new()
+/// `/healthz`, on every listener.
+fn health_route() -> Router<AppState> {
+    Router::new().route("/healthz", get(ops::healthz))
+}
+
+/// The ops routes: `/healthz`, `/readyz`, `/metrics` and `/openapi.json`.
+fn ops_routes() -> Router<AppState> {
+    health_route()
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
 }
 
+/// The public router: the API, with the ops routes unless they have a
+/// listener of their own (then `/healthz` only).
+pub fn router(state: AppState, with_ops: bool) -> Router {
+    let ops = if with_ops {
+        ops_routes()
+    } else {
+        health_route()
+    };
+    layered(api_routes().merge(ops), state)
+}
+
 /// The ops routes alone, for the separate listener.
 pub fn ops_only(state: AppState) -> Router {
-    ops_router()
-        .route("/healthz", get(ops::healthz))
+    layered(ops_routes(), state)
+}
+
+/// What every route goes through, outermost last: metrics and the request
+/// span, the request timeout, body limits, and JSON errors for unknown
+/// routes and methods.
+fn layered(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(reject_oversize))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             request_timeout,

@@ -1,21 +1,17 @@
-//! Session views, history, stats and the batch heartbeat.
+//! Session views, history and stats.
 
 use axum::extract::{RawQuery, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use tracker_core::{ConnectionId, SessionId, SessionView, Stats};
-use utoipa::{IntoParams, ToSchema};
+use serde::Deserialize;
+use tracker_core::{SessionId, SessionView, Stats};
+use utoipa::IntoParams;
 
-use crate::auth::Principal;
+use crate::access::Principal;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiJson, SessionPath};
+use crate::extract::{form_pairs, SessionPath};
 use crate::history::SessionHistory;
-use crate::metrics::HeartbeatResult;
 use crate::state::AppState;
-
-/// Most pairs one batch may carry.
-pub const MAX_BATCH: usize = 10_000;
 
 #[utoipa::path(
     get,
@@ -61,7 +57,7 @@ const MAX_HISTORY: i64 = 1000;
 fn history_query(raw: Option<&str>) -> Result<(i64, Option<DateTime<Utc>>), ApiError> {
     let mut limit = DEFAULT_HISTORY;
     let mut before = None;
-    for (k, v) in crate::auth::form_pairs(raw.unwrap_or_default()) {
+    for (k, v) in form_pairs(raw.unwrap_or_default()) {
         match k.as_str() {
             "limit" => {
                 limit = v
@@ -107,7 +103,7 @@ pub async fn history(
     let (limit, before) = history_query(query.as_deref())?;
     // A user sees the history of the Session resource it owns now, not of an
     // earlier resource under the same name; services and admins see all.
-    let resource = if principal.privileged {
+    let resource = if principal.is_privileged() {
         None
     } else {
         let found = state.store.session_with_uid(&session_id).await?;
@@ -139,86 +135,6 @@ pub async fn stats(
 ) -> Result<Json<Stats>, ApiError> {
     principal.require_privileged()?;
     Ok(Json(state.store.stats().await?))
-}
-
-/// One pair of a batch.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BatchItem {
-    pub session_id: SessionId,
-    #[schema(value_type = String, format = Uuid)]
-    pub connection_id: ConnectionId,
-}
-
-/// Body of a batch heartbeat.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BatchRequest {
-    /// 1 to 10,000 pairs.
-    #[schema(min_items = 1, max_items = 10_000)]
-    pub heartbeats: Vec<BatchItem>,
-}
-
-/// Answer of a batch heartbeat.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct BatchResponse {
-    pub alive: u64,
-    /// Closed or expired connections: their clients must register again.
-    pub unknown: Vec<BatchItem>,
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/heartbeats",
-    tag = "connections",
-    request_body = BatchRequest,
-    responses(
-        (status = 200, description = "Recorded", body = BatchResponse),
-        (status = 400, description = "Invalid pair, or not 1 to 10,000 pairs", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
-        (status = 408, description = "Not complete within TRACKER_REQUEST_TIMEOUT", body = ErrorBody),
-        (status = 413, description = "Body over 4 MiB", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn batch(
-    State(state): State<AppState>,
-    principal: Principal,
-    ApiJson(body): ApiJson<BatchRequest>,
-) -> Result<Json<BatchResponse>, ApiError> {
-    principal.require_privileged()?;
-    let n = body.heartbeats.len();
-    if n == 0 || n > MAX_BATCH {
-        return Err(ApiError::invalid(
-            "heartbeats",
-            format!("must hold 1 to {MAX_BATCH} pairs, not {n}"),
-        ));
-    }
-    let pairs: Vec<(SessionId, ConnectionId)> = body
-        .heartbeats
-        .into_iter()
-        .map(|i| (i.session_id, i.connection_id))
-        .collect();
-    let outcome = state.store.heartbeat_batch(&pairs).await?;
-    state
-        .metrics
-        .heartbeats(HeartbeatResult::Accepted, outcome.alive);
-    state
-        .metrics
-        .heartbeats(HeartbeatResult::Unknown, outcome.unknown.len() as u64);
-    Ok(Json(BatchResponse {
-        alive: outcome.alive,
-        unknown: outcome
-            .unknown
-            .into_iter()
-            .map(|(session_id, connection_id)| BatchItem {
-                session_id,
-                connection_id,
-            })
-            .collect(),
-    }))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use tracker_api::error::ApiError;
 use tracker_api::extract::parse_json;
 use tracker_api::routes::connections::RegisterRequest;
-use tracker_api::routes::sessions::BatchRequest;
+use tracker_api::routes::heartbeats::BatchRequest;
 
 /// Arbitrary JSON, nested a few levels.
 fn any_json() -> impl Strategy<Value = Value> {

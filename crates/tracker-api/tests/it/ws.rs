@@ -255,3 +255,45 @@ async fn shutdown_closes_sockets_with_1001_and_removes_them_first() {
         assert_eq!(code, Some(CloseCode::Away));
     }
 }
+
+#[tokio::test]
+async fn sockets_of_one_session_share_one_reader_and_all_hear_changes() {
+    let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
+    app.mirror("ws-fan", Some("alice"), ResourceState::Running)
+        .await;
+    let mut sockets = Vec::new();
+    for _ in 0..12 {
+        sockets.push(open(&app, "ws-fan", &service_token()).await.0);
+    }
+    let (mut other, _) = open(&app, "ws-fan-other", &service_token()).await;
+    // One reader per session on this replica, not one per socket.
+    let m = app.metrics().await;
+    assert!(m.contains("tracker_api_session_watches 2\n"), "{m}");
+    assert!(m.contains("tracker_api_websockets_open 13\n"), "{m}");
+
+    app.mirror("ws-fan", Some("alice"), ResourceState::Terminated)
+        .await;
+    for ws in &mut sockets {
+        let frame = next_text(ws).await;
+        assert_eq!(frame["type"], "session", "{frame}");
+        assert_eq!(frame["session"]["state"], "terminated");
+    }
+
+    // The last socket of a session stops its reader.
+    for ws in &mut sockets {
+        ws.close(None).await.unwrap();
+    }
+    eventually("one reader is left", Duration::from_secs(3), || async {
+        app.metrics()
+            .await
+            .contains("tracker_api_session_watches 1\n")
+    })
+    .await;
+    other.close(None).await.unwrap();
+    eventually("no reader is left", Duration::from_secs(3), || async {
+        app.metrics()
+            .await
+            .contains("tracker_api_session_watches 0\n")
+    })
+    .await;
+}

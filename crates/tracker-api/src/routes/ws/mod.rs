@@ -4,20 +4,22 @@
 //! instead of upgrading). Then one task per socket: a server ping every
 //! heartbeat interval; a pong or any client frame is a heartbeat; no frame
 //! within the window, or a heartbeat the store no longer accepts, ends the
-//! socket. On each ping tick the session's state is polled and pushed when it
-//! changed. However the socket ends, its connection is closed in the store.
+//! socket. State changes of the session are pushed as `{"type": "session"}`
+//! frames; the sockets of one session on this replica share one reader of
+//! its state ([`watch`]). However the socket ends, its connection is closed
+//! in the store.
 //!
 //! axum does not wait for upgraded sockets on shutdown, so every socket task
 //! is tracked in [`AppState::sockets`] and watches [`AppState::draining`]:
 //! when it fires, the socket sends Close 1001 and removes its connection.
 //!
-//! A plain user holds at most `TRACKER_MAX_WEBSOCKETS_PER_USER` sockets on
-//! one replica ([`UserSockets`]): each costs memory and a task here, which
-//! the store's per-user limit (across replicas, and off when 0) does not see.
+//! A plain user holds a limited number of sockets per replica
+//! ([`user_sockets`]).
 
-use std::collections::HashMap;
+pub mod user_sockets;
+pub mod watch;
+
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -32,17 +34,19 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 use tracker_core::{
     ConnectionId, ConnectionView, NewConnection, Protocol, Registered, SessionId, SessionState,
-    SessionView, UserAgent, UserId,
+    SessionView, UserAgent,
 };
 use utoipa::ToSchema;
 
-use crate::auth::{bearer_token, query_token};
+use self::watch::Subscription;
+use crate::access::authorize;
+use crate::auth::bearer_token;
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody};
 use crate::error::{Backend, LimitKind};
-use crate::extract::SessionPath;
+use crate::extract::{query_param, SessionPath};
 use crate::metrics::HeartbeatResult;
-use crate::routes::connections::{authorize, register_connection};
+use crate::routes::connections::register_connection;
 use crate::state::AppState;
 
 /// A text frame from the server.
@@ -88,7 +92,7 @@ pub async fn upgrade(
 ) -> Result<Response, ApiError> {
     let token = match bearer_token(&headers)? {
         Some(t) => Some(t.to_owned()),
-        None => query_token(&uri),
+        None => query_param(&uri, "access_token"),
     };
     let principal = state.auth.authenticate(token.as_deref())?;
     let ws = ws.map_err(|r| {
@@ -101,13 +105,13 @@ pub async fn upgrade(
         return Err(ApiError::ShuttingDown);
     }
     authorize(&state, &principal, &session_id).await?;
-    let slot = if principal.privileged {
-        None
-    } else {
+    let slot = if principal.counts_websockets() {
         state
             .user_sockets
             .try_open(&principal.subject)
             .ok_or(ApiError::ConnectionLimit(LimitKind::UserWebsockets))?
+    } else {
+        None
     };
     let new = NewConnection {
         session_id,
@@ -167,66 +171,6 @@ const SOCKET_BUFFER: usize = 4 * 1024;
 /// Largest client message (and pending write backlog) a socket accepts.
 const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Counts the open WebSockets of each plain user on this replica.
-#[derive(Debug)]
-pub struct UserSockets {
-    /// 0: no limit (then nothing is counted).
-    limit: u32,
-    open: Mutex<HashMap<UserId, u32>>,
-}
-
-/// One open socket of a user; gives its place back on drop.
-#[derive(Debug)]
-pub struct UserSocket {
-    sockets: Arc<UserSockets>,
-    user: UserId,
-}
-
-impl UserSockets {
-    pub fn new(limit: u32) -> Arc<Self> {
-        Arc::new(Self {
-            limit,
-            open: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// A place for one more socket of `user`, or `None` at the limit.
-    pub fn try_open(self: &Arc<Self>, user: &UserId) -> Option<Option<UserSocket>> {
-        if self.limit == 0 {
-            return Some(None);
-        }
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(user.clone()).or_insert(0);
-        if *n >= self.limit {
-            return None;
-        }
-        *n += 1;
-        Some(Some(UserSocket {
-            sockets: self.clone(),
-            user: user.clone(),
-        }))
-    }
-
-    /// Sockets `user` holds here (for tests and metrics).
-    pub fn open(&self, user: &UserId) -> u32 {
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(user).copied().unwrap_or(0)
-    }
-}
-
-impl Drop for UserSocket {
-    fn drop(&mut self) {
-        let mut open = self.sockets.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.user) {
-            *n -= 1;
-            // Users come and go: keep the map to the ones with sockets.
-            if *n == 0 {
-                open.remove(&self.user);
-            }
-        }
-    }
-}
-
 /// Why a socket ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -245,6 +189,8 @@ async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
     let session_id = registered.connection.session_id.clone();
     let connection_id = registered.connection.connection_id;
     let mut last_state = registered.session.state;
+    // After the registration: only reads newer than it may be pushed.
+    let mut watch = state.session_watches.subscribe(&session_id);
     let first = ServerFrame::Registered {
         connection: registered.connection,
         session: registered.session,
@@ -255,12 +201,14 @@ async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
             &state,
             &session_id,
             connection_id,
+            &mut watch,
             &mut last_state,
         )
         .await
     } else {
         End::Client
     };
+    drop(watch);
     tracing::debug!(?end, "websocket ended");
     let close = match end {
         End::Client => None,
@@ -299,6 +247,7 @@ async fn serve(
     state: &AppState,
     session_id: &SessionId,
     connection_id: ConnectionId,
+    watch: &mut Subscription,
     last_state: &mut SessionState,
 ) -> End {
     let interval = state.heartbeat_interval;
@@ -345,32 +294,16 @@ async fn serve(
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
                     return End::Client;
                 }
-                if !push_state_change(socket, state, session_id, last_state).await {
-                    return End::Client;
+            }
+            snapshot = watch.next() => {
+                if snapshot.view.state != *last_state {
+                    *last_state = snapshot.view.state;
+                    let frame = ServerFrame::Session { session: snapshot.view.clone() };
+                    if !send_json(socket, &frame).await {
+                        return End::Client;
+                    }
                 }
             }
-        }
-    }
-}
-
-/// Polls the session and pushes it if its state changed; false if the
-/// socket is gone.
-async fn push_state_change(
-    socket: &mut WebSocket,
-    state: &AppState,
-    session_id: &SessionId,
-    last_state: &mut SessionState,
-) -> bool {
-    match state.store.session(session_id).await {
-        Ok(Some(view)) if view.state != *last_state => {
-            *last_state = view.state;
-            send_json(socket, &ServerFrame::Session { session: view }).await
-        }
-        Ok(_) => true,
-        Err(e) => {
-            state.metrics.backend_error(Backend::Redis);
-            tracing::debug!(error = %e, "could not poll the session state");
-            true
         }
     }
 }
@@ -404,32 +337,6 @@ async fn remove(state: &AppState, session_id: &SessionId, connection_id: Connect
                 error = %e,
                 "could not remove a websocket connection; the sweep will expire it"
             );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn user_sockets_are_capped_and_given_back() {
-        let alice: UserId = "alice".parse().unwrap();
-        let bob: UserId = "bob".parse().unwrap();
-        let sockets = UserSockets::new(2);
-        let a1 = sockets.try_open(&alice).unwrap();
-        let a2 = sockets.try_open(&alice).unwrap();
-        assert!(sockets.try_open(&alice).is_none());
-        assert!(sockets.try_open(&bob).is_some());
-        drop(a1);
-        assert_eq!(sockets.open(&alice), 1);
-        let a3 = sockets.try_open(&alice).unwrap();
-        drop((a2, a3));
-        assert_eq!(sockets.open(&alice), 0);
-        assert!(sockets.open.lock().unwrap().is_empty());
-        let unlimited = UserSockets::new(0);
-        for _ in 0..3 {
-            assert!(matches!(unlimited.try_open(&alice), Some(None)));
         }
     }
 }
