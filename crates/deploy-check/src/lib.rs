@@ -6,10 +6,10 @@
 //!
 //! - parses every object into its `k8s-openapi` type, and fails on any field
 //!   the type does not know (a misspelt or misplaced key);
-//! - checks the Session CRD against the contract (group, version, names,
+//! - checks the Session CRD against docs/api.md (group, version, names,
 //!   `spec.user`, `spec.state`, `spec.idleTimeout`, status);
 //! - checks the reaper's RBAC verbs exactly, and that the API has none;
-//! - checks every environment variable against the contract and against the
+//! - checks every environment variable against the documented settings and the
 //!   binary that reads it, probes, grace periods, security contexts;
 //! - fails when the chart and the rendered files drift apart: a digest of the
 //!   chart's files, the template kinds, the defaults of `values.yaml`, the

@@ -365,7 +365,7 @@ pub enum SessionState {
     Hibernated,
     /// A connection arrived while hibernated or hibernating; a wake is pending.
     Waking,
-    /// `spec.state: terminated`: never woken or hibernated. The contract's list
+    /// `spec.state: terminated`: never woken or hibernated. The original list
     /// of states is silent on terminated Sessions; we name them rather than
     /// pretend they are unknown.
     Terminated,
@@ -536,7 +536,7 @@ pub fn millis_to_utc(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
 }
 
-/// RFC 3339, UTC, with exactly milliseconds — the contract's time format.
+/// RFC 3339, UTC, with exactly milliseconds — the API's time format (docs/api.md).
 pub mod rfc3339_ms {
     use chrono::{DateTime, SecondsFormat, Utc};
     use serde::{Deserialize, Deserializer, Serializer};

@@ -4,7 +4,7 @@
 //! two `tracker-reaper` replicas, against the real Redis Cluster, a fresh PostgreSQL database,
 //! and the fake Kubernetes API server of `crates/fake-kube` running in this process (which
 //! records every Session patch with the time it received it). Scenarios then drive clients over
-//! HTTP and WebSocket, inject faults (SIGKILL, PostgreSQL cut off) and check the contract's
+//! HTTP and WebSocket, inject faults (SIGKILL, PostgreSQL cut off) and check the tracker's
 //! promises from what the fake recorded, what the clients observed and what PostgreSQL holds.
 //!
 //! Every wait is bounded, every loop is bounded in count and time, and all traffic stays on
@@ -77,7 +77,7 @@ pub enum Error {
     /// A condition did not hold in time.
     #[error("timed out after {waited:?} waiting for {what}")]
     Timeout { what: String, waited: Duration },
-    /// An answer did not have the shape the contract promises.
+    /// An answer did not have the shape docs/api.md promises.
     #[error("unexpected answer: {0}")]
     Protocol(String),
     /// A scenario ran to its end and found broken invariants.

@@ -65,7 +65,8 @@ impl Default for Timing {
 }
 
 impl Timing {
-    /// The contract's bound for a dead connection to be archived: window + sweep + 1 s.
+    /// The documented bound (docs/api.md) for a dead connection to be archived: window +
+    /// sweep + 1 s.
     pub fn expiry_bound(&self) -> Duration {
         self.heartbeat_window + self.sweep_interval + Duration::from_secs(1)
     }
@@ -87,7 +88,7 @@ mod tests {
     }
 
     #[test]
-    fn the_expiry_bound_follows_the_contract() {
+    fn the_expiry_bound_is_the_documented_one() {
         let t = Timing::default();
         assert_eq!(t.expiry_bound(), Duration::from_millis(3500));
     }

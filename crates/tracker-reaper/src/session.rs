@@ -114,7 +114,7 @@ pub fn session_meta(
     })
 }
 
-/// `spec.state` parsed, if it is one the contract knows.
+/// `spec.state` parsed, if it is `running`, `hibernated` or `terminated`.
 pub fn resource_state(session: &Session) -> Option<ResourceState> {
     session.spec.state.as_deref()?.parse().ok()
 }

@@ -31,7 +31,7 @@ fn required(schema: &JSONSchemaProps) -> Vec<&str> {
 }
 
 #[test]
-fn session_crd_matches_the_contract() {
+fn session_crd_matches_the_api_reference() {
     let docs = documents(&repo().join("deploy/crds/session.yaml"));
     assert_eq!(docs.len(), 1, "session.yaml holds one object");
     let crd: CustomResourceDefinition = docs[0].typed();

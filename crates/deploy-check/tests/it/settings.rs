@@ -120,7 +120,7 @@ pub(crate) const SHARED_ENV: &[&str] = &[
 ];
 
 #[test]
-fn env_vars_are_the_contracts_and_read_by_their_binary() {
+fn env_vars_are_documented_and_read_by_their_binary() {
     let docs = default_render();
     for binary in [Binary::Api, Binary::Reaper] {
         let (_, c) = workload(&docs, binary);
@@ -138,7 +138,7 @@ fn env_vars_are_the_contracts_and_read_by_their_binary() {
             );
             assert!(
                 binary.allowed_env().contains(&e.name.as_str()),
-                "{}: {} is not a variable of the contract for this binary",
+                "{}: {} is not a documented variable of this binary (docs/api.md)",
                 binary.name(),
                 e.name
             );

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod api_doc;
 mod auth;
 mod helpers;
 mod history;

@@ -1,4 +1,4 @@
-//! Bad input of every kind gets the contract's 4xx, never a 5xx.
+//! Bad input of every kind gets its documented 4xx (docs/api.md), never a 5xx.
 
 use reqwest::Method;
 use serde_json::json;

@@ -1,10 +1,10 @@
 //! Property tests of the validation at the edge: whatever a client sends,
-//! parsing never panics and accepts exactly what the contract allows.
+//! parsing never panics and accepts exactly what docs/api.md allows.
 
 use proptest::prelude::*;
 use tracker_core::{ConnectionId, SessionId, UserAgent, UserId};
 
-/// The contract's rule for session ids, written independently of the parser.
+/// The documented rule for session ids (docs/api.md), written independently of the parser.
 fn is_kubernetes_name(s: &str) -> bool {
     let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
     (1..=253).contains(&s.len())

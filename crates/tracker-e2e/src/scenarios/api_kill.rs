@@ -49,7 +49,7 @@ impl ApiKillParams {
     }
 }
 
-/// How late after the contract's bound the archive may still be (its own poll period and
+/// How late after the documented bound the archive may still be (its own poll period and
 /// batch), before it counts as a violation.
 pub const ARCHIVE_SLACK: Duration = Duration::from_secs(2);
 
@@ -152,7 +152,7 @@ impl fmt::Display for ApiKillFigures {
         )?;
         writeln!(
             f,
-            "  orphans archived: {} ({} expired) after {}; contract bound {:?}",
+            "  orphans archived: {} ({} expired) after {}; documented bound {:?}",
             self.orphans_archived,
             self.orphans_expired,
             self.archived_after

@@ -47,7 +47,7 @@ impl PgOutageParams {
     }
 }
 
-/// The reaper's backlog gauge (not a contract name: read if present).
+/// The reaper's backlog gauge (its name is not fixed by docs/api.md: read if present).
 pub const BACKLOG: &str = "tracker_reaper_archive_backlog_rows";
 
 /// Figures of an outage run.

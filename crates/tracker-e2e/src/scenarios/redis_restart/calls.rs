@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::figures::RedisRestartFigures;
+use super::figures::OutageFigures;
 use crate::client::Answer;
 use crate::harness::Harness;
 use crate::{Error, Result};
@@ -125,14 +125,14 @@ pub(super) fn judge_outage(
     killed: Instant,
     restart: Instant,
     bound: Duration,
-    f: &mut RedisRestartFigures,
+    f: &mut OutageFigures,
 ) {
     let calls = lock(calls);
     for call in calls
         .iter()
         .filter(|c| c.sent >= killed && c.sent < restart)
     {
-        f.outage_calls += 1;
+        f.calls += 1;
         if call.latency > f.worst_latency {
             f.worst_latency = call.latency;
             f.worst_call = call.describe();

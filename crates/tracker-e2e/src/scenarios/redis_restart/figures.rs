@@ -6,17 +6,14 @@ use std::time::Duration;
 use super::RedisRestartParams;
 use crate::scenarios::checks::some;
 
-/// Figures of a Redis-restart run.
+/// The outage as the clients and the prober saw it.
 #[derive(Debug, Clone, Default)]
-pub struct RedisRestartFigures {
-    pub params: Option<RedisRestartParams>,
-    pub http_clients: usize,
-    pub websockets: usize,
+pub struct OutageFigures {
     /// From the SIGKILL to the restart (the prober finishes its round, so a little over
     /// `params.outage`).
-    pub outage_measured: Duration,
+    pub measured: Duration,
     /// API calls (clients and prober, HTTP and WebSocket upgrades) sent while Redis was down.
-    pub outage_calls: usize,
+    pub calls: usize,
     /// `/readyz` probes of the API replicas during the outage, and how many answered 200.
     pub readyz_probes: usize,
     pub readyz_ok: usize,
@@ -26,6 +23,16 @@ pub struct RedisRestartFigures {
     pub wrong_answers: Vec<String>,
     /// Calls slower than `max_latency` during the outage.
     pub slow_calls: Vec<String>,
+}
+
+/// Figures of a Redis-restart run.
+#[derive(Debug, Clone, Default)]
+pub struct RedisRestartFigures {
+    pub params: Option<RedisRestartParams>,
+    pub http_clients: usize,
+    pub websockets: usize,
+    /// What the calls sent while Redis was down got.
+    pub outage: OutageFigures,
     /// From the restart (Redis answering PING) until every API replica's `/readyz` is 200.
     pub apis_ready_after: Option<Duration>,
     /// From the restart until every client had registered again.
@@ -61,9 +68,15 @@ impl RedisRestartFigures {
                 p.push(format!("{n} {what}"));
             }
         };
-        count(self.wrong_answers.len(), "wrong answers during the outage");
-        count(self.slow_calls.len(), "slow calls during the outage");
-        count(self.readyz_ok, "/readyz answered 200 during the outage");
+        count(
+            self.outage.wrong_answers.len(),
+            "wrong answers during the outage",
+        );
+        count(self.outage.slow_calls.len(), "slow calls during the outage");
+        count(
+            self.outage.readyz_ok,
+            "/readyz answered 200 during the outage",
+        );
         count(self.not_recovered.len(), "clients not recovered");
         count(self.not_live.len(), "connections not live");
         count(self.hibernated_in_guard.len(), "hibernations in the guard");
@@ -80,7 +93,7 @@ impl RedisRestartFigures {
                     .into(),
             );
         }
-        if self.outage_calls == 0 || self.readyz_probes == 0 {
+        if self.outage.calls == 0 || self.outage.readyz_probes == 0 {
             p.push("no call was made during the outage".into());
         }
         if self.apis_ready_after.is_none() {
@@ -103,26 +116,26 @@ impl fmt::Display for RedisRestartFigures {
             f,
             "redis-restart: private redis-server SIGKILLed for {:.2?}, restarted empty; {} \
              sessions, {} HTTP clients + {} WebSockets",
-            self.outage_measured, params.sessions, self.http_clients, self.websockets
+            self.outage.measured, params.sessions, self.http_clients, self.websockets
         )?;
         writeln!(
             f,
             "  outage: {} calls, worst latency {:.2?} ({}; bound {:?}); /readyz {} probes, {} \
              answered 200",
-            self.outage_calls,
-            self.worst_latency,
-            self.worst_call,
+            self.outage.calls,
+            self.outage.worst_latency,
+            self.outage.worst_call,
             params.max_latency,
-            self.readyz_probes,
-            self.readyz_ok
+            self.outage.readyz_probes,
+            self.outage.readyz_ok
         )?;
         writeln!(
             f,
             "  wrong answers: {}{}; slow: {}{}",
-            self.wrong_answers.len(),
-            some(&self.wrong_answers, 5),
-            self.slow_calls.len(),
-            some(&self.slow_calls, 5)
+            self.outage.wrong_answers.len(),
+            some(&self.outage.wrong_answers, 5),
+            self.outage.slow_calls.len(),
+            some(&self.outage.slow_calls, 5)
         )?;
         writeln!(
             f,

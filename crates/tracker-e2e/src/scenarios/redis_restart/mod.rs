@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use self::calls::{judge_outage, lock, probe_outage, save_calls, Calls};
 use self::clients::{not_live, spawn_clients, stop_clients, Client};
-pub use self::figures::RedisRestartFigures;
+pub use self::figures::{OutageFigures, RedisRestartFigures};
 use super::conclude;
 use crate::harness::{Harness, HarnessOptions, RedisTarget};
 use crate::redis_server::RedisServer;
@@ -189,7 +189,7 @@ async fn drive(
         t.killed,
         t.restart_begin,
         params.max_latency,
-        &mut figures,
+        &mut figures.outage,
     );
     recover(&h, &clients, &names, t, &mut figures).await?;
 
@@ -278,13 +278,13 @@ async fn lose_redis(
     let killed = Instant::now();
     let killed_utc = Utc::now();
     let (probes, ok) = probe_outage(h, probed_session, killed + params.outage, calls).await?;
-    figures.readyz_probes = probes;
-    figures.readyz_ok = ok;
+    figures.outage.readyz_probes = probes;
+    figures.outage.readyz_ok = ok;
     let restart_begin = Instant::now();
     let restart_utc = Utc::now();
     redis.restart().await?;
     let restarted = Instant::now();
-    figures.outage_measured = restart_begin - killed;
+    figures.outage.measured = restart_begin - killed;
     eprintln!(
         "tracker-e2e: redis-server down for {:.2?}, back (empty) in {:.2?}",
         restart_begin - killed,
