@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{connections, ops, sessions};
+use crate::routes::{connections, list, ops, sessions, ui};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -21,11 +21,16 @@ use crate::routes::{connections, ops, sessions};
         sessions::session,
         sessions::history,
         sessions::stats,
+        list::sessions,
+        list::events,
         crate::ws::upgrade,
         ops::healthz,
         ops::readyz,
         ops::metrics,
         ops::openapi,
+        ui::page,
+        ui::script,
+        ui::stylesheet,
     ),
     components(schemas(
         tracker_core::ConnectionView,
@@ -38,12 +43,15 @@ use crate::routes::{connections, ops, sessions};
         crate::history::HistoryRow,
         crate::history::EventRow,
         crate::ws::ServerFrame,
+        list::SessionPage,
+        list::RecentEvents,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "connections", description = "Register, heartbeat and close connections"),
         (name = "sessions", description = "Session state, history and totals"),
         (name = "operations", description = "Health, readiness, metrics"),
+        (name = "ui", description = "The operator page"),
     )
 )]
 pub struct ApiDoc;

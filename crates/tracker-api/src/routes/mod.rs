@@ -6,8 +6,10 @@
 //! on both.
 
 pub mod connections;
+pub mod list;
 pub mod ops;
 pub mod sessions;
+pub mod ui;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::CONTENT_LENGTH;
@@ -44,8 +46,11 @@ pub fn router(state: AppState, with_ops: bool) -> Router {
         .route("/v1/sessions/{session_id}/history", get(sessions::history))
         .route("/v1/connections/{connection_id}", get(connections::get))
         .route("/v1/stats", get(sessions::stats))
+        .route("/v1/sessions", get(list::sessions))
+        .route("/v1/events", get(list::events))
         .route("/v1/sessions/{session_id}/ws", get(crate::ws::upgrade))
-        .route("/healthz", get(ops::healthz));
+        .route("/healthz", get(ops::healthz))
+        .merge(ui::routes());
     let api = if with_ops {
         api.merge(ops_router())
     } else {
