@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Ensure the local test services run: Redis on 127.0.0.1:6379 and PostgreSQL
-# on 127.0.0.1:5432 (user postgres, trust auth, database "test").
+# on 127.0.0.1:5432 (user postgres, trust auth, database "test"), and that
+# the operator page's browser tests have Debian's headless Chromium and its
+# chromedriver (/usr/bin/chromium, /usr/bin/chromedriver).
 # Installs missing packages via apt, starts stopped services, creates the
 # PostgreSQL cluster/database if needed. Idempotent; fast when all is up.
 #
@@ -29,6 +31,10 @@ have redis-cli || missing+=(redis-tools)
 if ! have pg_ctlcluster || ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
   missing+=(postgresql)
 fi
+# The browser tests (crates/tracker-browser) use these paths unless
+# TRACKER_CHROMIUM / TRACKER_CHROMEDRIVER name others.
+[[ -x "${TRACKER_CHROMIUM:-/usr/bin/chromium}" ]] || missing+=(chromium)
+[[ -x "${TRACKER_CHROMEDRIVER:-/usr/bin/chromedriver}" ]] || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   echo "services: installing ${missing[*]} with apt-get"
   ((EUID == 0)) || have sudo || die "not root and no sudo: install ${missing[*]} by hand (apt-get install -y ${missing[*]})"
@@ -100,3 +106,4 @@ if [[ "$(pgsql -c "select 1 from pg_database where datname = 'test'")" != 1 ]]; 
   pg_did+="; created database test"
 fi
 echo "services: postgresql 127.0.0.1:5432 $pg_did (database test ready)"
+echo "services: browser    $("${TRACKER_CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null | head -n 1), $("${TRACKER_CHROMEDRIVER:-/usr/bin/chromedriver}" --version 2>/dev/null | cut -d' ' -f1-2)"

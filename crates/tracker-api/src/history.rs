@@ -68,8 +68,8 @@ pub struct SessionHistory {
 /// The archive reader.
 #[derive(Debug, Clone)]
 pub struct History {
-    pool: PgPool,
-    timeout: Duration,
+    pub(crate) pool: PgPool,
+    pub(crate) timeout: Duration,
 }
 
 impl History {
@@ -159,7 +159,7 @@ impl History {
 
 /// Connection trouble is a 503 (retry later); anything else is a bug or a
 /// schema mismatch, a 500.
-fn pg_error(e: sqlx::Error) -> ApiError {
+pub(crate) fn pg_error(e: sqlx::Error) -> ApiError {
     let unavailable = match &e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{connections, heartbeats, ops, sessions, usage};
+use crate::routes::{connections, heartbeats, list, ops, sessions, usage};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -22,11 +22,16 @@ use crate::routes::{connections, heartbeats, ops, sessions, usage};
         sessions::history,
         sessions::stats,
         usage::usage,
+        list::sessions,
+        list::events,
         crate::routes::ws::upgrade,
         ops::healthz,
         ops::readyz,
         ops::metrics,
         ops::openapi,
+        ui::page,
+        ui::script,
+        ui::stylesheet,
     ),
     components(schemas(
         tracker_core::ConnectionView,
@@ -41,12 +46,15 @@ use crate::routes::{connections, heartbeats, ops, sessions, usage};
         crate::routes::ws::ServerFrame,
         usage::Usage,
         usage::UsageRow,
+        list::SessionPage,
+        list::RecentEvents,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "connections", description = "Register, heartbeat and close connections"),
         (name = "sessions", description = "Session state, history and totals"),
         (name = "operations", description = "Health, readiness, metrics"),
+        (name = "ui", description = "The operator page"),
     )
 )]
 pub struct ApiDoc;

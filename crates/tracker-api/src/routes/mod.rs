@@ -15,8 +15,10 @@
 
 pub mod connections;
 pub mod heartbeats;
+pub mod list;
 pub mod ops;
 pub mod sessions;
+pub mod ui;
 pub mod usage;
 pub mod ws;
 
@@ -56,7 +58,10 @@ fn api_routes() -> Router<AppState> {
         .route("/v1/sessions/{session_id}/history", get(sessions::history))
         .route("/v1/stats", get(sessions::stats))
         .route("/v1/usage", get(usage::usage))
+        .route("/v1/sessions", get(list::sessions))
+        .route("/v1/events", get(list::events))
         .route("/v1/sessions/{session_id}/ws", get(ws::upgrade))
+        .merge(ui::routes())
 }
 
 /// `/healthz`, on every listener.

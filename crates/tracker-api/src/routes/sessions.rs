@@ -54,7 +54,7 @@ const DEFAULT_HISTORY: i64 = 100;
 const MAX_HISTORY: i64 = 1000;
 
 /// Parses `limit` and `before` by hand so each error names its parameter.
-fn history_query(raw: Option<&str>) -> Result<(i64, Option<DateTime<Utc>>), ApiError> {
+pub(crate) fn history_query(raw: Option<&str>) -> Result<(i64, Option<DateTime<Utc>>), ApiError> {
     let mut limit = DEFAULT_HISTORY;
     let mut before = None;
     for (k, v) in form_pairs(raw.unwrap_or_default()) {
