@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{connections, heartbeats, list, ops, sessions, usage};
+use crate::routes::{connections, heartbeats, list, ops, sessions, ui, usage};
 
 #[derive(Debug, OpenApi)]
 #[openapi(

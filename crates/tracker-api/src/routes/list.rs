@@ -21,10 +21,11 @@ use tracker_core::keys::ShardId;
 use tracker_core::{SessionId, SessionView};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::{form_pairs, Principal};
+use crate::access::Principal;
+use crate::error::Backend;
 use crate::error::{ApiError, ErrorBody};
+use crate::extract::form_pairs;
 use crate::history::{pg_error, EventRow, History};
-use crate::metrics::Backend;
 use crate::routes::sessions::{history_query, HistoryQuery};
 use crate::state::AppState;
 

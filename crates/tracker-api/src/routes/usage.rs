@@ -13,8 +13,9 @@ use tracker_core::domain::rfc3339_ms;
 use tracker_core::UserId;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::{form_pairs, Principal};
+use crate::access::{Principal, Role};
 use crate::error::{ApiError, ErrorBody};
+use crate::extract::form_pairs;
 use crate::state::AppState;
 
 /// The query, run as one prepared statement.
@@ -121,11 +122,10 @@ pub fn allowed_user(
     principal: &Principal,
     asked: Option<UserId>,
 ) -> Result<Option<UserId>, ApiError> {
-    if principal.privileged {
-        return Ok(asked);
-    }
-    if !principal.user {
-        return Err(ApiError::Forbidden("the token carries no known role"));
+    match principal.role {
+        Role::Admin | Role::Service => return Ok(asked),
+        Role::Unrecognized => return Err(ApiError::Forbidden("the token carries no known role")),
+        Role::User => {}
     }
     match asked {
         Some(user) if user != principal.subject => {
@@ -260,11 +260,10 @@ mod tests {
         parse_query(Some(&format!("{t}&to=2027-01-02T00:00:00Z"))).unwrap();
     }
 
-    fn principal(sub: &str, privileged: bool, user: bool) -> Principal {
+    fn principal(sub: &str, role: Role) -> Principal {
         Principal {
             subject: sub.parse().unwrap(),
-            privileged,
-            user,
+            role,
         }
     }
 
@@ -272,7 +271,7 @@ mod tests {
     fn a_user_reads_only_its_own_usage() {
         let alice: UserId = "alice".parse().unwrap();
         let bob: UserId = "bob".parse().unwrap();
-        let user = principal("alice", false, true);
+        let user = principal("alice", Role::User);
         assert_eq!(allowed_user(&user, None).unwrap(), Some(alice.clone()));
         assert_eq!(
             allowed_user(&user, Some(alice.clone())).unwrap(),
@@ -282,13 +281,13 @@ mod tests {
             allowed_user(&user, Some(bob.clone())),
             Err(ApiError::Forbidden(_))
         ));
-        let service = principal("proxy", true, false);
+        let service = principal("proxy", Role::Service);
         assert_eq!(allowed_user(&service, None).unwrap(), None);
         assert_eq!(
             allowed_user(&service, Some(bob.clone())).unwrap(),
             Some(bob)
         );
-        let nobody = principal("x", false, false);
+        let nobody = principal("x", Role::Unrecognized);
         assert!(matches!(
             allowed_user(&nobody, None),
             Err(ApiError::Forbidden(_))
