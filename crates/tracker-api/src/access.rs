@@ -5,8 +5,9 @@
 //! `service` (proxies, the session API) and `admin` act on any session, as
 //! anyone. A plain `user` acts only on sessions it owns (`spec.user` of the
 //! Session resource), and only as itself. The checks on [`Principal`] are
-//! pure functions, unit-tested without a server; [`authorize`] and
-//! [`authorize_connection`] add the one store lookup a plain user costs.
+//! pure functions, unit-tested without a server; [`authorize`],
+//! [`authorize_connection`] and [`authorize_history`] add the one store
+//! lookup a plain user costs.
 
 use tracker_core::{ConnectionView, SessionId, SessionView, UserId};
 
@@ -123,6 +124,23 @@ pub async fn authorize(
     }
     let view = state.store.session(session).await?;
     principal.check_session(view.as_ref())
+}
+
+/// Whether `principal` may read `session`'s history, and whose: `None` for
+/// all of it (services and admins), or the `metadata.uid` of the Session
+/// resource a user owns now, so that an earlier resource under the same
+/// name (someone else's, perhaps) stays hidden.
+pub async fn authorize_history(
+    state: &AppState,
+    principal: &Principal,
+    session: &SessionId,
+) -> Result<Option<String>, ApiError> {
+    if principal.is_privileged() {
+        return Ok(None);
+    }
+    let found = state.store.session_with_uid(session).await?;
+    principal.check_session(found.as_ref().map(|(view, _)| view))?;
+    Ok(Some(found.and_then(|(_, uid)| uid).unwrap_or_default()))
 }
 
 /// Whether `principal` may see `connection`: a user sees its own

@@ -6,19 +6,26 @@
 //! the shared [`tracker_core::Store`], so any replica serves any call.
 //!
 //! Layout:
-//! - [`config`]: the settings (`TRACKER_*` variables and equal flags);
+//! - [`config`]: the settings (`TRACKER_*` variables and equal flags),
+//!   checked once, in [`Application::build`];
 //! - [`auth`]: who is calling (bearer JWTs);
 //! - [`access`]: what the caller may do: roles, and who may act on which
 //!   session;
 //! - [`client_ip`]: the client's address, and when `X-Forwarded-For` counts;
 //! - [`error`]: the one table from error to status and code;
-//! - [`extract`]: JSON and path extractors whose rejections name the field;
+//! - [`extract`]: JSON and path extractors whose rejections name the field,
+//!   and query-string decoding;
 //! - [`routes`]: the router and the handlers, by concept, WebSocket
 //!   tracking ([`routes::ws`]) among them;
 //! - [`serve`]: the HTTP/1.1 server loop with its timeouts and connection cap;
 //! - [`history`]: the PostgreSQL archive reader;
 //! - [`metrics`]: per-instance Prometheus metrics with bounded labels;
 //! - [`openapi`]: the generated OpenAPI document;
+//! - [`state`]: what every handler shares.
+//!
+//! Process plumbing shared with the reaper (Redis settings, secrets,
+//! logging, signals, the metrics stack, `/metrics` `/healthz` `/readyz`) is
+//! `tracker_runtime`'s.
 //!
 //! [`Application`] binds its listener at build time (port 0 in tests) and
 //! serves until a [`CancellationToken`] fires, then shuts down in order:

@@ -1,5 +1,5 @@
-//! The router: every route of the API, listed in one place ([`api_routes`]
-//! for the API, [`ops_routes`] for operations), and the layers around them.
+//! The router: every route of the API, listed in one place (`api_routes`
+//! for the API, `ops_routes` for operations), and the layers around them.
 //! A new route module adds its routes to that list and its handlers to
 //! [`crate::openapi`]; nothing else needs to know about it.
 //!

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use tracker_core::{SessionId, SessionView, Stats};
 use utoipa::IntoParams;
 
-use crate::access::Principal;
+use crate::access::{authorize_history, Principal};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{form_pairs, SessionPath};
 use crate::history::SessionHistory;
@@ -101,15 +101,7 @@ pub async fn history(
     RawQuery(query): RawQuery,
 ) -> Result<Json<SessionHistory>, ApiError> {
     let (limit, before) = history_query(query.as_deref())?;
-    // A user sees the history of the Session resource it owns now, not of an
-    // earlier resource under the same name; services and admins see all.
-    let resource = if principal.is_privileged() {
-        None
-    } else {
-        let found = state.store.session_with_uid(&session_id).await?;
-        principal.check_session(found.as_ref().map(|(view, _)| view))?;
-        Some(found.and_then(|(_, uid)| uid).unwrap_or_default())
-    };
+    let resource = authorize_history(&state, &principal, &session_id).await?;
     let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
     history
         .session(&session_id, resource.as_deref(), limit, before)

@@ -10,7 +10,8 @@
 //! in the store.
 //!
 //! axum does not wait for upgraded sockets on shutdown, so every socket task
-//! is tracked in [`AppState::sockets`] and watches [`AppState::draining`]:
+//! is tracked in [`Inner::sockets`](crate::state::Inner::sockets) and watches
+//! [`Inner::draining`](crate::state::Inner::draining):
 //! when it fires, the socket sends Close 1001 and removes its connection.
 //!
 //! A plain user holds a limited number of sockets per replica
