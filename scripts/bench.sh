@@ -7,7 +7,12 @@
 #   handler driven the same way, redis-benchmark ZADD, and pgbench running the
 #   original design's per-heartbeat UPDATE; batch heartbeats (loadgen) next to
 #   pipelined ZADD; 10,000 WebSockets on one replica (loadgen);
-# - reaper: archive throughput and wake latency (its ignored bench tests).
+# - reaper: archive throughput and wake latency (its ignored bench tests),
+#   and what an idle reaper costs (Redis calls/s counted with MONITOR, CPU
+#   from /proc).
+#
+# The API and the idle reaper run against a private redis-server, so that
+# INFO commandstats and MONITOR see nothing but them.
 #
 # Needs: Redis and PostgreSQL (scripts/services.sh), wrk, redis-benchmark,
 # pgbench (apt-get install -y wrk redis-tools postgresql-contrib if missing).
@@ -41,6 +46,17 @@ echo "## store (cargo bench -p tracker-core --bench store -- $QUICK)"
 cargo bench -q -p tracker-core --bench store -- $QUICK | grep -v '^#'
 
 cargo build -q --release -p tracker-api --bin tracker-api --bench loadgen
+cargo build -q --release -p tracker-reaper --bin tracker-reaper
+
+RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" >/dev/null &
+pids+=($!)
+RCLI=(redis-cli -p "$RPORT")
+for _ in $(seq 50); do [[ "$("${RCLI[@]}" ping 2>/dev/null)" == PONG ]] && break; sleep 0.1; done
+# CPU seconds a process used so far (utime + stime).
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+# usec and calls of one command since the last CONFIG RESETSTAT: "usec calls".
+cmdstat() { "${RCLI[@]}" info commandstats | awk -F'[:,=]' -v c="cmdstat_$1" '$1 == c {print $5, $3}'; }
 LOADGEN=$(find target/release/deps -maxdepth 1 -type f -executable -name 'loadgen-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
 
 # At least 32 bytes: shorter HS256 secrets are refused at start.
@@ -57,6 +73,29 @@ PY
 
 API=127.0.0.1:18080; NOOP=127.0.0.1:18099
 # One service user holds every connection: the per-user and per-session limits are off.
+echo
+echo "## idle reaper (leader, nothing to do; private redis-server, 32 shards, standalone)"
+psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS trk_bench_reaper' -c 'CREATE DATABASE trk_bench_reaper' >/dev/null
+TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" TRACKER_DATABASE_URL=postgres://postgres@127.0.0.1:5432/trk_bench_reaper \
+  TRACKER_ELECTION=redis TRACKER_PLATFORM=none TRACKER_METRICS_LISTEN=127.0.0.1:0 TRACKER_KEY_PREFIX="idle-$$" RUST_LOG=warn \
+  target/release/tracker-reaper >"$WORK/reaper.log" 2>&1 &
+pids+=($!); REAPER_PID=$!
+# Leadership and the first passes settle within a few seconds.
+sleep 5
+IDLE_S=10
+cpu0=$(cpu_s "$REAPER_PID")
+timeout "$IDLE_S" "${RCLI[@]}" monitor >"$WORK/monitor.out" 2>/dev/null || true
+cpu1=$(cpu_s "$REAPER_PID")
+# Commands issued by clients; those run inside scripts show as [... lua].
+calls=$(grep -vc ' lua\]' "$WORK/monitor.out" || true)
+echo "redis calls:  $(python3 -c "print(f'{($calls - 1) / $IDLE_S:.1f}')") /s   (MONITOR over ${IDLE_S}s)"
+echo "by command:   $(grep -v ' lua\]' "$WORK/monitor.out" | awk 'NR > 1 {print tolower($4)}' | sort | uniq -c | sort -rn | awk '{printf "%s %s, ", $2, $1}')"
+echo "cpu:          $(python3 -c "print(f'{100 * ($cpu1 - $cpu0) / $IDLE_S:.2f}')") % of a core"
+kill "$REAPER_PID" 2>/dev/null || true
+wait "$REAPER_PID" 2>/dev/null || true
+psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE trk_bench_reaper' >/dev/null
+
+TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" \
 TRACKER_JWT_SECRET=$SECRET TRACKER_LISTEN=$API TRACKER_KEY_PREFIX="bench-$$" RUST_LOG=warn \
   TRACKER_MAX_CONNECTIONS_PER_SESSION=0 TRACKER_MAX_CONNECTIONS_PER_USER=0 \
   target/release/tracker-api >"$WORK/api.log" 2>&1 &
@@ -89,13 +128,24 @@ wrk_rate() { # url -> "rps p50 p99"
   HB_PATHS="$WORK/paths" HB_TOKEN="$TOKEN" wrk -t2 -c50 -d"${DUR}s" --latency -s "$WORK/hb.lua" "$1" >"$WORK/wrk.out"
   awk '/Requests\/sec/ {r=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} /Non-2xx/ {bad=$NF} END {printf "%s req/s  p50 %s  p99 %s%s\n", r, p50, p99, (bad ? "  NON-2xx: " bad : "")}' "$WORK/wrk.out"
 }
-rb() { redis-benchmark -n "$1" --csv "${@:2}" | awk -F'"' '$2 != "test" {print $4; exit}'; }
+rb() { redis-benchmark -p "$RPORT" -n "$1" --csv "${@:2}" | awk -F'"' '$2 != "test" {print $4; exit}'; }
 
 echo
 echo "## API, single heartbeats (wrk -t2 -c50 -d${DUR}s, service token, metrics on)"
+"${RCLI[@]}" config resetstat >/dev/null
+cpu0=$(cpu_s "$API_PID")
 echo "tracker-api heartbeat:         $(wrk_rate "http://$API")"
+cpu1=$(cpu_s "$API_PID")
+read -r hb_usec hb_calls <<<"$(cmdstat evalsha)"
+read -r zi_usec zi_calls <<<"$(cmdstat zadd)"
+hb_n=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
+echo "  API cpu per heartbeat:       $(python3 -c "print(f'{1e6 * ($cpu1 - $cpu0) / $hb_n:.1f}')") us"
+echo "  redis time per heartbeat:    $(python3 -c "print(f'{$hb_usec / $hb_n:.2f}')") us ($(python3 -c "print(f'{$hb_n / max($hb_calls, 1):.1f}')") heartbeats a script call; the ZADD inside: $(python3 -c "print(f'{$zi_usec / max($zi_calls, 1):.2f}')") us)"
 echo "do-nothing axum handler:       $(wrk_rate "http://$NOOP")"
+"${RCLI[@]}" config resetstat >/dev/null
 echo "redis-benchmark -t zadd -c 50: $(rb 300000 -t zadd -c 50) req/s"
+read -r z_usec z_calls <<<"$(cmdstat zadd)"
+echo "  redis time per ZADD:         $(python3 -c "print(f'{$z_usec / $z_calls:.2f}')") us"
 
 # The original design: one UPDATE per heartbeat on a 100,000-row table, 50 clients, prepared.
 psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS trk_bench' -c 'CREATE DATABASE trk_bench' >/dev/null

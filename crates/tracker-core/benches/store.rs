@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use futures::future::join_all;
 use tracker_core::{
-    ClockOffset, ConnectionId, Limits, NewConnection, Protocol, RedisMode, SessionId, Store,
-    StoreConfig, UserAgent,
+    ClockOffset, ConnectionId, Limits, NewConnection, Protocol, RedisMode, RegisterOutcome,
+    SessionId, Store, StoreConfig, UserAgent,
 };
 
 /// An 80-byte user agent, as the memory goal specifies.
@@ -25,6 +25,7 @@ struct Settings {
     duration: Duration,
     memory_connections: usize,
     sweep_big: usize,
+    scale_ops: usize,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -35,12 +36,14 @@ async fn main() -> Result<()> {
             duration: Duration::from_secs(2),
             memory_connections: 20_000,
             sweep_big: 100_000,
+            scale_ops: 500,
         }
     } else {
         Settings {
             duration: Duration::from_secs(5),
             memory_connections: 100_000,
             sweep_big: 1_000_000,
+            scale_ops: 2_000,
         }
     };
     let server = RedisServer::start()?;
@@ -49,19 +52,28 @@ async fn main() -> Result<()> {
         server.port
     );
 
+    server.cli(&["config", "resetstat"])?;
     let zadd = redis_benchmark(server.port, &["-t", "zadd", "-c", "50"])?;
+    let zadd_usec = server.cmdstat("zadd")?.usec_per_call();
     let zadd_p16 = redis_benchmark(server.port, &["-t", "zadd", "-c", "50", "-P", "16"])?;
-    println!("redis-benchmark -t zadd -c 50:        {zadd:>12.0} ops/s");
+    println!("redis-benchmark -t zadd -c 50:        {zadd:>12.0} ops/s   redis time {zadd_usec:.2} us/ZADD");
     println!("redis-benchmark -t zadd -c 50 -P 16:  {zadd_p16:>12.0} ops/s");
 
     let store = server.store(60).await?;
-    let single = single_heartbeats(&store, settings.duration).await?;
+    let single = single_heartbeats(&store, settings.duration, &server).await?;
     println!(
         "store heartbeat, 50 tasks:            {:>12.0} ops/s   p50 {:.2} ms  p99 {:.2} ms   ({:.2}x zadd)",
-        single.rate,
-        single.p50_ms,
-        single.p99_ms,
-        single.rate / zadd
+        single.rate.rate,
+        single.rate.p50_ms,
+        single.rate.p99_ms,
+        single.rate.rate / zadd
+    );
+    println!(
+        "  redis time per heartbeat:           {:>12.2} us        ({:.2}x redis-benchmark's ZADD, {:.2}x the ZADD it runs; {:.1} heartbeats a script call)",
+        single.usec_per_heartbeat,
+        single.usec_per_heartbeat / zadd_usec,
+        single.usec_per_heartbeat / single.inner_zadd_usec,
+        single.per_call
     );
     let batched = batch_heartbeats(&store, settings.duration, &server).await?;
     println!(
@@ -71,6 +83,18 @@ async fn main() -> Result<()> {
         batched.p99_ms,
         batched.rate / zadd_p16
     );
+
+    println!("one session of n connections, one call at a time (mean per call):");
+    let one = session_scale(&server, 1, settings.scale_ops).await?;
+    let many = session_scale(&server, 10_000, settings.scale_ops).await?;
+    for (i, what) in ["register", "heartbeat", "session view"].iter().enumerate() {
+        println!(
+            "  {what:<13} n=1: {:>7.1} us   n=10,000: {:>7.1} us   ({:.2}x)",
+            one[i],
+            many[i],
+            many[i] / one[i]
+        );
+    }
 
     for per_session in [1, 4] {
         let bytes =
@@ -127,7 +151,10 @@ async fn register_many(
             .collect::<Result<_>>()?;
         let results = join_all(chunk.iter().map(|c| store.register(c, Limits::default()))).await;
         for (c, r) in chunk.iter().zip(results) {
-            r.context("register")?;
+            match r.context("register")? {
+                RegisterOutcome::Created(_) => {}
+                other => bail!("registration refused: {other:?}"),
+            }
             out.push((c.session_id.clone(), c.connection_id));
         }
         i += chunk.len();
@@ -135,8 +162,22 @@ async fn register_many(
     Ok(out)
 }
 
-async fn single_heartbeats(store: &Store, duration: Duration) -> Result<Rate> {
+struct Single {
+    rate: Rate,
+    usec_per_heartbeat: f64,
+    /// The ZADD each heartbeat runs inside its script: the same command
+    /// under the same load.
+    inner_zadd_usec: f64,
+    per_call: f64,
+}
+
+async fn single_heartbeats(
+    store: &Store,
+    duration: Duration,
+    server: &RedisServer,
+) -> Result<Single> {
     let conns = register_many(store, 10_000, 1, "single").await?;
+    server.cli(&["config", "resetstat"])?;
     let deadline = Instant::now() + duration;
     let tasks = (0..50).map(|t| {
         let store = store.clone();
@@ -147,7 +188,9 @@ async fn single_heartbeats(store: &Store, duration: Duration) -> Result<Rate> {
             while Instant::now() < deadline {
                 let (s, c) = &conns[k % conns.len()];
                 let start = Instant::now();
-                store.heartbeat(s, *c).await?;
+                if store.heartbeat(s, *c).await?.is_none() {
+                    bail!("heartbeat of a live connection refused");
+                }
                 lat.push(start.elapsed());
                 k += 50;
             }
@@ -158,7 +201,63 @@ async fn single_heartbeats(store: &Store, duration: Duration) -> Result<Rate> {
     for t in join_all(tasks).await {
         lat.extend(t??);
     }
-    Ok(summarize(lat, 1, duration))
+    let heartbeats = lat.len() as f64;
+    let calls = server.cmdstat("evalsha")?;
+    Ok(Single {
+        rate: summarize(lat, 1, duration),
+        usec_per_heartbeat: calls.usec / heartbeats,
+        inner_zadd_usec: server.cmdstat("zadd")?.usec_per_call(),
+        per_call: heartbeats / calls.calls.max(1.0),
+    })
+}
+
+/// Mean time of a register, a heartbeat and a session view on one session
+/// already holding `size` connections of 1,000 users, one call at a time.
+async fn session_scale(server: &RedisServer, size: usize, ops: usize) -> Result<[f64; 3]> {
+    server.flush()?;
+    let store = server.store(60).await?;
+    let conns = register_many(&store, size, size, "scale").await?;
+    let session = conns[0].0.clone();
+    let mean = |took: Duration| took.as_secs_f64() * 1e6 / ops as f64;
+
+    let start = Instant::now();
+    for k in 0..ops {
+        let new = NewConnection {
+            session_id: session.clone(),
+            connection_id: ConnectionId::new_random(),
+            user_id: format!("user-{}", k % 1000).parse()?,
+            protocol: Protocol::Websocket,
+            client_ip: Some("10.20.30.40".parse()?),
+            user_agent: Some(UserAgent::truncated(UA)),
+        };
+        match store.register(&new, Limits::default()).await? {
+            RegisterOutcome::Created(_) => {}
+            other => bail!("registration refused: {other:?}"),
+        }
+    }
+    let register = mean(start.elapsed());
+
+    let start = Instant::now();
+    for k in 0..ops {
+        let (s, c) = &conns[k % conns.len()];
+        if store.heartbeat(s, *c).await?.is_none() {
+            bail!(
+                "heartbeat of a live connection refused: {:?}",
+                store.get_connection(*c).await?
+            );
+        }
+    }
+    let heartbeat = mean(start.elapsed());
+
+    let start = Instant::now();
+    for _ in 0..ops {
+        store
+            .session(&session)
+            .await?
+            .context("the session is known")?;
+    }
+    let view = mean(start.elapsed());
+    Ok([register, heartbeat, view])
 }
 
 async fn batch_heartbeats(store: &Store, duration: Duration, server: &RedisServer) -> Result<Rate> {
@@ -193,10 +292,12 @@ async fn batch_heartbeats(store: &Store, duration: Duration, server: &RedisServe
     }
     let rate = summarize(lat, BATCH, duration);
     // Time spent inside Redis, to tell server cost from client cost.
-    let stats = server.cli(&["info", "commandstats"])?;
-    if let Some(line) = stats.lines().find(|l| l.starts_with("cmdstat_evalsha:")) {
-        println!("  redis side during batches: {}", line.trim());
-    }
+    let calls = server.cmdstat("evalsha")?;
+    let pairs = rate.rate * duration.as_secs_f64();
+    println!(
+        "  redis time per batched heartbeat:   {:>12.2} us",
+        calls.usec / pairs.max(1.0)
+    );
     Ok(rate)
 }
 
@@ -247,6 +348,19 @@ async fn sweep_cost(server: &RedisServer, expired: usize, live: usize) -> Result
         bail!("swept {swept}, expected {expired}");
     }
     Ok(took)
+}
+
+/// One line of `INFO commandstats`.
+#[derive(Debug, Default, Clone, Copy)]
+struct CmdStat {
+    calls: f64,
+    usec: f64,
+}
+
+impl CmdStat {
+    fn usec_per_call(self) -> f64 {
+        self.usec / self.calls.max(1.0)
+    }
 }
 
 /// A private redis-server on a free loopback port, stopped on drop.
@@ -311,6 +425,25 @@ impl RedisServer {
     fn flush(&self) -> Result<()> {
         self.cli(&["flushall"])?;
         Ok(())
+    }
+
+    /// A command's calls and server time since the last `CONFIG RESETSTAT`.
+    fn cmdstat(&self, command: &str) -> Result<CmdStat> {
+        let info = self.cli(&["info", "commandstats"])?;
+        let prefix = format!("cmdstat_{command}:");
+        let Some(line) = info.lines().find_map(|l| l.trim().strip_prefix(&prefix)) else {
+            return Ok(CmdStat::default());
+        };
+        let field = |name: &str| {
+            line.split(',')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("{name} missing from {line}"))
+        };
+        Ok(CmdStat {
+            calls: field("calls")?,
+            usec: field("usec")?,
+        })
     }
 
     fn used_memory(&self) -> Result<i64> {

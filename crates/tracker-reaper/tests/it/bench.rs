@@ -119,7 +119,7 @@ async fn bench_wake_latency(pool: PgPool) {
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)];
     println!(
-        "wake latency (registration -> patch at the API server, {WAKES} wakes, poll 25 ms): p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        "wake latency (registration -> patch at the API server, {WAKES} wakes, signalled, interval 25 ms): p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
         pct(0.5),
         pct(0.9),
         pct(0.99),
