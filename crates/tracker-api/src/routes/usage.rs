@@ -21,6 +21,18 @@ use crate::state::AppState;
 /// The query, run as one prepared statement.
 pub const USAGE_SQL: &str = include_str!("usage.sql");
 
+/// Set for the query's transaction. A plan for the actual range (not the
+/// generic plan of a cached statement, which sorts a month's 300,000 rollup
+/// rows instead of hashing them: twice the time); no JIT (the planner cannot
+/// tell how many days the range holds, prices the per-day calls high and
+/// would compile for seconds a query that runs in a fraction of one); and
+/// the memory to aggregate a month of rollup rows without spilling.
+pub const USAGE_SETTINGS: [&str; 3] = [
+    "SET LOCAL plan_cache_mode = force_custom_plan",
+    "SET LOCAL jit = off",
+    "SET LOCAL work_mem = '64MB'",
+];
+
 /// The longest range one request may ask for.
 pub const MAX_RANGE_DAYS: i64 = 366;
 
@@ -191,14 +203,20 @@ pub async fn usage(
     let user = user.map(|u| u.as_str().to_owned());
     let rows = history
         .run(|pool| async move {
-            sqlx::query_as::<_, UsageRow>(USAGE_SQL)
+            let mut tx = pool.begin().await?;
+            for setting in USAGE_SETTINGS {
+                sqlx::query(setting).execute(&mut *tx).await?;
+            }
+            let rows = sqlx::query_as::<_, UsageRow>(USAGE_SQL)
                 .bind(from)
                 .bind(to)
                 .bind(group)
                 .bind(user)
                 .bind(rollup)
-                .fetch_all(&pool)
-                .await
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(rows)
         })
         .await?;
     Ok(Json(Usage {

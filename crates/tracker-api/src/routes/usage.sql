@@ -3,7 +3,8 @@
 -- grouping by session is filtered by user: the rollup has no user there).
 -- Whole UTC days with a fresh rollup come from connection_usage_daily; the
 -- partial first and last days and stale days from connection_history
--- (migrations/0005_usage.sql).
+-- (migrations/0005_usage.sql). Run with the settings of USAGE_SETTINGS
+-- (usage.rs): custom plans, no JIT, 64 MB of work_mem.
 WITH pieces AS (
     SELECT g.day,
            greatest(g.day, $1) AS a,
@@ -13,10 +14,14 @@ WITH pieces AS (
     FROM generate_series(date_trunc('day', $1, 'UTC'), $2 - interval '1 microsecond',
                          interval '24 hours') AS g(day)
 ), parts AS (
-    SELECT r.key, r.connected_seconds, r.connections, r.peak_concurrent
-    FROM pieces p
-    JOIN connection_usage_daily r ON r.group_by = $3 AND r.day = p.day
-    WHERE p.clean AND ($4::text IS NULL OR r.key = $4)
+    SELECT r.key, sum(r.connected_seconds) AS connected_seconds,
+           sum(r.connections) AS connections, max(r.peak_concurrent) AS peak_concurrent
+    FROM connection_usage_daily r
+    -- The range, then its clean days: one scan of the key's index over it.
+    WHERE r.group_by = $3 AND r.day >= $1 AND r.day < $2
+      AND r.day IN (SELECT p.day FROM pieces p WHERE p.clean)
+      AND ($4::text IS NULL OR r.key = $4)
+    GROUP BY r.key
     UNION ALL
     SELECT u.key, u.connected_seconds, u.connections, u.peak_concurrent
     FROM pieces p, LATERAL connection_usage_in(p.a, p.z, $3, $4, p.a = $1) AS u
