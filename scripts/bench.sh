@@ -57,7 +57,8 @@ for _ in $(seq 50); do [[ "$("${RCLI[@]}" ping 2>/dev/null)" == PONG ]] && break
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
 # usec and calls of one command since the last CONFIG RESETSTAT: "usec calls".
 cmdstat() { "${RCLI[@]}" info commandstats | awk -F'[:,=]' -v c="cmdstat_$1" '$1 == c {print $5, $3}'; }
-LOADGEN=$(find target/release/deps -maxdepth 1 -type f -executable -name 'loadgen-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
+TARGET="${CARGO_TARGET_DIR:-target}"
+LOADGEN=$(find "$TARGET"/release/deps -maxdepth 1 -type f -executable -name 'loadgen-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
 
 # At least 32 bytes: shorter HS256 secrets are refused at start.
 SECRET=bench-secret-bench-secret-bench-secret
@@ -78,7 +79,7 @@ echo "## idle reaper (leader, nothing to do; private redis-server, 32 shards, st
 psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS trk_bench_reaper' -c 'CREATE DATABASE trk_bench_reaper' >/dev/null
 TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" TRACKER_DATABASE_URL=postgres://postgres@127.0.0.1:5432/trk_bench_reaper \
   TRACKER_ELECTION=redis TRACKER_PLATFORM=none TRACKER_METRICS_LISTEN=127.0.0.1:0 TRACKER_KEY_PREFIX="idle-$$" RUST_LOG=warn \
-  target/release/tracker-reaper >"$WORK/reaper.log" 2>&1 &
+  "$TARGET"/release/tracker-reaper >"$WORK/reaper.log" 2>&1 &
 pids+=($!); REAPER_PID=$!
 # Leadership and the first passes settle within a few seconds.
 sleep 5
@@ -98,7 +99,7 @@ psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE trk_bench_reaper' >
 TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" \
 TRACKER_JWT_SECRET=$SECRET TRACKER_LISTEN=$API TRACKER_KEY_PREFIX="bench-$$" RUST_LOG=warn \
   TRACKER_MAX_CONNECTIONS_PER_SESSION=0 TRACKER_MAX_CONNECTIONS_PER_USER=0 \
-  target/release/tracker-api >"$WORK/api.log" 2>&1 &
+  "$TARGET"/release/tracker-api >"$WORK/api.log" 2>&1 &
 pids+=($!); API_PID=$!
 "$LOADGEN" noop --listen $NOOP --duration 600s >/dev/null &
 pids+=($!)
