@@ -609,7 +609,7 @@ async fn client_ip_comes_from_the_connection_for_users() {
 async fn websockets_per_user_are_capped_and_keep_their_own_address() {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+    use tokio_tungstenite::tungstenite::Message;
 
     let app = TestApp::spawn_with(
         Backend::Standalone,
@@ -636,10 +636,17 @@ async fn websockets_per_user_are_capped_and_keep_their_own_address() {
         other => panic!("no registered frame: {other:?}"),
     };
     assert_eq!(frame["connection"]["client_ip"], "127.0.0.1");
-    match connect().await {
-        Err(WsError::Http(res)) => assert_eq!(res.status().as_u16(), 429),
-        other => panic!("a second socket over the cap: {other:?}"),
-    }
+    let over = ws_attempt(
+        &app,
+        "/v1/sessions/ws-cap/ws",
+        &[("authorization", format!("Bearer {alice}"))],
+    )
+    .await;
+    assert_eq!(
+        close_code(&over),
+        4429,
+        "a second socket over the cap: {over:?}"
+    );
     // A service is not counted.
     let svc = app.ws_url(&format!(
         "/v1/sessions/ws-cap/ws?access_token={}",
@@ -653,16 +660,22 @@ async fn websockets_per_user_are_capped_and_keep_their_own_address() {
     while let Ok(Some(Ok(_))) = tokio::time::timeout(CLOSE_BOUND, first.next()).await {}
     let deadline = tokio::time::Instant::now() + CLOSE_BOUND;
     loop {
-        match connect().await {
-            Ok(_) => break,
-            Err(WsError::Http(res)) if res.status().as_u16() == 429 => {
+        let again = ws_attempt(
+            &app,
+            "/v1/sessions/ws-cap/ws",
+            &[("authorization", format!("Bearer {alice}"))],
+        )
+        .await;
+        match again {
+            WsOutcome::Registered(_) => break,
+            WsOutcome::Closed(4429, _) => {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "the place never came back"
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => panic!("{e}"),
+            other => panic!("{other:?}"),
         }
     }
 }
@@ -723,10 +736,10 @@ async fn refusals_are_never_5xx() {
             403,
         ),
         (
-            "websocket with a bad query token",
+            "websocket route without a handshake",
             app.client
                 .get(app.url("/v1/sessions/mine/ws?access_token=x")),
-            401,
+            400,
         ),
     ];
     for (what, req, want) in cases {
