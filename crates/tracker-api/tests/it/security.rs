@@ -836,11 +836,43 @@ async fn secrets_stay_out_of_logs_and_help() {
         .bearer_auth("x.y.z")
         .send()
         .await;
+    // A WebSocket ticket, used and then refused: the ticket is a credential too.
+    let res = client
+        .post(format!("http://{addr}/v1/sessions/s-1/ws-ticket"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 201);
+    let ticket = res.json::<Value>().await.unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..2 {
+        use futures::StreamExt;
+        let url = format!("ws://{addr}/v1/sessions/s-1/ws?ticket={ticket}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let _ = tokio::time::timeout(CLOSE_BOUND, async {
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_text() {
+                    let _ = ws.close(None).await;
+                }
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     let _ = child.kill();
     let _ = child.wait();
     let out = read();
     assert!(out.contains("DEBUG"), "a debug log:\n{out}");
-    for s in secrets {
+    assert!(
+        out.contains("websocket refused"),
+        "the reuse was refused:\n{out}"
+    );
+    for s in secrets.iter().copied().chain([ticket.as_str()]) {
         assert!(!out.contains(s), "{s} in the log:\n{out}");
     }
     let _ = std::fs::remove_dir_all(&dir);
