@@ -48,6 +48,17 @@ impl Role {
     pub fn is_privileged(self) -> bool {
         matches!(self, Role::Admin | Role::Service)
     }
+
+    /// The claim that stands for it; [`Role::from_claims`] of it gives the
+    /// role back (a ticket carries its issuer's role this way).
+    pub fn claim(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Service => "service",
+            Role::User => "user",
+            Role::Unrecognized => "",
+        }
+    }
 }
 
 /// The authenticated caller.
@@ -191,6 +202,9 @@ mod tests {
         }
         assert!(Role::Admin.is_privileged() && Role::Service.is_privileged());
         assert!(!Role::User.is_privileged() && !Role::Unrecognized.is_privileged());
+        for role in [Role::Admin, Role::Service, Role::User, Role::Unrecognized] {
+            assert_eq!(Role::from_claims(&[role.claim()]), role);
+        }
     }
 
     #[test]

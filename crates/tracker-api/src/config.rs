@@ -71,6 +71,65 @@ impl FromStr for TrustedProxies {
     }
 }
 
+/// The page origins a WebSocket may come from (`TRACKER_WS_ALLOWED_ORIGINS`);
+/// empty: any. Kept lowercase, as browsers send them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedOrigins(Vec<String>);
+
+impl AllowedOrigins {
+    /// Whether a request with this `Origin` header (if any) may upgrade. A
+    /// request without one is not from a browser page, so the list, which
+    /// guards against other pages riding a user's credentials, does not apply.
+    pub fn allows(&self, origin: Option<&str>) -> bool {
+        match origin {
+            _ if self.0.is_empty() => true,
+            None => true,
+            Some(o) => self.0.iter().any(|a| a.eq_ignore_ascii_case(o)),
+        }
+    }
+}
+
+impl FromStr for AllowedOrigins {
+    type Err = String;
+
+    /// Comma-separated origins `http(s)://host[:port]`; empty is any.
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                parse_origin(item).ok_or_else(|| {
+                    format!("{item:?} is not an origin like https://host or https://host:8443")
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(AllowedOrigins)
+    }
+}
+
+/// `scheme://host[:port]`, lowercased, or `None`: no path, query, user info
+/// or trailing slash, since a browser's `Origin` never has them and an entry
+/// with one would never match.
+fn parse_origin(item: &str) -> Option<String> {
+    let lower = item.to_ascii_lowercase();
+    let (scheme, rest) = lower.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        // An IPv6 literal's colons are inside its brackets.
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    let host_ok = !host.is_empty()
+        && (host.starts_with('[') && host.ends_with(']')
+            || host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
+    (host_ok && port_ok).then_some(lower)
+}
+
 /// How bearer tokens are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
@@ -182,6 +241,16 @@ pub struct Config {
     #[arg(long, env = "TRACKER_MAX_WEBSOCKETS_PER_USER", default_value_t = 50)]
     pub max_websockets_per_user: u32,
 
+    /// Comma-separated page origins (`https://host[:port]`) a WebSocket may
+    /// come from; others get 403 before the upgrade. Empty: any origin.
+    #[arg(long, env = "TRACKER_WS_ALLOWED_ORIGINS", default_value = "")]
+    pub ws_allowed_origins: AllowedOrigins,
+
+    /// Life of a WebSocket ticket, at most 30s. Hidden: tests shorten it;
+    /// nothing in a deployment needs to.
+    #[arg(long, hide = true, default_value = "30s", value_parser = ticket_ttl)]
+    pub ws_ticket_ttl: Duration,
+
     /// How long a shutdown may take before the process exits anyway; keep it
     /// below the pod's termination grace period.
     #[arg(long, env = "TRACKER_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = positive_duration)]
@@ -189,6 +258,18 @@ pub struct Config {
 
     #[arg(long, env = "TRACKER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// Longest life of a WebSocket ticket: it only bridges fetching it and
+/// opening the socket.
+pub const MAX_TICKET_TTL: Duration = Duration::from_secs(30);
+
+fn ticket_ttl(s: &str) -> Result<Duration, String> {
+    let d = positive_duration(s)?;
+    if d > MAX_TICKET_TTL {
+        return Err("a ticket lives at most 30s".into());
+    }
+    Ok(d)
 }
 
 /// How bearer tokens are checked, as the validated settings say.
@@ -299,6 +380,40 @@ mod tests {
     }
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn allowed_origins_are_checked_at_start() {
+        let list: AllowedOrigins =
+            " https://App.example.com, http://127.0.0.1:8080,https://[::1]:9443"
+                .parse()
+                .unwrap();
+        assert!(list.allows(Some("https://app.example.com")));
+        assert!(list.allows(Some("http://127.0.0.1:8080")));
+        assert!(list.allows(Some("https://[::1]:9443")));
+        assert!(!list.allows(Some("https://app.example.com:8443")));
+        assert!(!list.allows(Some("http://app.example.com")));
+        assert!(!list.allows(Some("null")));
+        assert!(list.allows(None), "not a browser page");
+        assert!(AllowedOrigins::default().allows(Some("https://any.example")));
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "ftp://app.example.com",
+            "https://user@app.example.com",
+            "https://app.example.com:0",
+            "https://app.example.com:99999",
+            "https://",
+            "*",
+        ] {
+            assert!(bad.parse::<AllowedOrigins>().is_err(), "{bad}");
+        }
+        assert!(parse(&["--jwt-secret", SECRET, "--ws-allowed-origins", "nope"]).is_err());
+        assert!(parse(&["--jwt-secret", SECRET, "--ws-ticket-ttl", "31s"]).is_err());
+        let cfg = parse(&["--jwt-secret", SECRET]).unwrap();
+        assert_eq!(cfg.ws_ticket_ttl, MAX_TICKET_TTL);
+        assert_eq!(cfg.ws_allowed_origins, AllowedOrigins::default());
+    }
 
     #[test]
     fn defaults_follow_the_contract() {

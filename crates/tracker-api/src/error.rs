@@ -137,7 +137,8 @@ impl ApiError {
         }
     }
 
-    fn body(&self) -> ErrorDetail {
+    /// The body a client sees: no backend details.
+    pub(crate) fn body(&self) -> ErrorDetail {
         let (message, field) = match self {
             ApiError::InvalidRequest { field, .. } => (self.to_string(), Some(field.clone())),
             ApiError::Unavailable { backend, .. } => {

@@ -186,6 +186,8 @@ impl Application {
             heartbeat_window: cfg.heartbeat_window,
             request_timeout: cfg.request_timeout,
             trusted_proxies: cfg.trusted_proxies.clone(),
+            ws_allowed_origins: cfg.ws_allowed_origins.clone(),
+            ws_ticket_ttl: cfg.ws_ticket_ttl,
             user_sockets: UserSockets::new(cfg.max_websockets_per_user),
             session_watches,
             history,

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracker_core::{Limits, Store};
 
 use crate::auth::Authenticator;
-use crate::config::TrustedProxies;
+use crate::config::{AllowedOrigins, TrustedProxies};
 use crate::history::History;
 use crate::metrics::Metrics;
 use crate::routes::ws::user_sockets::UserSockets;
@@ -32,6 +32,10 @@ pub struct Inner {
     pub request_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: TrustedProxies,
+    /// Page origins a WebSocket may come from (empty: any).
+    pub ws_allowed_origins: AllowedOrigins,
+    /// Life of a WebSocket ticket.
+    pub ws_ticket_ttl: Duration,
     /// Open WebSockets per plain user on this replica.
     pub user_sockets: Arc<UserSockets>,
     /// One reader of each session's state for the WebSockets here.

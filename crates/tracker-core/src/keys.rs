@@ -143,6 +143,12 @@ impl KeySpace {
     pub fn lock_key(&self, name: &str) -> String {
         format!("{}:{{lock}}:{name}", self.prefix)
     }
+
+    /// A one-time WebSocket ticket. No hash tag: a ticket is read and written
+    /// alone, so hashing the whole name spreads tickets over every node.
+    pub fn ticket_key(&self, ticket: &str) -> String {
+        format!("{}:ticket:{ticket}", self.prefix)
+    }
 }
 
 /// The shard-wide keys (see `lua/common.lua` for what each holds).
@@ -242,6 +248,7 @@ mod tests {
         assert_eq!(u, format!("trk:{{{shard}}}:s:session-1:u"));
         assert_eq!(m, format!("trk:{{{shard}}}:s:session-1:m"));
         assert_eq!(ks.lock_key("reaper"), "trk:{lock}:reaper");
+        assert_eq!(ks.ticket_key("abc"), "trk:ticket:abc");
     }
 
     #[test]

@@ -331,11 +331,14 @@ impl ApiClient {
         let text = match first {
             Ok(Ok(Some(t))) => t,
             Ok(Ok(None)) => {
-                return Err(Error::Protocol(format!(
-                    "{}: closed before the registered frame ({:?})",
-                    what(),
-                    ws.server_close
-                )))
+                // A refused socket is closed with a code (docs/api.md, Refusals).
+                return Err(Error::Protocol(match &ws.server_close {
+                    Some((code, reason)) => format!(
+                        "{}: refused with close {code} before the registered frame: {reason}",
+                        what()
+                    ),
+                    None => format!("{}: closed before the registered frame", what()),
+                }));
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {

@@ -61,6 +61,10 @@ fn api_routes() -> Router<AppState> {
         .route("/v1/sessions", get(list::sessions))
         .route("/v1/events", get(list::events))
         .route("/v1/sessions/{session_id}/ws", get(ws::upgrade))
+        .route(
+            "/v1/sessions/{session_id}/ws-ticket",
+            post(ws::ticket::issue),
+        )
         .merge(ui::routes())
 }
 

@@ -363,3 +363,61 @@ impl Drop for FlakyProxy {
         self.accept.abort();
     }
 }
+
+/// How a WebSocket attempt ended.
+#[derive(Debug, PartialEq)]
+pub enum WsOutcome {
+    /// Admitted: the `registered` frame.
+    Registered(Value),
+    /// Upgraded, then closed with this code and reason.
+    Closed(u16, String),
+    /// Refused before the upgrade with this status.
+    Http(u16),
+}
+
+/// Opens a socket at `path` with these headers and reports how it went: the
+/// first text frame, or the Close frame (bounded waits).
+pub async fn ws_attempt(app: &TestApp, path: &str, headers: &[(&str, String)]) -> WsOutcome {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+    let mut req = app.ws_url(path).into_client_request().unwrap();
+    for (name, value) in headers {
+        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+            .expect("a header name");
+        req.headers_mut()
+            .insert(name, value.parse().expect("a header value"));
+    }
+    let mut ws = match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => ws,
+        Err(WsError::Http(res)) => return WsOutcome::Http(res.status().as_u16()),
+        Err(e) => panic!("connect {path}: {e}"),
+    };
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5s")
+            .expect("a frame before the stream ends")
+            .expect("a valid frame");
+        match msg {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                return WsOutcome::Registered(v);
+            }
+            Message::Close(Some(f)) => {
+                return WsOutcome::Closed(f.code.into(), f.reason.to_string())
+            }
+            Message::Close(None) => return WsOutcome::Closed(1005, String::new()),
+            _ => {}
+        }
+    }
+}
+
+/// The close code of an outcome (0 when it is not a close).
+pub fn close_code(outcome: &WsOutcome) -> u16 {
+    match outcome {
+        WsOutcome::Closed(code, _) => *code,
+        _ => 0,
+    }
+}

@@ -14,5 +14,6 @@ mod malformed;
 mod outage;
 mod parsing;
 mod security;
+mod tickets;
 mod usage;
 mod ws;

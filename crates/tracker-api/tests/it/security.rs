@@ -609,7 +609,7 @@ async fn client_ip_comes_from_the_connection_for_users() {
 async fn websockets_per_user_are_capped_and_keep_their_own_address() {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+    use tokio_tungstenite::tungstenite::Message;
 
     let app = TestApp::spawn_with(
         Backend::Standalone,
@@ -636,10 +636,17 @@ async fn websockets_per_user_are_capped_and_keep_their_own_address() {
         other => panic!("no registered frame: {other:?}"),
     };
     assert_eq!(frame["connection"]["client_ip"], "127.0.0.1");
-    match connect().await {
-        Err(WsError::Http(res)) => assert_eq!(res.status().as_u16(), 429),
-        other => panic!("a second socket over the cap: {other:?}"),
-    }
+    let over = ws_attempt(
+        &app,
+        "/v1/sessions/ws-cap/ws",
+        &[("authorization", format!("Bearer {alice}"))],
+    )
+    .await;
+    assert_eq!(
+        close_code(&over),
+        4429,
+        "a second socket over the cap: {over:?}"
+    );
     // A service is not counted.
     let svc = app.ws_url(&format!(
         "/v1/sessions/ws-cap/ws?access_token={}",
@@ -653,16 +660,22 @@ async fn websockets_per_user_are_capped_and_keep_their_own_address() {
     while let Ok(Some(Ok(_))) = tokio::time::timeout(CLOSE_BOUND, first.next()).await {}
     let deadline = tokio::time::Instant::now() + CLOSE_BOUND;
     loop {
-        match connect().await {
-            Ok(_) => break,
-            Err(WsError::Http(res)) if res.status().as_u16() == 429 => {
+        let again = ws_attempt(
+            &app,
+            "/v1/sessions/ws-cap/ws",
+            &[("authorization", format!("Bearer {alice}"))],
+        )
+        .await;
+        match again {
+            WsOutcome::Registered(_) => break,
+            WsOutcome::Closed(4429, _) => {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "the place never came back"
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => panic!("{e}"),
+            other => panic!("{other:?}"),
         }
     }
 }
@@ -723,10 +736,10 @@ async fn refusals_are_never_5xx() {
             403,
         ),
         (
-            "websocket with a bad query token",
+            "websocket route without a handshake",
             app.client
                 .get(app.url("/v1/sessions/mine/ws?access_token=x")),
-            401,
+            400,
         ),
     ];
     for (what, req, want) in cases {
@@ -823,11 +836,43 @@ async fn secrets_stay_out_of_logs_and_help() {
         .bearer_auth("x.y.z")
         .send()
         .await;
+    // A WebSocket ticket, used and then refused: the ticket is a credential too.
+    let res = client
+        .post(format!("http://{addr}/v1/sessions/s-1/ws-ticket"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 201);
+    let ticket = res.json::<Value>().await.unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..2 {
+        use futures::StreamExt;
+        let url = format!("ws://{addr}/v1/sessions/s-1/ws?ticket={ticket}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let _ = tokio::time::timeout(CLOSE_BOUND, async {
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_text() {
+                    let _ = ws.close(None).await;
+                }
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     let _ = child.kill();
     let _ = child.wait();
     let out = read();
     assert!(out.contains("DEBUG"), "a debug log:\n{out}");
-    for s in secrets {
+    assert!(
+        out.contains("websocket refused"),
+        "the reuse was refused:\n{out}"
+    );
+    for s in secrets.iter().copied().chain([ticket.as_str()]) {
         assert!(!out.contains(s), "{s} in the log:\n{out}");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
 use tracker_core::testing::Backend;
 use tracker_core::{ResourceState, SessionId};
@@ -191,45 +191,30 @@ async fn session_state_changes_are_pushed() {
 }
 
 #[tokio::test]
-async fn refused_registrations_answer_with_the_http_error() {
+async fn refusals_close_the_socket_and_only_malformed_requests_get_http_errors() {
     let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
     app.mirror("ws-term", Some("alice"), ResourceState::Terminated)
         .await;
-    let status_of = |path: String, token: Option<String>| {
-        let url = app.ws_url(&path);
-        async move {
-            let mut req = url.into_client_request().unwrap();
-            if let Some(t) = token {
-                req.headers_mut()
-                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
-            }
-            match connect_async(req).await {
-                Ok(_) => 101,
-                Err(WsError::Http(res)) => res.status().as_u16(),
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
-    assert_eq!(status_of("/v1/sessions/ws-x/ws".into(), None).await, 401);
+    let bearer = |t: String| vec![("authorization", format!("Bearer {t}"))];
+    let outcome = ws_attempt(&app, "/v1/sessions/ws-x/ws", &[]).await;
+    assert_eq!(close_code(&outcome), 4401, "{outcome:?}");
+    let outcome = ws_attempt(
+        &app,
+        "/v1/sessions/ws-x/ws",
+        &bearer(token("alice", &["user"])),
+    )
+    .await;
+    assert_eq!(close_code(&outcome), 4404, "{outcome:?}");
+    let outcome = ws_attempt(&app, "/v1/sessions/ws-term/ws", &bearer(service_token())).await;
+    assert_eq!(close_code(&outcome), 4409, "{outcome:?}");
     assert_eq!(
-        status_of(
-            "/v1/sessions/ws-x/ws".into(),
-            Some(token("alice", &["user"]))
-        )
-        .await,
-        404
-    );
-    assert_eq!(
-        status_of("/v1/sessions/ws-term/ws".into(), Some(service_token())).await,
-        409
-    );
-    assert_eq!(
-        status_of("/v1/sessions/NOPE/ws".into(), Some(service_token())).await,
-        400
+        ws_attempt(&app, "/v1/sessions/NOPE/ws", &bearer(service_token())).await,
+        WsOutcome::Http(400)
     );
     // The token may come in the query on this path.
     let path = format!("/v1/sessions/ws-x/ws?access_token={}", service_token());
-    assert_eq!(status_of(path, None).await, 101);
+    let outcome = ws_attempt(&app, &path, &[]).await;
+    assert!(matches!(outcome, WsOutcome::Registered(_)), "{outcome:?}");
 }
 
 #[tokio::test]

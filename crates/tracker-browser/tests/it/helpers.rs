@@ -50,11 +50,17 @@ pub struct Api {
 impl Api {
     /// `window` is the heartbeat window; `pool`, when given, backs the history.
     pub async fn spawn(backend: Backend, window: Duration, pool: Option<&PgPool>) -> Self {
-        let store_cfg = testing::config(backend, window);
+        Self::spawn_on(testing::config(backend, window), 0, pool).await
+    }
+
+    /// An instance on the keys of `store_cfg`, listening on `port` (0: any),
+    /// e.g. the same API again after a restart.
+    pub async fn spawn_on(store_cfg: StoreConfig, port: u16, pool: Option<&PgPool>) -> Self {
+        let window = store_cfg.heartbeat_window;
         let args = [
             "tracker-api".to_owned(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            format!("127.0.0.1:{port}"),
             "--jwt-secret".into(),
             SECRET.into(),
             "--key-prefix".into(),

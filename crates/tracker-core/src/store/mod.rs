@@ -13,6 +13,7 @@
 mod coalesce;
 mod reply;
 mod signals;
+mod tickets;
 mod types;
 
 use std::collections::HashMap;

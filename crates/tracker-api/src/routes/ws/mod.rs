@@ -1,13 +1,18 @@
 //! WebSocket tracking at `GET /v1/sessions/{session_id}/ws`.
 //!
-//! The upgrade registers the connection (refusals answer with the HTTP error
-//! instead of upgrading). Then one task per socket: a server ping every
-//! heartbeat interval; a pong or any client frame is a heartbeat; no frame
-//! within the window, or a heartbeat the store no longer accepts, ends the
-//! socket. State changes of the session are pushed as `{"type": "session"}`
-//! frames; the sockets of one session on this replica share one reader of
-//! its state ([`watch`]). However the socket ends, its connection is closed
-//! in the store.
+//! Before the upgrade, only a malformed request (400) or an `Origin` outside
+//! `TRACKER_WS_ALLOWED_ORIGINS` (403) is answered with an HTTP error. Who
+//! the caller is (a bearer token, or a one-time [`ticket`]) and what it may
+//! do is checked after the upgrade, because a browser page cannot read the
+//! status of a failed upgrade but can read a close code: a refused socket
+//! gets a Close frame with 4401, 4403, 4404, 4409 or 4429 ([`refusal`]).
+//! An admitted socket is registered as a connection, then one task per
+//! socket: a server ping every heartbeat interval; a pong or any client
+//! frame is a heartbeat; no frame within the window, or a heartbeat the
+//! store no longer accepts, ends the socket. State changes of the session
+//! are pushed as `{"type": "session"}` frames; the sockets of one session on
+//! this replica share one reader of its state ([`watch`]). However the
+//! socket ends, its connection is closed in the store.
 //!
 //! axum does not wait for upgraded sockets on shutdown, so every socket task
 //! is tracked in [`Inner::sockets`](crate::state::Inner::sockets) and watches
@@ -17,6 +22,7 @@
 //! A plain user holds a limited number of sockets per replica
 //! ([`user_sockets`]).
 
+pub mod ticket;
 pub mod user_sockets;
 pub mod watch;
 
@@ -26,7 +32,7 @@ use std::time::Duration;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::http::header::USER_AGENT;
+use axum::http::header::{ORIGIN, USER_AGENT};
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use axum::Extension;
@@ -39,6 +45,7 @@ use tracker_core::{
 };
 use utoipa::ToSchema;
 
+use self::user_sockets::UserSocket;
 use self::watch::Subscription;
 use crate::access::authorize;
 use crate::auth::bearer_token;
@@ -69,17 +76,14 @@ pub enum ServerFrame {
     tag = "connections",
     params(
         ("session_id" = String, Path, description = "Session resource name"),
-        ("access_token" = Option<String>, Query, description = "The bearer token, for clients that cannot set headers"),
+        ("ticket" = Option<String>, Query, description = "A one-time ticket from `POST /v1/sessions/{session_id}/ws-ticket`: what a browser page should use"),
+        ("access_token" = Option<String>, Query, description = "The bearer token, for clients that can set neither a header nor fetch a ticket (weaker: the token may be logged by proxies)"),
     ),
     responses(
-        (status = 101, description = "Upgraded; the first frame is `registered`", body = ServerFrame),
+        (status = 101, description = "Upgraded; the first frame is `registered`, or a Close frame with 4401, 4403, 4404, 4409 or 4429 and a reason when the socket is refused", body = ServerFrame),
         (status = 400, description = "Invalid id or not a WebSocket handshake", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Not the caller's session", body = ErrorBody),
-        (status = 404, description = "A plain user on a session the tracker does not know", body = ErrorBody),
-        (status = 409, description = "Session terminated", body = ErrorBody),
-        (status = 429, description = "Connection limit reached, or the user's WebSocket limit on this replica", body = ErrorBody),
-        (status = 503, description = "Redis unavailable, or shutting down", body = ErrorBody),
+        (status = 403, description = "An `Origin` not in TRACKER_WS_ALLOWED_ORIGINS", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -91,11 +95,16 @@ pub async fn upgrade(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let token = match bearer_token(&headers)? {
-        Some(t) => Some(t.to_owned()),
-        None => query_param(&uri, "access_token"),
-    };
-    let principal = state.auth.authenticate(token.as_deref())?;
+    // Before the upgrade: only what is wrong with the request itself, and
+    // an origin the deployment does not serve. Everything about who the
+    // caller is and what it may do is answered after it, with a close code,
+    // since a page cannot read the status of a failed upgrade.
+    let origin = headers.get(ORIGIN).map(|v| v.to_str().unwrap_or("\u{0}"));
+    if !state.ws_allowed_origins.allows(origin) {
+        return Err(ApiError::Forbidden(
+            "the page's origin may not open WebSockets here",
+        ));
+    }
     let ws = ws.map_err(|r| {
         ApiError::invalid(
             "Upgrade",
@@ -105,7 +114,101 @@ pub async fn upgrade(
     if state.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
-    authorize(&state, &principal, &session_id).await?;
+    let credential = Credential::of(&headers, &uri);
+    let client = ClientInfo {
+        ip: client_ip(
+            peer.map(|Extension(ConnectInfo(addr))| addr),
+            &headers,
+            &state.trusted_proxies,
+        ),
+        user_agent: headers
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(UserAgent::from_header),
+    };
+    // Tracked from here, not from the upgrade: shutdown must also wait for a
+    // socket whose upgrade is still in flight.
+    let token = state.sockets.token();
+    let span = tracing::info_span!(
+        "websocket",
+        session_id = %session_id,
+        connection_id = tracing::field::Empty
+    );
+    // tungstenite's defaults (128 KiB read and write buffers, 64 MiB
+    // messages) cost ~1.3 GiB for 10,000 sockets; clients only send
+    // heartbeats, so small buffers and a small message limit suffice.
+    let ws = ws
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_MESSAGE)
+        .max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE);
+    Ok(ws
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
+        .on_upgrade(move |socket| {
+            async move {
+                let _token = token;
+                match admit(&state, credential, session_id, client).await {
+                    Ok((registered, slot)) => {
+                        let _slot = slot;
+                        tracing::Span::current().record(
+                            "connection_id",
+                            tracing::field::display(registered.connection.connection_id),
+                        );
+                        run(socket, state, registered).await;
+                    }
+                    Err(e) => refuse(socket, &state, &e).await,
+                }
+            }
+            .instrument(span)
+        }))
+}
+
+/// How a socket proves who it is, read from the request before the upgrade
+/// and checked after it.
+enum Credential {
+    /// `?ticket=`: used alone when given.
+    Ticket(String),
+    /// The `Authorization` header, else `?access_token=`; an unreadable
+    /// header is kept as its refusal.
+    Token(Result<Option<String>, ApiError>),
+}
+
+impl Credential {
+    fn of(headers: &HeaderMap, uri: &Uri) -> Self {
+        if let Some(ticket) = query_param(uri, "ticket") {
+            return Credential::Ticket(ticket);
+        }
+        Credential::Token(match bearer_token(headers) {
+            Ok(Some(t)) => Ok(Some(t.to_owned())),
+            Ok(None) => Ok(query_param(uri, "access_token")),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+/// Where the socket comes from, as the request said.
+struct ClientInfo {
+    ip: Option<std::net::IpAddr>,
+    user_agent: Option<UserAgent>,
+}
+
+/// Everything that may refuse a socket, in the order of the HTTP routes:
+/// authenticate, authorize, the per-user socket cap, register.
+async fn admit(
+    state: &AppState,
+    credential: Credential,
+    session_id: SessionId,
+    client: ClientInfo,
+) -> Result<(Registered, Option<UserSocket>), ApiError> {
+    let principal = match credential {
+        Credential::Ticket(ticket) => ticket::redeem(state, &ticket, &session_id).await?,
+        Credential::Token(token) => state.auth.authenticate(token?.as_deref())?,
+    };
+    if state.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    authorize(state, &principal, &session_id).await?;
     let slot = if principal.counts_websockets() {
         state
             .user_sockets
@@ -117,54 +220,76 @@ pub async fn upgrade(
     let new = NewConnection {
         session_id,
         connection_id: ConnectionId::new_random(),
-        user_id: principal.subject.clone(),
+        user_id: principal.subject,
         protocol: Protocol::Websocket,
-        client_ip: client_ip(
-            peer.map(|Extension(ConnectInfo(addr))| addr),
-            &headers,
-            &state.trusted_proxies,
-        ),
-        user_agent: headers
-            .get(USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(UserAgent::from_header),
+        client_ip: client.ip,
+        user_agent: client.user_agent,
     };
-    let (registered, _) = register_connection(&state, &new).await?;
+    let (registered, _) = register_connection(state, &new).await?;
+    Ok((registered, slot))
+}
 
-    // Tracked from here, not from the upgrade: shutdown must also wait for a
-    // socket whose upgrade is still in flight.
-    let token = state.sockets.token();
-    let failed = {
-        let state = state.clone();
-        let (sid, cid) = (new.session_id.clone(), new.connection_id);
-        move |e: axum::Error| {
-            tracing::debug!(error = %e, session_id = %sid, connection_id = %cid, "upgrade failed");
-            let tracker = state.sockets.clone();
-            tracker.spawn(async move { remove(&state, &sid, cid).await });
+/// Closes a refused socket with its code and reason, counted and logged as
+/// the HTTP error would have been.
+async fn refuse(mut socket: WebSocket, state: &AppState, e: &ApiError) {
+    match e {
+        ApiError::Unavailable { backend, detail } => {
+            state.metrics.backend_error(*backend);
+            tracing::warn!(backend = %backend, error = %detail, "backend unavailable");
         }
+        ApiError::Internal { backend, detail } => {
+            state.metrics.backend_error(*backend);
+            tracing::error!(backend = %backend, error = %detail, "websocket admission failed");
+        }
+        ApiError::ConnectionLimit(kind) => state.metrics.limit_rejection(*kind),
+        _ => tracing::debug!(reason = %e, "websocket refused"),
+    }
+    let (code, reason) = refusal(e);
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
     };
-    let span = tracing::info_span!(
-        "websocket",
-        session_id = %new.session_id,
-        connection_id = %new.connection_id
-    );
-    // tungstenite's defaults (128 KiB read and write buffers, 64 MiB
-    // messages) cost ~1.3 GiB for 10,000 sockets; clients only send
-    // heartbeats, so small buffers and a small message limit suffice.
-    let ws = ws
-        .read_buffer_size(SOCKET_BUFFER)
-        .write_buffer_size(0)
-        .max_write_buffer_size(MAX_MESSAGE)
-        .max_message_size(MAX_MESSAGE)
-        .max_frame_size(MAX_MESSAGE);
-    Ok(ws.on_failed_upgrade(failed).on_upgrade(move |socket| {
-        async move {
-            let _token = token;
-            let _slot = slot;
-            run(socket, state, registered).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(Message::Close(Some(frame)))).await;
+    wait_for_close(&mut socket).await;
+}
+
+/// The close code and reason of a refused socket (docs/api.md lists them).
+pub fn refusal(e: &ApiError) -> (u16, String) {
+    let code = match e {
+        ApiError::Unauthenticated(_) => close::UNAUTHENTICATED,
+        ApiError::Forbidden(_) => close::FORBIDDEN,
+        ApiError::SessionNotFound => close::SESSION_NOT_FOUND,
+        ApiError::Conflict(_) => close::CONFLICT,
+        ApiError::ConnectionLimit(_) => close::LIMIT,
+        ApiError::ShuttingDown => close_code::AWAY,
+        ApiError::Unavailable { .. } => close_code::AGAIN,
+        ApiError::Internal { .. } => close_code::ERROR,
+        _ => close_code::POLICY,
+    };
+    (code, truncate(e.body().message, MAX_REASON))
+}
+
+/// The close codes of refusals: 4000 plus the HTTP status they stand for.
+pub mod close {
+    pub const UNAUTHENTICATED: u16 = 4401;
+    pub const FORBIDDEN: u16 = 4403;
+    pub const SESSION_NOT_FOUND: u16 = 4404;
+    pub const CONFLICT: u16 = 4409;
+    pub const LIMIT: u16 = 4429;
+}
+
+/// A Close frame's payload is at most 125 bytes, 2 of them the code.
+const MAX_REASON: usize = 123;
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
         }
-        .instrument(span)
-    }))
+        s.truncate(end);
+    }
+    s
 }
 
 /// Initial read buffer of a socket.
@@ -227,17 +352,21 @@ async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
     }
     remove(&state, &session_id, connection_id).await;
     if close.is_some() {
-        // Let the client answer the Close before the TCP connection goes:
-        // dropping it at once could reset the connection and lose the frame.
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            while let Some(Ok(msg)) = socket.recv().await {
-                if matches!(msg, Message::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
+        wait_for_close(&mut socket).await;
     }
+}
+
+/// Lets the client answer a Close before the TCP connection goes: dropping
+/// it at once could reset the connection and lose the frame.
+async fn wait_for_close(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// How long a closing socket waits for the client's side of the handshake.

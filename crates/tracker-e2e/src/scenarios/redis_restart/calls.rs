@@ -119,7 +119,7 @@ pub(super) async fn probe_outage(
 }
 
 /// Every call sent while Redis was down: answered 503 `unavailable` (`/readyz`: not 200,
-/// WebSocket: no upgrade) within the bound.
+/// WebSocket: closed with 1013 "try again later" after the upgrade) within the bound.
 pub(super) fn judge_outage(
     calls: &Calls,
     killed: Instant,
@@ -146,7 +146,7 @@ pub(super) fn judge_outage(
         }
         let right = match call.what {
             "readyz" => call.status != 200 && call.status != 0,
-            "websocket" => call.status == 503,
+            "websocket" => call.status == 1013,
             _ => call.status == 503 && call.code.as_deref() == Some("unavailable"),
         };
         if !right {

@@ -205,12 +205,17 @@ async fn ws_client(
     lock(&state).cid = None;
 }
 
-/// The status in "... answered 503 instead of upgrading ..." (0 if absent).
+/// The status in "... answered 503 instead of upgrading ...", or the close
+/// code in "... refused with close 1013 ..." (0 if neither).
 fn upgrade_status(msg: &str) -> u16 {
-    msg.split("answered ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+    ["answered ", "refused with close "]
+        .iter()
+        .find_map(|marker| {
+            msg.split(marker)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -283,6 +288,10 @@ mod tests {
         assert_eq!(
             upgrade_status("GET ws://x/ws answered 503 instead of upgrading: {}"),
             503
+        );
+        assert_eq!(
+            upgrade_status("GET ws://x/ws: refused with close 1013 before the registered frame: x"),
+            1013
         );
         assert_eq!(upgrade_status("closed before the registered frame"), 0);
     }
