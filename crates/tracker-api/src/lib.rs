@@ -103,6 +103,36 @@ pub enum BuildError {
     },
 }
 
+impl tracker_runtime::service::Service for Application {
+    const NAME: &'static str = "tracker-api";
+    type Config = Config;
+    type BuildError = BuildError;
+    type RunError = std::io::Error;
+
+    fn log_format(cfg: &Config) -> tracker_runtime::LogFormat {
+        cfg.log_format
+    }
+
+    async fn build(cfg: Config) -> Result<Self, BuildError> {
+        Application::build(cfg).await
+    }
+
+    fn settings_error(e: &BuildError) -> Option<String> {
+        match e {
+            BuildError::Config(e) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
+    fn announce(&self) {
+        tracing::info!(addr = %self.local_addr(), "listening");
+    }
+
+    async fn run_until(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        Application::run_until(self, shutdown).await
+    }
+}
+
 /// A built API instance: bound, not yet serving.
 #[derive(Debug)]
 pub struct Application {

@@ -122,6 +122,36 @@ impl std::fmt::Debug for Application {
     }
 }
 
+impl tracker_runtime::service::Service for Application {
+    const NAME: &'static str = "tracker-reaper";
+    type Config = Config;
+    type BuildError = Error;
+    type RunError = Error;
+
+    fn log_format(cfg: &Config) -> tracker_runtime::LogFormat {
+        cfg.log_format
+    }
+
+    async fn build(cfg: Config) -> Result<Self> {
+        Application::build(cfg).await
+    }
+
+    fn settings_error(e: &Error) -> Option<String> {
+        match e {
+            Error::Config(e) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
+    fn announce(&self) {
+        tracing::info!(metrics_port = self.metrics_port(), "metrics listener bound");
+    }
+
+    async fn run_until(self, shutdown: CancellationToken) -> Result<()> {
+        Application::run_until(self, shutdown).await
+    }
+}
+
 impl Application {
     /// Validates the settings, connects and binds.
     pub async fn build(cfg: Config) -> Result<Self> {

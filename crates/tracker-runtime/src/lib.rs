@@ -9,10 +9,12 @@
 //!   ([`cancel_on_signal`]);
 //! - [`metrics`]: the one metrics stack (`prometheus-client`, a registry per
 //!   instance) and [`label_enum!`] for bounded label values;
-//! - [`ops`]: `/metrics`, `/healthz` and `/readyz`, the same in both binaries.
+//! - [`ops`]: `/metrics`, `/healthz` and `/readyz`, the same in both binaries;
+//! - [`service`]: the whole of a binary's `main` ([`service::main`]).
 
 pub mod metrics;
 pub mod ops;
+pub mod service;
 
 use std::fmt;
 use std::process::ExitCode;
