@@ -1,6 +1,6 @@
--- The tracker's durable history (CONTRACT.md §4). Written by tracker-reaper,
--- read by tracker-api's history endpoint. Columns named by the contract keep
--- their names; anything else is ours to add.
+-- The tracker's durable history (docs/api.md, "PostgreSQL"). Written by
+-- tracker-reaper, read by tracker-api's history endpoint. The columns listed
+-- there keep their names; anything else is ours to add.
 
 -- One row per connection that ever ended: closed by its client or expired by
 -- the sweep. Inserted idempotently on connection_id, so a batch replayed after

@@ -501,3 +501,40 @@ async fn postgres_down_is_not_mistaken_for_refused_data(pool: PgPool) {
     assert_eq!(rejects[0].0, Some(bad.as_uuid()));
     assert_eq!(env.store.outbox_backlog().await.unwrap(), 0);
 }
+
+/// A database migrated by a release whose first migration had other comments
+/// starts with today's text; a migration changed in any other way is still
+/// refused.
+#[sqlx::test(migrations = false)]
+async fn a_reworded_migration_is_accepted_only_from_its_released_text(pool: PgPool) {
+    tracker_reaper::db::migrate(&pool).await.unwrap();
+    let checksum = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT encode(checksum, 'hex') FROM _sqlx_migrations WHERE version = 1",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let today = checksum(pool.clone()).await;
+    let set = |hex: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = 1",
+            )
+            .bind(hex)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+
+    set("68097fd21edec53c0ada341e504136183698e67b04f953dcd90df72bb0cbd6fa6e726bf52cc56b1134efb74f5fed0200").await;
+    tracker_reaper::db::migrate(&pool).await.unwrap();
+    assert_eq!(checksum(pool.clone()).await, today);
+
+    set("00").await;
+    assert!(tracker_reaper::db::migrate(&pool).await.is_err());
+    assert_eq!(checksum(pool.clone()).await, "00");
+}
