@@ -46,7 +46,12 @@ pub struct SessionsQuery {
     /// Sessions per page, 1 to 500 (default 100).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
-    /// `next_cursor` of the previous page; absent for the first.
+    /// `next_cursor` of the previous page; absent or empty for the first.
+    /// A position past the last shard is an empty last page.
+    #[param(
+        pattern = r"^([0-9]{1,4}:([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)?)?$",
+        max_length = 258
+    )]
     pub cursor: Option<String>,
 }
 
@@ -67,15 +72,13 @@ struct Cursor {
 }
 
 impl Cursor {
-    fn parse(raw: &str, shards: u16) -> Result<Self, ApiError> {
+    /// A shard at or past the shard count is a position after the end: valid, and
+    /// its page is empty (the walk stops there).
+    fn parse(raw: &str) -> Result<Self, ApiError> {
         let bad = || ApiError::invalid("cursor", "must be a next_cursor of an earlier page");
         // Session ids never hold ':' (they are Kubernetes object names).
         let (shard, after) = raw.split_once(':').ok_or_else(bad)?;
-        let shard = shard
-            .parse::<u16>()
-            .ok()
-            .filter(|s| *s < shards)
-            .ok_or_else(bad)?;
+        let shard = shard.parse::<u16>().map_err(|_| bad())?;
         let after = match after {
             "" => None,
             id => Some(id.parse::<SessionId>().map_err(|_| bad())?),
@@ -109,7 +112,7 @@ fn take_from_shard(
     (fresh, more)
 }
 
-fn sessions_query(raw: Option<&str>, shards: u16) -> Result<(usize, Cursor), ApiError> {
+fn sessions_query(raw: Option<&str>) -> Result<(usize, Cursor), ApiError> {
     let mut limit = DEFAULT_PAGE;
     let mut cursor = Cursor {
         shard: 0,
@@ -129,7 +132,9 @@ fn sessions_query(raw: Option<&str>, shards: u16) -> Result<(usize, Cursor), Api
                         )
                     })?;
             }
-            "cursor" => cursor = Cursor::parse(&v, shards)?,
+            // An empty cursor is the first page, as an absent one.
+            "cursor" if v.is_empty() => {}
+            "cursor" => cursor = Cursor::parse(&v)?,
             _ => {}
         }
     }
@@ -157,7 +162,7 @@ pub async fn sessions(
 ) -> Result<Json<SessionPage>, ApiError> {
     principal.require_privileged()?;
     let shards = state.store.keys().shard_count();
-    let (limit, mut cursor) = sessions_query(query.as_deref(), shards)?;
+    let (limit, mut cursor) = sessions_query(query.as_deref())?;
     let mut ids = Vec::with_capacity(limit);
     let mut read = 0;
     let next_cursor = loop {
@@ -293,10 +298,10 @@ mod tests {
                 after: Some("s-1.a".parse().unwrap()),
             },
         ] {
-            assert_eq!(Cursor::parse(&c.render(), 4).unwrap(), c);
+            assert_eq!(Cursor::parse(&c.render()).unwrap(), c);
         }
-        for bad in ["", "3", "4:", "x:", "-1:", "1:Not_A_Name", "1:a:b"] {
-            match Cursor::parse(bad, 4) {
+        for bad in ["", "3", "x:", "-1:", "70000:", "1:Not_A_Name", "1:a:b"] {
+            match Cursor::parse(bad) {
                 Err(ApiError::InvalidRequest { field, .. }) => assert_eq!(field, "cursor", "{bad}"),
                 other => panic!("{bad:?}: {other:?}"),
             }
@@ -305,10 +310,20 @@ mod tests {
 
     #[test]
     fn page_size_defaults_and_limits() {
-        assert_eq!(sessions_query(None, 4).unwrap().0, DEFAULT_PAGE);
-        assert_eq!(sessions_query(Some("limit=7"), 4).unwrap().0, 7);
+        assert_eq!(sessions_query(None).unwrap().0, DEFAULT_PAGE);
+        assert_eq!(sessions_query(Some("limit=7")).unwrap().0, 7);
         for q in ["limit=0", "limit=501", "limit=x"] {
-            assert!(sessions_query(Some(q), 4).is_err(), "{q}");
+            assert!(sessions_query(Some(q)).is_err(), "{q}");
         }
+    }
+
+    #[test]
+    fn an_empty_cursor_is_the_first_page_and_one_past_the_end_is_valid() {
+        let first = Cursor {
+            shard: 0,
+            after: None,
+        };
+        assert_eq!(sessions_query(Some("cursor=")).unwrap().1, first);
+        assert_eq!(Cursor::parse("9999:").unwrap().shard, 9999);
     }
 }

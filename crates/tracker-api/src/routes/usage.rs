@@ -37,7 +37,8 @@ pub const USAGE_SETTINGS: [&str; 3] = [
 pub const MAX_RANGE_DAYS: i64 = 366;
 
 /// What a request may group by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum GroupBy {
     User,
     Session,
@@ -63,7 +64,7 @@ pub struct UsageQuery {
     #[param(value_type = String, format = DateTime)]
     pub to: String,
     /// `user` (default) or `session`.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<GroupBy>, inline)]
     pub group_by: Option<String>,
     /// Only this user's connections. A plain user may only name itself (the default for it).
     #[param(value_type = Option<String>)]
