@@ -83,3 +83,55 @@ async fn a_hibernation_event_says_why_and_the_leader_publishes_its_guard(pool: P
     assert_eq!(details["reasons"][0]["code"], "waking", "{details}");
     reaper.stop().await;
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_dry_run_leader_says_so_and_its_events_too(pool: PgPool) {
+    let env = Env::new(Backend::Cluster, Duration::from_secs(1), &pool).await;
+    let meta = SessionMeta {
+        session_id: sid("s1"),
+        uid: None,
+        owner: Some("alice".into()),
+        idle_source: IdleSource::Default,
+        state: ResourceState::Running,
+        idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
+        generation: Some(1),
+    };
+    let term = env.store.newest_term().await.unwrap();
+    env.store.mirror_session(&meta, term).await.unwrap();
+    let mut cfg = env.config();
+    cfg.dry_run = true;
+    let reaper = Reaper::start(cfg, env.overrides()).await;
+
+    eventually(Duration::from_secs(15), "dry run event", || async {
+        (env.events("s1").await == ["dry_run_hibernate"]).then_some(())
+    })
+    .await;
+    let (facts, now) = env.store.explain(&sid("s1")).await.unwrap().unwrap();
+    assert!(facts.leader.is_some_and(|l| l.dry_run), "{facts:?}");
+    let explained = tracker_core::explain::explain(&facts, now);
+    assert!(
+        explained
+            .reasons
+            .iter()
+            .any(|r| r.code == tracker_core::explain::ReasonCode::DryRun),
+        "{explained:?}"
+    );
+    assert_eq!(explained.will_hibernate_at, None);
+
+    let details: serde_json::Value = sqlx::query_scalar(
+        "SELECT details FROM session_events WHERE session_id = 's1' AND event_type = 'dry_run_hibernate'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let codes: Vec<&str> = details["reasons"]
+        .as_array()
+        .expect("reasons in details")
+        .iter()
+        .filter_map(|r| r["code"].as_str())
+        .collect();
+    assert_eq!(codes, ["idle", "dry_run"], "{details}");
+    let message = details["reasons"][0]["message"].as_str().unwrap();
+    assert!(message.contains("idleTimeout 1s by default"), "{message}");
+    reaper.stop().await;
+}
