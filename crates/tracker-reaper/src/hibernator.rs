@@ -212,7 +212,7 @@ impl Hibernator {
             self.relist.notify_one();
         }
         let guard_until = self.guard.until();
-        (self.facts)
+        self.facts
             .publish(&self.store, &self.fence, &self.metrics, guard_until)
             .await;
         if !self.guard.may_hibernate(Instant::now()) {
