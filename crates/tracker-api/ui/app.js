@@ -220,8 +220,10 @@
       return;
     }
     const id = selected;
-    const body = await api("v1/sessions/" + encodeURIComponent(id) + "/connections");
+    const path = "v1/sessions/" + encodeURIComponent(id);
+    const [body, why] = await Promise.all([api(path + "/connections"), api(path + "/explain")]);
     if (id !== selected) return;
+    replaceRows($("reasons"), why.reasons.map((r) => text("li", r.message, "reason reason-" + r.code)));
     $("detail").hidden = false;
     $("detail-id").textContent = id;
     $("connections-empty").hidden = body.connections.length > 0;

@@ -166,6 +166,10 @@ pub enum ShardKey {
     Term,
     WakeSignal,
     Epoch,
+    /// What the leader says holds back its decisions on the shard (startup
+    /// guard, dry run); declared after the session keys by the scripts that
+    /// use it.
+    LeaderFacts,
 }
 
 impl ShardKey {
@@ -198,6 +202,7 @@ impl ShardKey {
             ShardKey::Term => "term",
             ShardKey::WakeSignal => "wakesig",
             ShardKey::Epoch => "epoch",
+            ShardKey::LeaderFacts => "leader",
         }
     }
 }
@@ -242,6 +247,10 @@ mod tests {
         assert_eq!(bucket(b"session-1", 32), bucket(b"session-1", 32));
         assert_eq!(bucket(b"", 32), (0xcbf2_9ce4_8422_2325u64 % 32) as u16);
         assert_eq!(ks.shard_key(ShardId(7), ShardKey::Due), "trk:{7}:due");
+        assert_eq!(
+            ks.shard_key(ShardId(7), ShardKey::LeaderFacts),
+            "trk:{7}:leader"
+        );
         let [c, u, m] = ks.session_keys(&sid("session-1"));
         let shard = ks.shard_of(&sid("session-1")).0;
         assert_eq!(c, format!("trk:{{{shard}}}:s:session-1:c"));

@@ -8,6 +8,7 @@
 //! Layout of the crate:
 //! - [`domain`]: validated identifiers (`SessionId`, `ConnectionId`, `UserId`)
 //!   and the views clients see;
+//! - [`explain`]: why a session is awake or asleep, from facts the store reads;
 //! - [`keys`]: which shard a session or user lives in, and why that is
 //!   cluster-safe;
 //! - [`store`]: the operations, one script each (`src/lua/*.lua`, each with a
@@ -17,6 +18,7 @@
 
 pub mod domain;
 pub mod error;
+pub mod explain;
 pub mod keys;
 mod scripts;
 pub mod store;
@@ -31,7 +33,7 @@ pub use error::{Error, Result};
 pub use keys::{KeySpace, ShardId, ShardKey};
 pub use store::{
     redact_url, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch, Expired,
-    FinishOutcome, HeartbeatAck, IdleTimeout, Limits, MalformedEntry, NewConnection, OutboxEntry,
-    OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta, Stats, Store,
-    StoreConfig, Sweep, Term, WakeListener, Written,
+    FinishOutcome, HeartbeatAck, IdleSource, IdleTimeout, Limits, MalformedEntry, NewConnection,
+    OutboxEntry, OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta,
+    Stats, Store, StoreConfig, Sweep, Term, WakeListener, Written,
 };

@@ -48,7 +48,7 @@ scripts! {
     shard: [
         register, close, sweep, get_connection, list_connections, session_view,
         claim_hibernation, finish_hibernation, rollback_hibernation, ack_wake,
-        mirror_session, forget_session,
+        mirror_session, forget_session, explain, leader_facts,
     ],
     plain: [
         heartbeat_batch, sweep_candidates, due_sessions, pending_wakes,

@@ -33,6 +33,7 @@ use crate::backoff;
 use crate::db::EventType;
 use crate::error::Error;
 use crate::events::EventSink;
+use crate::leader_facts;
 use crate::metrics::{HibernationResult, KubeOp, Metrics, Task};
 use crate::platform::SessionApi;
 use crate::session::session_meta;
@@ -117,6 +118,8 @@ pub struct Hibernator {
     guard: Guard,
     /// Consecutive failed patches per session, for the retry backoff.
     failures: HashMap<SessionId, u32>,
+    /// Tells explanations about the guard and dry run.
+    facts: leader_facts::Publisher,
 }
 
 /// Retry delay after a failed patch: 2 s doubling to 5 min.
@@ -145,6 +148,10 @@ impl Hibernator {
             ..
         } = ctx;
         let guard = Guard::new(Instant::now(), settings.heartbeat_window);
+        let facts = leader_facts::Publisher::new(
+            leader_facts::lifetime(settings.interval),
+            acting.mode() == Mode::DryRun,
+        );
         Self {
             store,
             acting,
@@ -156,6 +163,7 @@ impl Hibernator {
             settings,
             guard,
             failures: HashMap::new(),
+            facts,
         }
     }
 
@@ -203,6 +211,10 @@ impl Hibernator {
             );
             self.relist.notify_one();
         }
+        let guard_until = self.guard.until();
+        self.facts
+            .publish(&self.store, &self.fence, &self.metrics, guard_until)
+            .await;
         if !self.guard.may_hibernate(Instant::now()) {
             return;
         }
@@ -258,13 +270,22 @@ impl Hibernator {
         let ClaimOutcome::Claimed(claim) = outcome else {
             return;
         };
-        let view = self.store.session(id).await.ok().flatten();
+        // The same reasons an explanation gives, so the history says why.
+        let facts = self.store.explain(id).await.ok().flatten();
+        let view = facts.as_ref().map(|(f, _)| &f.view);
+        let dry_run = step == HibernationStep::RecordDryRun;
+        let reasons = facts
+            .as_ref()
+            .map(|(f, now)| tracker_core::explain::hibernation_reasons(f, *now, dry_run))
+            .unwrap_or_default();
         let details = serde_json::json!({
             "platform": self.acting.platform(),
             "term": term.0,
             "session_uid": claim.uid,
-            "idle_since": view.as_ref().and_then(|v| v.idle_since).map(|t| tracker_core::domain::rfc3339_ms::format(&t)),
-            "idle_timeout_seconds": view.as_ref().and_then(|v| v.idle_timeout_seconds),
+            "idle_since": view.and_then(|v| v.idle_since).map(|t| tracker_core::domain::rfc3339_ms::format(&t)),
+            "idle_timeout_seconds": view.and_then(|v| v.idle_timeout_seconds),
+            "last_connection_at": view.and_then(|v| v.last_connection_at).map(|t| tracker_core::domain::rfc3339_ms::format(&t)),
+            "reasons": reasons,
         });
         match step {
             HibernationStep::RecordDryRun => {
@@ -623,6 +644,7 @@ mod tests {
             session_id: "s-1".parse().expect("sid"),
             uid: Some(uid.into()),
             owner: None,
+            idle_source: Default::default(),
             state,
             idle_timeout: idle,
             generation: Some(3),

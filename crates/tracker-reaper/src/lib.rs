@@ -42,6 +42,7 @@ pub mod error;
 pub mod events;
 pub mod hibernator;
 pub mod http;
+pub mod leader_facts;
 pub mod metrics;
 pub mod mirror;
 pub mod partitions;

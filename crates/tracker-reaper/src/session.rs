@@ -6,7 +6,7 @@ use std::time::Duration;
 use kube::{CustomResource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tracker_core::{IdleTimeout, ResourceState, SessionId, SessionMeta};
+use tracker_core::{IdleSource, IdleTimeout, ResourceState, SessionId, SessionMeta};
 
 /// The annotation that exempts a Session from hibernation when `"false"`.
 pub const AUTO_HIBERNATE_ANNOTATION: &str = "stream.space/auto-hibernate";
@@ -81,6 +81,19 @@ pub fn idle_timeout_of(
     }
 }
 
+/// Where [`idle_timeout_of`]'s answer comes from, for explanations.
+pub fn idle_source_of(annotation: Option<&str>, spec_idle_timeout: Option<&str>) -> IdleSource {
+    if annotation == Some("false") {
+        return IdleSource::Annotation;
+    }
+    match spec_idle_timeout {
+        None => IdleSource::Default,
+        Some("") => IdleSource::Empty,
+        Some(s) if parse_idle_timeout(s).is_some() => IdleSource::Spec,
+        Some(_) => IdleSource::Invalid,
+    }
+}
+
 /// What the store mirrors of a Session resource.
 pub fn session_meta(
     session: &Session,
@@ -104,6 +117,7 @@ pub fn session_meta(
         session_id,
         uid: session.metadata.uid.clone(),
         owner: session.spec.user.clone().filter(|u| !u.is_empty()),
+        idle_source: idle_source_of(annotation, session.spec.idle_timeout.as_deref()),
         state,
         idle_timeout: idle_timeout_of(
             annotation,
@@ -172,6 +186,19 @@ mod tests {
             idle_timeout_of(None, Some("soon"), DEFAULT),
             IdleTimeout::Off
         );
+    }
+
+    #[test]
+    fn the_source_of_the_idle_timeout_tells_exemption_from_an_empty_value() {
+        assert_eq!(idle_source_of(None, None), IdleSource::Default);
+        assert_eq!(idle_source_of(None, Some("10m")), IdleSource::Spec);
+        assert_eq!(idle_source_of(None, Some("")), IdleSource::Empty);
+        assert_eq!(idle_source_of(None, Some("soon")), IdleSource::Invalid);
+        assert_eq!(
+            idle_source_of(Some("false"), Some("")),
+            IdleSource::Annotation
+        );
+        assert_eq!(idle_source_of(Some("true"), Some("10m")), IdleSource::Spec);
     }
 
     fn session(json: serde_json::Value) -> Session {

@@ -394,6 +394,7 @@ impl Waker {
             "requested_at": tracker_core::domain::rfc3339_ms::format(&wake.requested_at),
             "session_uid": uid,
             "generation": generation,
+            "reasons": tracker_core::explain::wake_reasons(wake.requested_at, Utc::now()),
         })
     }
 

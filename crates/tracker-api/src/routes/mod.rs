@@ -5,7 +5,7 @@
 //!
 //! Modules, by concept: [`connections`] (register, heartbeat, list, close),
 //! [`heartbeats`] (the batch heartbeat of proxies), [`sessions`] (views,
-//! history, stats), [`ws`] (WebSocket tracking), [`ops`] (health, readiness,
+//! explanations, history, stats), [`ws`] (WebSocket tracking), [`ops`] (health, readiness,
 //! metrics, the OpenAPI document).
 //!
 //! With a separate ops listener (`TRACKER_METRICS_LISTEN` not equal to
@@ -56,6 +56,7 @@ fn api_routes() -> Router<AppState> {
         )
         .route("/v1/sessions/{session_id}", get(sessions::session))
         .route("/v1/sessions/{session_id}/history", get(sessions::history))
+        .route("/v1/sessions/{session_id}/explain", get(sessions::explain))
         .route("/v1/stats", get(sessions::stats))
         .route("/v1/usage", get(usage::usage))
         .route("/v1/sessions", get(list::sessions))

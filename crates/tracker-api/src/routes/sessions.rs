@@ -1,9 +1,10 @@
-//! Session views, history and stats.
+//! Session views, explanations, history and stats.
 
 use axum::extract::{RawQuery, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use tracker_core::explain::Explanation;
 use tracker_core::{SessionId, SessionView, Stats};
 use utoipa::IntoParams;
 
@@ -36,6 +37,33 @@ pub async fn session(
     let view = state.store.session(&session_id).await?;
     principal.check_session(view.as_ref())?;
     view.map(Json).ok_or(ApiError::SessionNotFound)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{session_id}/explain",
+    tag = "sessions",
+    params(("session_id" = SessionId, Path, description = "Session resource name")),
+    responses(
+        (status = 200, description = "Why the session is awake or asleep, and when that changes", body = Explanation),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's session", body = ErrorBody),
+        (status = 404, description = "The tracker knows nothing of it", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn explain(
+    State(state): State<AppState>,
+    principal: Principal,
+    SessionPath(session_id): SessionPath,
+) -> Result<Json<Explanation>, ApiError> {
+    // Who may ask, and a 404, exactly as for the session itself.
+    let facts = state.store.explain(&session_id).await?;
+    principal.check_session(facts.as_ref().map(|(f, _)| &f.view))?;
+    let (facts, now) = facts.ok_or(ApiError::SessionNotFound)?;
+    Ok(Json(tracker_core::explain::explain(&facts, now)))
 }
 
 /// Query of the history route.

@@ -174,6 +174,7 @@ impl TestApp {
                     session_id: session.parse().unwrap(),
                     uid: Some(format!("uid-{session}")),
                     owner: owner.map(str::to_owned),
+                    idle_source: Default::default(),
                     state,
                     idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
                     generation,

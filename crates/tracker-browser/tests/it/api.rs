@@ -27,6 +27,7 @@ async fn mirror_sessions(api: &Api, n: usize) -> BTreeSet<String> {
                     session_id: id.parse().expect("a valid id"),
                     uid: Some(format!("uid-{id}")),
                     owner: Some(format!("user-{}", i % 3)),
+                    idle_source: Default::default(),
                     state: ResourceState::Running,
                     idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
                     generation: None,

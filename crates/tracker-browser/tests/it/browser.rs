@@ -404,6 +404,21 @@ async fn the_operator_page_follows_sessions_into_hibernation(pool: PgPool) {
         }
     })
     .await;
+    // And why it is awake: its explanation names both users.
+    eventually(DEADLINE, "lab-shared's reasons shown", || async {
+        let why = js(
+            c,
+            "return [...document.querySelectorAll('#reasons li.reason-live_connections')].map(li => li.textContent);",
+        )
+        .await?;
+        let text = why.to_string();
+        if text.contains("2 live connections") && text.contains("carol") && text.contains("dave") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
 
     // The chart: one bar per day, each as tall as the seeded hours say.
     let midnight = now

@@ -148,6 +148,7 @@ async fn mirror(api: &Api, session: &SessionId, owner: &str) {
         session_id: session.clone(),
         uid: Some(format!("uid-{session}")),
         owner: Some(owner.to_owned()),
+        idle_source: Default::default(),
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
         generation: None,

@@ -31,13 +31,18 @@
 --            m        HASH   session metadata:
 --       res "1" once a Session resource was mirrored; uid its metadata.uid;
 --       du the uid of the last resource deleted under this name; own owner;
---       ks spec.state; ito idle timeout ms or "off"; gen resource generation;
+--       ks spec.state; ito idle timeout ms or "off"; ios where ito comes from
+--       (IdleSource: s spec, d default, a annotation, e empty, x invalid);
+--       gen resource generation;
 --       ph phase: "h" hibernating (claimed), "w" waking (wake pending);
 --       hx claim lapses at (ms); ht term of the claim's holder;
 --       nb no hibernation before (ms, after a rollback);
 --       is idle since; ld last disconnect; lc a lower bound of the last
 --       connection: the newest start among connections gone or registered
 --       while another one was there (the view adds any present one) (all ms).
+--   The few scripts that need the shard's leader facts (HASH, written by the
+--   leader with a lifetime: t term, gu no hibernation before (ms), dr '1' in
+--   dry run, at written at) declare them last, after the session keys.
 --   No script walks a session's connections but to list them or to expire
 --   the dead ones: counts are kept as they change.
 --   A session without resource gets a metadata hash only once a connection of

@@ -3,7 +3,8 @@
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, resource uid,
 --          owner ('' if none), spec.state, idle timeout ms or 'off' (exempt,
---          or empty spec.idleTimeout), metadata.generation ('' if unknown)
+--          or empty spec.idleTimeout), metadata.generation ('' if unknown),
+--          where the idle timeout comes from ('' if unknown; see IdleSource)
 -- Returns  1 if applied; 0 if stale (an older generation of the same resource,
 --          or a resource already deleted); -1 if fenced (a newer leader wrote here).
 -- Atomic   the metadata with the idle bookkeeping, the hibernation index and
@@ -18,6 +19,7 @@
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
 local term, uid, owner, ks, ito, gen = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local ios = ARGV[10] or ''
 local now = now_ms()
 if fenced(term) then return -1 end
 local m = load_meta(S)
@@ -41,6 +43,7 @@ set_meta(S, m, 'uid', uid ~= '' and uid or nil)
 set_meta(S, m, 'own', owner ~= '' and owner or nil)
 set_meta(S, m, 'ks', ks)
 set_meta(S, m, 'ito', ito)
+set_meta(S, m, 'ios', ios ~= '' and ios or nil)
 if gen then set_meta(S, m, 'gen', ms(gen)) end
 redis.call('SADD', K_KNOWN, S.id)
 

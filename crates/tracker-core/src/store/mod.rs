@@ -803,6 +803,54 @@ impl Store {
         reply::view(op, session, &reply)
     }
 
+    /// The facts behind a session's state, for an explanation, and the Redis
+    /// clock's now; `None` if the tracker knows nothing of the session. One
+    /// script call: the view, the mirrored settings, the shard's leader facts
+    /// and the newest few live connections.
+    pub async fn explain(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<(crate::explain::Facts, chrono::DateTime<chrono::Utc>)>> {
+        let op = &self.scripts.explain;
+        let mut keys = self.session_script_keys(session);
+        keys.push(
+            self.keys
+                .shard_key(self.keys.shard_of(session), ShardKey::LeaderFacts),
+        );
+        let reply: Vec<String> = self
+            .eval(
+                op,
+                &keys,
+                (self.window_ms(), session.as_str(), EXPLAIN_LIVE),
+            )
+            .await?;
+        reply::explain_facts(op, session, &reply, self.window)
+    }
+
+    /// The leader's facts for one shard, for explanations: how long its
+    /// guard still holds hibernations back, and whether it runs dry. They
+    /// expire after `lifetime` unless written again.
+    pub async fn publish_leader_facts(
+        &self,
+        shard: ShardId,
+        term: Term,
+        guard_left: Duration,
+        dry_run: bool,
+        lifetime: Duration,
+    ) -> Result<Written> {
+        let op = &self.scripts.leader_facts;
+        let mut keys = self.keys.shard_keys(shard);
+        keys.push(self.keys.shard_key(shard, ShardKey::LeaderFacts));
+        let args = (
+            term.0,
+            millis(guard_left),
+            if dry_run { "1" } else { "0" },
+            millis(lifetime).max(1),
+        );
+        let n: i64 = self.eval(op, &keys, args).await?;
+        Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
+    }
+
     /// Totals from the maintained counters of every shard; never scans.
     pub async fn stats(&self) -> Result<Stats> {
         let op = &self.scripts.stats;
@@ -1054,6 +1102,7 @@ impl Store {
             meta.state.as_str(),
             ito,
             opt_i64(meta.generation),
+            meta.idle_source.code(),
         );
         let op = &self.scripts.mirror_session;
         let n: i64 = self.eval_session(op, &meta.session_id, args).await?;
@@ -1208,6 +1257,9 @@ impl Store {
 }
 
 const NO_ARGS: &[&str] = &[];
+
+/// Live connections an explanation names (the rest are counted).
+const EXPLAIN_LIVE: u32 = 5;
 
 /// A user slot names the connection it holds.
 fn slot_member(session: &SessionId, id: ConnectionId) -> String {

@@ -4,10 +4,13 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
+
 use crate::domain::{
     millis_to_utc, ConnectionView, HistoryRecord, SessionId, SessionView, UserAgent,
 };
 use crate::error::{Error, Result};
+use crate::explain::Facts;
 use crate::scripts::Op;
 
 /// Fields of one connection: id, session, user, protocol, ip, ua, connected, heartbeat.
@@ -89,6 +92,92 @@ pub(crate) fn view(
         hibernates_at: time(due)?,
     };
     Ok(Some((view, non_empty(uid).map(str::to_owned))))
+}
+
+/// Facts explain.lua adds after the session view.
+pub(crate) const EXPLAIN_FIELDS: usize = 15;
+
+/// An explanation's facts and the Redis clock's now; `None` if the tracker
+/// knows nothing of the session.
+pub(crate) fn explain_facts(
+    op: &Op,
+    session: &SessionId,
+    f: &[String],
+    window: std::time::Duration,
+) -> Result<Option<(Facts, DateTime<Utc>)>> {
+    use crate::explain::{LeaderFacts, LiveConnection, Phase};
+    use crate::store::{IdleSource, IdleTimeout};
+    use std::time::Duration;
+
+    let bad = || bad_reply(op, f);
+    if f.len() < VIEW_FIELDS + EXPLAIN_FIELDS || (f.len() - VIEW_FIELDS - EXPLAIN_FIELDS) % 3 != 0 {
+        return Err(bad());
+    }
+    let Some((view, _)) = view(op, session, &f[..VIEW_FIELDS])? else {
+        return Ok(None);
+    };
+    let [now, ks, ph, ito, ios, nb, hx, md, rs, wake, leader, gu, dr, _newest, res] =
+        &f[VIEW_FIELDS..VIEW_FIELDS + EXPLAIN_FIELDS]
+    else {
+        return Err(bad());
+    };
+    let time = |s: &String| {
+        non_empty(s)
+            .map(|s| parse_ms(s).map(millis_to_utc).ok_or_else(bad))
+            .transpose()
+    };
+    let millis = |s: &String| {
+        non_empty(s)
+            .map(|s| {
+                parse_ms(s)
+                    .and_then(|ms| u64::try_from(ms).ok())
+                    .map(Duration::from_millis)
+                    .ok_or_else(bad)
+            })
+            .transpose()
+    };
+    let mirrored = res == "1";
+    let idle_timeout = match (mirrored, ito.as_str()) {
+        (false, _) => None,
+        (true, "off" | "") => Some(IdleTimeout::Off),
+        (true, _) => millis(ito)?.map(IdleTimeout::After),
+    };
+    let mut live = Vec::new();
+    for t in f[VIEW_FIELDS + EXPLAIN_FIELDS..].chunks(3) {
+        live.push(LiveConnection {
+            user_id: t[0].clone(),
+            protocol: t[1].clone(),
+            last_heartbeat: millis_to_utc(parse_ms(&t[2]).ok_or_else(bad)?),
+        });
+    }
+    let facts = Facts {
+        view,
+        resource_state: if mirrored { ks.parse().ok() } else { None },
+        phase: match ph.as_str() {
+            "h" => Some(Phase::Hibernating),
+            "w" => Some(Phase::Waking),
+            _ => None,
+        },
+        idle_timeout,
+        idle_source: IdleSource::from_code(ios),
+        not_before: time(nb)?,
+        claim_lapses_at: time(hx)?,
+        max_duration: millis(md)?,
+        running_since: time(rs)?,
+        wake_requested_at: time(wake)?,
+        leader: (leader == "1")
+            .then(|| {
+                Ok::<_, Error>(LeaderFacts {
+                    guard_until: time(gu)?,
+                    dry_run: dr == "1",
+                })
+            })
+            .transpose()?,
+        live,
+        window,
+    };
+    let now = millis_to_utc(parse_ms(now).ok_or_else(bad)?);
+    Ok(Some((facts, now)))
 }
 
 /// The fields of an outbox entry, as `finish_conn` in common.lua writes them.

@@ -215,6 +215,51 @@ pub enum IdleTimeout {
     After(Duration),
 }
 
+/// Where a session's idle timeout (or its absence) comes from, so that an
+/// explanation can say why a session is never hibernated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdleSource {
+    /// `spec.idleTimeout` (or a declared `idle_timeout`).
+    Spec,
+    /// No `spec.idleTimeout`: the reaper's default.
+    Default,
+    /// Exempt: annotation `stream.space/auto-hibernate: "false"` (or a
+    /// declared `auto_hibernate: false`).
+    Annotation,
+    /// `spec.idleTimeout: ""`: hibernation disabled.
+    Empty,
+    /// A `spec.idleTimeout` that does not parse: never hibernated on a guess.
+    Invalid,
+    /// Not recorded (written by an older version).
+    #[default]
+    Unknown,
+}
+
+impl IdleSource {
+    /// The one-letter code the metadata hash keeps (`ios`).
+    pub fn code(self) -> &'static str {
+        match self {
+            IdleSource::Spec => "s",
+            IdleSource::Default => "d",
+            IdleSource::Annotation => "a",
+            IdleSource::Empty => "e",
+            IdleSource::Invalid => "x",
+            IdleSource::Unknown => "",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Self {
+        match code {
+            "s" => IdleSource::Spec,
+            "d" => IdleSource::Default,
+            "a" => IdleSource::Annotation,
+            "e" => IdleSource::Empty,
+            "x" => IdleSource::Invalid,
+            _ => IdleSource::Unknown,
+        }
+    }
+}
+
 /// What the mirror knows of a Session resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionMeta {
@@ -223,6 +268,9 @@ pub struct SessionMeta {
     /// name is another session.
     pub uid: Option<String>,
     pub owner: Option<String>,
+    /// Where `idle_timeout` comes from (explanations only; deciding looks at
+    /// `idle_timeout` alone).
+    pub idle_source: IdleSource,
     pub state: ResourceState,
     pub idle_timeout: IdleTimeout,
     /// `metadata.generation`: orders the mirror's writes against the reaper's.

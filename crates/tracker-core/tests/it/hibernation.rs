@@ -302,6 +302,7 @@ async fn stale_mirror_events_are_ignored(backend: Backend) {
         session_id: s.clone(),
         uid: Some(res_uid(&s)),
         owner: Some("alice".into()),
+        idle_source: Default::default(),
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(IDLE),
         generation: Some(4),

@@ -398,6 +398,7 @@ impl Resource {
             session_id: session.clone(),
             uid: Some(self.uid.clone()),
             owner: Some(OWNER.into()),
+            idle_source: Default::default(),
             state: self.state,
             idle_timeout: idle_timeout(self.idle()),
             generation: Some(self.generation),

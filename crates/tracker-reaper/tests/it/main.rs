@@ -18,4 +18,5 @@ mod hibernate;
 mod http;
 mod mirror;
 mod partitions;
+mod reasons;
 mod wake;

@@ -22,6 +22,7 @@ async fn sessions_are_mirrored_followed_and_forgotten(pool: PgPool) {
         session_id: sid("ghost"),
         uid: Some("ghost-uid".into()),
         owner: None,
+        idle_source: Default::default(),
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(60)),
         generation: Some(1),
