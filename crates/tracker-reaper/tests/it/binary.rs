@@ -96,7 +96,8 @@ async fn runs_with_json_logs_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    eventually(Duration::from_secs(10), "leader gauge at 1", || async {
+    // Generous: a debug build starting on a loaded CI machine.
+    eventually(Duration::from_secs(30), "leader gauge at 1", || async {
         let r = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
             .await
             .ok()?;
