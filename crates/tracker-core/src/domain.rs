@@ -324,6 +324,9 @@ pub enum EndReason {
     Closed,
     /// No heartbeat within the window; collected by the sweep.
     Expired,
+    /// Ended by the tracker: the session reached its max session duration
+    /// and was hibernated with the connection live.
+    MaxDuration,
 }
 
 impl EndReason {
@@ -331,6 +334,7 @@ impl EndReason {
         match self {
             EndReason::Closed => "closed",
             EndReason::Expired => "expired",
+            EndReason::MaxDuration => "max_duration",
         }
     }
 }
@@ -342,9 +346,10 @@ impl FromStr for EndReason {
         match s {
             "closed" => Ok(EndReason::Closed),
             "expired" => Ok(EndReason::Expired),
+            "max_duration" => Ok(EndReason::MaxDuration),
             _ => Err(ValidationError::new(
                 "end_reason",
-                "must be closed or expired",
+                "must be closed, expired or max_duration",
             )),
         }
     }
