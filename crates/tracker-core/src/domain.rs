@@ -501,6 +501,9 @@ pub struct SessionView {
     pub idle_since: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_seconds: Option<u64>,
+    /// When a running session is hibernated if nothing changes: its idle
+    /// timeout (without connections) or its max session duration, whichever
+    /// comes first.
     #[serde(
         with = "rfc3339_ms::option",
         skip_serializing_if = "Option::is_none",

@@ -398,7 +398,7 @@ async fn max_duration_warning_then_close(backend: Backend) {
         assert_eq!(
             close,
             Some((
-                1000,
+                4408,
                 tracker_api::routes::ws::MAX_DURATION_REASON.to_owned()
             ))
         );

@@ -293,13 +293,18 @@ pub fn refusal(e: &ApiError) -> (u16, String) {
     (code, truncate(e.body().message, MAX_REASON))
 }
 
-/// The close codes of refusals: 4000 plus the HTTP status they stand for.
+/// The close codes of refusals: 4000 plus the HTTP status they stand for;
+/// and of the end of a session's running period.
 pub mod close {
     pub const UNAUTHENTICATED: u16 = 4401;
     pub const FORBIDDEN: u16 = 4403;
     pub const SESSION_NOT_FOUND: u16 = 4404;
     pub const CONFLICT: u16 = 4409;
     pub const LIMIT: u16 = 4429;
+    /// Not a refusal: the session reached its max session duration and is
+    /// hibernated (408, a time limit). Connecting again wakes it, so a
+    /// client should not do so on its own.
+    pub const MAX_DURATION: u16 = 4408;
 }
 
 /// A Close frame's payload is at most 125 bytes, 2 of them the code.
@@ -368,7 +373,7 @@ async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
         End::Silent => Some((close_code::NORMAL, "no heartbeat within the window")),
         End::Gone => Some((close_code::NORMAL, "the connection is no longer tracked")),
         End::Shutdown => Some((close_code::AWAY, "server shutting down")),
-        End::MaxDuration => Some((close_code::NORMAL, MAX_DURATION_REASON)),
+        End::MaxDuration => Some((close::MAX_DURATION, MAX_DURATION_REASON)),
     };
     if let Some((code, reason)) = close {
         let frame = CloseFrame {
