@@ -347,6 +347,10 @@ impl Hibernator {
     /// Where a recorded warning leaves the reaper for other systems (the
     /// NATS warning event goes here). Called once per warning, by the leader
     /// whose claim recorded it; WebSocket clients hear of it from the store.
+    /// A process killed between the claim and this call loses the call (the
+    /// next leader sees the warning recorded): an event that must never be
+    /// lost belongs in the claim script's `warned` branch, written to a
+    /// Redis outbox with the warning itself.
     fn announce_warning(&self, id: &SessionId, warning: &Warning) {
         tracing::debug!(session_id = %id, at = %warning.at, "warning recorded");
     }
