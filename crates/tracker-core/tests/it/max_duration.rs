@@ -19,6 +19,7 @@ crate::both!(
     an_idle_claim_is_still_refused_while_connected,
     a_new_leader_neither_repeats_nor_loses_the_warning,
     a_dry_run_ends_nothing_and_warns_no_client,
+    a_connection_during_the_claim_wakes_the_session_into_a_new_period,
 );
 
 const MAX: Duration = Duration::from_secs(10);
@@ -292,4 +293,50 @@ async fn a_dry_run_ends_nothing_and_warns_no_client(backend: Backend) {
     assert_eq!(view.state, SessionState::Running);
     assert_eq!(view.active_connections, 1);
     assert!(outbox(&store).await.is_empty());
+}
+
+async fn a_connection_during_the_claim_wakes_the_session_into_a_new_period(backend: Backend) {
+    let (store, clock) = store_warning(backend).await;
+    let s = sid("long-7");
+    mirror_max(&store, &s, IDLE_LONG, 1).await;
+    let old = connect(&store, &s, "alice").await;
+    clock.advance(MAX);
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    // The user comes back while the patch is in flight: one wake, and the
+    // new connection is not ended by the hibernation that follows.
+    let new = connect(&store, &s, "alice").await;
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+    assert_eq!(
+        store
+            .finish_hibernation(&s, T, None, Some(2))
+            .await
+            .unwrap(),
+        FinishOutcome::NotClaimed
+    );
+    assert_eq!(
+        store.session(&s).await.unwrap().unwrap().state,
+        SessionState::Waking
+    );
+    assert!(store.heartbeat(&s, new).await.unwrap().is_some());
+    assert!(store.heartbeat(&s, old).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .ack_wake(&s, T, Some(&res_uid(&s)), Some(3))
+            .await
+            .unwrap(),
+        Written::Done
+    );
+    let view = store.session(&s).await.unwrap().unwrap();
+    assert_eq!(view.state, SessionState::Running);
+    // A whole new period: no warning yet, not due before its own warning time.
+    assert_eq!(warning(&store, &s).await, None);
+    assert!(!due(&store, &s).await);
+    clock.advance(MAX - WARN);
+    assert!(due(&store, &s).await);
+    let history = outbox(&store).await;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].record.connection_id, old);
 }
