@@ -24,6 +24,7 @@ export const CLOSE_REASONS = Object.freeze({
   4401: Object.freeze({ name: "unauthenticated", retry: false, text: "no valid credentials, or the ticket is used, expired or for another session" }),
   4403: Object.freeze({ name: "forbidden", retry: false, text: "not allowed on this session" }),
   4404: Object.freeze({ name: "session_not_found", retry: false, text: "the tracker does not know this session" }),
+  4408: Object.freeze({ name: "max_duration", retry: false, text: "the session reached its maximum duration and is hibernated; connecting again wakes it" }),
   4409: Object.freeze({ name: "conflict", retry: false, text: "the session is terminated" }),
   4429: Object.freeze({ name: "limit", retry: true, text: "a connection limit was reached" }),
 });

@@ -35,7 +35,7 @@ pub struct HistoryRow {
     #[serde(with = "rfc3339_ms::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_heartbeat_at: Option<DateTime<Utc>>,
-    /// `closed` or `expired`.
+    /// `closed`, `expired` or `max_duration`.
     pub end_reason: Option<String>,
     #[serde(with = "rfc3339_ms::option")]
     #[schema(value_type = Option<String>, format = DateTime)]

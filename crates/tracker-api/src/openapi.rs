@@ -49,6 +49,7 @@ use crate::routes::{connections, heartbeats, list, ops, sessions, ui, usage};
         crate::history::HistoryRow,
         crate::history::EventRow,
         crate::routes::ws::ServerFrame,
+        crate::routes::ws::WarningReason,
         crate::routes::ws::ticket::TicketResponse,
         usage::Usage,
         usage::UsageRow,

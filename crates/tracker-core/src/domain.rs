@@ -324,6 +324,9 @@ pub enum EndReason {
     Closed,
     /// No heartbeat within the window; collected by the sweep.
     Expired,
+    /// Ended by the tracker: the session reached its max session duration
+    /// and was hibernated with the connection live.
+    MaxDuration,
 }
 
 impl EndReason {
@@ -331,6 +334,7 @@ impl EndReason {
         match self {
             EndReason::Closed => "closed",
             EndReason::Expired => "expired",
+            EndReason::MaxDuration => "max_duration",
         }
     }
 }
@@ -342,9 +346,10 @@ impl FromStr for EndReason {
         match s {
             "closed" => Ok(EndReason::Closed),
             "expired" => Ok(EndReason::Expired),
+            "max_duration" => Ok(EndReason::MaxDuration),
             _ => Err(ValidationError::new(
                 "end_reason",
-                "must be closed or expired",
+                "must be closed, expired or max_duration",
             )),
         }
     }
@@ -496,6 +501,9 @@ pub struct SessionView {
     pub idle_since: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_seconds: Option<u64>,
+    /// When a running session is hibernated if nothing changes: its idle
+    /// timeout (without connections) or its max session duration, whichever
+    /// comes first.
     #[serde(
         with = "rfc3339_ms::option",
         skip_serializing_if = "Option::is_none",

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::domain::{rfc3339_ms, ResourceState, SessionView};
-use crate::store::{IdleSource, IdleTimeout};
+use crate::store::{HibernationReason, IdleSource, IdleTimeout};
 
 /// What a reason is about; a fixed set, so clients can act on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -256,9 +256,38 @@ pub fn explain(facts: &Facts, now: DateTime<Utc>) -> Explanation {
 }
 
 /// The reasons recorded with a hibernation (or a dry run's "would
-/// hibernate"), from the facts read right after the claim.
-pub fn hibernation_reasons(facts: &Facts, now: DateTime<Utc>, dry_run: bool) -> Vec<Reason> {
+/// hibernate"), from the facts read right after the claim, which says why.
+pub fn hibernation_reasons(
+    facts: &Facts,
+    now: DateTime<Utc>,
+    why: HibernationReason,
+    dry_run: bool,
+) -> Vec<Reason> {
     let mut reasons = Vec::new();
+    if why == HibernationReason::MaxDuration {
+        let message = match (facts.running_since, facts.max_duration) {
+            (Some(since), Some(max)) => format!(
+                "running since {}: maximum session duration {} reached, connected or not",
+                clock(since, now),
+                duration(max)
+            ),
+            _ => "maximum session duration reached, connected or not".into(),
+        };
+        reasons.push(reason(ReasonCode::MaxDuration, message, None));
+    } else {
+        reasons.push(idle_hibernation_reason(facts, now));
+    }
+    if dry_run {
+        reasons.push(reason(
+            ReasonCode::DryRun,
+            "dry run: recorded, the Session was not changed".into(),
+            None,
+        ));
+    }
+    reasons
+}
+
+fn idle_hibernation_reason(facts: &Facts, now: DateTime<Utc>) -> Reason {
     let view = &facts.view;
     let last = view
         .last_connection_at
@@ -274,15 +303,7 @@ pub fn hibernation_reasons(facts: &Facts, now: DateTime<Utc>, dry_run: bool) -> 
         ),
         _ => format!("idle ({last}); idle timeout reached"),
     };
-    reasons.push(reason(ReasonCode::Idle, message, None));
-    if dry_run {
-        reasons.push(reason(
-            ReasonCode::DryRun,
-            "dry run: recorded, the Session was not changed".into(),
-            None,
-        ));
-    }
-    reasons
+    reason(ReasonCode::Idle, message, None)
 }
 
 /// The reasons recorded with a wake.
@@ -535,7 +556,11 @@ mod tests {
     }
 
     fn codes(e: &Explanation) -> Vec<&'static str> {
-        e.reasons.iter().map(|r| r.code.as_str()).collect()
+        codes_of(&e.reasons)
+    }
+
+    fn codes_of(reasons: &[Reason]) -> Vec<&'static str> {
+        reasons.iter().map(|r| r.code.as_str()).collect()
     }
 
     const NOW: (u32, u32, u32) = (10, 10, 0);
@@ -736,15 +761,23 @@ mod tests {
     fn events_carry_the_reasons_of_a_hibernation() {
         let mut f = idle();
         f.view.last_connection_at = Some(at(9, 40, 0));
-        let r = hibernation_reasons(&f, at(10, 32, 1), false);
+        let r = hibernation_reasons(&f, at(10, 32, 1), HibernationReason::Idle, false);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].code, ReasonCode::Idle);
         assert_eq!(
             r[0].message,
             "idle since 10:02 UTC (last connection 09:40 UTC); idleTimeout 30m from spec reached at 10:32 UTC"
         );
-        let r = hibernation_reasons(&f, at(10, 32, 1), true);
+        let r = hibernation_reasons(&f, at(10, 32, 1), HibernationReason::Idle, true);
         assert_eq!(r[1].code, ReasonCode::DryRun);
+        f.running_since = Some(at(2, 0, 0));
+        f.max_duration = Some(Duration::from_secs(8 * 3600));
+        let r = hibernation_reasons(&f, at(10, 0, 0), HibernationReason::MaxDuration, false);
+        assert_eq!(codes_of(&r), ["max_duration"]);
+        assert_eq!(
+            r[0].message,
+            "running since 02:00 UTC: maximum session duration 8h reached, connected or not"
+        );
         let w = wake_reasons(at(10, 40, 5), at(10, 40, 6));
         assert_eq!(
             w[0].message,

@@ -33,7 +33,8 @@ pub use error::{Error, Result};
 pub use keys::{KeySpace, ShardId, ShardKey};
 pub use store::{
     redact_url, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch, Expired,
-    FinishOutcome, HeartbeatAck, IdleSource, IdleTimeout, Limits, MalformedEntry, NewConnection,
-    OutboxEntry, OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta,
-    Stats, Store, StoreConfig, Sweep, Term, WakeListener, Written,
+    FinishOutcome, HeartbeatAck, HibernationReason, IdleSource, IdleTimeout, Limits,
+    MalformedEntry, NewConnection, OutboxEntry, OutboxRead, PendingWake, RedisMode,
+    RegisterOutcome, Registered, SessionMeta, Stats, Store, StoreConfig, Sweep, Term, WakeListener,
+    Warning, Written,
 };

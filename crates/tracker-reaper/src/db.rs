@@ -277,6 +277,9 @@ pub enum EventType {
     Woken,
     DryRunHibernate,
     DryRunWake,
+    /// Clients were told the session will be hibernated for max duration.
+    HibernationWarning,
+    DryRunHibernationWarning,
 }
 
 impl EventType {
@@ -286,6 +289,8 @@ impl EventType {
             Self::Woken => "woken",
             Self::DryRunHibernate => "dry_run_hibernate",
             Self::DryRunWake => "dry_run_wake",
+            Self::HibernationWarning => "hibernation_warning",
+            Self::DryRunHibernationWarning => "dry_run_hibernation_warning",
         }
     }
 }

@@ -1,8 +1,17 @@
-//! The hibernator: every tick, the sessions whose idle timeout is reached are
-//! claimed in the store, checked against the resource as it is now
-//! ([`decide`]), patched `spec.state: hibernated`, recorded, and the claim
-//! finished; a patch that surely did not land rolls the claim back for a
-//! later retry.
+//! The hibernator: every tick, the sessions whose idle timeout or max
+//! session duration is reached are claimed in the store, checked against the
+//! resource as it is now ([`decide`]), patched `spec.state: hibernated`,
+//! recorded, and the claim finished; a patch that surely did not land rolls
+//! the claim back for a later retry.
+//!
+//! Max session duration: the due index also holds the time to warn the
+//! session's clients (`TRACKER_WARN_BEFORE` before the deadline). The claim
+//! script then records the warning in the store, once per running period
+//! and fenced like every write, and the API replicas' session watchers
+//! deliver it to the sockets; here it becomes a `session_events` row and
+//! [`Hibernator::announce_warning`]. At the deadline the claim ends the
+//! session's connections (`max_duration`) in the same step, whatever they
+//! are doing, and the hibernation goes on as an idle one does.
 //!
 //! Deciding is the store's (the due index and the claim script), [`decide`]'s
 //! and [`Guard`]'s: right after becoming leader, and after a shard's epoch
@@ -24,8 +33,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::{
-    Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, IdleTimeout, ResourceState, SessionId,
-    SessionMeta, ShardId, Store, Written,
+    Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, HibernationReason, IdleTimeout,
+    ResourceState, SessionId, SessionMeta, ShardId, Store, Warning, Written,
 };
 
 use crate::acting::{Acting, Fence, InFlight, Mode, TermContext};
@@ -114,6 +123,8 @@ pub struct Hibernator {
     fence: Fence,
     /// Tells the mirror to list Sessions again after a data loss.
     relist: Arc<Notify>,
+    /// Tells the archiver that a claim ended connections.
+    archive_nudge: Arc<Notify>,
     settings: Settings,
     guard: Guard,
     /// Consecutive failed patches per session, for the retry backoff.
@@ -145,6 +156,7 @@ impl Hibernator {
             in_flight,
             fence,
             relist,
+            archive_nudge,
             ..
         } = ctx;
         let guard = Guard::new(Instant::now(), settings.heartbeat_window);
@@ -160,6 +172,7 @@ impl Hibernator {
             in_flight,
             fence,
             relist,
+            archive_nudge,
             settings,
             guard,
             failures: HashMap::new(),
@@ -241,9 +254,10 @@ impl Hibernator {
         // Entered before the claim: a wake recorded after the claim finds us here.
         let _in_flight = self.in_flight.enter(id);
         let term = self.fence.term();
+        let dry_run = self.acting.mode() == Mode::DryRun;
         let outcome = match self
             .store
-            .claim_hibernation(id, self.settings.claim_lifetime, term)
+            .claim_hibernation_as(id, self.settings.claim_lifetime, term, dry_run)
             .await
         {
             Ok(outcome) => outcome,
@@ -264,19 +278,34 @@ impl Hibernator {
                 tracing::debug!(reason = reason.as_str(), "claim refused");
                 return;
             }
+            HibernationStep::Warn => {
+                if let ClaimOutcome::Warned(warning) = &outcome {
+                    self.warned(id, warning, dry_run);
+                }
+                return;
+            }
             HibernationStep::RecordDryRun | HibernationStep::Finish | HibernationStep::Patch => {}
         }
-        // Every refusal is one of the steps above.
+        // Every other outcome is one of the steps above.
         let ClaimOutcome::Claimed(claim) = outcome else {
             return;
         };
+        if !claim.ended.is_empty() {
+            tracing::info!(
+                connections = claim.ended.len(),
+                "max session duration reached; live connections ended"
+            );
+            self.archive_nudge.notify_one();
+        }
         // The same reasons an explanation gives, so the history says why.
         let facts = self.store.explain(id).await.ok().flatten();
         let view = facts.as_ref().map(|(f, _)| &f.view);
         let dry_run = step == HibernationStep::RecordDryRun;
         let reasons = facts
             .as_ref()
-            .map(|(f, now)| tracker_core::explain::hibernation_reasons(f, *now, dry_run))
+            .map(|(f, now)| {
+                tracker_core::explain::hibernation_reasons(f, *now, claim.reason, dry_run)
+            })
             .unwrap_or_default();
         let details = serde_json::json!({
             "platform": self.acting.platform(),
@@ -285,22 +314,21 @@ impl Hibernator {
             "idle_since": view.and_then(|v| v.idle_since).map(|t| tracker_core::domain::rfc3339_ms::format(&t)),
             "idle_timeout_seconds": view.and_then(|v| v.idle_timeout_seconds),
             "last_connection_at": view.and_then(|v| v.last_connection_at).map(|t| tracker_core::domain::rfc3339_ms::format(&t)),
+            "max_session_duration_seconds": claim.max_session_duration.map(|d| d.as_secs()),
+            "ended_connections": claim.ended.len(),
             "reasons": reasons,
         });
+        let reason = event_reason(claim.reason);
         match step {
             HibernationStep::RecordDryRun => {
-                self.events.record(
-                    id.as_str(),
-                    EventType::DryRunHibernate,
-                    "idle_timeout",
-                    details,
-                );
+                self.events
+                    .record(id.as_str(), EventType::DryRunHibernate, reason, details);
                 self.metrics.hibernation(HibernationResult::DryRun);
                 tracing::info!("would hibernate (dry run)");
                 self.rollback(id, self.settings.dry_run_retry).await;
             }
             HibernationStep::Finish => {
-                self.finish(id, claim.uid.as_deref(), claim.generation, details)
+                self.finish(id, &claim, claim.uid.as_deref(), claim.generation, details)
                     .await;
             }
             HibernationStep::Patch => {
@@ -309,8 +337,45 @@ impl Hibernator {
                     self.patch(api.as_ref(), id, &claim, details).await;
                 }
             }
-            HibernationStep::StopFenced | HibernationStep::Skip(_) => {}
+            HibernationStep::StopFenced | HibernationStep::Skip(_) | HibernationStep::Warn => {}
         }
+    }
+
+    /// The store recorded the warning before a max duration just now: this
+    /// leader is the one to tell the world, once.
+    fn warned(&self, id: &SessionId, warning: &Warning, dry_run: bool) {
+        let details = serde_json::json!({
+            "platform": self.acting.platform(),
+            "term": self.fence.term().0,
+            "session_uid": warning.uid,
+            "at": tracker_core::domain::rfc3339_ms::format(&warning.at),
+        });
+        let (event, result) = if dry_run {
+            (
+                EventType::DryRunHibernationWarning,
+                HibernationResult::DryRun,
+            )
+        } else {
+            (EventType::HibernationWarning, HibernationResult::Warned)
+        };
+        self.events
+            .record(id.as_str(), event, "max_duration", details);
+        self.metrics.hibernation(result);
+        tracing::info!(at = %warning.at, "clients warned: max session duration reached soon");
+        if !dry_run {
+            self.announce_warning(id, warning);
+        }
+    }
+
+    /// Where a recorded warning leaves the reaper for other systems (the
+    /// NATS warning event goes here). Called once per warning, by the leader
+    /// whose claim recorded it; WebSocket clients hear of it from the store.
+    /// A process killed between the claim and this call loses the call (the
+    /// next leader sees the warning recorded): an event that must never be
+    /// lost belongs in the claim script's `warned` branch, written to a
+    /// Redis outbox with the warning itself.
+    fn announce_warning(&self, id: &SessionId, warning: &Warning) {
+        tracing::debug!(session_id = %id, at = %warning.at, "warning recorded");
     }
 
     /// Reads the resource, decides, patches, and resolves what the answer
@@ -340,7 +405,7 @@ impl Hibernator {
                 // Our own earlier patch whose answer was lost, or someone else's.
                 let generation = meta.as_ref().and_then(|m| m.generation);
                 details["generation"] = generation.into();
-                self.finish(id, claim.uid.as_deref(), generation, details)
+                self.finish(id, claim, claim.uid.as_deref(), generation, details)
                     .await;
                 return;
             }
@@ -366,6 +431,7 @@ impl Hibernator {
                 details["generation"] = patched.metadata.generation.into();
                 self.finish(
                     id,
+                    claim,
                     patched.metadata.uid.as_deref().or(claim.uid.as_deref()),
                     patched.metadata.generation,
                     details,
@@ -398,7 +464,7 @@ impl Hibernator {
                     Some(m) if m.state == ResourceState::Hibernated && m.uid == claim.uid => {
                         details["generation"] = m.generation.into();
                         details["resolved_by_read"] = true.into();
-                        self.finish(id, m.uid.as_deref(), m.generation, details)
+                        self.finish(id, claim, m.uid.as_deref(), m.generation, details)
                             .await;
                     }
                     _ => self.failed(id, &e).await,
@@ -417,6 +483,7 @@ impl Hibernator {
     async fn finish(
         &mut self,
         id: &SessionId,
+        claim: &Claim,
         uid: Option<&str>,
         generation: Option<i64>,
         details: serde_json::Value,
@@ -446,8 +513,12 @@ impl Hibernator {
                 tracing::warn!(error = %e, "recording a finished hibernation failed; the mirror follows");
             }
         }
-        self.events
-            .record(id.as_str(), EventType::Hibernated, "idle_timeout", details);
+        self.events.record(
+            id.as_str(),
+            EventType::Hibernated,
+            event_reason(claim.reason),
+            details,
+        );
         self.metrics.hibernation(HibernationResult::Hibernated);
         tracing::info!("Session hibernated");
     }
@@ -489,6 +560,14 @@ impl Hibernator {
     }
 }
 
+/// The `session_events` reason of a hibernation.
+pub fn event_reason(reason: HibernationReason) -> &'static str {
+    match reason {
+        HibernationReason::Idle => "idle_timeout",
+        HibernationReason::MaxDuration => "max_duration",
+    }
+}
+
 /// What to do with a due session once the store answered its claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HibernationStep {
@@ -496,6 +575,9 @@ pub enum HibernationStep {
     StopFenced,
     /// Not claimed (connected again, busy, not due, ...): leave it.
     Skip(ClaimRefusal),
+    /// Not claimed: the warning before the max duration was recorded now;
+    /// record the event and announce it.
+    Warn,
     /// Dry run: record what would happen, roll the claim back so it is
     /// decided again later.
     RecordDryRun,
@@ -510,6 +592,7 @@ pub fn decide_hibernation(outcome: &ClaimOutcome, mode: Mode) -> HibernationStep
     match (outcome, mode) {
         (ClaimOutcome::Refused(ClaimRefusal::Fenced), _) => HibernationStep::StopFenced,
         (ClaimOutcome::Refused(reason), _) => HibernationStep::Skip(*reason),
+        (ClaimOutcome::Warned(_), _) => HibernationStep::Warn,
         (ClaimOutcome::Claimed(_), Mode::DryRun) => HibernationStep::RecordDryRun,
         (ClaimOutcome::Claimed(_), Mode::RecordOnly) => HibernationStep::Finish,
         (ClaimOutcome::Claimed(_), Mode::Patch) => HibernationStep::Patch,
@@ -527,8 +610,10 @@ pub enum ReleaseReason {
     NotRunning,
     /// Exempt now (annotation, or an empty `spec.idleTimeout`).
     Exempt,
-    /// The idle timeout grew since the claim: not due yet.
+    /// The idle timeout (or max duration) grew since the claim: not due yet.
     TimeoutRaised,
+    /// Claimed for max duration, but the Session has none any more.
+    NoMaxDuration,
     /// The resource cannot be read as a Session.
     Unreadable,
 }
@@ -541,6 +626,7 @@ impl ReleaseReason {
             ReleaseReason::NotRunning => "not_running",
             ReleaseReason::Exempt => "exempt",
             ReleaseReason::TimeoutRaised => "timeout_raised",
+            ReleaseReason::NoMaxDuration => "no_max_duration",
             ReleaseReason::Unreadable => "unreadable",
         }
     }
@@ -571,6 +657,16 @@ pub fn decide(claim: &Claim, current: Option<&SessionMeta>) -> Decision {
         ResourceState::Hibernated => return Decision::AlreadyHibernated,
         ResourceState::Terminated => return Decision::Release(ReleaseReason::NotRunning),
         ResourceState::Running => {}
+    }
+    if claim.reason == HibernationReason::MaxDuration {
+        // Connections do not matter here, nor does the idle timeout.
+        return match (claim.max_session_duration, current.max_session_duration) {
+            (_, None) => Decision::Release(ReleaseReason::NoMaxDuration),
+            (Some(claimed), Some(now)) if now > claimed => {
+                Decision::Release(ReleaseReason::TimeoutRaised)
+            }
+            _ => Decision::Patch,
+        };
     }
     match (claim.idle_timeout, current.idle_timeout) {
         (_, IdleTimeout::Off) => Decision::Release(ReleaseReason::Exempt),
@@ -636,6 +732,9 @@ mod tests {
             generation: Some(3),
             uid: Some("u1".into()),
             idle_timeout: idle,
+            reason: HibernationReason::Idle,
+            max_session_duration: None,
+            ended: vec![],
         }
     }
 
@@ -648,6 +747,7 @@ mod tests {
             state,
             idle_timeout: idle,
             generation: Some(3),
+            max_session_duration: None,
         }
     }
 
@@ -693,6 +793,39 @@ mod tests {
     }
 
     #[test]
+    fn a_max_duration_claim_is_checked_against_the_max_duration_only() {
+        let hour = Duration::from_secs(3600);
+        let c = Claim {
+            reason: HibernationReason::MaxDuration,
+            max_session_duration: Some(hour),
+            ..claim(IdleTimeout::After(Duration::from_secs(600)))
+        };
+        let with = |md: Option<Duration>, idle| SessionMeta {
+            max_session_duration: md,
+            ..resource("u1", ResourceState::Running, idle)
+        };
+        let cases = [
+            // Exempt from idle hibernation, still limited.
+            (with(Some(hour), IdleTimeout::Off), Decision::Patch),
+            (
+                with(Some(hour / 2), IdleTimeout::After(hour * 10)),
+                Decision::Patch,
+            ),
+            (
+                with(None, IdleTimeout::After(hour)),
+                Decision::Release(ReleaseReason::NoMaxDuration),
+            ),
+            (
+                with(Some(hour * 2), IdleTimeout::Off),
+                Decision::Release(ReleaseReason::TimeoutRaised),
+            ),
+        ];
+        for (current, expected) in cases {
+            assert_eq!(decide(&c, Some(&current)), expected, "{current:?}");
+        }
+    }
+
+    #[test]
     fn every_claim_outcome_and_mode_has_its_step() {
         let refusals = [
             ClaimRefusal::Fenced,
@@ -723,6 +856,12 @@ mod tests {
                 Mode::RecordOnly => HibernationStep::Finish,
             };
             assert_eq!(decide_hibernation(&claimed, mode), expected, "{mode:?}");
+            let warned = ClaimOutcome::Warned(Warning {
+                at: chrono::Utc::now(),
+                owner: None,
+                uid: None,
+            });
+            assert_eq!(decide_hibernation(&warned, mode), HibernationStep::Warn);
         }
     }
 

@@ -55,6 +55,8 @@ label_enum!(
         Hibernated => "hibernated",
         /// `TRACKER_DRY_RUN`: decided and recorded, nothing changed.
         DryRun => "dry_run",
+        /// The clients of a session were warned of its max duration.
+        Warned => "warned",
         /// The claim was refused or the resource was not `running`.
         Skipped => "skipped",
         /// Someone changed the Session between our read and our patch.

@@ -35,6 +35,14 @@ pub struct SessionSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_timeout: Option<String>,
+    /// Same syntax as `idleTimeout`: a session running this long since it
+    /// last started is hibernated even with live connections.
+    #[serde(
+        default,
+        rename = "maxSessionDuration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_session_duration: Option<String>,
 }
 
 /// Why a Session resource could not be mirrored.
@@ -94,6 +102,15 @@ pub fn idle_source_of(annotation: Option<&str>, spec_idle_timeout: Option<&str>)
     }
 }
 
+/// The max session duration a Session asks for: `spec.maxSessionDuration`
+/// in the syntax of `spec.idleTimeout`. Absent, empty, zero or a value that
+/// does not parse is no limit: never end connections on a guess. The
+/// auto-hibernate annotation exempts from idle hibernation only; a max
+/// duration is a limit the Session's owner set on purpose.
+pub fn max_session_duration_of(spec: Option<&str>) -> Option<Duration> {
+    spec.and_then(parse_idle_timeout).filter(|d| !d.is_zero())
+}
+
 /// What the store mirrors of a Session resource.
 pub fn session_meta(
     session: &Session,
@@ -125,6 +142,7 @@ pub fn session_meta(
             default_idle,
         ),
         generation: session.metadata.generation,
+        max_session_duration: max_session_duration_of(session.spec.max_session_duration.as_deref()),
     })
 }
 
@@ -225,6 +243,32 @@ mod tests {
             IdleTimeout::After(Duration::from_secs(2))
         );
         assert_eq!(meta.generation, Some(4));
+    }
+
+    #[test]
+    fn max_session_durations_use_the_idle_timeout_syntax() {
+        assert_eq!(
+            max_session_duration_of(Some("8h")),
+            Some(Duration::from_secs(8 * 3600))
+        );
+        assert_eq!(
+            max_session_duration_of(Some("90s")),
+            Some(Duration::from_secs(90))
+        );
+        for none in [None, Some(""), Some("0s"), Some("8 hours"), Some("1d")] {
+            assert_eq!(max_session_duration_of(none), None, "{none:?}");
+        }
+        let s = session(serde_json::json!({
+            "metadata": {"name": "s-1", "annotations": {"stream.space/auto-hibernate": "false"}},
+            "spec": {"state": "running", "maxSessionDuration": "2h"}
+        }));
+        let meta = session_meta(&s, DEFAULT).unwrap();
+        assert_eq!(meta.idle_timeout, IdleTimeout::Off);
+        assert_eq!(
+            meta.max_session_duration,
+            Some(Duration::from_secs(7200)),
+            "the exemption does not lift the max duration"
+        );
     }
 
     #[test]

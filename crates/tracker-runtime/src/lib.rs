@@ -95,6 +95,13 @@ pub struct RedisArgs {
     /// connection while kept.
     #[arg(long, env = "TRACKER_CONNECTION_ID_RETENTION", default_value = "7d", value_parser = positive_duration)]
     pub connection_id_retention: Duration,
+
+    /// How long before a forced hibernation (a Session's max session
+    /// duration) its WebSocket clients are warned. Recorded with each
+    /// Session, so the reaper (which decides the warning) and the API (which
+    /// declares sessions) must agree; `0s` warns no one.
+    #[arg(long, env = "TRACKER_WARN_BEFORE", default_value = "5m", value_parser = duration)]
+    pub warn_before: Duration,
 }
 
 // By hand: the URL may carry a password.
@@ -108,6 +115,7 @@ impl fmt::Debug for RedisArgs {
             .field("redis_shards", &self.redis_shards)
             .field("redis_timeout", &self.redis_timeout)
             .field("connection_id_retention", &self.connection_id_retention)
+            .field("warn_before", &self.warn_before)
             .finish()
     }
 }
@@ -145,6 +153,7 @@ impl RedisArgs {
         cfg.command_timeout = self.redis_timeout;
         cfg.connect_timeout = self.redis_timeout;
         cfg.ended_id_retention = self.connection_id_retention;
+        cfg.warn_before = self.warn_before;
         cfg
     }
 }
@@ -161,6 +170,11 @@ pub fn positive_duration(s: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(d)
+}
+
+/// A humantime duration, zero allowed (`0s`, `90s`, `5m`).
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Log line format (`TRACKER_LOG_FORMAT`).

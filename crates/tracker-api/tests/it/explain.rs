@@ -26,6 +26,7 @@ async fn mirror_idle(
         state,
         idle_timeout: idle,
         generation: None,
+        max_session_duration: None,
     };
     let written = app.store.mirror_session(&meta, term).await.unwrap();
     assert_eq!(written, Written::Done);
@@ -214,6 +215,40 @@ async fn every_reason_the_store_can_give_standalone() {
 #[tokio::test]
 async fn every_reason_the_store_can_give_cluster() {
     every_reason_the_store_can_give(Backend::Cluster).await;
+}
+
+/// A max session duration is a reason of its own, with the end of the
+/// running period as its `until`, and it bounds `will_hibernate_at` even
+/// while connections keep the session from idling.
+#[tokio::test]
+async fn a_max_session_duration_says_when_it_ends() {
+    let app = TestApp::spawn(Backend::Standalone).await;
+    let term = app.store.newest_term().await.unwrap();
+    let meta = SessionMeta {
+        session_id: "long-1".parse().unwrap(),
+        uid: Some("uid-long-1".into()),
+        owner: Some("alice".into()),
+        idle_source: IdleSource::Spec,
+        state: ResourceState::Running,
+        idle_timeout: THIRTY_MIN,
+        generation: None,
+        max_session_duration: Some(Duration::from_secs(8 * 3600)),
+    };
+    assert_eq!(
+        app.store.mirror_session(&meta, term).await.unwrap(),
+        Written::Done
+    );
+    app.register("long-1", "vnc").await;
+    let e = explain(&app, "long-1").await;
+    assert_eq!(codes(&e), ["live_connections", "max_duration", "no_leader"]);
+    let max = reason(&e, "max_duration");
+    let message = max["message"].as_str().unwrap();
+    assert!(
+        message.contains("maximum session duration 8h ends"),
+        "{message}"
+    );
+    assert_eq!(e["will_hibernate_at"], max["until"]);
+    assert_eq!(e["session"]["hibernates_at"], max["until"]);
 }
 
 #[tokio::test]

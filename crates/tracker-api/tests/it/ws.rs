@@ -282,3 +282,137 @@ async fn sockets_of_one_session_share_one_reader_and_all_hear_changes() {
     })
     .await;
 }
+
+/// The reaper's part played by the test: its store claims as the newest
+/// leader, on a clock of its own.
+async fn claim_as_reaper(
+    app: &TestApp,
+    clock: &tracker_core::ClockOffset,
+    session: &str,
+) -> tracker_core::ClaimOutcome {
+    let store = app.store.clone().with_clock(clock.clone());
+    let term = store.newest_term().await.unwrap();
+    store
+        .claim_hibernation(&session.parse().unwrap(), Duration::from_secs(30), term)
+        .await
+        .unwrap()
+}
+
+/// Frames until the Close: the texts, then the close code and reason.
+async fn until_close(ws: &mut Ws) -> (Vec<Value>, Option<(u16, String)>) {
+    let mut texts = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5s");
+        match msg {
+            Some(Ok(Message::Text(t))) => texts.push(serde_json::from_str(t.as_str()).unwrap()),
+            Some(Ok(Message::Close(frame))) => {
+                return (
+                    texts,
+                    frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                )
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => return (texts, None),
+        }
+    }
+}
+
+async fn watch_reads(app: &TestApp) -> u64 {
+    metric_value(
+        &app.metrics().await,
+        "tracker_api_session_watch_reads_total",
+    )
+}
+
+fn metric_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn max_duration_warning_then_close(backend: Backend) {
+    // A long window: the reaper's clock moves ahead of the sockets' heartbeats.
+    let opts = Options {
+        interval: Duration::from_millis(100),
+        window: Duration::from_secs(60),
+        ..Options::default()
+    };
+    let app = TestApp::spawn_with(backend, opts).await;
+    let session = "ws-max";
+    let sid: SessionId = session.parse().unwrap();
+    let term = app.store.newest_term().await.unwrap();
+    let meta = tracker_core::SessionMeta {
+        session_id: sid.clone(),
+        uid: Some("uid-ws-max".into()),
+        owner: Some("alice".into()),
+        idle_source: tracker_core::IdleSource::Spec,
+        state: ResourceState::Running,
+        idle_timeout: tracker_core::IdleTimeout::After(Duration::from_secs(3600)),
+        generation: Some(1),
+        // Shorter than the default warning time: warned at once.
+        max_session_duration: Some(Duration::from_secs(30)),
+    };
+    app.store.mirror_session(&meta, term).await.unwrap();
+    let (mut a, _) = open(&app, session, &token("alice", &["user"])).await;
+    let (mut b, _) = open(&app, session, &service_token()).await;
+
+    let clock = tracker_core::ClockOffset::default();
+    let at = match claim_as_reaper(&app, &clock, session).await {
+        tracker_core::ClaimOutcome::Warned(w) => w.at,
+        other => panic!("expected a warning, got {other:?}"),
+    };
+    let expected = serde_json::json!({
+        "type": "hibernation_warning",
+        "at": tracker_core::domain::rfc3339_ms::format(&at),
+        "reason": "max_duration",
+    });
+    for ws in [&mut a, &mut b] {
+        assert_eq!(next_text(ws).await, expected);
+    }
+    // A socket opened after the warning hears it too, once.
+    let (mut c, _) = open(&app, session, &service_token()).await;
+    assert_eq!(next_text(&mut c).await, expected);
+    // Many reads of the session later, the warning stays recorded...
+    let reads = watch_reads(&app).await;
+    eventually("more session reads", Duration::from_secs(5), || async {
+        watch_reads(&app).await >= reads + 10
+    })
+    .await;
+
+    // ...and the deadline ends every connection and socket.
+    clock.advance(Duration::from_secs(30));
+    match claim_as_reaper(&app, &clock, session).await {
+        tracker_core::ClaimOutcome::Claimed(claim) => assert_eq!(claim.ended.len(), 3),
+        other => panic!("expected a claim, got {other:?}"),
+    }
+    for ws in [&mut a, &mut b, &mut c] {
+        let (texts, close) = until_close(ws).await;
+        let warnings = texts
+            .iter()
+            .filter(|t| t["type"] == "hibernation_warning")
+            .count();
+        assert_eq!(warnings, 0, "a warning sent again: {texts:?}");
+        // A `session` frame may come first, or not: the socket learns of
+        // the end from its next heartbeat or from the session's change.
+        assert_eq!(
+            close,
+            Some((
+                4408,
+                tracker_api::routes::ws::MAX_DURATION_REASON.to_owned()
+            ))
+        );
+    }
+    assert!(live_ids(&app, session).await.is_empty());
+}
+
+#[tokio::test]
+async fn max_duration_warning_then_close_standalone() {
+    max_duration_warning_then_close(Backend::Standalone).await;
+}
+
+#[tokio::test]
+async fn max_duration_warning_then_close_cluster() {
+    max_duration_warning_then_close(Backend::Cluster).await;
+}

@@ -6,7 +6,8 @@
 -- Returns  1 if a pending wake was acknowledged, 0 if none was pending, -1 if fenced.
 -- Atomic   removal of the request with the state change, so each request
 --          leads to one patch; a session woken with nobody connected is idle
---          from now. A resource that is not the one mirrored (deleted and
+--          from now, and a woken session starts a new running period (max
+--          duration). A resource that is not the one mirrored (deleted and
 --          created again) acknowledges nothing.
 
 local window = tonumber(ARGV[2])
@@ -23,6 +24,7 @@ if m.ph == 'w' then
 end
 if m.res == '1' and m.ks ~= 'terminated' and (not gen or not m.gen or gen >= tonumber(m.gen)) then
   if m.ks ~= 'running' and before.n == 0 then set_meta(S, m, 'is', ms(now)) end
+  if m.ks ~= 'running' then start_period(S, m, now) end
   set_meta(S, m, 'ks', 'running')
   if gen then set_meta(S, m, 'gen', ms(gen)) end
 end

@@ -1,35 +1,58 @@
--- claim_hibernation.lua: compare-and-set a session from idle to hibernating.
+-- claim_hibernation.lua: compare-and-set a session from running to hibernating,
+-- or record that its clients are to be warned of its max duration.
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
--- ARGV     clock offset ms, window ms, session id, claim lifetime ms, leader term
--- Returns  {'claimed', generation, uid, idle timeout ms} ('' where unknown) or
---          {'refused', reason}, reason one of 'fenced' (a newer leader wrote
---          here), 'not_mirrored', 'not_running', 'busy' (in another phase),
---          'connected', 'exempt', 'not_due'.
--- Atomic   the check that the session is mirrored, running, not exempt, without
---          any connection and past its idle timeout, with the move to
---          hibernating: a registration either lands first (claim refused) or
---          after (it sees 'hibernating' and records a wake). The claim carries
---          the claimer's term: only that term may finish or roll it back, and
---          a claim whose holder dies lapses after its lifetime.
+-- ARGV     clock offset ms, window ms, session id, claim lifetime ms, leader
+--          term, '1' for a dry run (end no connection, warn no client) else '0'
+-- Returns  {'claimed', generation, uid, idle timeout ms or 'off', reason,
+--          max duration ms, connection id, user id, ...} ('' where unknown),
+--          reason 'idle' or 'max_duration', then the connections the claim
+--          ended; or {'warned', deadline ms, owner, uid} when the warning
+--          before the max duration was recorded now (once per running
+--          period); or {'refused', reason}, reason one of 'fenced' (a newer
+--          leader wrote here), 'not_mirrored', 'not_running', 'busy' (in
+--          another phase), 'connected', 'exempt', 'not_due'.
+-- Atomic   the checks with the move to hibernating: for an idle claim, that
+--          the session is mirrored, running, not exempt, without any
+--          connection and past its idle timeout, so a registration either
+--          lands first (claim refused) or after (it sees 'hibernating' and
+--          records a wake); for a max duration claim, that the running period
+--          is over, with ending every connection of the session (history
+--          record in the outbox, end_reason max_duration, or expired for one
+--          already dead), so each ends exactly once and a registration after
+--          the claim records a wake. The warning is recorded with the period
+--          it belongs to, so two leaders never record it twice. The claim
+--          carries the claimer's term: only that term may finish or roll it
+--          back, and a claim whose holder dies lapses after its lifetime.
 
+local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
-local life, term = tonumber(ARGV[4]), tonumber(ARGV[5])
+local life, term, dry = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
 local now = now_ms()
 if fenced(term) then return { 'refused', 'fenced' } end
 local m = load_meta(S)
 local before = snapshot(S, m)
 
-local reason = nil
+local reason, kind = nil, nil
+local deadline = max_deadline(m)
 if m.res ~= '1' then reason = 'not_mirrored'
 elseif m.ks ~= 'running' then reason = 'not_running'
 elseif m.ph == 'w' then reason = 'busy'
 elseif m.ph == 'h' and (not m.hx or tonumber(m.hx) > now) then reason = 'busy'
+elseif deadline and now >= deadline then
+  if m.nb and tonumber(m.nb) > now then reason = 'not_due' else kind = 'max_duration' end
+elseif deadline and now >= deadline - warn_before(m) and m.wn ~= ms(deadline) then
+  set_meta(S, m, 'wn', ms(deadline))
+  set_meta(S, m, 'wq', dry and '1' or nil)
+  refresh_due(S, m, before.n)
+  return { 'warned', ms(deadline), m.own or '', m.uid or '' }
 elseif before.n > 0 then reason = 'connected'
 elseif not m.ito or m.ito == 'off' then reason = 'exempt'
 else
-  local due = redis.call('ZSCORE', K_DUE, S.id)
-  if not due or tonumber(due) > now then reason = 'not_due' end
+  local at = nil
+  if m.is then at = tonumber(m.is) + tonumber(m.ito) end
+  if at and m.nb and tonumber(m.nb) > at then at = tonumber(m.nb) end
+  if not at or at > now then reason = 'not_due' else kind = 'idle' end
 end
 if reason then
   refresh_due(S, m, before.n)
@@ -39,6 +62,39 @@ end
 set_meta(S, m, 'ph', 'h')
 set_meta(S, m, 'hx', ms(now + life))
 set_meta(S, m, 'ht', ms(term))
-account(before, snapshot(S, m))
-refresh_due(S, m, before.n)
-return { 'claimed', m.gen or '', m.uid or '', m.ito }
+set_meta(S, m, 'hr', kind)
+local out = { 'claimed', m.gen or '', m.uid or '', m.ito or 'off', kind, m.md or '' }
+if kind == 'max_duration' then
+  -- Reached without a warning (the deadline came first): none afterwards.
+  if m.wn ~= ms(deadline) then
+    set_meta(S, m, 'wn', ms(deadline))
+    set_meta(S, m, 'wq', '1')
+  end
+  if not dry then
+    local present = redis.call('ZRANGE', S.c, 0, -1, 'WITHSCORES')
+    local last_end, last_conn = nil, nil
+    for j = 1, #present, 2 do
+      local cid, hb = present[j], tonumber(present[j + 1])
+      local raw = redis.call('HGET', K_CONN, cid)
+      if raw then
+        local rec = decode(raw)
+        local why, ended = 'max_duration', now
+        -- Dead already: history says so, as the sweep would have.
+        if hb <= now - window then why, ended = 'expired', hb + window end
+        finish_conn(S, m, cid, rec, hb, ended, why)
+        out[#out + 1] = cid
+        out[#out + 1] = rec[2]
+        if not last_conn or rec[6] > last_conn then last_conn = rec[6] end
+        if not last_end or ended > last_end then last_end = ended end
+      else
+        redis.call('ZREM', S.c, cid)
+      end
+    end
+    if last_conn then note_ended(S, m, 0, last_conn, last_end) end
+  end
+end
+local after = snapshot(S, m)
+account(before, after)
+refresh_due(S, m, after.n)
+keep_meta(S, m, after.n)
+return out

@@ -10,7 +10,9 @@
 --   KEYS[1]  conn     HASH   connection id -> cmsgpack {sid, uid, protocol, ip, ua ref, connected_ms}
 --   KEYS[2]  live     ZSET   session id -> a lower bound of its connections' heartbeats
 --                            (sweep index; heartbeats do not touch it, the sweep re-scores)
---   KEYS[3]  due      ZSET   session id -> ms its idle timeout is reached, or its claim lapses
+--   KEYS[3]  due      ZSET   session id -> ms it is next to be looked at: its idle
+--                            timeout or max duration is reached, its clients are
+--                            to be warned of the max duration, or its claim lapses
 --   KEYS[4]  wake     ZSET   session id -> ms a wake was requested (pending wakes)
 --   KEYS[5]  outbox   STREAM finished connections awaiting the archiver
 --   KEYS[6]  stats    HASH   maintained counters behind /v1/stats
@@ -36,6 +38,13 @@
 --       gen resource generation;
 --       ph phase: "h" hibernating (claimed), "w" waking (wake pending);
 --       hx claim lapses at (ms); ht term of the claim's holder;
+--       hr why it was claimed: "idle" or "max_duration";
+--       md max session duration ms (absent: none); rs when the session last
+--       started running (ms; absent while not running): the period that md
+--       limits; wb how long before that deadline clients are warned (ms;
+--       absent: DEFAULT_WARN_BEFORE_MS); wn the deadline (ms) of the period
+--       whose warning is recorded; wq "1" when that warning is not for
+--       clients (dry run, or the deadline came first);
 --       nb no hibernation before (ms, after a rollback);
 --       is idle since; ld last disconnect; lc a lower bound of the last
 --       connection: the newest start among connections gone or registered
@@ -58,6 +67,9 @@ local SHARD_KEYS = 11
 -- Metadata of a session nobody mirrored and nobody is connected to is kept this
 -- long, so its view stays readable for a while, then it expires by itself.
 local UNKNOWN_TTL_MS = 86400000
+-- Clients are warned this long before a max duration is reached when the
+-- writer of the session's metadata did not say (the documented default).
+local DEFAULT_WARN_BEFORE_MS = 300000
 
 -- Integral ms as a decimal string: tostring() would switch to exponent form.
 local function ms(x)
@@ -179,20 +191,68 @@ local function account(before, after)
   end
 end
 
+-- The end of the running period a max duration limits (nil without one).
+local function max_deadline(m)
+  if m.md and m.rs then return tonumber(m.rs) + tonumber(m.md) end
+  return nil
+end
+
+local function warn_before(m)
+  return tonumber(m.wb or DEFAULT_WARN_BEFORE_MS)
+end
+
+-- When a running session with n connections is hibernated if nothing
+-- changes: its idle timeout (only without connections) or its max duration,
+-- whichever comes first, not before a rollback's retry time; nil if never.
+local function hibernation_at(m, n)
+  local at = nil
+  if n == 0 and m.ito and m.ito ~= 'off' and m.is then
+    at = tonumber(m.is) + tonumber(m.ito)
+  end
+  local deadline = max_deadline(m)
+  if deadline and (not at or deadline < at) then at = deadline end
+  if at and m.nb and tonumber(m.nb) > at then at = tonumber(m.nb) end
+  return at
+end
+
 -- Keeps the hibernation index exact: a session is in it iff it could be
--- claimed at its score. Called after every change to what it depends on.
+-- claimed (or its clients warned) at its score. Called after every change
+-- to what it depends on.
 local function refresh_due(S, m, n)
   if m.ph == 'h' and m.hx then
     -- A claim whose holder died lapses; the next leader finds it here.
     redis.call('ZADD', K_DUE, m.hx, S.id)
-  elseif m.res == '1' and m.ks == 'running' and not m.ph and n == 0
-      and m.ito and m.ito ~= 'off' and m.is then
-    local at = tonumber(m.is) + tonumber(m.ito)
-    if m.nb and tonumber(m.nb) > at then at = tonumber(m.nb) end
-    redis.call('ZADD', K_DUE, at, S.id)
+    return
+  end
+  local at = nil
+  if m.res == '1' and m.ks == 'running' and not m.ph then
+    at = hibernation_at(m, n)
+    local deadline = max_deadline(m)
+    if deadline and m.wn ~= ms(deadline) then
+      local warn = deadline - warn_before(m)
+      if not at or warn < at then at = warn end
+    end
+  end
+  if at then
+    redis.call('ZADD', K_DUE, ms(at), S.id)
   else
     redis.call('ZREM', K_DUE, S.id)
   end
+end
+
+-- A running period starts (first seen running, or woken): the max duration
+-- counts from now, and its warning is still to come.
+local function start_period(S, m, now)
+  set_meta(S, m, 'rs', ms(now))
+  set_meta(S, m, 'wn', nil)
+  set_meta(S, m, 'wq', nil)
+end
+
+-- No longer running: no period, no deadline.
+local function end_period(S, m)
+  set_meta(S, m, 'rs', nil)
+  set_meta(S, m, 'wn', nil)
+  set_meta(S, m, 'wq', nil)
 end
 
 -- Records the session's one pending wake (later calls find ph = 'w' and add
@@ -202,6 +262,7 @@ local function request_wake(S, m, now)
   set_meta(S, m, 'ph', 'w')
   set_meta(S, m, 'hx', nil)
   set_meta(S, m, 'ht', nil)
+  set_meta(S, m, 'hr', nil)
   -- Ring the reaper's bell once: one element is enough to end its wait, and
   -- it reads every pending wake when it wakes up.
   if redis.call('ZADD', K_WAKE, 'NX', now, S.id) == 1 and redis.call('LLEN', K_WAKESIG) == 0 then
@@ -365,7 +426,8 @@ local function session_view(S, m, now, window)
   if m.ito and m.ito ~= 'off' then ito = m.ito end
   local due = ''
   if m.res == '1' and m.ks == 'running' and not m.ph then
-    due = redis.call('ZSCORE', K_DUE, S.id) or ''
+    local at = hibernation_at(m, n)
+    if at then due = ms(at) end
   end
   return { exists, state_of(m, live) or 'unknown', m.own or '', live, distinct,
     last_conn and ms(last_conn) or '', m.ld or '', idle_since, ito, due, m.uid or '' }

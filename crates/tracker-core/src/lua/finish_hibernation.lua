@@ -9,7 +9,8 @@
 --          by a wake); 'stale' when nothing was recorded: the store knows
 --          another resource or a newer generation (this term's claim, if any,
 --          ends all the same).
--- Atomic   the end of the claim with the state change. A wake recorded while
+-- Atomic   the end of the claim with the state change, which also ends the
+--          running period (max duration). A wake recorded while
 --          the patch was in flight stays pending, so it is not lost; a live
 --          connection found now records one.
 
@@ -30,12 +31,14 @@ if m.ph == 'h' and m.ht == ms(term) then
   set_meta(S, m, 'ph', nil)
   set_meta(S, m, 'hx', nil)
   set_meta(S, m, 'ht', nil)
+  set_meta(S, m, 'hr', nil)
   outcome = 'finished'
 end
 -- What the resource says is a fact whoever's claim it was, unless it is older
 -- than what the store already knows.
 if not gen or not m.gen or gen >= tonumber(m.gen) then
   set_meta(S, m, 'ks', 'hibernated')
+  end_period(S, m)
   if gen then set_meta(S, m, 'gen', ms(gen)) end
   wake_if_in_use(S, m, now, window)
 else

@@ -25,7 +25,8 @@ if gone == '' then gone = m.uid or '' end
 local before = snapshot(S, m)
 local was = redis.call('SREM', K_KNOWN, S.id)
 redis.call('ZREM', K_WAKE, S.id)
-for _, f in ipairs({ 'res', 'uid', 'own', 'ks', 'ito', 'gen', 'ph', 'hx', 'ht', 'nb' }) do
+for _, f in ipairs({ 'res', 'uid', 'own', 'ks', 'ito', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb',
+    'md', 'rs', 'wb', 'wn', 'wq' }) do
   set_meta(S, m, f, nil)
 end
 local after = snapshot(S, m)

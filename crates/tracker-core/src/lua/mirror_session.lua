@@ -4,7 +4,8 @@
 -- ARGV     clock offset ms, window ms, session id, leader term, resource uid,
 --          owner ('' if none), spec.state, idle timeout ms or 'off' (exempt,
 --          or empty spec.idleTimeout), metadata.generation ('' if unknown),
---          where the idle timeout comes from ('' if unknown; see IdleSource)
+--          where the idle timeout comes from ('' if unknown; see IdleSource),
+--          max session duration ms ('' if none), warn-before ms
 -- Returns  1 if applied; 0 if stale (an older generation of the same resource,
 --          or a resource already deleted); -1 if fenced (a newer leader wrote here).
 -- Atomic   the metadata with the idle bookkeeping, the hibernation index and
@@ -19,7 +20,7 @@
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
 local term, uid, owner, ks, ito, gen = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
-local ios = ARGV[10] or ''
+local ios, md, wb = ARGV[10], ARGV[11], ARGV[12]
 local now = now_ms()
 if fenced(term) then return -1 end
 local m = load_meta(S)
@@ -29,7 +30,7 @@ if uid ~= '' and m.uid and m.uid ~= uid then
   -- Another resource under the same name: nothing of the old one applies,
   -- not even a pending wake (wake_if_in_use below asks again if someone is
   -- connected).
-  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'nb' }) do
+  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'rs', 'wn', 'wq' }) do
     set_meta(S, m, f, nil)
   end
   redis.call('ZREM', K_WAKE, S.id)
@@ -44,6 +45,8 @@ set_meta(S, m, 'own', owner ~= '' and owner or nil)
 set_meta(S, m, 'ks', ks)
 set_meta(S, m, 'ito', ito)
 set_meta(S, m, 'ios', ios ~= '' and ios or nil)
+set_meta(S, m, 'md', md ~= '' and md or nil)
+set_meta(S, m, 'wb', wb)
 if gen then set_meta(S, m, 'gen', ms(gen)) end
 redis.call('SADD', K_KNOWN, S.id)
 
@@ -51,10 +54,18 @@ if ks == 'running' and before.n == 0 and (was ~= 'running' or not m.is) then
   -- First seen running, or woken by anyone: idle from now (never earlier).
   if not m.is or tonumber(m.is) < now then set_meta(S, m, 'is', ms(now)) end
 end
+-- The running period (max duration) starts when the session is first seen
+-- running or woken by anyone, and ends with running.
+if ks == 'running' then
+  if was ~= 'running' or not m.rs then start_period(S, m, now) end
+else
+  end_period(S, m)
+end
 if ks == 'hibernated' and m.ph == 'h' then
   set_meta(S, m, 'ph', nil)
   set_meta(S, m, 'hx', nil)
   set_meta(S, m, 'ht', nil)
+  set_meta(S, m, 'hr', nil)
 end
 if ks == 'terminated' then
   set_meta(S, m, 'ph', nil)

@@ -19,6 +19,7 @@ mod types;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::future::try_join_all;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -195,6 +196,7 @@ pub struct Store {
     window: Duration,
     timeout: Duration,
     ended_id_retention: Duration,
+    warn_before: Duration,
     clock: ClockOffset,
     heartbeats: std::sync::Arc<coalesce::Coalescer>,
     blocking: std::sync::Arc<signals::BlockingClient>,
@@ -284,6 +286,7 @@ impl Store {
             window: cfg.heartbeat_window,
             timeout: cfg.command_timeout,
             ended_id_retention: cfg.ended_id_retention,
+            warn_before: cfg.warn_before,
             clock: ClockOffset::default(),
         })
     }
@@ -851,6 +854,28 @@ impl Store {
         Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
     }
 
+    /// A session's view, with the deadline its clients are to be warned of
+    /// (a hibernation for max duration), for the API's session watchers.
+    /// The deadline names the running period: a new period, a new deadline.
+    pub async fn session_watch(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<(SessionView, Option<DateTime<Utc>>)>> {
+        let op = &self.scripts.session_view;
+        let reply: Vec<String> = self.eval_session(op, session, "1").await?;
+        let Some((warning, view)) = reply.split_last() else {
+            return Err(bad_reply(op, &reply));
+        };
+        let warning = reply::non_empty(warning)
+            .map(|ms| {
+                parse_ms(ms)
+                    .map(millis_to_utc)
+                    .ok_or_else(|| bad_reply(op, &reply))
+            })
+            .transpose()?;
+        Ok(reply::view(op, session, view)?.map(|(v, _)| (v, warning)))
+    }
+
     /// Totals from the maintained counters of every shard; never scans.
     pub async fn stats(&self) -> Result<Stats> {
         let op = &self.scripts.stats;
@@ -988,35 +1013,78 @@ impl Store {
         )))
     }
 
-    /// Moves an idle, due session to `hibernating` if it still is idle and due.
-    /// The claim lapses after `lifetime` if neither finished nor rolled back.
+    /// Moves a due session to `hibernating` if it still is due: idle past
+    /// its idle timeout, or running past its max duration (then its
+    /// connections end, as `max_duration`, in the same step). Before the
+    /// max duration, records the clients' warning once per running period
+    /// ([`ClaimOutcome::Warned`]). The claim lapses after `lifetime` if
+    /// neither finished nor rolled back.
     pub async fn claim_hibernation(
         &self,
         session: &SessionId,
         lifetime: Duration,
         term: Term,
     ) -> Result<ClaimOutcome> {
+        self.claim_hibernation_as(session, lifetime, term, false)
+            .await
+    }
+
+    /// [`Store::claim_hibernation`]; with `dry_run`, a max duration claim
+    /// ends no connection and a warning is recorded but not for clients.
+    pub async fn claim_hibernation_as(
+        &self,
+        session: &SessionId,
+        lifetime: Duration,
+        term: Term,
+        dry_run: bool,
+    ) -> Result<ClaimOutcome> {
         let op = &self.scripts.claim_hibernation;
         let reply: Vec<String> = self
-            .eval_session(op, session, (millis(lifetime), term.0))
+            .eval_session(op, session, (millis(lifetime), term.0, u8::from(dry_run)))
             .await?;
         let bad = || bad_reply(op, &reply);
+        let duration = |ms: &str| {
+            parse_ms(ms)
+                .and_then(|m| u64::try_from(m).ok())
+                .map(Duration::from_millis)
+                .ok_or_else(bad)
+        };
         match reply.as_slice() {
-            [kind, generation, uid, ito] if kind == "claimed" => {
+            [kind, generation, uid, ito, reason, md, ended @ ..]
+                if kind == "claimed" && ended.len() % 2 == 0 =>
+            {
                 let idle_timeout = match ito.as_str() {
                     "off" => IdleTimeout::Off,
-                    ms => IdleTimeout::After(Duration::from_millis(
-                        parse_ms(ms)
-                            .and_then(|m| u64::try_from(m).ok())
-                            .ok_or_else(bad)?,
-                    )),
+                    ms => IdleTimeout::After(duration(ms)?),
                 };
+                let ended_ids = ended
+                    .chunks(2)
+                    .map(|p| p[0].parse::<ConnectionId>().map_err(|_| bad()))
+                    .collect::<Result<Vec<_>>>()?;
+                let users = ended
+                    .chunks(2)
+                    .map(|p| p[1].parse::<UserId>().map_err(|_| bad()))
+                    .collect::<Result<Vec<_>>>()?;
+                let settled: Vec<_> = users
+                    .iter()
+                    .zip(&ended_ids)
+                    .map(|(u, id)| (u, session, *id))
+                    .collect();
+                self.settle(&settled).await;
                 Ok(ClaimOutcome::Claimed(Claim {
                     generation: generation.parse().ok(),
                     uid: reply::non_empty(uid).map(str::to_owned),
                     idle_timeout,
+                    reason: HibernationReason::parse(reason).ok_or_else(bad)?,
+                    max_session_duration: reply::non_empty(md).map(duration).transpose()?,
+                    ended: ended_ids,
                 }))
             }
+            [kind, at, owner, uid] if kind == "warned" => Ok(ClaimOutcome::Warned(Warning {
+                at: millis_to_utc(parse_ms(at).ok_or_else(bad)?),
+                owner: reply::non_empty(owner).map(str::to_owned),
+                uid: reply::non_empty(uid).map(str::to_owned),
+            })),
             [kind, reason] if kind == "refused" => ClaimRefusal::parse(reason)
                 .map(ClaimOutcome::Refused)
                 .ok_or_else(bad),
@@ -1103,6 +1171,10 @@ impl Store {
             ito,
             opt_i64(meta.generation),
             meta.idle_source.code(),
+            meta.max_session_duration
+                .map(|d| millis(d).to_string())
+                .unwrap_or_default(),
+            millis(self.warn_before),
         );
         let op = &self.scripts.mirror_session;
         let n: i64 = self.eval_session(op, &meta.session_id, args).await?;

@@ -55,6 +55,9 @@ pub struct StoreConfig {
     /// How long the id of an ended connection stays refused in Redis. Past
     /// it, a reused id is still caught when its history row is archived.
     pub ended_id_retention: Duration,
+    /// How long before a session's max duration is reached its clients are
+    /// warned; recorded with the Sessions this store mirrors or declares.
+    pub warn_before: Duration,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -70,6 +73,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("ended_id_retention", &self.ended_id_retention)
+            .field("warn_before", &self.warn_before)
             .finish()
     }
 }
@@ -95,6 +99,7 @@ pub fn redact_url(url: &str) -> String {
 impl StoreConfig {
     pub const DEFAULT_SHARDS: u16 = 32;
     pub const DEFAULT_ENDED_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+    pub const DEFAULT_WARN_BEFORE: Duration = Duration::from_secs(300);
 
     /// Sensible defaults for one URL list and mode.
     pub fn new(urls: Vec<String>, mode: RedisMode) -> Self {
@@ -107,6 +112,7 @@ impl StoreConfig {
             command_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             ended_id_retention: Self::DEFAULT_ENDED_ID_RETENTION,
+            warn_before: Self::DEFAULT_WARN_BEFORE,
         }
     }
 }
@@ -275,6 +281,9 @@ pub struct SessionMeta {
     pub idle_timeout: IdleTimeout,
     /// `metadata.generation`: orders the mirror's writes against the reaper's.
     pub generation: Option<i64>,
+    /// A session running this long since it last started is hibernated even
+    /// with live connections (`spec.maxSessionDuration`); `None`: no limit.
+    pub max_session_duration: Option<Duration>,
 }
 
 /// A leader's term: a number greater than every earlier leader's. Every write
@@ -296,6 +305,47 @@ pub struct Claim {
     pub generation: Option<i64>,
     pub uid: Option<String>,
     pub idle_timeout: IdleTimeout,
+    pub reason: HibernationReason,
+    pub max_session_duration: Option<Duration>,
+    /// Connections the claim ended (max duration only); their history is
+    /// in the outbox already.
+    pub ended: Vec<ConnectionId>,
+}
+
+/// Why a session is hibernated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HibernationReason {
+    /// Without connections for its idle timeout.
+    Idle,
+    /// Running for its max session duration, connected or not.
+    MaxDuration,
+}
+
+impl HibernationReason {
+    /// As the claim script and the `session_events` reasons spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HibernationReason::Idle => "idle",
+            HibernationReason::MaxDuration => "max_duration",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "idle" => Some(HibernationReason::Idle),
+            "max_duration" => Some(HibernationReason::MaxDuration),
+            _ => None,
+        }
+    }
+}
+
+/// A warning recorded now: the session's clients are to be told it will be
+/// hibernated at `at`, the end of its running period (max duration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub at: DateTime<Utc>,
+    pub owner: Option<String>,
+    pub uid: Option<String>,
 }
 
 /// Why a session could not be claimed.
@@ -344,6 +394,9 @@ impl ClaimRefusal {
 pub enum ClaimOutcome {
     /// Now `hibernating`; patch the resource, then finish or roll back.
     Claimed(Claim),
+    /// Not claimed: the warning before the max duration was due and is now
+    /// recorded (once per running period, whichever leader asks).
+    Warned(Warning),
     Refused(ClaimRefusal),
 }
 

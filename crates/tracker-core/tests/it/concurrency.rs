@@ -94,6 +94,7 @@ async fn a_registration_racing_a_claim_is_never_lost(backend: Backend) {
                 assert_eq!(*reason, ClaimRefusal::Connected);
                 assert_eq!(wakes.get(s), None, "{s}: nothing to wake");
             }
+            ClaimOutcome::Warned(w) => panic!("{s}: no max duration, yet warned: {w:?}"),
         }
     }
 

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    Claim, ClaimOutcome, ClaimRefusal, ClockOffset, FinishOutcome, IdleTimeout, Limits, Protocol,
-    RegisterOutcome, ResourceState, SessionId, SessionMeta, SessionState, Store, Written,
+    Claim, ClaimOutcome, ClaimRefusal, ClockOffset, FinishOutcome, HibernationReason, IdleTimeout,
+    Limits, Protocol, RegisterOutcome, ResourceState, SessionId, SessionMeta, SessionState, Store,
+    Written,
 };
 
 use crate::support::*;
@@ -90,6 +91,9 @@ async fn an_idle_session_is_due_after_its_timeout_then_hibernates_and_wakes(back
             generation: Some(1),
             uid: Some(res_uid(&s)),
             idle_timeout: IdleTimeout::After(IDLE),
+            reason: HibernationReason::Idle,
+            max_session_duration: None,
+            ended: vec![],
         })
     );
     assert_eq!(state(&store, &s).await, SessionState::Hibernating);
@@ -306,6 +310,7 @@ async fn stale_mirror_events_are_ignored(backend: Backend) {
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(IDLE),
         generation: Some(4),
+        max_session_duration: None,
     };
     assert_eq!(
         store.mirror_session(&stale, T).await.unwrap(),

@@ -8,6 +8,7 @@ mod concurrency;
 mod connections;
 mod counters;
 mod hibernation;
+mod max_duration;
 mod migration;
 mod model;
 mod properties;

@@ -402,6 +402,7 @@ impl Resource {
             state: self.state,
             idle_timeout: idle_timeout(self.idle()),
             generation: Some(self.generation),
+            max_session_duration: None,
         }
     }
 }
@@ -1407,6 +1408,7 @@ impl Case {
         self.count(match &got {
             ClaimOutcome::Claimed(_) => "claim: claimed".to_owned(),
             ClaimOutcome::Refused(r) => format!("claim: {}", r.as_str()),
+            ClaimOutcome::Warned(_) => "claim: warned".to_owned(),
         });
         self.note(format!("claim of {} in term {term}: {got:?}", SESSIONS[s]));
         if let Some(before) = before {
@@ -1433,6 +1435,9 @@ impl Case {
             generation: Some(r.generation),
             uid: Some(r.uid.clone()),
             idle_timeout: idle_timeout(r.idle),
+            reason: tracker_core::HibernationReason::Idle,
+            max_session_duration: None,
+            ended: vec![],
         };
         ensure!(
             self,

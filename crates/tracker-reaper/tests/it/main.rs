@@ -16,6 +16,7 @@ mod election;
 mod helpers;
 mod hibernate;
 mod http;
+mod max_duration;
 mod mirror;
 mod partitions;
 mod reasons;

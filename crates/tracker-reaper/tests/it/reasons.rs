@@ -20,6 +20,7 @@ async fn a_hibernation_event_says_why_and_the_leader_publishes_its_guard(pool: P
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
         generation: Some(1),
+        max_session_duration: None,
     };
     let term = env.store.newest_term().await.unwrap();
     env.store.mirror_session(&meta, term).await.unwrap();
@@ -95,6 +96,7 @@ async fn a_dry_run_leader_says_so_and_its_events_too(pool: PgPool) {
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
         generation: Some(1),
+        max_session_duration: None,
     };
     let term = env.store.newest_term().await.unwrap();
     env.store.mirror_session(&meta, term).await.unwrap();

@@ -11,8 +11,13 @@
 //! frame is a heartbeat; no frame within the window, or a heartbeat the
 //! store no longer accepts, ends the socket. State changes of the session
 //! are pushed as `{"type": "session"}` frames; the sockets of one session on
-//! this replica share one reader of its state ([`watch`]). However the
-//! socket ends, its connection is closed in the store.
+//! this replica share one reader of its state ([`watch`]). When the reaper
+//! recorded that the session will be hibernated for its max session
+//! duration, each socket sends one `{"type": "hibernation_warning"}` frame
+//! for that running period; at the deadline the reaper ends the connection,
+//! and the socket, learning it on the session's change, closes with a
+//! reason saying so. However the socket ends, its connection is closed in
+//! the store.
 //!
 //! axum does not wait for upgraded sockets on shutdown, so every socket task
 //! is tracked in [`Inner::sockets`](crate::state::Inner::sockets) and watches
@@ -36,6 +41,7 @@ use axum::http::header::{ORIGIN, USER_AGENT};
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use axum::Extension;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
@@ -68,6 +74,24 @@ pub enum ServerFrame {
     },
     /// The session's state changed.
     Session { session: SessionView },
+    /// The session will be hibernated at `at`, live connections or not: it
+    /// reaches its max session duration. Sent once per socket and running
+    /// period, `TRACKER_WARN_BEFORE` ahead.
+    #[serde(rename = "hibernation_warning")]
+    HibernationWarning {
+        #[serde(with = "tracker_core::domain::rfc3339_ms")]
+        #[schema(value_type = String, format = DateTime)]
+        at: DateTime<Utc>,
+        reason: WarningReason,
+    },
+}
+
+/// Why a hibernation is forced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningReason {
+    /// The session has been running for its max session duration.
+    MaxDuration,
 }
 
 #[utoipa::path(
@@ -269,13 +293,18 @@ pub fn refusal(e: &ApiError) -> (u16, String) {
     (code, truncate(e.body().message, MAX_REASON))
 }
 
-/// The close codes of refusals: 4000 plus the HTTP status they stand for.
+/// The close codes of refusals: 4000 plus the HTTP status they stand for;
+/// and of the end of a session's running period.
 pub mod close {
     pub const UNAUTHENTICATED: u16 = 4401;
     pub const FORBIDDEN: u16 = 4403;
     pub const SESSION_NOT_FOUND: u16 = 4404;
     pub const CONFLICT: u16 = 4409;
     pub const LIMIT: u16 = 4429;
+    /// Not a refusal: the session reached its max session duration and is
+    /// hibernated (408, a time limit). Connecting again wakes it, so a
+    /// client should not do so on its own.
+    pub const MAX_DURATION: u16 = 4408;
 }
 
 /// A Close frame's payload is at most 125 bytes, 2 of them the code.
@@ -308,6 +337,9 @@ enum End {
     Gone,
     /// The process is shutting down.
     Shutdown,
+    /// The session reached its max session duration: the reaper ended the
+    /// connection and hibernates the session.
+    MaxDuration,
 }
 
 async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
@@ -341,6 +373,7 @@ async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
         End::Silent => Some((close_code::NORMAL, "no heartbeat within the window")),
         End::Gone => Some((close_code::NORMAL, "the connection is no longer tracked")),
         End::Shutdown => Some((close_code::AWAY, "server shutting down")),
+        End::MaxDuration => Some((close::MAX_DURATION, MAX_DURATION_REASON)),
     };
     if let Some((code, reason)) = close {
         let frame = CloseFrame {
@@ -369,6 +402,9 @@ async fn wait_for_close(socket: &mut WebSocket) {
     .await;
 }
 
+/// The Close reason of a socket whose session reached its max duration.
+pub const MAX_DURATION_REASON: &str = "session hibernated: maximum session duration reached";
+
 /// How long a closing socket waits for the client's side of the handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -389,6 +425,8 @@ async fn serve(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
     let mut last_written = Instant::now();
+    // The deadline this socket was warned of: once per running period.
+    let mut warned_for: Option<DateTime<Utc>> = None;
     loop {
         tokio::select! {
             biased;
@@ -405,7 +443,7 @@ async fn serve(
                             }
                             Ok(None) => {
                                 state.metrics.heartbeats(HeartbeatResult::Unknown, 1);
-                                return End::Gone;
+                                return why_gone(state, session_id).await;
                             }
                             // Redis trouble is not the client's fault: keep
                             // the socket, the next frame retries.
@@ -426,15 +464,47 @@ async fn serve(
                 }
             }
             snapshot = watch.next() => {
+                if let Some(at) = snapshot.warning.filter(|at| warned_for != Some(*at)) {
+                    warned_for = Some(at);
+                    let frame = ServerFrame::HibernationWarning { at, reason: WarningReason::MaxDuration };
+                    if !send_json(socket, &frame).await {
+                        return End::Client;
+                    }
+                }
                 if snapshot.view.state != *last_state {
                     *last_state = snapshot.view.state;
                     let frame = ServerFrame::Session { session: snapshot.view.clone() };
                     if !send_json(socket, &frame).await {
                         return End::Client;
                     }
+                    // A session with a live connection is hibernated only
+                    // for its max duration, which ends the connection too:
+                    // close now rather than at the next heartbeat.
+                    if matches!(*last_state, SessionState::Hibernating | SessionState::Hibernated)
+                        && matches!(state.store.get_connection(connection_id).await, Ok(None))
+                    {
+                        return End::MaxDuration;
+                    }
                 }
             }
         }
+    }
+}
+
+/// Why the store no longer knows a live socket's connection: a session with
+/// a live connection is hibernated only for its max duration, which ends
+/// the connection; otherwise it was closed or swept elsewhere.
+async fn why_gone(state: &AppState, session_id: &SessionId) -> End {
+    match state.store.session(session_id).await {
+        Ok(Some(view))
+            if matches!(
+                view.state,
+                SessionState::Hibernating | SessionState::Hibernated
+            ) =>
+        {
+            End::MaxDuration
+        }
+        _ => End::Gone,
     }
 }
 

@@ -15,12 +15,18 @@
 //! reads, and the first read after a subscription is published even if the
 //! state did not change, so the new socket learns where the session stands
 //! after its registration.
+//!
+//! A read also carries the session's hibernation warning (the deadline of
+//! its max session duration, once the reaper recorded that its clients are
+//! to be warned), and a new warning is published like a new state: each
+//! socket sends it once ([`super`]), whichever replica it is on.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -29,20 +35,24 @@ use tracker_core::{SessionId, SessionState, SessionView, Store};
 use crate::error::Backend;
 use crate::metrics::Metrics;
 
+/// A session's view and its hibernation warning: the time a hibernation
+/// for max duration is due, once its clients are to be warned.
+pub type SessionRead = (SessionView, Option<DateTime<Utc>>);
+
 /// Where the watchers read sessions from: the store, or a fake in tests.
 pub trait SessionSource: Clone + Send + Sync + 'static {
     fn read_session(
         &self,
         session: &SessionId,
-    ) -> impl Future<Output = Result<Option<SessionView>, tracker_core::Error>> + Send;
+    ) -> impl Future<Output = Result<Option<SessionRead>, tracker_core::Error>> + Send;
 }
 
 impl SessionSource for Store {
     fn read_session(
         &self,
         session: &SessionId,
-    ) -> impl Future<Output = Result<Option<SessionView>, tracker_core::Error>> + Send {
-        self.session(session)
+    ) -> impl Future<Output = Result<Option<SessionRead>, tracker_core::Error>> + Send {
+        self.session_watch(session)
     }
 }
 
@@ -52,6 +62,9 @@ pub struct Snapshot {
     /// Number of the read, counted from 1 when the watcher started it.
     pub read: u64,
     pub view: SessionView,
+    /// When the session is hibernated for its max duration, once its
+    /// clients are to be warned; a new running period has a new time.
+    pub warning: Option<DateTime<Utc>>,
 }
 
 /// The watchers of this replica, one per session with sockets here.
@@ -200,7 +213,7 @@ async fn run<S: SessionSource>(
 ) {
     let mut ticker = tokio::time::interval_at(Instant::now() + inner.interval, inner.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last: Option<SessionState> = None;
+    let mut last: Option<(SessionState, Option<DateTime<Utc>>)> = None;
     loop {
         tokio::select! {
             biased;
@@ -219,12 +232,14 @@ async fn run<S: SessionSource>(
             result = inner.source.read_session(&session) => result,
         };
         match result {
-            Ok(Some(view)) => {
-                if forced || last != Some(view.state) {
-                    last = Some(view.state);
-                    shared
-                        .tx
-                        .send_replace(Some(Arc::new(Snapshot { read, view })));
+            Ok(Some((view, warning))) => {
+                if forced || last != Some((view.state, warning)) {
+                    last = Some((view.state, warning));
+                    shared.tx.send_replace(Some(Arc::new(Snapshot {
+                        read,
+                        view,
+                        warning,
+                    })));
                 }
             }
             other => {
@@ -287,6 +302,7 @@ mod tests {
     #[derive(Debug, Clone)]
     struct Fake {
         state: Arc<Mutex<SessionState>>,
+        warning: Arc<Mutex<Option<DateTime<Utc>>>>,
         reads: Arc<AtomicU64>,
         /// When set, a read answers only once the test adds a permit.
         gate: Option<Arc<tokio::sync::Semaphore>>,
@@ -296,6 +312,7 @@ mod tests {
         fn new() -> Self {
             Self {
                 state: Arc::new(Mutex::new(SessionState::Running)),
+                warning: Arc::new(Mutex::new(None)),
                 reads: Arc::new(AtomicU64::new(0)),
                 gate: None,
             }
@@ -314,13 +331,17 @@ mod tests {
         async fn read_session(
             &self,
             session: &SessionId,
-        ) -> Result<Option<SessionView>, tracker_core::Error> {
+        ) -> Result<Option<SessionRead>, tracker_core::Error> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             if let Some(gate) = &self.gate {
                 gate.acquire().await.expect("open").forget();
             }
             let state = *lock(&self.state);
-            Ok(Some(crate::test_support::view(session, state, None)))
+            let warning = *lock(&self.warning);
+            Ok(Some((
+                crate::test_support::view(session, state, None),
+                warning,
+            )))
         }
     }
 
@@ -436,6 +457,25 @@ mod tests {
         let _c = w.subscribe(&sid);
         pass(1).await;
         assert_eq!(fake.reads(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warning_is_published_like_a_state_change() {
+        let fake = Fake::new();
+        let w = watches(&fake);
+        let sid: SessionId = "s-warned".parse().unwrap();
+        let mut sub = w.subscribe(&sid);
+        assert_eq!(next_state(&mut sub).await, SessionState::Running);
+        let at = chrono::Utc::now();
+        *lock(&fake.warning) = Some(at);
+        let snapshot = tokio::time::timeout(TICK * 3, sub.next())
+            .await
+            .expect("the warning is published");
+        assert_eq!(snapshot.view.state, SessionState::Running);
+        assert_eq!(snapshot.warning, Some(at));
+        // Unchanged: not published again.
+        pass(3).await;
+        assert!(tokio::time::timeout(TICK * 3, sub.next()).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]
