@@ -30,8 +30,9 @@ pub use domain::{
 pub use error::{Error, Result};
 pub use keys::{KeySpace, ShardId, ShardKey};
 pub use store::{
-    redact_url, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch, Expired,
-    FinishOutcome, HeartbeatAck, IdleTimeout, Limits, MalformedEntry, NewConnection, OutboxEntry,
-    OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta, Stats, Store,
-    StoreConfig, Sweep, Term, WakeListener, Written,
+    redact_url, Announcement, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch,
+    Expired, FinishOutcome, HeartbeatAck, IdleTimeout, Limits, MalformedEntry, NewConnection,
+    OutboxEntry, OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta,
+    Stats, Store, StoreConfig, Sweep, Term, WakeListener, Written,
 };
+pub use store::{Declared, EventAck, EventKind, EventRead, QueuedEvent, WakeAnnounce};

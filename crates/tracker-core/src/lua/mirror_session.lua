@@ -3,7 +3,8 @@
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, resource uid,
 --          owner ('' if none), spec.state, idle timeout ms or 'off' (exempt,
---          or empty spec.idleTimeout), metadata.generation ('' if unknown)
+--          or empty spec.idleTimeout), metadata.generation ('' if unknown),
+--          max session duration ms ('' if none)
 -- Returns  1 if applied; 0 if stale (an older generation of the same resource,
 --          or a resource already deleted); -1 if fenced (a newer leader wrote here).
 -- Atomic   the metadata with the idle bookkeeping, the hibernation index and
@@ -35,6 +36,7 @@ elseif gen and m.gen and gen < tonumber(m.gen) then
   return 0
 end
 local was = m.res == '1' and m.ks or nil
+local md = ARGV[10]
 
 set_meta(S, m, 'res', '1')
 set_meta(S, m, 'uid', uid ~= '' and uid or nil)
@@ -42,24 +44,10 @@ set_meta(S, m, 'own', owner ~= '' and owner or nil)
 set_meta(S, m, 'ks', ks)
 set_meta(S, m, 'ito', ito)
 if gen then set_meta(S, m, 'gen', ms(gen)) end
+set_meta(S, m, 'md', (md ~= nil and md ~= '') and md or nil)
 redis.call('SADD', K_KNOWN, S.id)
 
-if ks == 'running' and before.n == 0 and (was ~= 'running' or not m.is) then
-  -- First seen running, or woken by anyone: idle from now (never earlier).
-  if not m.is or tonumber(m.is) < now then set_meta(S, m, 'is', ms(now)) end
-end
-if ks == 'hibernated' and m.ph == 'h' then
-  set_meta(S, m, 'ph', nil)
-  set_meta(S, m, 'hx', nil)
-  set_meta(S, m, 'ht', nil)
-end
-if ks == 'terminated' then
-  set_meta(S, m, 'ph', nil)
-  set_meta(S, m, 'hx', nil)
-  set_meta(S, m, 'ht', nil)
-  redis.call('ZREM', K_WAKE, S.id)
-end
-wake_if_in_use(S, m, now, window)
+follow_state(S, m, was, before.n, now, window)
 account(before, snapshot(S, m))
 refresh_due(S, m, before.n)
 keep_meta(S, m, before.n)

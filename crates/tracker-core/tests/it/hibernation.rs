@@ -305,6 +305,7 @@ async fn stale_mirror_events_are_ignored(backend: Backend) {
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(IDLE),
         generation: Some(4),
+        max_session_duration: None,
     };
     assert_eq!(
         store.mirror_session(&stale, T).await.unwrap(),

@@ -401,6 +401,7 @@ impl Resource {
             state: self.state,
             idle_timeout: idle_timeout(self.idle()),
             generation: Some(self.generation),
+            max_session_duration: None,
         }
     }
 }

@@ -98,6 +98,7 @@ pub async fn mirror(
                 state,
                 idle_timeout: idle,
                 generation: Some(generation),
+                max_session_duration: None,
             },
             T,
         )
@@ -202,6 +203,7 @@ pub async fn mirror_as(
                 state,
                 idle_timeout: IdleTimeout::After(Duration::from_secs(2)),
                 generation: Some(generation),
+                max_session_duration: None,
             },
             term,
         )
