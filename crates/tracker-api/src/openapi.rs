@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{connections, heartbeats, list, ops, sessions, ui, usage};
+use crate::routes::{connections, declare, heartbeats, list, ops, sessions, ui, usage};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -19,6 +19,8 @@ use crate::routes::{connections, heartbeats, list, ops, sessions, ui, usage};
         connections::get,
         heartbeats::batch,
         sessions::session,
+        declare::put,
+        declare::delete,
         sessions::history,
         sessions::stats,
         usage::usage,
@@ -40,6 +42,8 @@ use crate::routes::{connections, heartbeats, list, ops, sessions, ui, usage};
         tracker_core::SessionState,
         tracker_core::Protocol,
         tracker_core::Stats,
+        declare::DeclareRequest,
+        declare::DeclaredState,
         crate::error::ErrorBody,
         crate::error::ErrorDetail,
         crate::history::HistoryRow,

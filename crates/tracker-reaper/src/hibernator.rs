@@ -24,8 +24,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::{
-    Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, IdleTimeout, ResourceState, SessionId,
-    SessionMeta, ShardId, Store, Written,
+    Claim, ClaimOutcome, ClaimRefusal, Epoch, EventKind, FinishOutcome, IdleTimeout, ResourceState,
+    SessionId, SessionMeta, ShardId, Store, Written,
 };
 
 use crate::acting::{Acting, Fence, InFlight, Mode, TermContext};
@@ -35,6 +35,7 @@ use crate::error::Error;
 use crate::events::EventSink;
 use crate::metrics::{HibernationResult, KubeOp, Metrics, Task};
 use crate::platform::SessionApi;
+use crate::publisher::Announcer;
 use crate::session::session_meta;
 
 /// Sessions claimed per shard and tick.
@@ -108,6 +109,7 @@ pub struct Hibernator {
     store: Store,
     acting: Acting,
     events: EventSink,
+    announcer: Announcer,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
     fence: Fence,
@@ -138,6 +140,7 @@ impl Hibernator {
             store,
             acting,
             events,
+            announcer,
             metrics,
             in_flight,
             fence,
@@ -149,6 +152,7 @@ impl Hibernator {
             store,
             acting,
             events,
+            announcer,
             metrics,
             in_flight,
             fence,
@@ -229,11 +233,21 @@ impl Hibernator {
         // Entered before the claim: a wake recorded after the claim finds us here.
         let _in_flight = self.in_flight.enter(id);
         let term = self.fence.term();
-        let outcome = match self
-            .store
-            .claim_hibernation(id, self.settings.claim_lifetime, term)
-            .await
-        {
+        let claimed = match self.acting.mode() {
+            // The hibernate event is queued by the claim itself.
+            Mode::Announce => {
+                let event = self.announcer.announcement("idle_timeout");
+                self.store
+                    .claim_hibernation_announced(id, term, &event)
+                    .await
+            }
+            _ => {
+                self.store
+                    .claim_hibernation(id, self.settings.claim_lifetime, term)
+                    .await
+            }
+        };
+        let outcome = match claimed {
             Ok(outcome) => outcome,
             Err(e) => {
                 self.metrics.store_error(Task::Hibernate);
@@ -250,6 +264,13 @@ impl Hibernator {
             HibernationStep::Skip(reason) => {
                 self.metrics.hibernation(HibernationResult::Skipped);
                 tracing::debug!(reason = reason.as_str(), "claim refused");
+                return;
+            }
+            HibernationStep::Announced => {
+                // Hibernated once NATS acknowledges the event (the publisher
+                // finishes the claim then).
+                self.announcer.nudge();
+                tracing::info!("hibernation announced; waiting for NATS");
                 return;
             }
             HibernationStep::RecordDryRun | HibernationStep::Finish | HibernationStep::Patch => {}
@@ -288,7 +309,8 @@ impl Hibernator {
                     self.patch(api.as_ref(), id, &claim, details).await;
                 }
             }
-            HibernationStep::StopFenced | HibernationStep::Skip(_) => {}
+            HibernationStep::StopFenced | HibernationStep::Skip(_) | HibernationStep::Announced => {
+            }
         }
     }
 
@@ -429,6 +451,10 @@ impl Hibernator {
             .record(id.as_str(), EventType::Hibernated, "idle_timeout", details);
         self.metrics.hibernation(HibernationResult::Hibernated);
         tracing::info!("Session hibernated");
+        // Announced after the change, never holding it up.
+        self.announcer
+            .announce_done(id, EventKind::Hibernate, "idle_timeout")
+            .await;
     }
 
     async fn failed(&mut self, id: &SessionId, e: &Error) {
@@ -482,6 +508,9 @@ pub enum HibernationStep {
     Finish,
     /// Check the resource as it is now ([`decide`]) and patch it.
     Patch,
+    /// The claim queued the hibernate event (docker): NATS's acknowledgement
+    /// finishes it.
+    Announced,
 }
 
 /// Decides the step from the claim's outcome and the term's [`Mode`].
@@ -492,6 +521,7 @@ pub fn decide_hibernation(outcome: &ClaimOutcome, mode: Mode) -> HibernationStep
         (ClaimOutcome::Claimed(_), Mode::DryRun) => HibernationStep::RecordDryRun,
         (ClaimOutcome::Claimed(_), Mode::RecordOnly) => HibernationStep::Finish,
         (ClaimOutcome::Claimed(_), Mode::Patch) => HibernationStep::Patch,
+        (ClaimOutcome::Claimed(_), Mode::Announce) => HibernationStep::Announced,
     }
 }
 
@@ -626,6 +656,7 @@ mod tests {
             state,
             idle_timeout: idle,
             generation: Some(3),
+            max_session_duration: None,
         }
     }
 
@@ -681,7 +712,7 @@ mod tests {
             ClaimRefusal::Exempt,
             ClaimRefusal::NotDue,
         ];
-        let modes = [Mode::Patch, Mode::DryRun, Mode::RecordOnly];
+        let modes = [Mode::Patch, Mode::DryRun, Mode::RecordOnly, Mode::Announce];
         for mode in modes {
             for refusal in refusals {
                 let expected = match refusal {
@@ -699,6 +730,7 @@ mod tests {
                 Mode::Patch => HibernationStep::Patch,
                 Mode::DryRun => HibernationStep::RecordDryRun,
                 Mode::RecordOnly => HibernationStep::Finish,
+                Mode::Announce => HibernationStep::Announced,
             };
             assert_eq!(decide_hibernation(&claimed, mode), expected, "{mode:?}");
         }

@@ -177,6 +177,7 @@ impl TestApp {
                     state,
                     idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
                     generation,
+                    max_session_duration: None,
                 },
                 term,
             )

@@ -30,6 +30,7 @@ async fn mirror_sessions(api: &Api, n: usize) -> BTreeSet<String> {
                     state: ResourceState::Running,
                     idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
                     generation: None,
+                    max_session_duration: None,
                 },
                 term,
             )

@@ -168,6 +168,7 @@ async fn platform_none_decides_and_records_only(pool: PgPool) {
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
         generation: Some(1),
+        max_session_duration: None,
     };
     let term = env.store.newest_term().await.unwrap();
     assert_eq!(
@@ -199,6 +200,7 @@ fn idle_meta(name: &str, secs: u64) -> SessionMeta {
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(secs)),
         generation: Some(1),
+        max_session_duration: None,
     }
 }
 
