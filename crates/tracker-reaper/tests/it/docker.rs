@@ -446,3 +446,87 @@ async fn on_kubernetes_events_follow_the_patches_without_holding_them_up(pool: P
     reaper.stop().await;
     nats.stop().await.unwrap();
 }
+
+/// A leader dies with events queued, one of which reached NATS without its
+/// acknowledgement coming back: the next leader publishes what is queued,
+/// under the same ids, and JetStream keeps one copy of each.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_new_leader_publishes_what_the_old_one_left_under_the_same_ids(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let mut nats = NatsServer::start(&nats_dir("leader")).await.unwrap();
+    let cfg = docker_config(&env, &nats);
+    let mut first = Reaper::start(cfg.clone(), env.overrides()).await;
+    first.wait_leader(Duration::from_secs(10)).await;
+    let idle = Duration::from_secs(1);
+    env.store
+        .declare_session(&declared("canary", ResourceState::Running, idle))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "canary hibernated", || async {
+        (state(&env, "canary").await == Some(SessionState::Hibernated)).then_some(())
+    })
+    .await;
+
+    nats.stop().await.unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("l{i}")).collect();
+    for name in &names {
+        env.store
+            .declare_session(&declared(name, ResourceState::Running, idle))
+            .await
+            .unwrap();
+    }
+    eventually(
+        Duration::from_secs(15),
+        "four hibernations queued",
+        || async { (env.store.events_backlog().await.unwrap() == 4).then_some(()) },
+    )
+    .await;
+    first.kill().await;
+    nats.start_again().await.unwrap();
+
+    // The first queued event landed in NATS, but its acknowledgement was lost.
+    let mut queued = Vec::new();
+    for shard in env.store.keys().shards() {
+        queued.extend(env.store.events_read(shard, 100).await.unwrap().events);
+    }
+    assert_eq!(queued.len(), 4);
+    let landed = &queued[0];
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let body = serde_json::to_vec(&Payload::of(landed)).unwrap();
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .message_id(&landed.event_id)
+        .payload(body.into());
+    let subject = format!("streamspace.session.hibernate.{}", landed.platform);
+    js.send_publish(subject, message)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let mut second = Reaper::start(cfg, env.overrides()).await;
+    second.wait_leader(Duration::from_secs(15)).await;
+    eventually(Duration::from_secs(20), "every event delivered", || async {
+        (env.store.events_backlog().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    for name in &names {
+        assert_eq!(
+            state(&env, name).await,
+            Some(SessionState::Hibernated),
+            "{name}"
+        );
+    }
+    let events = stream_events(&nats.url()).await;
+    assert_eq!(events.len(), 1 + 4, "{events:#?}");
+    let mut ids: Vec<&str> = events.iter().map(|e| e.payload.event_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "an event doubled: {events:#?}");
+    let queued_ids: Vec<&str> = queued.iter().map(|e| e.event_id.as_str()).collect();
+    for id in queued_ids {
+        assert!(ids.contains(&id), "{id} published under another id");
+    }
+    second.stop().await;
+    nats.stop().await.unwrap();
+}
