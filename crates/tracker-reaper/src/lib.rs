@@ -387,7 +387,7 @@ impl Application {
             subsystems.spawn(publisher::run(
                 ctx.clone(),
                 nats.clone(),
-                cfg.archive_interval,
+                publisher::BACKSTOP,
             ));
         }
         if let (Some(client), Some(_)) = (&self.kube, &self.session_api) {

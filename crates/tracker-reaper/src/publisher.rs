@@ -40,6 +40,11 @@ use crate::nats::{Nats, PublishError};
 /// Events read per shard and pass.
 pub const BATCH: u32 = 100;
 
+/// Without a nudge the outboxes are read this often anyway. Whatever queues
+/// an event nudges the publisher, so this only serves a new leader's first
+/// look and a nudge lost to a crash; it keeps an idle publisher cheap.
+pub const BACKSTOP: Duration = Duration::from_secs(5);
+
 /// Queues session events; cheap to clone. Disabled without `TRACKER_NATS_URL`
 /// (then queueing does nothing), so callers need not check.
 #[derive(Debug, Clone)]
@@ -123,7 +128,8 @@ impl Announcer {
     }
 }
 
-/// Publishes every shard's outbox until the term ends.
+/// Publishes every shard's outbox until the term ends: at once when nudged,
+/// else every `interval` ([`BACKSTOP`] in the reaper).
 pub async fn run(ctx: TermContext, nats: Nats, interval: Duration) {
     let nudge = ctx.announcer.nudged();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
