@@ -12,6 +12,7 @@ use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
 use tracker_e2e::nats_server::NatsServer;
 use tracker_reaper::config::Secret;
 use tracker_reaper::nats::{Payload, STREAM};
+use tracker_reaper::publisher::Announcer;
 use tracker_reaper::{Config, Platform};
 
 use crate::helpers::{eventually, kube_state, metric, session_json, sid, Env, Reaper, NS};
@@ -237,6 +238,36 @@ async fn a_controller_report_is_followed_not_fought(pool: PgPool) {
         .map(|e| format!("{} {}", e.subject, e.payload.session_id))
         .collect();
     assert_eq!(subjects, ["streamspace.session.hibernate.docker canary"]);
+
+    // A warning (what the max-duration code sends ahead of a forced
+    // hibernation) goes out the same way; it changes no state.
+    let announcer = Announcer::new(env.store.clone(), "docker", true);
+    announcer
+        .warning(&sid("kept"), None, "max_duration")
+        .await
+        .unwrap();
+    let events = eventually(Duration::from_secs(15), "the warning", || async {
+        let events = stream_events(&nats.url()).await;
+        (events.len() == 2).then_some(events)
+    })
+    .await;
+    assert_eq!(events[1].subject, "streamspace.session.warning.docker");
+    assert_eq!(events[1].payload.session_id, "kept");
+    assert_eq!(events[1].payload.user_id, "alice");
+    assert_eq!(events[1].payload.reason, "max_duration");
+    assert_eq!(state(&env, "kept").await, Some(SessionState::Idle));
+    eventually(
+        Duration::from_secs(5),
+        "the warning acknowledged",
+        || async { (env.store.events_backlog().await.unwrap() == 0).then_some(()) },
+    )
+    .await;
+    // Without NATS configured, warnings are dropped, not queued.
+    let off = Announcer::new(env.store.clone(), "docker", false);
+    off.warning(&sid("kept"), None, "max_duration")
+        .await
+        .unwrap();
+    assert_eq!(env.store.events_backlog().await.unwrap(), 0);
     reaper.stop().await;
     nats.stop().await.unwrap();
 }
