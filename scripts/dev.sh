@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Runs the tracker on this machine: one tracker-api and one tracker-reaper in
-# the foreground against the local Redis and PostgreSQL.
+# Runs the tracker on this machine, the whole loop without Kubernetes: one
+# tracker-api and one tracker-reaper on the docker platform, NATS with
+# JetStream, a demo session declared with a short idle timeout, and
+# tracker-events printing the events a controller receives (and acting as a
+# toy controller that reports each hibernate / wake as done).
 #
-# - installs Redis/PostgreSQL with apt if missing, starts them if stopped
+# - installs Redis/PostgreSQL/NATS with apt if missing, starts them if stopped
 #   (scripts/services.sh), and creates the database `tracker_dev`;
-# - builds both binaries; the reaper applies the migrations at start;
-# - TRACKER_ELECTION=redis, TRACKER_PLATFORM=none (no Kubernetes), auth disabled;
-# - Ctrl-C stops both.
+# - builds the binaries; the reaper applies the migrations at start;
+# - TRACKER_ELECTION=redis, TRACKER_PLATFORM=docker, auth disabled;
+# - Ctrl-C stops everything.
 #
 # Usage: scripts/dev.sh            (API on :8080, reaper metrics on :9090)
-# Any TRACKER_* variable already set wins over the defaults below.
+# Any TRACKER_* variable already set wins over the defaults below
+# (TRACKER_PLATFORM=none runs without NATS; DEMO_IDLE_TIMEOUT=30s by default).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,10 +38,15 @@ export TRACKER_DATABASE_URL="${TRACKER_DATABASE_URL:-postgres://postgres@127.0.0
 export TRACKER_LISTEN="${TRACKER_LISTEN:-127.0.0.1:8080}"
 export TRACKER_AUTH="${TRACKER_AUTH:-disabled}"
 export TRACKER_ELECTION="${TRACKER_ELECTION:-redis}"
-export TRACKER_PLATFORM="${TRACKER_PLATFORM:-none}"
+export TRACKER_PLATFORM="${TRACKER_PLATFORM:-docker}"
+export TRACKER_NATS_URL="${TRACKER_NATS_URL:-nats://127.0.0.1:4222}"
+export TRACKER_HEARTBEAT_WINDOW="${TRACKER_HEARTBEAT_WINDOW:-20s}"
+export TRACKER_HEARTBEAT_INTERVAL="${TRACKER_HEARTBEAT_INTERVAL:-5s}"
+export TRACKER_SWEEP_INTERVAL="${TRACKER_SWEEP_INTERVAL:-1s}"
 export RUST_LOG="${RUST_LOG:-info}"
+DEMO_IDLE_TIMEOUT="${DEMO_IDLE_TIMEOUT:-30s}"
 
-cargo build -p tracker-api -p tracker-reaper
+cargo build -p tracker-api -p tracker-reaper --bins
 BIN="${CARGO_TARGET_DIR:-target}/debug"
 
 pids=()
@@ -59,12 +68,32 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+if [[ "$TRACKER_PLATFORM" != kubernetes ]]; then
+  if [[ "$TRACKER_PLATFORM" == docker ]]; then
+    # What a docker controller would receive, as it happens; it also reports
+    # each hibernate / wake as carried out, like a controller does.
+    "$BIN/tracker-events" --nats-url "$TRACKER_NATS_URL" --controller "$api" &
+    pids+=($!)
+  fi
+  # The demo session, as a controller declares it when it starts the container.
+  curl -fsS -X PUT "$api/v1/sessions/demo" -H 'content-type: application/json' \
+    -d "{\"user\":\"alice\",\"state\":\"running\",\"idle_timeout\":\"$DEMO_IDLE_TIMEOUT\"}" >/dev/null &&
+    echo "dev.sh: declared session demo (user alice, idle timeout $DEMO_IDLE_TIMEOUT)"
+fi
+
 cat <<MSG
 
   tracker is running: API $api, reaper metrics http://127.0.0.1:9090/metrics
-  (auth disabled, no Kubernetes: hibernation is decided and recorded, not performed)
+  (auth disabled, platform $TRACKER_PLATFORM, no Kubernetes; events on $TRACKER_NATS_URL)
 
-  Try:
+  The loop (session "demo", idle timeout $DEMO_IDLE_TIMEOUT): connect, close, wait for the
+  hibernate event below, connect again and see the wake event:
+    c=\$(curl -s -X POST $api/v1/sessions/demo/connections -H 'content-type: application/json' \\
+         -d '{"protocol":"vnc","user_id":"alice"}' | sed 's/.*"connection_id":"\([^"]*\)".*/\1/')
+    curl -s -X DELETE $api/v1/sessions/demo/connections/\$c
+    curl -s $api/v1/sessions/demo          # idle -> hibernating -> hibernated
+
+  More:
     curl -s -X POST $api/v1/sessions/demo/connections -H 'content-type: application/json' \\
          -d '{"protocol":"vnc","user_id":"alice","client_ip":"10.0.0.7"}'
     curl -s -X POST $api/v1/sessions/demo/connections/<connection_id>/heartbeat
@@ -75,7 +104,7 @@ cat <<MSG
     curl -s $api/v1/sessions/demo/history
     websocat ${api/http/ws}/v1/sessions/demo/ws      # a tracked WebSocket
 
-  Ctrl-C stops both.
+  Ctrl-C stops everything.
 
 MSG
 

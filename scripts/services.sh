@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Ensure the local test services run: Redis on 127.0.0.1:6379 and PostgreSQL
-# on 127.0.0.1:5432 (user postgres, trust auth, database "test"), and that
+# Ensure the local test services run: Redis on 127.0.0.1:6379, PostgreSQL
+# on 127.0.0.1:5432 (user postgres, trust auth, database "test") and NATS
+# with JetStream on 127.0.0.1:4222 (Debian's nats-server), and that
 # the operator page's browser tests have Debian's headless Chromium and its
 # chromedriver (/usr/bin/chromium, /usr/bin/chromedriver).
 # Installs missing packages via apt, starts stopped services, creates the
@@ -31,6 +32,8 @@ have redis-cli || missing+=(redis-tools)
 if ! have pg_ctlcluster || ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
   missing+=(postgresql)
 fi
+# The docker platform's tests start their own nats-server from here (or PATH).
+[[ -x /usr/sbin/nats-server ]] || have nats-server || missing+=(nats-server)
 # The browser tests (crates/tracker-browser) use these paths unless
 # TRACKER_CHROMIUM / TRACKER_CHROMEDRIVER name others.
 [[ -x "${TRACKER_CHROMIUM:-/usr/bin/chromium}" ]] || missing+=(chromium)
@@ -64,6 +67,25 @@ else
     die "redis on 127.0.0.1:6379 does not answer PING after 15 s"
   fi
   echo "services: redis      127.0.0.1:6379 started"
+fi
+
+# --- NATS (JetStream) -----------------------------------------------------
+nats_bin=/usr/sbin/nats-server
+[[ -x "$nats_bin" ]] || nats_bin="$(command -v nats-server)"
+# The server greets every client with an INFO line that says whether JetStream is on.
+nats_up() { timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/4222 && head -n 1 <&3' 2>/dev/null | grep -q '"jetstream":true'; }
+if nats_up; then
+  echo "services: nats       127.0.0.1:4222 already running (JetStream)"
+else
+  as_root mkdir -p /var/lib/nats /var/log/nats
+  # setsid + nohup: the server outlives this script, like the daemonized Redis.
+  as_root setsid nohup "$nats_bin" -js -sd /var/lib/nats -a 127.0.0.1 -p 4222 \
+    -l /var/log/nats/ci.log </dev/null >/dev/null 2>&1 &
+  if ! wait_for 15 nats_up; then
+    tail -n 30 /var/log/nats/ci.log >&2 || true
+    die "nats-server on 127.0.0.1:4222 does not greet with JetStream after 15 s (see /var/log/nats/ci.log)"
+  fi
+  echo "services: nats       127.0.0.1:4222 started (JetStream, store /var/lib/nats)"
 fi
 
 # --- PostgreSQL ---------------------------------------------------------

@@ -140,6 +140,19 @@ pub enum AuthMode {
     Disabled,
 }
 
+/// Where sessions come from; the reaper reads the same `TRACKER_PLATFORM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Platform {
+    /// Session resources, mirrored by the reaper: `PUT` and `DELETE` of a
+    /// session answer 409.
+    Kubernetes,
+    /// Sessions declared through `PUT /v1/sessions/{id}`, hibernated and
+    /// woken by a controller that listens to NATS.
+    Docker,
+    /// Sessions declared through the API; nothing acts on them.
+    None,
+}
+
 /// Everything `tracker-api` can be told at start.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -250,6 +263,22 @@ pub struct Config {
     /// nothing in a deployment needs to.
     #[arg(long, hide = true, default_value = "30s", value_parser = ticket_ttl)]
     pub ws_ticket_ttl: Duration,
+
+    /// `kubernetes` (sessions are Session resources), `docker` or `none`
+    /// (sessions are declared with `PUT /v1/sessions/{id}`). Give the API
+    /// and the reaper the same value.
+    #[arg(
+        long,
+        env = "TRACKER_PLATFORM",
+        value_enum,
+        default_value = "kubernetes"
+    )]
+    pub platform: Platform,
+
+    /// Idle timeout of a declared session whose declaration names none (the
+    /// reaper's setting of the same name plays this role for Session resources).
+    #[arg(long, env = "TRACKER_DEFAULT_IDLE_TIMEOUT", default_value = "30m", value_parser = positive_duration)]
+    pub default_idle_timeout: Duration,
 
     /// How long a shutdown may take before the process exits anyway; keep it
     /// below the pod's termination grace period.

@@ -36,6 +36,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// A JSON body read by the handler itself, for routes that check the
+/// caller before the body: the same rules and errors as [`ApiJson`].
+pub fn json_body<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    require_json(headers)?;
+    let bytes = body.map_err(body_rejection)?;
+    parse_json(&bytes)
+}
+
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let bad = || {
         ApiError::invalid(

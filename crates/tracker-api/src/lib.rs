@@ -218,6 +218,8 @@ impl Application {
             trusted_proxies: cfg.trusted_proxies.clone(),
             ws_allowed_origins: cfg.ws_allowed_origins.clone(),
             ws_ticket_ttl: cfg.ws_ticket_ttl,
+            platform: cfg.platform,
+            default_idle_timeout: cfg.default_idle_timeout,
             user_sockets: UserSockets::new(cfg.max_websockets_per_user),
             session_watches,
             history,

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{connections, heartbeats, list, ops, sessions, ui, usage};
+use crate::routes::{connections, declare, heartbeats, list, ops, sessions, ui, usage};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -20,6 +20,8 @@ use crate::routes::{connections, heartbeats, list, ops, sessions, ui, usage};
         heartbeats::batch,
         sessions::session,
         sessions::explain,
+        declare::put,
+        declare::delete,
         sessions::history,
         sessions::stats,
         usage::usage,
@@ -44,6 +46,8 @@ use crate::routes::{connections, heartbeats, list, ops, sessions, ui, usage};
         tracker_core::explain::Explanation,
         tracker_core::explain::Reason,
         tracker_core::explain::ReasonCode,
+        declare::DeclareRequest,
+        declare::DeclaredState,
         crate::error::ErrorBody,
         crate::error::ErrorDetail,
         crate::history::HistoryRow,

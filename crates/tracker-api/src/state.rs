@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracker_core::{Limits, Store};
 
 use crate::auth::Authenticator;
-use crate::config::{AllowedOrigins, TrustedProxies};
+use crate::config::{AllowedOrigins, Platform, TrustedProxies};
 use crate::history::History;
 use crate::metrics::Metrics;
 use crate::routes::ws::user_sockets::UserSockets;
@@ -34,6 +34,10 @@ pub struct Inner {
     pub trusted_proxies: TrustedProxies,
     /// Page origins a WebSocket may come from (empty: any).
     pub ws_allowed_origins: AllowedOrigins,
+    /// Where sessions come from: declared through the API unless `kubernetes`.
+    pub platform: Platform,
+    /// For declarations without `idle_timeout`.
+    pub default_idle_timeout: Duration,
     /// Life of a WebSocket ticket.
     pub ws_ticket_ttl: Duration,
     /// Open WebSockets per plain user on this replica.

@@ -448,6 +448,25 @@ impl FromStr for ResourceState {
     }
 }
 
+/// Parses a duration as Session specs write it (`^[0-9]+(s|m|h)$`, e.g.
+/// `30m`): `spec.idleTimeout` and `spec.maxSessionDuration`, and the same
+/// fields of a declared session. `None` for anything else.
+pub fn parse_duration_spec(s: &str) -> Option<std::time::Duration> {
+    let unit = s.chars().last()?;
+    let digits = &s[..s.len() - unit.len_utf8()];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let secs = match unit {
+        's' => Some(n),
+        'm' => n.checked_mul(60),
+        'h' => n.checked_mul(3600),
+        _ => None,
+    }?;
+    Some(std::time::Duration::from_secs(secs))
+}
+
 /// A live connection as clients see it (C in the API).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

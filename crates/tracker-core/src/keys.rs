@@ -165,6 +165,7 @@ pub enum ShardKey {
     UserAgentUses,
     Term,
     WakeSignal,
+    Events,
     Epoch,
     /// What the leader says holds back its decisions on the shard (startup
     /// guard, dry run); declared after the session keys by the scripts that
@@ -173,8 +174,8 @@ pub enum ShardKey {
 }
 
 impl ShardKey {
-    /// What shard scripts declare as `KEYS[1..=11]`, in this order.
-    pub const DECLARED: [ShardKey; 11] = [
+    /// What shard scripts declare as `KEYS[1..=12]`, in this order.
+    pub const DECLARED: [ShardKey; 12] = [
         ShardKey::Conn,
         ShardKey::Live,
         ShardKey::Due,
@@ -186,6 +187,7 @@ impl ShardKey {
         ShardKey::UserAgentUses,
         ShardKey::Term,
         ShardKey::WakeSignal,
+        ShardKey::Events,
     ];
 
     fn name(self) -> &'static str {
@@ -201,6 +203,7 @@ impl ShardKey {
             ShardKey::UserAgentUses => "uan",
             ShardKey::Term => "term",
             ShardKey::WakeSignal => "wakesig",
+            ShardKey::Events => "events",
             ShardKey::Epoch => "epoch",
             ShardKey::LeaderFacts => "leader",
         }

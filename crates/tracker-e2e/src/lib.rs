@@ -26,6 +26,7 @@ pub mod client;
 pub mod db;
 pub mod harness;
 pub mod metrics;
+pub mod nats_server;
 pub mod poll;
 pub mod process;
 pub mod proxy;

@@ -14,6 +14,7 @@ use tracker_core::{SessionId, Store, Term};
 use crate::events::EventSink;
 use crate::metrics::Metrics;
 use crate::platform::SessionApi;
+use crate::publisher::Announcer;
 
 /// What the subsystems of one leadership term share; built once per term
 /// and handed to each of them.
@@ -22,6 +23,8 @@ pub struct TermContext {
     pub store: Store,
     pub acting: Acting,
     pub events: EventSink,
+    /// Queues session events for NATS (does nothing without it).
+    pub announcer: Announcer,
     pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
     pub fence: Fence,
@@ -46,6 +49,10 @@ pub enum Acting {
     /// `TRACKER_PLATFORM=none`: record the transition in the store and in
     /// `session_events`, act on no cluster.
     RecordOnly,
+    /// `TRACKER_PLATFORM=docker`: announce hibernate and wake through NATS
+    /// for a controller to carry out; each counts as done once NATS has
+    /// acknowledged its event (see [`crate::publisher`]).
+    Announce,
 }
 
 /// How decisions are carried out, without the means: what pure decisions
@@ -55,6 +62,7 @@ pub enum Mode {
     Patch,
     DryRun,
     RecordOnly,
+    Announce,
 }
 
 impl Acting {
@@ -63,6 +71,7 @@ impl Acting {
             Acting::Patch(_) => Mode::Patch,
             Acting::DryRun => Mode::DryRun,
             Acting::RecordOnly => Mode::RecordOnly,
+            Acting::Announce => Mode::Announce,
         }
     }
 
@@ -72,6 +81,7 @@ impl Acting {
             Acting::Patch(_) => "kubernetes",
             Acting::DryRun => "dry_run",
             Acting::RecordOnly => "none",
+            Acting::Announce => "docker",
         }
     }
 }

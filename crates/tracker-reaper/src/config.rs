@@ -20,6 +20,20 @@ pub enum Platform {
     Kubernetes,
     /// Decide and record only; no Session is read or changed.
     None,
+    /// Sessions are declared through the API (`PUT /v1/sessions/{id}`);
+    /// hibernate and wake are published to NATS for a controller to carry out.
+    Docker,
+}
+
+impl Platform {
+    /// The name events and logs carry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Kubernetes => "kubernetes",
+            Platform::None => "none",
+            Platform::Docker => "docker",
+        }
+    }
 }
 
 /// How the single acting replica is chosen.
@@ -59,9 +73,20 @@ pub struct Config {
     #[arg(long, env = "TRACKER_DEFAULT_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     pub default_idle_timeout: Duration,
 
-    /// `kubernetes` or `none` (decide and record, act on nothing).
+    /// `kubernetes`, `docker` (sessions declared through the API, acted on
+    /// by a controller listening to NATS) or `none` (decide and record, act
+    /// on nothing).
     #[arg(long, env = "TRACKER_PLATFORM", value_enum, default_value_t = Platform::Kubernetes)]
     pub platform: Platform,
+
+    /// NATS server of the session events; required with `docker`, optional
+    /// otherwise (then hibernate, wake and warning events are also published).
+    #[arg(long, env = "TRACKER_NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<Secret>,
+
+    /// Upper bound of every NATS call (connect, publish and its acknowledgement).
+    #[arg(long, env = "TRACKER_NATS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub nats_timeout: Duration,
 
     /// Decide, log, count and record events, but change no Session.
     #[arg(long, env = "TRACKER_DRY_RUN", default_value_t = false, action = clap::ArgAction::Set)]
@@ -154,6 +179,7 @@ impl Config {
             ("TRACKER_HIBERNATE_INTERVAL", self.hibernate_interval),
             ("TRACKER_ARCHIVE_INTERVAL", self.archive_interval),
             ("TRACKER_KUBE_TIMEOUT", self.kube_timeout),
+            ("TRACKER_NATS_TIMEOUT", self.nats_timeout),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be positive"));
@@ -163,10 +189,21 @@ impl Config {
         if self.lease_duration < Duration::from_secs(1) {
             return bad("TRACKER_LEASE_DURATION must be at least 1s".into());
         }
+        if self.platform == Platform::Docker && self.nats_url().is_none() {
+            return bad("TRACKER_PLATFORM=docker needs TRACKER_NATS_URL".into());
+        }
         if self.namespace.is_empty() || self.lease_name.is_empty() {
             return bad("TRACKER_NAMESPACE and TRACKER_LEASE_NAME may not be empty".into());
         }
         Ok(())
+    }
+
+    /// The NATS URL, if one is set (an empty value is none).
+    pub fn nats_url(&self) -> Option<&str> {
+        self.nats_url
+            .as_ref()
+            .map(Secret::expose)
+            .filter(|u| !u.trim().is_empty())
     }
 
     /// The history retention; `None` keeps history for ever.
@@ -290,6 +327,26 @@ mod tests {
         let mut cfg = ok();
         cfg.lease_duration = Duration::from_millis(500);
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn docker_needs_a_nats_url() {
+        let cfg = parse(&["--database-url", "x", "--platform", "docker"]).unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("TRACKER_NATS_URL"), "{err}");
+        let cfg = parse(&[
+            "--database-url",
+            "x",
+            "--platform",
+            "docker",
+            "--nats-url",
+            "nats://u:hunter2@127.0.0.1:4222",
+        ])
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.platform, Platform::Docker);
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert_eq!(cfg.nats_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -33,8 +33,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::{
-    Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, HibernationReason, IdleTimeout,
-    ResourceState, SessionId, SessionMeta, ShardId, Store, Warning, Written,
+    Claim, ClaimOutcome, ClaimRefusal, Epoch, EventKind, FinishOutcome, HibernationReason,
+    IdleTimeout, ResourceState, SessionId, SessionMeta, ShardId, Store, Warning, Written,
 };
 
 use crate::acting::{Acting, Fence, InFlight, Mode, TermContext};
@@ -45,6 +45,7 @@ use crate::events::EventSink;
 use crate::leader_facts;
 use crate::metrics::{HibernationResult, KubeOp, Metrics, Task};
 use crate::platform::SessionApi;
+use crate::publisher::Announcer;
 use crate::session::session_meta;
 
 /// Sessions claimed per shard and tick.
@@ -118,6 +119,7 @@ pub struct Hibernator {
     store: Store,
     acting: Acting,
     events: EventSink,
+    announcer: Announcer,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
     fence: Fence,
@@ -152,6 +154,7 @@ impl Hibernator {
             store,
             acting,
             events,
+            announcer,
             metrics,
             in_flight,
             fence,
@@ -168,6 +171,7 @@ impl Hibernator {
             store,
             acting,
             events,
+            announcer,
             metrics,
             in_flight,
             fence,
@@ -255,11 +259,21 @@ impl Hibernator {
         let _in_flight = self.in_flight.enter(id);
         let term = self.fence.term();
         let dry_run = self.acting.mode() == Mode::DryRun;
-        let outcome = match self
-            .store
-            .claim_hibernation_as(id, self.settings.claim_lifetime, term, dry_run)
-            .await
-        {
+        let claimed = match self.acting.mode() {
+            // The hibernate event is queued by the claim itself.
+            Mode::Announce => {
+                let event = self.announcer.announcement("idle_timeout");
+                self.store
+                    .claim_hibernation_announced(id, term, &event)
+                    .await
+            }
+            _ => {
+                self.store
+                    .claim_hibernation_as(id, self.settings.claim_lifetime, term, dry_run)
+                    .await
+            }
+        };
+        let outcome = match claimed {
             Ok(outcome) => outcome,
             Err(e) => {
                 self.metrics.store_error(Task::Hibernate);
@@ -280,8 +294,20 @@ impl Hibernator {
             }
             HibernationStep::Warn => {
                 if let ClaimOutcome::Warned(warning) = &outcome {
-                    self.warned(id, warning, dry_run);
+                    self.warned(id, warning, dry_run).await;
                 }
+                return;
+            }
+            HibernationStep::Announced => {
+                if let ClaimOutcome::Claimed(claim) = &outcome {
+                    if !claim.ended.is_empty() {
+                        self.archive_nudge.notify_one();
+                    }
+                }
+                // Hibernated once NATS acknowledges the event (the publisher
+                // finishes the claim then).
+                self.announcer.nudge();
+                tracing::info!("hibernation announced; waiting for NATS");
                 return;
             }
             HibernationStep::RecordDryRun | HibernationStep::Finish | HibernationStep::Patch => {}
@@ -337,13 +363,16 @@ impl Hibernator {
                     self.patch(api.as_ref(), id, &claim, details).await;
                 }
             }
-            HibernationStep::StopFenced | HibernationStep::Skip(_) | HibernationStep::Warn => {}
+            HibernationStep::StopFenced
+            | HibernationStep::Skip(_)
+            | HibernationStep::Warn
+            | HibernationStep::Announced => {}
         }
     }
 
     /// The store recorded the warning before a max duration just now: this
     /// leader is the one to tell the world, once.
-    fn warned(&self, id: &SessionId, warning: &Warning, dry_run: bool) {
+    async fn warned(&self, id: &SessionId, warning: &Warning, dry_run: bool) {
         let details = serde_json::json!({
             "platform": self.acting.platform(),
             "term": self.fence.term().0,
@@ -363,19 +392,24 @@ impl Hibernator {
         self.metrics.hibernation(result);
         tracing::info!(at = %warning.at, "clients warned: max session duration reached soon");
         if !dry_run {
-            self.announce_warning(id, warning);
+            self.announce_warning(id, warning).await;
         }
     }
 
-    /// Where a recorded warning leaves the reaper for other systems (the
-    /// NATS warning event goes here). Called once per warning, by the leader
-    /// whose claim recorded it; WebSocket clients hear of it from the store.
-    /// A process killed between the claim and this call loses the call (the
-    /// next leader sees the warning recorded): an event that must never be
-    /// lost belongs in the claim script's `warned` branch, written to a
-    /// Redis outbox with the warning itself.
-    fn announce_warning(&self, id: &SessionId, warning: &Warning) {
-        tracing::debug!(session_id = %id, at = %warning.at, "warning recorded");
+    /// Queues the NATS warning event (when NATS is configured). Called once
+    /// per warning, by the leader whose claim recorded it; WebSocket clients
+    /// hear of it from the store. The event is queued in the Redis outbox
+    /// right after the claim, not by the claim script: a process killed in
+    /// between loses this one event (the next leader sees the warning
+    /// recorded and does not repeat it), never the hibernation.
+    async fn announce_warning(&self, id: &SessionId, warning: &Warning) {
+        if let Err(e) = self
+            .announcer
+            .warning(id, warning.owner.as_deref(), "max_duration")
+            .await
+        {
+            tracing::warn!(error = %e, "queueing the warning event for NATS failed; it is not published");
+        }
     }
 
     /// Reads the resource, decides, patches, and resolves what the answer
@@ -521,6 +555,10 @@ impl Hibernator {
         );
         self.metrics.hibernation(HibernationResult::Hibernated);
         tracing::info!("Session hibernated");
+        // Announced after the change, never holding it up.
+        self.announcer
+            .announce_done(id, EventKind::Hibernate, event_reason(claim.reason))
+            .await;
     }
 
     async fn failed(&mut self, id: &SessionId, e: &Error) {
@@ -585,6 +623,9 @@ pub enum HibernationStep {
     Finish,
     /// Check the resource as it is now ([`decide`]) and patch it.
     Patch,
+    /// The claim queued the hibernate event (docker): NATS's acknowledgement
+    /// finishes it.
+    Announced,
 }
 
 /// Decides the step from the claim's outcome and the term's [`Mode`].
@@ -596,6 +637,7 @@ pub fn decide_hibernation(outcome: &ClaimOutcome, mode: Mode) -> HibernationStep
         (ClaimOutcome::Claimed(_), Mode::DryRun) => HibernationStep::RecordDryRun,
         (ClaimOutcome::Claimed(_), Mode::RecordOnly) => HibernationStep::Finish,
         (ClaimOutcome::Claimed(_), Mode::Patch) => HibernationStep::Patch,
+        (ClaimOutcome::Claimed(_), Mode::Announce) => HibernationStep::Announced,
     }
 }
 
@@ -836,7 +878,7 @@ mod tests {
             ClaimRefusal::Exempt,
             ClaimRefusal::NotDue,
         ];
-        let modes = [Mode::Patch, Mode::DryRun, Mode::RecordOnly];
+        let modes = [Mode::Patch, Mode::DryRun, Mode::RecordOnly, Mode::Announce];
         for mode in modes {
             for refusal in refusals {
                 let expected = match refusal {
@@ -854,6 +896,7 @@ mod tests {
                 Mode::Patch => HibernationStep::Patch,
                 Mode::DryRun => HibernationStep::RecordDryRun,
                 Mode::RecordOnly => HibernationStep::Finish,
+                Mode::Announce => HibernationStep::Announced,
             };
             assert_eq!(decide_hibernation(&claimed, mode), expected, "{mode:?}");
             let warned = ClaimOutcome::Warned(Warning {

@@ -12,7 +12,10 @@
 //! - **mirrors** ([`mirror`]): keeps Session resources' owner, state and idle
 //!   timeout in the store for the API (leader only: see the module);
 //! - **hibernates** ([`hibernator`]) idle Sessions and **wakes** ([`waker`])
-//!   those a connection arrives for, patching `spec.state`.
+//!   those a connection arrives for, patching `spec.state` (or, on
+//!   `docker`, announcing both through NATS for a controller to carry out);
+//! - **publishes session events** ([`publisher`]) from their Redis outbox
+//!   to NATS JetStream, when `TRACKER_NATS_URL` is set.
 //!
 //! Always (leader or not) it serves `/metrics`, `/healthz`, `/readyz`
 //! ([`http`]), takes part in the election ([`election`]), applies the
@@ -45,8 +48,10 @@ pub mod http;
 pub mod leader_facts;
 pub mod metrics;
 pub mod mirror;
+pub mod nats;
 pub mod partitions;
 pub mod platform;
+pub mod publisher;
 pub mod rollup;
 pub mod session;
 pub mod sweeper;
@@ -71,7 +76,9 @@ use crate::backoff::Backoff;
 use crate::election::{KubeLease, LeaseLock, RedisLock};
 use crate::events::EventSink;
 use crate::metrics::Metrics;
+use crate::nats::Nats;
 use crate::platform::{KubeSessions, SessionApi};
+use crate::publisher::Announcer;
 use crate::session::Session;
 
 /// How long stopping subsystems may take before we stop waiting for them.
@@ -110,6 +117,8 @@ pub struct Application {
     session_api: Option<Arc<dyn SessionApi>>,
     lock: Arc<dyn LeaseLock>,
     leader: watch::Sender<bool>,
+    /// The JetStream publisher; `None` without `TRACKER_NATS_URL`.
+    nats: Option<Nats>,
 }
 
 impl std::fmt::Debug for Application {
@@ -178,7 +187,7 @@ impl Application {
             ),
         };
         let session_api = match (cfg.platform, overrides.session_api, &kube) {
-            (Platform::None, _, _) => None,
+            (Platform::None | Platform::Docker, _, _) => None,
             (Platform::Kubernetes, Some(api), _) => Some(api),
             (Platform::Kubernetes, None, Some(client)) => Some(Arc::new(KubeSessions::new(
                 client.clone(),
@@ -210,6 +219,14 @@ impl Application {
                 ))
             }
         };
+        let nats = match cfg.nats_url() {
+            Some(url) => Some(
+                Nats::connect(url, cfg.nats_timeout)
+                    .await
+                    .map_err(|e| Error::Config(format!("TRACKER_NATS_URL: {e}")))?,
+            ),
+            None => None,
+        };
         let listener = TcpListener::bind(cfg.metrics_listen)
             .await
             .map_err(|source| Error::Bind {
@@ -226,6 +243,7 @@ impl Application {
             session_api,
             lock,
             leader: watch::Sender::new(false),
+            nats,
         })
     }
 
@@ -258,6 +276,7 @@ impl Application {
     fn acting(&self) -> Acting {
         match (&self.session_api, self.cfg.dry_run) {
             (_, true) => Acting::DryRun,
+            (_, false) if self.cfg.platform == Platform::Docker => Acting::Announce,
             (Some(api), false) => Acting::Patch(api.clone()),
             (None, false) => Acting::RecordOnly,
         }
@@ -351,9 +370,15 @@ impl Application {
             self.metrics.clone(),
             bg.elector_stop.clone(),
         ));
+        let announcer = Announcer::new(
+            self.store.clone(),
+            self.cfg.platform.as_str(),
+            self.nats.is_some() && !self.cfg.dry_run,
+        );
         let shared = Shared {
             acting: self.acting(),
             events,
+            announcer,
             db_ready: bg.db_ready.subscribe(),
             archive_nudge: Arc::new(Notify::new()),
         };
@@ -367,6 +392,7 @@ impl Application {
             store: self.store.clone(),
             acting: shared.acting.clone(),
             events: shared.events.clone(),
+            announcer: shared.announcer.clone(),
             metrics: self.metrics.clone(),
             in_flight: InFlight::default(),
             pool: self.pool.clone(),
@@ -388,6 +414,13 @@ impl Application {
         subsystems.spawn(archiver::run(ctx.clone(), cfg.archive_interval));
         subsystems.spawn(partitions::run(ctx.clone(), cfg.retention()));
         subsystems.spawn(rollup::run(ctx.clone()));
+        if let (Some(nats), true) = (&self.nats, ctx.announcer.enabled()) {
+            subsystems.spawn(publisher::run(
+                ctx.clone(),
+                nats.clone(),
+                publisher::BACKSTOP,
+            ));
+        }
         if let (Some(client), Some(_)) = (&self.kube, &self.session_api) {
             let api = Api::<Session>::namespaced(client.clone(), &cfg.namespace);
             subsystems.spawn(mirror::run(ctx.clone(), api, cfg.default_idle_timeout));
@@ -452,6 +485,7 @@ impl Background {
 struct Shared {
     acting: Acting,
     events: EventSink,
+    announcer: Announcer,
     db_ready: watch::Receiver<bool>,
     archive_nudge: Arc<Notify>,
 }

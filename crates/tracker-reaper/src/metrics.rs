@@ -42,6 +42,9 @@ pub const HISTORY_PARTITIONS: &str = "tracker_reaper_history_partitions";
 pub const HISTORY_PARTITIONS_CREATED: &str = "tracker_reaper_history_partitions_created";
 pub const HISTORY_PARTITIONS_DROPPED: &str = "tracker_reaper_history_partitions_dropped";
 pub const HISTORY_PARTITION_ERRORS: &str = "tracker_reaper_history_partition_errors";
+pub const NATS_OUTBOX: &str = "tracker_reaper_nats_outbox_events";
+pub const NATS_PUBLISHED: &str = "tracker_reaper_nats_published_events";
+pub const NATS_FAILURES: &str = "tracker_reaper_nats_publish_failures";
 
 /// Buckets of the `_seconds` histograms: 1 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 13] = [
@@ -95,6 +98,27 @@ label_enum!(
 );
 
 label_enum!(
+    /// The kind of a session event published to NATS.
+    EventKindLabel {
+        Hibernate => "hibernate",
+        Wake => "wake",
+        Warning => "warning",
+    }
+);
+
+label_enum!(
+    /// Why publishing to NATS failed.
+    NatsFailure {
+        /// No acknowledgement in time (NATS down or slow).
+        Timeout => "timeout",
+        /// NATS answered with an error, or the connection failed.
+        Error => "error",
+        /// The stream could not be found or created.
+        Stream => "stream",
+    }
+);
+
+label_enum!(
     /// A Kubernetes call, for the error counter.
     KubeOp {
         GetSession => "get_session",
@@ -113,6 +137,7 @@ label_enum!(
         Hibernate => "hibernate",
         Wake => "wake",
         Mirror => "mirror",
+        Publish => "publish",
     }
 );
 
@@ -175,6 +200,16 @@ struct OperationLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: EventKindLabel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailureLabel {
+    reason: NatsFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TaskLabel {
     task: Task,
 }
@@ -197,6 +232,10 @@ pub struct Metrics {
     pub history_partitions_created: Counter,
     pub history_partitions_dropped: Counter,
     pub history_partition_errors: Counter,
+    /// Session events waiting in Redis for NATS's acknowledgement.
+    pub nats_outbox: Gauge,
+    nats_published: Family<KindLabel, RawCounter>,
+    nats_failures: Family<FailureLabel, RawCounter>,
     hibernations: Family<HibernationLabel, RawCounter>,
     wakes: Family<WakeLabel, RawCounter>,
     history_rejected: Family<ReasonLabel, RawCounter>,
@@ -323,8 +362,29 @@ impl Metrics {
             "failed history partition upkeeps",
             history_partition_errors.0.clone(),
         );
+        let nats_outbox = Gauge::default();
+        r.register(
+            NATS_OUTBOX,
+            "session events waiting in Redis for NATS to acknowledge them",
+            nats_outbox.0.clone(),
+        );
+        let nats_published = Family::default();
+        r.register(
+            NATS_PUBLISHED,
+            "session events acknowledged by NATS JetStream, by kind",
+            nats_published.clone(),
+        );
+        let nats_failures = Family::default();
+        r.register(
+            NATS_FAILURES,
+            "failed publications to NATS JetStream, by reason",
+            nats_failures.clone(),
+        );
         Self {
             registry: Arc::new(r),
+            nats_outbox,
+            nats_published,
+            nats_failures,
             is_leader,
             leader_changes,
             sweep_duration,
@@ -366,6 +426,21 @@ impl Metrics {
     pub fn kube_error(&self, op: KubeOp) {
         self.kube_errors
             .get_or_create(&OperationLabel { operation: op })
+            .inc();
+    }
+
+    pub fn nats_published(&self, kind: tracker_core::EventKind) {
+        let kind = match kind {
+            tracker_core::EventKind::Hibernate => EventKindLabel::Hibernate,
+            tracker_core::EventKind::Wake => EventKindLabel::Wake,
+            tracker_core::EventKind::Warning => EventKindLabel::Warning,
+        };
+        self.nats_published.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn nats_failure(&self, reason: NatsFailure) {
+        self.nats_failures
+            .get_or_create(&FailureLabel { reason })
             .inc();
     }
 

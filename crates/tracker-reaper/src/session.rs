@@ -56,19 +56,7 @@ pub enum Unmirrorable {
 
 /// Parses `spec.idleTimeout` (`^[0-9]+(s|m|h)$`). `None` for anything else.
 pub fn parse_idle_timeout(s: &str) -> Option<Duration> {
-    let unit = s.chars().last()?;
-    let digits = &s[..s.len() - unit.len_utf8()];
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    let secs = match unit {
-        's' => Some(n),
-        'm' => n.checked_mul(60),
-        'h' => n.checked_mul(3600),
-        _ => None,
-    }?;
-    Some(Duration::from_secs(secs))
+    tracker_core::domain::parse_duration_spec(s)
 }
 
 /// The idle timeout a Session asks for. Exempt (annotation `"false"`) or an

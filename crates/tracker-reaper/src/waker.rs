@@ -28,7 +28,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracker_core::{PendingWake, ResourceState, SessionId, ShardId, Store, Written};
+use tracker_core::{
+    EventKind, PendingWake, ResourceState, SessionId, ShardId, Store, WakeAnnounce, Written,
+};
 
 use crate::acting::{Acting, Fence, InFlight, TermContext};
 use crate::backoff::{self, Backoff};
@@ -37,6 +39,7 @@ use crate::error::Error;
 use crate::events::EventSink;
 use crate::metrics::{KubeOp, Metrics, Task, WakeResult};
 use crate::platform::SessionApi;
+use crate::publisher::Announcer;
 use crate::session::{resource_state, session_meta, Session};
 
 /// Pending wakes read per shard and poll.
@@ -91,6 +94,7 @@ pub struct Waker {
     store: Store,
     acting: Acting,
     events: EventSink,
+    announcer: Announcer,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
     fence: Fence,
@@ -109,6 +113,7 @@ impl Waker {
             store,
             acting,
             events,
+            announcer,
             metrics,
             in_flight,
             fence,
@@ -118,6 +123,7 @@ impl Waker {
             store,
             acting,
             events,
+            announcer,
             metrics,
             in_flight,
             fence,
@@ -247,6 +253,36 @@ impl Waker {
             }
             Acting::RecordOnly => self.acknowledge(wake, None, None, true).await,
             Acting::Patch(api) => self.patch(api.as_ref(), wake).await,
+            Acting::Announce => self.announce(wake).await,
+        }
+    }
+
+    /// Docker: the wake event is queued once; NATS's acknowledgement wakes
+    /// the session (see [`crate::publisher`]).
+    async fn announce(&mut self, wake: &PendingWake) {
+        let id = &wake.session_id;
+        let event = self.announcer.announcement("connection");
+        match self
+            .store
+            .announce_wake(id, self.fence.term(), &event)
+            .await
+        {
+            Ok(WakeAnnounce::Fenced) => self.fence.fenced("announce_wake"),
+            Ok(WakeAnnounce::Queued) => {
+                self.retries.remove(id);
+                self.announcer.nudge();
+                tracing::info!(event_id = %event.event_id, "wake announced; waiting for NATS");
+            }
+            Ok(WakeAnnounce::AlreadyRunning) => {
+                self.retries.remove(id);
+                self.metrics.wake(WakeResult::AlreadyRunning);
+                tracing::info!("Session running already; wake acknowledged");
+            }
+            Ok(WakeAnnounce::Nothing) => {
+                self.retries.remove(id);
+                tracing::debug!("no wake to announce");
+            }
+            Err(e) => self.store_failed(id, &e.into()),
         }
     }
 
@@ -349,6 +385,9 @@ impl Waker {
             );
             self.metrics.wake(WakeResult::Woken);
             tracing::info!(latency = ?latency, "Session woken");
+            self.announcer
+                .announce_done(id, EventKind::Wake, "connection")
+                .await;
         } else {
             self.metrics.wake(WakeResult::AlreadyRunning);
             tracing::info!("Session already running; wake acknowledged");

@@ -5,7 +5,8 @@
 //!
 //! Modules, by concept: [`connections`] (register, heartbeat, list, close),
 //! [`heartbeats`] (the batch heartbeat of proxies), [`sessions`] (views,
-//! explanations, history, stats), [`ws`] (WebSocket tracking), [`ops`] (health, readiness,
+//! explanations, history, stats), [`declare`] (sessions declared without
+//! Kubernetes), [`ws`] (WebSocket tracking), [`ops`] (health, readiness,
 //! metrics, the OpenAPI document).
 //!
 //! With a separate ops listener (`TRACKER_METRICS_LISTEN` not equal to
@@ -14,6 +15,7 @@
 //! on both.
 
 pub mod connections;
+pub mod declare;
 pub mod heartbeats;
 pub mod list;
 pub mod ops;
@@ -54,7 +56,12 @@ fn api_routes() -> Router<AppState> {
             "/v1/heartbeats",
             post(heartbeats::batch).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
         )
-        .route("/v1/sessions/{session_id}", get(sessions::session))
+        .route(
+            "/v1/sessions/{session_id}",
+            get(sessions::session)
+                .put(declare::put)
+                .delete(declare::delete),
+        )
         .route("/v1/sessions/{session_id}/history", get(sessions::history))
         .route("/v1/sessions/{session_id}/explain", get(sessions::explain))
         .route("/v1/stats", get(sessions::stats))

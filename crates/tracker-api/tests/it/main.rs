@@ -8,6 +8,7 @@
 mod api;
 mod api_doc;
 mod auth;
+mod declare;
 mod explain;
 mod helpers;
 mod history;

@@ -3,7 +3,9 @@
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, claim lifetime ms, leader
---          term, '1' for a dry run (end no connection, warn no client) else '0'
+--          term, '1' for a dry run (end no connection, warn no client) else '0',
+--          then optionally an announcement: event id, platform, reason (the
+--          claim's own reason replaces it for a max duration)
 -- Returns  {'claimed', generation, uid, idle timeout ms or 'off', reason,
 --          max duration ms, connection id, user id, ...} ('' where unknown),
 --          reason 'idle' or 'max_duration', then the connections the claim
@@ -24,6 +26,11 @@
 --          it belongs to, so two leaders never record it twice. The claim
 --          carries the claimer's term: only that term may finish or roll it
 --          back, and a claim whose holder dies lapses after its lifetime.
+--          With an announcement (the docker platform) the hibernate event is
+--          queued for NATS in this same script, and the claim does not lapse:
+--          it ends when NATS acknowledges the event (event_ack.lua), whichever
+--          leader publishes it, so a NATS outage never leads to a second
+--          claim and a second event.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
@@ -59,8 +66,8 @@ if reason then
   return { 'refused', reason }
 end
 
+local eid = ARGV[7] or ''
 set_meta(S, m, 'ph', 'h')
-set_meta(S, m, 'hx', ms(now + life))
 set_meta(S, m, 'ht', ms(term))
 set_meta(S, m, 'hr', kind)
 local out = { 'claimed', m.gen or '', m.uid or '', m.ito or 'off', kind, m.md or '' }
@@ -92,6 +99,14 @@ if kind == 'max_duration' then
     end
     if last_conn then note_ended(S, m, 0, last_conn, last_end) end
   end
+end
+if eid ~= '' then
+  set_meta(S, m, 'hx', nil)
+  set_meta(S, m, 'he', eid)
+  local why = kind == 'max_duration' and 'max_duration' or ARGV[9]
+  emit_event(S, m, eid, 'hibernate', ARGV[8], why, now, true)
+else
+  set_meta(S, m, 'hx', ms(now + life))
 end
 local after = snapshot(S, m)
 account(before, after)

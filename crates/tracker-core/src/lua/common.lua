@@ -25,6 +25,12 @@
 --   KEYS[11] wakesig  LIST   at most one element: "a wake was recorded here since the
 --                            reaper last looked"; the reaper blocks on it (BLPOP)
 --                            instead of polling the wake index
+--   KEYS[12] events   STREAM session events (hibernate, wake, warning) awaiting
+--                            NATS's acknowledgement; fields e event id, k kind,
+--                            s session, u user, p platform, r reason, t ms,
+--                            g the generation it was decided on, x "1" when its
+--                            acknowledgement completes the state change it
+--                            announces, su the session's uid
 --   then, per session the script works on, three keys:
 --            c        ZSET   connection id -> last heartbeat ms
 --            u        HASH   user id -> number of its connections in c; present only
@@ -35,7 +41,9 @@
 --       du the uid of the last resource deleted under this name; own owner;
 --       ks spec.state; ito idle timeout ms or "off"; ios where ito comes from
 --       (IdleSource: s spec, d default, a annotation, e empty, x invalid);
---       gen resource generation;
+--       gen resource generation (of a declared session: its declaration
+--       counter); he / we the event id of a hibernate / wake announced to
+--       NATS and not yet acknowledged;
 --       ph phase: "h" hibernating (claimed), "w" waking (wake pending);
 --       hx claim lapses at (ms); ht term of the claim's holder;
 --       hr why it was claimed: "idle" or "max_duration";
@@ -63,7 +71,8 @@
 local K_CONN, K_LIVE, K_DUE, K_WAKE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTBOX, K_STATS, K_KNOWN = KEYS[5], KEYS[6], KEYS[7]
 local K_UA, K_UAN, K_TERM, K_WAKESIG = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
-local SHARD_KEYS = 11
+local K_EVENTS = KEYS[12]
+local SHARD_KEYS = 12
 -- Metadata of a session nobody mirrored and nobody is connected to is kept this
 -- long, so its view stays readable for a while, then it expires by itself.
 local UNKNOWN_TTL_MS = 86400000
@@ -431,4 +440,42 @@ local function session_view(S, m, now, window)
   end
   return { exists, state_of(m, live) or 'unknown', m.own or '', live, distinct,
     last_conn and ms(last_conn) or '', m.ld or '', idle_since, ito, due, m.uid or '' }
+end
+
+-- Follows a state the platform reports (a Session resource, or a declaration
+-- through the API), whoever changed it: never fought. The caller has written
+-- ks; `was` is the state known before ('nil' for a new session), `n` the
+-- connections before. A pending wake is never cancelled here (only its own
+-- completion does), a claim ends once the state shows the hibernation landed,
+-- and a wake is recorded when the state is hibernated while a connection is live.
+local function follow_state(S, m, was, n, now, window)
+  if m.ks == 'running' and n == 0 and (was ~= 'running' or not m.is) then
+    -- First seen running, or woken by anyone: idle from now (never earlier).
+    if not m.is or tonumber(m.is) < now then set_meta(S, m, 'is', ms(now)) end
+  end
+  -- The running period (max duration) starts when the session is first seen
+  -- running or woken by anyone, and ends with running.
+  if m.ks == 'running' then
+    if was ~= 'running' or not m.rs then start_period(S, m, now) end
+  else
+    end_period(S, m)
+  end
+  if (m.ks == 'hibernated' and m.ph == 'h') or m.ks == 'terminated' then
+    set_meta(S, m, 'ph', nil)
+    set_meta(S, m, 'hx', nil)
+    set_meta(S, m, 'ht', nil)
+    set_meta(S, m, 'hr', nil)
+  end
+  if m.ks == 'terminated' then redis.call('ZREM', K_WAKE, S.id) end
+  wake_if_in_use(S, m, now, window)
+end
+
+-- Queues a session event for NATS in the script that makes the change it
+-- announces, so the change and its announcement happen together or not at
+-- all. `finishes`: the event's acknowledgement completes the change (the
+-- docker platform), so its entry carries the generation it was decided on.
+local function emit_event(S, m, eid, kind, platform, reason, now, finishes, user)
+  redis.call('XADD', K_EVENTS, '*', 'e', eid, 'k', kind, 's', S.id,
+    'u', user or m.own or '', 'p', platform, 'r', reason, 't', ms(now),
+    'g', m.gen or '', 'x', finishes and '1' or '0', 'su', m.uid or '')
 end

@@ -1,8 +1,10 @@
 -- forget_session.lua: the Session resource was deleted.
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
--- ARGV     clock offset ms, window ms, session id, leader term, uid of the
---          deleted resource ('' if unknown: forget whatever is mirrored)
+-- ARGV     clock offset ms, window ms, session id, leader term ('' for a
+--          declared session removed through the API: no leader's write, not
+--          fenced), uid of the deleted resource ('' if unknown: forget
+--          whatever is mirrored)
 -- Returns  1 if the session was mirrored and is now forgotten; 0 if not
 --          mirrored, or another resource is mirrored under the name; -1 if fenced.
 -- Atomic   dropping the mirrored fields with the indexes that depend on them.
@@ -12,7 +14,7 @@
 
 local S = session_at(1, ARGV[3])
 local term, uid = tonumber(ARGV[4]), ARGV[5]
-if fenced(term) then return -1 end
+if term and fenced(term) then return -1 end
 local m = load_meta(S)
 if uid ~= '' and m.uid and m.uid ~= uid then
   -- A newer resource already took the name; only remember the old one is gone.
@@ -25,8 +27,10 @@ if gone == '' then gone = m.uid or '' end
 local before = snapshot(S, m)
 local was = redis.call('SREM', K_KNOWN, S.id)
 redis.call('ZREM', K_WAKE, S.id)
-for _, f in ipairs({ 'res', 'uid', 'own', 'ks', 'ito', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb',
-    'md', 'rs', 'wb', 'wn', 'wq' }) do
+-- Events already queued are still published; their acknowledgement finds
+-- nothing to complete.
+for _, f in ipairs({ 'res', 'uid', 'own', 'ks', 'ito', 'ios', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb',
+    'md', 'rs', 'wb', 'wn', 'wq', 'he', 'we' }) do
   set_meta(S, m, f, nil)
 end
 local after = snapshot(S, m)

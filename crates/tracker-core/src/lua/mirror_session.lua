@@ -50,30 +50,7 @@ set_meta(S, m, 'wb', wb)
 if gen then set_meta(S, m, 'gen', ms(gen)) end
 redis.call('SADD', K_KNOWN, S.id)
 
-if ks == 'running' and before.n == 0 and (was ~= 'running' or not m.is) then
-  -- First seen running, or woken by anyone: idle from now (never earlier).
-  if not m.is or tonumber(m.is) < now then set_meta(S, m, 'is', ms(now)) end
-end
--- The running period (max duration) starts when the session is first seen
--- running or woken by anyone, and ends with running.
-if ks == 'running' then
-  if was ~= 'running' or not m.rs then start_period(S, m, now) end
-else
-  end_period(S, m)
-end
-if ks == 'hibernated' and m.ph == 'h' then
-  set_meta(S, m, 'ph', nil)
-  set_meta(S, m, 'hx', nil)
-  set_meta(S, m, 'ht', nil)
-  set_meta(S, m, 'hr', nil)
-end
-if ks == 'terminated' then
-  set_meta(S, m, 'ph', nil)
-  set_meta(S, m, 'hx', nil)
-  set_meta(S, m, 'ht', nil)
-  redis.call('ZREM', K_WAKE, S.id)
-end
-wake_if_in_use(S, m, now, window)
+follow_state(S, m, was, before.n, now, window)
 account(before, snapshot(S, m))
 refresh_due(S, m, before.n)
 keep_meta(S, m, before.n)

@@ -1042,14 +1042,21 @@ impl Store {
         let reply: Vec<String> = self
             .eval_session(op, session, (millis(lifetime), term.0, u8::from(dry_run)))
             .await?;
-        let bad = || bad_reply(op, &reply);
+        self.claim_reply(session, &reply).await
+    }
+
+    /// Parses a claim's answer; connections a max duration claim ended are
+    /// settled (their users' counts) before it is returned.
+    async fn claim_reply(&self, session: &SessionId, reply: &[String]) -> Result<ClaimOutcome> {
+        let op = &self.scripts.claim_hibernation;
+        let bad = || bad_reply(op, reply);
         let duration = |ms: &str| {
             parse_ms(ms)
                 .and_then(|m| u64::try_from(m).ok())
                 .map(Duration::from_millis)
                 .ok_or_else(bad)
         };
-        match reply.as_slice() {
+        match reply {
             [kind, generation, uid, ito, reason, md, ended @ ..]
                 if kind == "claimed" && ended.len() % 2 == 0 =>
             {
@@ -1159,10 +1166,7 @@ impl Store {
 
     /// Records what a Session resource says; `Noop` if it is stale news.
     pub async fn mirror_session(&self, meta: &SessionMeta, term: Term) -> Result<Written> {
-        let ito = match meta.idle_timeout {
-            IdleTimeout::Off => "off".to_owned(),
-            IdleTimeout::After(d) => millis(d).to_string(),
-        };
+        let ito = idle_arg(meta.idle_timeout);
         let args = (
             term.0,
             meta.uid.as_deref().unwrap_or_default(),
@@ -1192,6 +1196,156 @@ impl Store {
         let args = (term.0, uid.unwrap_or_default());
         let n: i64 = self.eval_session(op, session, args).await?;
         Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
+    }
+
+    /// Declares (or updates) a session on a platform without Session
+    /// resources: the same metadata the mirror writes, so every rule of a
+    /// mirrored session applies. `meta.uid` and `meta.generation` are the
+    /// store's to assign (a fresh uid for a new session, a counter raised by
+    /// each declaration) and ignored here. Not fenced: no leader writes it.
+    pub async fn declare_session(&self, meta: &SessionMeta) -> Result<Declared> {
+        let args = (
+            uuid::Uuid::new_v4().to_string(),
+            meta.owner.as_deref().unwrap_or_default(),
+            meta.state.as_str(),
+            idle_arg(meta.idle_timeout),
+            opt_ms(meta.max_session_duration),
+            meta.idle_source.code(),
+            millis(self.warn_before),
+        );
+        let op = &self.scripts.declare_session;
+        let (created, generation): (i64, i64) =
+            self.eval_session(op, &meta.session_id, args).await?;
+        Ok(Declared {
+            created: flag(created),
+            generation,
+        })
+    }
+
+    /// Forgets a declared session (the API's `DELETE`); true if it was known.
+    /// Its live connections stay until they close or expire; events already
+    /// queued are still published.
+    pub async fn undeclare_session(&self, session: &SessionId) -> Result<bool> {
+        let op = &self.scripts.forget_session;
+        let n: i64 = self.eval_session(op, session, ("", "")).await?;
+        Ok(n == 1)
+    }
+
+    /// Like [`Store::claim_hibernation`], and queues the hibernate event in
+    /// the same script; the claim does not lapse but ends when NATS
+    /// acknowledges the event ([`Store::event_ack`]).
+    pub async fn claim_hibernation_announced(
+        &self,
+        session: &SessionId,
+        term: Term,
+        event: &Announcement,
+    ) -> Result<ClaimOutcome> {
+        let op = &self.scripts.claim_hibernation;
+        // Never a dry run: a dry run announces nothing.
+        let args = (
+            0i64,
+            term.0,
+            0u8,
+            event.event_id.as_str(),
+            event.platform.as_str(),
+            event.reason.as_str(),
+        );
+        let reply: Vec<String> = self.eval_session(op, session, args).await?;
+        self.claim_reply(session, &reply).await
+    }
+
+    /// Queues the wake event of a pending wake (once per wake request).
+    pub async fn announce_wake(
+        &self,
+        session: &SessionId,
+        term: Term,
+        event: &Announcement,
+    ) -> Result<WakeAnnounce> {
+        let op = &self.scripts.announce_wake;
+        let args = (
+            term.0,
+            event.event_id.as_str(),
+            event.platform.as_str(),
+            event.reason.as_str(),
+        );
+        let n: i64 = self.eval_session(op, session, args).await?;
+        match n {
+            1 => Ok(WakeAnnounce::Queued),
+            2 => Ok(WakeAnnounce::AlreadyRunning),
+            0 => Ok(WakeAnnounce::Nothing),
+            -1 => Ok(WakeAnnounce::Fenced),
+            _ => Err(bad_reply(op, &[n])),
+        }
+    }
+
+    /// Queues an event that completes nothing (announcing a change already
+    /// made, or a warning); `user` `None` names the session's owner.
+    pub async fn enqueue_event(
+        &self,
+        session: &SessionId,
+        kind: EventKind,
+        event: &Announcement,
+        user: Option<&str>,
+    ) -> Result<()> {
+        let op = &self.scripts.enqueue_event;
+        let args = (
+            event.event_id.as_str(),
+            kind.as_str(),
+            event.platform.as_str(),
+            event.reason.as_str(),
+            user.unwrap_or_default(),
+        );
+        let _: i64 = self.eval_session(op, session, args).await?;
+        Ok(())
+    }
+
+    /// The oldest queued session events of one shard, in the order they were
+    /// queued.
+    pub async fn events_read(&self, shard: ShardId, max: u32) -> Result<EventRead> {
+        let reply: Vec<(String, Vec<(String, String)>)> = self
+            .eval_shard_key(&self.scripts.outbox_read, shard, ShardKey::Events, max)
+            .await?;
+        let mut read = EventRead::default();
+        for (id, fields) in reply {
+            match reply::queued_event(&id, &fields) {
+                Some(event) => read.events.push(event),
+                None => read.malformed.push(id),
+            }
+        }
+        Ok(read)
+    }
+
+    /// NATS acknowledged the event: drop it and complete its change.
+    pub async fn event_ack(&self, event: &QueuedEvent, term: Term) -> Result<EventAck> {
+        let op = &self.scripts.event_ack;
+        let args = (term.0, event.entry_id.as_str());
+        let reply: String = self.eval_session(op, &event.session_id, args).await?;
+        match reply.as_str() {
+            "applied" => Ok(EventAck::Applied),
+            "noted" => Ok(EventAck::Noted),
+            "gone" => Ok(EventAck::Gone),
+            "fenced" => Ok(EventAck::Fenced),
+            _ => Err(bad_reply(op, &[reply])),
+        }
+    }
+
+    /// Drops entries of a shard's event outbox that are not events.
+    pub async fn events_drop(&self, shard: ShardId, ids: &[String]) -> Result<u64> {
+        let op = &self.scripts.outbox_ack;
+        let (_, left): (i64, u64) = self
+            .eval_shard_key(op, shard, ShardKey::Events, ids)
+            .await?;
+        Ok(left)
+    }
+
+    /// Session events not yet acknowledged by NATS, over all shards.
+    pub async fn events_backlog(&self) -> Result<u64> {
+        let op = &self.scripts.outbox_len;
+        let calls = self
+            .keys
+            .shards()
+            .map(|shard| self.eval_shard_key::<u64, _>(op, shard, ShardKey::Events, NO_ARGS));
+        Ok(try_join_all(calls).await?.into_iter().sum())
     }
 
     /// Sessions of one shard that are mirrored from a resource.
@@ -1343,6 +1497,19 @@ fn id_entry_session(entry: &str) -> Option<SessionId> {
     let mut parts = entry.splitn(3, '|');
     let _state = parts.next()?;
     parts.next()?.parse().ok()
+}
+
+/// A duration in ms as a script argument; '' for none.
+fn opt_ms(v: Option<Duration>) -> String {
+    v.map(|d| millis(d).to_string()).unwrap_or_default()
+}
+
+/// An idle timeout as the scripts store it: ms, or 'off'.
+fn idle_arg(t: IdleTimeout) -> String {
+    match t {
+        IdleTimeout::Off => "off".to_owned(),
+        IdleTimeout::After(d) => millis(d).to_string(),
+    }
 }
 
 fn opt_i64(v: Option<i64>) -> String {

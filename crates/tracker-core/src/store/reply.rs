@@ -251,6 +251,31 @@ pub(crate) fn parse_ms(s: &str) -> Option<i64> {
     })
 }
 
+/// A queued session event from its stream entry; `None` if a field is
+/// missing or unparseable.
+pub(crate) fn queued_event(
+    entry_id: &str,
+    fields: &[(String, String)],
+) -> Option<crate::store::QueuedEvent> {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    Some(crate::store::QueuedEvent {
+        entry_id: entry_id.to_owned(),
+        event_id: get("e").filter(|e| !e.is_empty())?.to_owned(),
+        kind: crate::store::EventKind::parse(get("k")?)?,
+        session_id: get("s")?.parse().ok()?,
+        user_id: get("u")?.to_owned(),
+        platform: get("p")?.to_owned(),
+        reason: get("r")?.to_owned(),
+        timestamp: crate::domain::millis_to_utc(parse_ms(get("t")?)?),
+        completes: get("x")? == "1",
+    })
+}
+
 pub(crate) fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }

@@ -282,7 +282,8 @@ pub struct SessionMeta {
     /// `metadata.generation`: orders the mirror's writes against the reaper's.
     pub generation: Option<i64>,
     /// A session running this long since it last started is hibernated even
-    /// with live connections (`spec.maxSessionDuration`); `None`: no limit.
+    /// with live connections (`spec.maxSessionDuration`, or a declaration's
+    /// `max_session_duration`); `None`: no limit. Stored as `md` (ms).
     pub max_session_duration: Option<Duration>,
 }
 
@@ -499,4 +500,110 @@ mod tests {
         let cfg = StoreConfig::new(vec!["redis://:s3cret@h".into()], RedisMode::Standalone);
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }
+}
+
+/// What declaring a session did; see [`crate::Store::declare_session`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Declared {
+    /// No session was declared or mirrored under the name before.
+    pub created: bool,
+    /// The session's declaration counter after this one.
+    pub generation: i64,
+}
+
+/// The kinds of session events published to NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Hibernate,
+    Wake,
+    Warning,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 3] = [EventKind::Hibernate, EventKind::Wake, EventKind::Warning];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Hibernate => "hibernate",
+            EventKind::Wake => "wake",
+            EventKind::Warning => "warning",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A session event to queue: its id (stable across retries: NATS
+/// deduplicates by it), the platform it names and why it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    pub event_id: String,
+    pub platform: String,
+    pub reason: String,
+}
+
+impl Announcement {
+    /// A fresh event id for `platform` and `reason`.
+    pub fn new(platform: &str, reason: &str) -> Self {
+        Self {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            platform: platform.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// A session event waiting in a shard's event outbox for NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedEvent {
+    /// The stream entry id, to acknowledge once NATS has.
+    pub entry_id: String,
+    pub event_id: String,
+    pub kind: EventKind,
+    pub session_id: SessionId,
+    /// The session's owner when the event was queued ('' if unknown).
+    pub user_id: String,
+    pub platform: String,
+    pub reason: String,
+    /// When the change was decided: the same on every retry.
+    pub timestamp: DateTime<Utc>,
+    /// Its acknowledgement completes the change it announces.
+    pub completes: bool,
+}
+
+/// One read of a shard's event outbox, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventRead {
+    pub events: Vec<QueuedEvent>,
+    /// Entries that are not events (written by hand or another version):
+    /// their stream ids, to drop.
+    pub malformed: Vec<String>,
+}
+
+/// What announcing a pending wake did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeAnnounce {
+    /// The wake event is queued; the session is woken once NATS acknowledges it.
+    Queued,
+    /// Running already, and no hibernation being announced: the wake is done.
+    AlreadyRunning,
+    /// Nothing pending, announced already, or the session is terminated or
+    /// unknown (the wake is dropped).
+    Nothing,
+    Fenced,
+}
+
+/// What acknowledging a published event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventAck {
+    /// The announced state is recorded.
+    Applied,
+    /// Dropped without a state change (none to complete, or newer news).
+    Noted,
+    /// Acknowledged before.
+    Gone,
+    /// A newer leader wrote to the shard: nothing done.
+    Fenced,
 }

@@ -7,6 +7,7 @@ mod adversarial;
 mod concurrency;
 mod connections;
 mod counters;
+mod declared;
 mod hibernation;
 mod max_duration;
 mod migration;

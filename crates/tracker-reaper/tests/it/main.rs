@@ -12,6 +12,7 @@
 mod archive;
 mod bench;
 mod binary;
+mod docker;
 mod election;
 mod helpers;
 mod hibernate;
