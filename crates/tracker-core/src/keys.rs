@@ -165,12 +165,13 @@ pub enum ShardKey {
     UserAgentUses,
     Term,
     WakeSignal,
+    ArchiveSignal,
     Epoch,
 }
 
 impl ShardKey {
-    /// What shard scripts declare as `KEYS[1..=11]`, in this order.
-    pub const DECLARED: [ShardKey; 11] = [
+    /// What shard scripts declare as `KEYS[1..=12]`, in this order.
+    pub const DECLARED: [ShardKey; 12] = [
         ShardKey::Conn,
         ShardKey::Live,
         ShardKey::Due,
@@ -182,6 +183,7 @@ impl ShardKey {
         ShardKey::UserAgentUses,
         ShardKey::Term,
         ShardKey::WakeSignal,
+        ShardKey::ArchiveSignal,
     ];
 
     fn name(self) -> &'static str {
@@ -197,6 +199,7 @@ impl ShardKey {
             ShardKey::UserAgentUses => "uan",
             ShardKey::Term => "term",
             ShardKey::WakeSignal => "wakesig",
+            ShardKey::ArchiveSignal => "archsig",
             ShardKey::Epoch => "epoch",
         }
     }

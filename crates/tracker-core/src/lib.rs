@@ -32,6 +32,6 @@ pub use keys::{KeySpace, ShardId, ShardKey};
 pub use store::{
     redact_url, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch, Expired,
     FinishOutcome, HeartbeatAck, IdleTimeout, Limits, MalformedEntry, NewConnection, OutboxEntry,
-    OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta, Stats, Store,
-    StoreConfig, Sweep, Term, WakeListener, Written,
+    OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta, Signal,
+    SignalListener, Stats, Store, StoreConfig, Sweep, Term, WakeListener, Written,
 };

@@ -48,6 +48,7 @@ pub mod partitions;
 pub mod platform;
 pub mod rollup;
 pub mod session;
+pub mod signals;
 pub mod sweeper;
 pub mod waker;
 

@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::keys::{KeySpace, ShardId, ShardKey};
 use crate::scripts::{Op, Scripts};
 use reply::{bad_reply, flag, parse_ms, CONN_FIELDS, VIEW_FIELDS};
-pub use signals::WakeListener;
+pub use signals::{Signal, SignalListener, WakeListener};
 use types::millis;
 pub use types::*;
 
