@@ -19,7 +19,8 @@
 # Every load is bounded in time and stays on 127.0.0.1.
 #
 # Usage: scripts/bench.sh [--quick] [--only store|idle|api|reaper]
-#        (output: a report on stdout; --only runs one part)
+#        (output: a report on stdout; --only runs one part; API_BIN=<path>
+#        measures another tracker-api build, e.g. an older commit's)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -118,7 +119,7 @@ if want api; then
 TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" \
 TRACKER_JWT_SECRET=$SECRET TRACKER_LISTEN=$API TRACKER_KEY_PREFIX="bench-$$" RUST_LOG=warn \
   TRACKER_MAX_CONNECTIONS_PER_SESSION=0 TRACKER_MAX_CONNECTIONS_PER_USER=0 \
-  "$TARGET"/release/tracker-api >"$WORK/api.log" 2>&1 &
+  "${API_BIN:-$TARGET/release/tracker-api}" >"$WORK/api.log" 2>&1 &
 pids+=($!); API_PID=$!
 "$LOADGEN" noop --listen $NOOP --duration 600s >/dev/null &
 pids+=($!)
