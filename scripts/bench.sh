@@ -18,13 +18,23 @@
 # pgbench (apt-get install -y wrk redis-tools postgresql-contrib if missing).
 # Every load is bounded in time and stays on 127.0.0.1.
 #
-# Usage: scripts/bench.sh [--quick]      (output: a report on stdout)
+# Usage: scripts/bench.sh [--quick] [--only store|idle|api|reaper]
+#        (output: a report on stdout; --only runs one part; API_BIN=<path>
+#        measures another tracker-api build, e.g. an older commit's)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-QUICK=""; DUR=10
-if [[ "${1:-}" == "--quick" ]]; then QUICK="--quick"; DUR=3; fi
+QUICK=""; DUR=10; ONLY=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --quick) QUICK="--quick"; DUR=3 ;;
+    --only) ONLY="$2"; shift ;;
+    *) echo "bench: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+want() { [[ -z "$ONLY" || "$ONLY" == "$1" ]]; }
 
 for tool in wrk redis-benchmark pgbench python3; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install -y wrk redis-tools postgresql-contrib)" >&2; exit 1; }
@@ -42,11 +52,13 @@ trap cleanup EXIT
 
 echo "# tracker benchmarks — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -m)"
 echo
+if want store; then
 echo "## store (cargo bench -p tracker-core --bench store -- $QUICK)"
 cargo bench -q -p tracker-core --bench store -- $QUICK | grep -v '^#'
+fi
 
-cargo build -q --release -p tracker-api --bin tracker-api --bench loadgen
-cargo build -q --release -p tracker-reaper --bin tracker-reaper
+if want api; then cargo build -q --release -p tracker-api --bin tracker-api --bench loadgen; fi
+if want idle; then cargo build -q --release -p tracker-reaper --bin tracker-reaper; fi
 
 RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" >/dev/null &
@@ -74,14 +86,17 @@ PY
 
 API=127.0.0.1:18080; NOOP=127.0.0.1:18099
 # One service user holds every connection: the per-user and per-session limits are off.
+if want idle; then
 echo
 echo "## idle reaper (leader, nothing to do; private redis-server, 32 shards, standalone)"
 psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS trk_bench_reaper' -c 'CREATE DATABASE trk_bench_reaper' >/dev/null
 TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" TRACKER_DATABASE_URL=postgres://postgres@127.0.0.1:5432/trk_bench_reaper \
   TRACKER_ELECTION=redis TRACKER_PLATFORM=none TRACKER_METRICS_LISTEN=127.0.0.1:0 TRACKER_KEY_PREFIX="idle-$$" RUST_LOG=warn \
+  TRACKER_HEARTBEAT_WINDOW=2s \
   "$TARGET"/release/tracker-reaper >"$WORK/reaper.log" 2>&1 &
 pids+=($!); REAPER_PID=$!
-# Leadership and the first passes settle within a few seconds.
+# Leadership and the first passes settle within a few seconds, and the
+# hibernator's guard (one heartbeat window, 2 s here) is over: steady state.
 sleep 5
 IDLE_S=10
 cpu0=$(cpu_s "$REAPER_PID")
@@ -91,15 +106,20 @@ cpu1=$(cpu_s "$REAPER_PID")
 calls=$(grep -vc ' lua\]' "$WORK/monitor.out" || true)
 echo "redis calls:  $(python3 -c "print(f'{($calls - 1) / $IDLE_S:.1f}')") /s   (MONITOR over ${IDLE_S}s)"
 echo "by command:   $(grep -v ' lua\]' "$WORK/monitor.out" | awk 'NR > 1 {print tolower($4)}' | sort | uniq -c | sort -rn | awk '{printf "%s %s, ", $2, $1}')"
+# The first key of each call names what it reads (due, epoch, outbox, ...).
+echo "by key:       $(grep -v ' lua\]' "$WORK/monitor.out" | awk 'NR > 1 && NF >= 5 {k = (tolower($4) ~ /eval/ ? $7 : $5); gsub(/"/, "", k); n = split(k, p, ":"); print tolower($4) " " p[n]}' | sort | uniq -c | sort -rn | awk '{printf "%s %s %s, ", $2, $3, $1}')"
 echo "cpu:          $(python3 -c "print(f'{100 * ($cpu1 - $cpu0) / $IDLE_S:.2f}')") % of a core"
 kill "$REAPER_PID" 2>/dev/null || true
 wait "$REAPER_PID" 2>/dev/null || true
 psql -qh 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE trk_bench_reaper' >/dev/null
+fi
+
+if want api; then
 
 TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" \
 TRACKER_JWT_SECRET=$SECRET TRACKER_LISTEN=$API TRACKER_KEY_PREFIX="bench-$$" RUST_LOG=warn \
   TRACKER_MAX_CONNECTIONS_PER_SESSION=0 TRACKER_MAX_CONNECTIONS_PER_USER=0 \
-  "$TARGET"/release/tracker-api >"$WORK/api.log" 2>&1 &
+  "${API_BIN:-$TARGET/release/tracker-api}" >"$WORK/api.log" 2>&1 &
 pids+=($!); API_PID=$!
 "$LOADGEN" noop --listen $NOOP --duration 600s >/dev/null &
 pids+=($!)
@@ -167,7 +187,9 @@ echo "redis-benchmark -t zadd -c 50 -P 16: $(rb 3000000 -t zadd -c 50 -P 16) req
 echo
 echo "## API, 10,000 WebSockets on one replica (loadgen ws)"
 "$LOADGEN" ws --url "http://$API" --secret $SECRET --sockets 10000 --server-pid "$API_PID" --concurrency 50 --duration "${DUR}s" | tail -4
+fi
 
+want reaper || exit 0
 echo
 echo "## reaper (cargo test -p tracker-reaper --release --test it -- --ignored bench_)"
 DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" \

@@ -10,7 +10,8 @@
 //! header; the WebSocket route also takes it from the query
 //! ([`crate::extract::query_param`]), since browsers cannot set headers there.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -24,12 +25,16 @@ use crate::access::{Principal, Role};
 use crate::config::{ConfigError, TokenKey};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::token_cache::TokenCache;
 
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
     #[serde(default)]
     roles: Vec<String>,
+    /// Checked by the validation; read again to bound the cache entry.
+    #[serde(default)]
+    exp: Option<f64>,
 }
 
 /// What a token's claims must satisfy besides its signature.
@@ -61,6 +66,8 @@ pub enum Authenticator {
     Jwt {
         key: DecodingKey,
         validation: Box<Validation>,
+        /// Tokens verified recently (see [`crate::token_cache`]).
+        cache: Arc<TokenCache>,
     },
 }
 
@@ -151,16 +158,33 @@ impl Authenticator {
         Authenticator::Jwt {
             key,
             validation: Box::new(validation),
+            cache: Arc::default(),
         }
     }
 
     /// The caller behind `token`, or 401.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Principal, ApiError> {
-        let (key, validation) = match self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.authenticate_at(token, now)
+    }
+
+    /// [`Authenticator::authenticate`], with `now` (unix seconds) for the
+    /// cache; the signature and claims are checked against the real clock.
+    fn authenticate_at(&self, token: Option<&str>, now: u64) -> Result<Principal, ApiError> {
+        let (key, validation, cache) = match self {
             Authenticator::Disabled(admin) => return Ok(admin.clone()),
-            Authenticator::Jwt { key, validation } => (key, validation),
+            Authenticator::Jwt {
+                key,
+                validation,
+                cache,
+            } => (key, validation, cache),
         };
         let token = token.ok_or(ApiError::Unauthenticated("a bearer token is required"))?;
+        if let Some(principal) = cache.get(token, now) {
+            return Ok(principal);
+        }
         let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
             tracing::debug!(error = %e, "token refused");
             ApiError::Unauthenticated(refusal(e.kind()))
@@ -169,10 +193,12 @@ impl Authenticator {
             data.claims.sub.parse::<UserId>().map_err(|_| {
                 ApiError::Unauthenticated("the token's subject is not a valid user id")
             })?;
-        Ok(Principal {
+        let principal = Principal {
             subject,
             role: Role::from_claims(&data.claims.roles),
-        })
+        };
+        cache.insert(token, &principal, data.claims.exp, now);
+        Ok(principal)
     }
 }
 
@@ -287,6 +313,51 @@ mod tests {
             Authenticator::disabled().authenticate(None).unwrap().role,
             Role::Admin
         );
+    }
+
+    fn cache_of(auth: &Authenticator) -> &TokenCache {
+        match auth {
+            Authenticator::Jwt { cache, .. } => cache,
+            Authenticator::Disabled(_) => panic!("no cache without tokens"),
+        }
+    }
+
+    #[test]
+    fn a_verified_token_is_cached_until_its_exp_only() {
+        let auth = Authenticator::hs256(K.as_bytes(), &JwtRules::default());
+        let t0 = now() as u64;
+        let ok = token(
+            K,
+            serde_json::json!({"sub": "svc", "roles": ["service"], "exp": t0 + 30}),
+        );
+        let svc = auth.authenticate_at(Some(&ok), t0).unwrap();
+        assert_eq!(cache_of(&auth).get(&ok, t0), Some(svc.clone()));
+        assert_eq!(cache_of(&auth).get(&ok, t0 + 30), None, "not at exp");
+
+        // An entry for a token that would fail verification shows which path
+        // answered: the cache before its end, the verification from then on.
+        let forged = "forged.token.value";
+        let until = t0 + 10;
+        cache_of(&auth).insert(forged, &svc, Some(until as f64), t0);
+        assert_eq!(auth.authenticate_at(Some(forged), until - 1).unwrap(), svc);
+        assert!(matches!(
+            auth.authenticate_at(Some(forged), until),
+            Err(ApiError::Unauthenticated(_))
+        ));
+
+        // Refused tokens are never kept.
+        let expired = token(
+            K,
+            serde_json::json!({"sub": "svc", "roles": ["service"], "exp": t0 - 3600}),
+        );
+        assert!(auth.authenticate_at(Some(&expired), t0).is_err());
+        assert_eq!(cache_of(&auth).get(&expired, t0), None);
+        let wrong_key = token(
+            "other",
+            serde_json::json!({"sub": "svc", "roles": ["admin"], "exp": t0 + 30}),
+        );
+        assert!(auth.authenticate_at(Some(&wrong_key), t0).is_err());
+        assert_eq!(cache_of(&auth).get(&wrong_key, t0), None);
     }
 
     #[test]

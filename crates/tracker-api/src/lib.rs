@@ -8,7 +8,8 @@
 //! Layout:
 //! - [`config`]: the settings (`TRACKER_*` variables and equal flags),
 //!   checked once, in [`Application::build`];
-//! - [`auth`]: who is calling (bearer JWTs);
+//! - [`auth`]: who is calling (bearer JWTs), with [`token_cache`] keeping
+//!   recently verified tokens;
 //! - [`access`]: what the caller may do: roles, and who may act on which
 //!   session;
 //! - [`client_ip`]: the client's address, and when `X-Forwarded-For` counts;
@@ -45,6 +46,7 @@ pub mod openapi;
 pub mod routes;
 pub mod serve;
 pub mod state;
+pub mod token_cache;
 
 /// Builders the unit tests share.
 #[cfg(test)]

@@ -7,19 +7,26 @@
 //!
 //! This module reads what [`crate::error`] leaves on a response (which
 //! backend failed, which limit refused); `error` knows nothing of metrics.
+//!
+//! Every request is counted and timed, so that path takes no lock to
+//! write: each route's series are resolved once (see [`RouteSeries`]) and
+//! then written with atomics, latencies included ([`AtomicHistogram`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use tracing::Instrument;
 use tracker_core::Protocol;
@@ -117,7 +124,94 @@ struct BackendLabels {
     backend: Backend,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type HistogramFamily<L> = Family<L, AtomicHistogram, fn() -> AtomicHistogram>;
+
+/// A histogram written with atomics only: each observation is three relaxed
+/// additions (its bucket, the count, the sum). A scrape may see them a few
+/// observations apart, which Prometheus tolerates like any scrape race.
+#[derive(Debug, Clone)]
+pub struct AtomicHistogram(Arc<HistogramCells>);
+
+#[derive(Debug)]
+struct HistogramCells {
+    /// Upper bounds, ascending; the implicit last bucket is +Inf.
+    bounds: Vec<f64>,
+    /// One more than `bounds`.
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// The sum as f64 bits, added to with a compare-and-swap loop.
+    sum: AtomicU64,
+}
+
+impl AtomicHistogram {
+    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
+        let bounds: Vec<f64> = bounds.into_iter().filter(|b| b.is_finite()).collect();
+        let buckets = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        Self(Arc::new(HistogramCells {
+            bounds,
+            buckets,
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }))
+    }
+
+    pub fn observe(&self, v: f64) {
+        let c = &self.0;
+        let i = c.bounds.partition_point(|b| *b < v);
+        c.buckets[i].fetch_add(1, Ordering::Relaxed);
+        c.count.fetch_add(1, Ordering::Relaxed);
+        let mut old = c.sum.load(Ordering::Relaxed);
+        loop {
+            let new = (f64::from_bits(old) + v).to_bits();
+            match c
+                .sum
+                .compare_exchange_weak(old, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(seen) => old = seen,
+            }
+        }
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let buckets: Vec<(f64, u64)> = c
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(c.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        // The count as the buckets' total, so the two always agree.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = f64::from_bits(c.sum.load(Ordering::Relaxed));
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Method labels × status classes: the request counters of one route.
+const METHODS: usize = 4;
+const CLASSES: usize = 5;
+
+/// One route's series, resolved from the families once and then written
+/// without a lookup. The counters are resolved on first use, so a route
+/// shows only the method and status series it has served.
+#[derive(Debug)]
+struct RouteSeries {
+    route: Box<str>,
+    duration: AtomicHistogram,
+    requests: [OnceLock<Counter>; METHODS * CLASSES],
+}
 
 /// The API's metrics; cheap to clone.
 #[derive(Debug, Clone)]
@@ -133,15 +227,20 @@ struct Inner {
     session_watch_reads: Counter,
     connections_open: Gauge,
     timeouts: Family<TimeoutLabels, Counter>,
-    heartbeats: Family<HeartbeatLabels, Counter>,
+    /// The two series of `tracker_api_heartbeats`, resolved once: every
+    /// heartbeat counts.
+    heartbeats_accepted: Counter,
+    heartbeats_unknown: Counter,
     registrations: Family<RegistrationLabels, Counter>,
     limit_rejections: Family<LimitLabels, Counter>,
     backend_errors: Family<BackendLabels, Counter>,
+    /// By route pattern (a bounded set: the router's, and "unmatched").
+    routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>>>,
 }
 
-fn latency_histogram() -> Histogram {
+fn latency_histogram() -> AtomicHistogram {
     // 0.5 ms to ~16 s: heartbeats sit at the bottom, history queries higher.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    AtomicHistogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
 impl Default for Metrics {
@@ -161,7 +260,7 @@ impl Metrics {
             requests.clone(),
         );
         let duration: HistogramFamily<RouteLabels> =
-            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+            Family::new_with_constructor(latency_histogram as fn() -> AtomicHistogram);
         registry.register(
             "tracker_api_request_duration_seconds",
             "HTTP request latency by route pattern",
@@ -221,6 +320,13 @@ impl Metrics {
             "Requests failed by a backend error or timeout",
             backend_errors.clone(),
         );
+        let heartbeat_series = |result| {
+            heartbeats
+                .get_or_create(&HeartbeatLabels { result })
+                .clone()
+        };
+        let heartbeats_accepted = heartbeat_series(HeartbeatResult::Accepted);
+        let heartbeats_unknown = heartbeat_series(HeartbeatResult::Unknown);
         Self(Arc::new(Inner {
             registry: Arc::new(registry),
             requests,
@@ -230,11 +336,68 @@ impl Metrics {
             session_watch_reads,
             connections_open,
             timeouts,
-            heartbeats,
+            heartbeats_accepted,
+            heartbeats_unknown,
             registrations,
             limit_rejections,
             backend_errors,
+            routes: RwLock::default(),
         }))
+    }
+
+    /// The series of `route`, resolved on its first request.
+    fn route_series(&self, route: &str) -> Arc<RouteSeries> {
+        let known = self
+            .0
+            .routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+            .cloned();
+        if let Some(series) = known {
+            return series;
+        }
+        let mut routes = self
+            .0
+            .routes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        routes
+            .entry(route.into())
+            .or_insert_with(|| {
+                let duration = self
+                    .0
+                    .duration
+                    .get_or_create(&RouteLabels {
+                        route: route.to_owned(),
+                    })
+                    .clone();
+                Arc::new(RouteSeries {
+                    route: route.into(),
+                    duration,
+                    requests: Default::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Counts and times one request of `route`.
+    fn request_done(&self, series: &RouteSeries, method: MethodLabel, status: u16, secs: f64) {
+        let (class, class_index) = status_class_index(status);
+        let slot = method_index(method) * CLASSES + class_index;
+        series.requests[slot]
+            .get_or_init(|| {
+                self.0
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route: series.route.to_string(),
+                        method,
+                        status: class,
+                    })
+                    .clone()
+            })
+            .inc();
+        series.duration.observe(secs);
     }
 
     /// The registry, for the ops routes.
@@ -249,10 +412,10 @@ impl Metrics {
 
     pub fn heartbeats(&self, result: HeartbeatResult, n: u64) {
         if n > 0 {
-            self.0
-                .heartbeats
-                .get_or_create(&HeartbeatLabels { result })
-                .inc_by(n);
+            match result {
+                HeartbeatResult::Accepted => self.0.heartbeats_accepted.inc_by(n),
+                HeartbeatResult::Unknown => self.0.heartbeats_unknown.inc_by(n),
+            };
         }
     }
 
@@ -324,41 +487,55 @@ impl Drop for OpenSocket {
     }
 }
 
-fn status_class(status: u16) -> &'static str {
+fn status_class_index(status: u16) -> (&'static str, usize) {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => ("1xx", 0),
+        200..=299 => ("2xx", 1),
+        300..=399 => ("3xx", 2),
+        400..=499 => ("4xx", 3),
+        _ => ("5xx", 4),
     }
 }
 
-/// Middleware: a span per request, then counts and times it by route pattern.
-/// Backend errors and limit rejections are read from markers that
-/// [`crate::error::ApiError`] leaves on the response.
+fn method_index(method: MethodLabel) -> usize {
+    match method {
+        MethodLabel::Get => 0,
+        MethodLabel::Post => 1,
+        MethodLabel::Delete => 2,
+        MethodLabel::Other => 3,
+    }
+}
+
+/// Routes whose request span is at DEBUG rather than INFO: the heartbeats,
+/// by far the most frequent requests, which log nothing at INFO themselves.
+fn quiet_route(route: &str) -> bool {
+    route.ends_with("/heartbeat") || route == "/v1/heartbeats"
+}
+
+/// Middleware: a span per request (at INFO, or DEBUG for the heartbeat
+/// routes), then counts and times it by route pattern. Backend errors and
+/// limit rejections are read from markers that [`crate::error::ApiError`]
+/// leaves on the response.
 pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
-    let method = req.method().clone();
-    let span = tracing::info_span!("request", method = %method, route = %route);
+    let series = metrics.route_series(
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", MatchedPath::as_str),
+    );
+    let method = MethodLabel::from(req.method());
+    let span = if quiet_route(&series.route) {
+        tracing::debug_span!("request", method = %req.method(), route = %series.route)
+    } else {
+        tracing::info_span!("request", method = %req.method(), route = %series.route)
+    };
     let start = Instant::now();
     let response = next.run(req).instrument(span).await;
-    let elapsed = start.elapsed().as_secs_f64();
-    let m = &metrics.0;
-    m.requests
-        .get_or_create(&RequestLabels {
-            route: route.clone(),
-            method: (&method).into(),
-            status: status_class(response.status().as_u16()),
-        })
-        .inc();
-    m.duration
-        .get_or_create(&RouteLabels { route })
-        .observe(elapsed);
+    metrics.request_done(
+        &series,
+        method,
+        response.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+    );
     if let Some(BackendFailure(backend)) = response.extensions().get() {
         metrics.backend_error(*backend);
     }
@@ -400,10 +577,49 @@ mod tests {
     }
 
     #[test]
+    fn requests_are_counted_and_timed_by_route() {
+        let m = Metrics::new();
+        let hb = m.route_series("/v1/sessions/{session_id}/connections/{connection_id}/heartbeat");
+        m.request_done(&hb, MethodLabel::Post, 200, 0.0007);
+        m.request_done(&hb, MethodLabel::Post, 204, 0.003);
+        m.request_done(&hb, MethodLabel::Post, 404, 20.0);
+        let again =
+            m.route_series("/v1/sessions/{session_id}/connections/{connection_id}/heartbeat");
+        assert!(Arc::ptr_eq(&hb, &again), "resolved once");
+        let text = m.render();
+        let route = "route=\"/v1/sessions/{session_id}/connections/{connection_id}/heartbeat\"";
+        assert!(
+            text.contains(&format!(
+                "tracker_api_requests_total{{{route},method=\"POST\",status=\"2xx\"}} 2"
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "tracker_api_requests_total{{{route},method=\"POST\",status=\"4xx\"}} 1"
+        )));
+        assert!(!text.contains("status=\"5xx\""), "no series before use");
+        assert!(text.contains(&format!(
+            "tracker_api_request_duration_seconds_count{{{route}}} 3"
+        )));
+        assert!(
+            text.contains(&format!(
+                "tracker_api_request_duration_seconds_bucket{{le=\"0.001\",{route}}} 1"
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "tracker_api_request_duration_seconds_bucket{{le=\"+Inf\",{route}}} 3"
+        )));
+        assert!(text.contains(&format!(
+            "tracker_api_request_duration_seconds_sum{{{route}}} 20.0037"
+        )));
+    }
+
+    #[test]
     fn status_classes() {
-        assert_eq!(status_class(101), "1xx");
-        assert_eq!(status_class(204), "2xx");
-        assert_eq!(status_class(429), "4xx");
-        assert_eq!(status_class(503), "5xx");
+        assert_eq!(status_class_index(101).0, "1xx");
+        assert_eq!(status_class_index(204).0, "2xx");
+        assert_eq!(status_class_index(429).0, "4xx");
+        assert_eq!(status_class_index(503).0, "5xx");
     }
 }

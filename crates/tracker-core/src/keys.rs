@@ -166,6 +166,7 @@ pub enum ShardKey {
     Term,
     WakeSignal,
     Events,
+    ArchiveSignal,
     Epoch,
     /// What the leader says holds back its decisions on the shard (startup
     /// guard, dry run); declared after the session keys by the scripts that
@@ -174,8 +175,8 @@ pub enum ShardKey {
 }
 
 impl ShardKey {
-    /// What shard scripts declare as `KEYS[1..=12]`, in this order.
-    pub const DECLARED: [ShardKey; 12] = [
+    /// What shard scripts declare as `KEYS[1..=13]`, in this order.
+    pub const DECLARED: [ShardKey; 13] = [
         ShardKey::Conn,
         ShardKey::Live,
         ShardKey::Due,
@@ -188,6 +189,7 @@ impl ShardKey {
         ShardKey::Term,
         ShardKey::WakeSignal,
         ShardKey::Events,
+        ShardKey::ArchiveSignal,
     ];
 
     fn name(self) -> &'static str {
@@ -204,6 +206,7 @@ impl ShardKey {
             ShardKey::Term => "term",
             ShardKey::WakeSignal => "wakesig",
             ShardKey::Events => "events",
+            ShardKey::ArchiveSignal => "archsig",
             ShardKey::Epoch => "epoch",
             ShardKey::LeaderFacts => "leader",
         }

@@ -35,7 +35,7 @@ pub use store::{
     redact_url, Announcement, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch,
     Expired, FinishOutcome, HeartbeatAck, HibernationReason, IdleSource, IdleTimeout, Limits,
     MalformedEntry, NewConnection, OutboxEntry, OutboxRead, PendingWake, RedisMode,
-    RegisterOutcome, Registered, SessionMeta, Stats, Store, StoreConfig, Sweep, Term, WakeListener,
-    Warning, Written,
+    RegisterOutcome, Registered, SessionMeta, Signal, SignalListener, Stats, Store, StoreConfig,
+    Sweep, Term, WakeListener, Warning, Written,
 };
 pub use store::{Declared, EventAck, EventKind, EventRead, QueuedEvent, WakeAnnounce};

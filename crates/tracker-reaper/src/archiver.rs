@@ -14,19 +14,23 @@
 //! acknowledged like the rest. A failure that is not the data's (PostgreSQL
 //! down, a timeout) still acknowledges nothing and is retried.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracker_core::{HistoryRecord, MalformedEntry, OutboxRead, ShardId, Store};
+use tracker_core::{HistoryRecord, MalformedEntry, OutboxRead, ShardId, Signal, Store};
 
 use crate::acting::TermContext;
 use crate::backoff::Backoff;
 use crate::db::{self, Reject};
 use crate::metrics::{Metrics, RejectReason, Task};
+use crate::signals;
 use crate::Result;
 
 /// Entries per read and per insert.
@@ -43,9 +47,46 @@ pub struct Pass {
     pub failed: bool,
 }
 
-/// Archives until the term ends: passes back to back while there is work,
-/// then every `interval` (or when nudged), with backoff while PostgreSQL or
-/// Redis fail.
+/// Without any signal every shard is read every this many intervals anyway
+/// (10 s at the default 250 ms interval).
+pub const BACKSTOP_POLLS: u32 = 40;
+
+/// Shards whose outbox was signalled since the archiver last took them.
+#[derive(Debug, Default)]
+struct Signalled {
+    shards: Mutex<BTreeSet<ShardId>>,
+    notify: Notify,
+}
+
+impl Signalled {
+    fn add(&self, shard: ShardId) {
+        self.shards
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(shard);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> BTreeSet<ShardId> {
+        std::mem::take(&mut *self.shards.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// What the next pass reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every shard: the first pass, the backstop, a retry, a nudge.
+    All,
+    /// The shards signalled since the last pass.
+    Signalled,
+}
+
+/// Archives until the term ends. History is pushed, not polled: the script
+/// that appends to a shard's outbox also signals it, and the archiver drains
+/// the signalled shards at once. Every shard is read at the start of the
+/// term, when the sweep nudges, and every [`BACKSTOP_POLLS`] `interval`s in
+/// case a signal was lost (a listener reconnecting, a failover). While
+/// PostgreSQL or Redis fail, whole passes are retried with backoff.
 pub async fn run(ctx: TermContext, interval: Duration) {
     let TermContext {
         store,
@@ -60,38 +101,66 @@ pub async fn run(ctx: TermContext, interval: Duration) {
         () = stop.cancelled() => return,
         _ = db_ready.wait_for(|ready| *ready) => {}
     }
+    let signalled = Arc::new(Signalled::default());
+    let on_signal = {
+        let signalled = signalled.clone();
+        move |shard| signalled.add(shard)
+    };
+    let listeners = signals::spawn_listeners(&store, Signal::Archive, on_signal, &stop);
+    let backstop = interval * BACKSTOP_POLLS;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut backlog_at: Option<Instant> = None;
+    let mut scope = Scope::All;
     loop {
-        let span = tracing::debug_span!("archive_tick", archived = tracing::field::Empty);
-        let pass = archive_pass(&store, &pool, &metrics, &stop)
+        let shards: Vec<ShardId> = match scope {
+            Scope::All => {
+                signalled.take();
+                store.keys().shards().collect()
+            }
+            Scope::Signalled => signalled.take().into_iter().collect(),
+        };
+        let span = tracing::debug_span!(
+            "archive_tick",
+            shards = shards.len(),
+            archived = tracing::field::Empty
+        );
+        let pass = archive_shards(&store, &pool, &metrics, &stop, shards.iter().copied())
             .instrument(span.clone())
             .await;
         span.record("archived", pass.archived);
         if stop.is_cancelled() {
-            return;
+            break;
         }
-        if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
-            backlog_at = Some(Instant::now());
-            match store.outbox_backlog().await {
-                Ok(n) => metrics.archive_backlog.set(n as f64),
-                Err(e) => tracing::debug!(error = %e, "reading the archive backlog failed"),
+        // The backlog gauge costs a call per shard. A pass that drained every
+        // shard knows it without them; only while archiving fails does the
+        // backlog grow, and then it is read (at most every BACKLOG_EVERY).
+        if pass.failed {
+            if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
+                backlog_at = Some(Instant::now());
+                match store.outbox_backlog().await {
+                    Ok(n) => metrics.archive_backlog.set(n as f64),
+                    Err(e) => tracing::debug!(error = %e, "reading the archive backlog failed"),
+                }
             }
+        } else if scope == Scope::All {
+            metrics.archive_backlog.set(0.0);
         }
         let pause = if pass.failed {
             backoff.next_delay()
         } else {
             backoff.reset();
-            if pass.archived > 0 {
-                continue;
-            }
-            interval
+            backstop
         };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = nudge.notified(), if !pass.failed => {}
-            () = tokio::time::sleep(pause) => {}
-        }
+        scope = tokio::select! {
+            () = stop.cancelled() => break,
+            () = nudge.notified(), if !pass.failed => Scope::All,
+            () = signalled.notify.notified(), if !pass.failed => Scope::Signalled,
+            () = tokio::time::sleep(pause) => Scope::All,
+        };
+    }
+    for listener in listeners {
+        // They stop with `stop`; waiting keeps their connections from outliving the term.
+        let _ = listener.await;
     }
 }
 
@@ -104,9 +173,19 @@ pub async fn archive_pass(
     metrics: &Metrics,
     stop: &CancellationToken,
 ) -> Pass {
-    let shards = store
-        .keys()
-        .shards()
+    archive_shards(store, pool, metrics, stop, store.keys().shards()).await
+}
+
+/// One pass over `shards`, like [`archive_pass`].
+pub async fn archive_shards(
+    store: &Store,
+    pool: &PgPool,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+    shards: impl IntoIterator<Item = ShardId>,
+) -> Pass {
+    let shards = shards
+        .into_iter()
         .map(|shard| archive_shard(store, pool, metrics, stop, shard));
     let results: Vec<Pass> = futures::stream::iter(shards)
         .buffer_unordered(CONCURRENCY)

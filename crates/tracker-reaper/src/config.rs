@@ -124,7 +124,8 @@ pub struct Config {
     #[arg(long, env = "TRACKER_HIBERNATE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub hibernate_interval: Duration,
 
-    /// How often an empty history outbox is polled again.
+    /// New history is signalled; every shard's outbox is also read every
+    /// `archiver::BACKSTOP_POLLS` intervals in case a signal was lost.
     #[arg(long, env = "TRACKER_ARCHIVE_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub archive_interval: Duration,
 

@@ -202,20 +202,30 @@ impl Hibernator {
         }
     }
 
-    /// One pass: check the epochs, then (guard permitting) every shard's due sessions.
+    /// One pass: check the epochs, then (guard permitting) every shard's due
+    /// sessions. One call per shard reads both: the due sessions are only
+    /// asked for while the guard permits, and only acted on when no epoch
+    /// changed in the same pass.
     pub async fn tick(&mut self, stop: &CancellationToken) {
+        let max = if self.guard.may_hibernate(Instant::now()) {
+            BATCH
+        } else {
+            0
+        };
         let mut changed = Vec::new();
+        let mut due = Vec::new();
         for shard in self.store.keys().shards() {
-            match self.store.shard_epoch(shard).await {
-                Ok(epoch) => {
+            match self.store.shard_epoch_due(shard, max).await {
+                Ok((epoch, ids)) => {
                     if self.guard.observe(shard, &epoch, Instant::now()) {
                         changed.push(shard.0);
                     }
+                    due.extend(ids);
                 }
                 Err(e) => {
                     // Without knowing the epoch we cannot rule out a data loss: skip this tick.
                     self.metrics.store_error(Task::Hibernate);
-                    tracing::warn!(shard = shard.0, error = %e, "reading the shard epoch failed");
+                    tracing::warn!(shard = shard.0, error = %e, "reading the shard epoch and due sessions failed");
                     return;
                 }
             }
@@ -235,22 +245,12 @@ impl Hibernator {
         if !self.guard.may_hibernate(Instant::now()) {
             return;
         }
-        for shard in self.store.keys().shards() {
-            let due = match self.store.due_sessions(shard, BATCH).await {
-                Ok(d) => d,
-                Err(e) => {
-                    self.metrics.store_error(Task::Hibernate);
-                    tracing::warn!(shard = shard.0, error = %e, "reading due sessions failed");
-                    continue;
-                }
-            };
-            for id in due {
-                if stop.is_cancelled() {
-                    return;
-                }
-                let span = tracing::info_span!("hibernate", session_id = %id);
-                self.hibernate_one(&id).instrument(span).await;
+        for id in due {
+            if stop.is_cancelled() {
+                return;
             }
+            let span = tracing::info_span!("hibernate", session_id = %id);
+            self.hibernate_one(&id).instrument(span).await;
         }
     }
 

@@ -54,6 +54,7 @@ pub mod platform;
 pub mod publisher;
 pub mod rollup;
 pub mod session;
+pub mod signals;
 pub mod sweeper;
 pub mod waker;
 

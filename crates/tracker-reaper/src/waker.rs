@@ -29,11 +29,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::{
-    EventKind, PendingWake, ResourceState, SessionId, ShardId, Store, WakeAnnounce, Written,
+    EventKind, PendingWake, ResourceState, SessionId, Signal, Store, WakeAnnounce, Written,
 };
 
 use crate::acting::{Acting, Fence, InFlight, TermContext};
-use crate::backoff::{self, Backoff};
+use crate::backoff;
 use crate::db::EventType;
 use crate::error::Error;
 use crate::events::EventSink;
@@ -45,9 +45,7 @@ use crate::session::{resource_state, session_meta, Session};
 /// Pending wakes read per shard and poll.
 pub const BATCH: u32 = 100;
 
-/// How long one blocking wait for a signal lasts: an idle listener makes one
-/// call per this period.
-pub const SIGNAL_WAIT: Duration = Duration::from_secs(5);
+pub use crate::signals::SIGNAL_WAIT;
 
 /// Without any signal every shard is read every this many intervals anyway
 /// (5 s at the default 25 ms interval).
@@ -139,15 +137,13 @@ impl Waker {
     /// waiting wake is due again, and at the backstop period.
     pub async fn run(mut self, stop: CancellationToken) {
         let signal = Arc::new(Notify::new());
-        let listeners: Vec<_> = self
-            .store
-            .wake_signal_groups()
-            .into_iter()
-            .map(|shards| {
-                let listen = listen(self.store.clone(), shards, signal.clone(), stop.clone());
-                tokio::spawn(listen)
-            })
-            .collect();
+        let notify = signal.clone();
+        let listeners = crate::signals::spawn_listeners(
+            &self.store,
+            Signal::Wake,
+            move |_| notify.notify_one(),
+            &stop,
+        );
         let backstop = self.interval * BACKSTOP_POLLS;
         loop {
             let again = self.poll(&stop).await;
@@ -459,54 +455,6 @@ impl Waker {
         let delay = retry_after_failure(r.failures);
         r.not_before = Instant::now() + delay;
         delay
-    }
-}
-
-/// Waits for signals on one connection until it fails; answers the failure.
-async fn wait_signals(
-    store: &Store,
-    shards: &[ShardId],
-    signal: &Notify,
-    backoff: &mut Backoff,
-) -> tracker_core::Error {
-    let mut listener = match store.wake_listener(shards).await {
-        Ok(l) => l,
-        Err(e) => return e,
-    };
-    loop {
-        match listener.wait(SIGNAL_WAIT).await {
-            Ok(signalled) => {
-                backoff.reset();
-                if signalled {
-                    signal.notify_one();
-                }
-            }
-            Err(e) => return e,
-        }
-    }
-}
-
-/// Blocks on the wake signals of `shards` until `stop`, notifying `signal`
-/// for each one; reconnects with backoff after a failure (the backstop read
-/// covers the gap).
-async fn listen(store: Store, shards: Vec<ShardId>, signal: Arc<Notify>, stop: CancellationToken) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let failed = tokio::select! {
-            () = stop.cancelled() => return,
-            e = wait_signals(&store, &shards, &signal, &mut backoff) => e,
-        };
-        let retry = backoff.next_delay();
-        if backoff.attempts() == 1 {
-            tracing::warn!(error = %failed, retry_in = ?retry, first_shard = shards.first().map(|s| s.0),
-                "waiting for wake signals failed; reconnecting (the backstop read covers the gap)");
-        } else {
-            tracing::debug!(error = %failed, retry_in = ?retry, "waiting for wake signals failed again");
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(retry) => {}
-        }
     }
 }
 

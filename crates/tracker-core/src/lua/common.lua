@@ -31,6 +31,8 @@
 --                            g the generation it was decided on, x "1" when its
 --                            acknowledgement completes the state change it
 --                            announces, su the session's uid
+--   KEYS[13] archsig  LIST   at most one element: "history was appended to the outbox
+--                            here since the archiver last looked" (same use as wakesig)
 --   then, per session the script works on, three keys:
 --            c        ZSET   connection id -> last heartbeat ms
 --            u        HASH   user id -> number of its connections in c; present only
@@ -72,7 +74,8 @@ local K_CONN, K_LIVE, K_DUE, K_WAKE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTBOX, K_STATS, K_KNOWN = KEYS[5], KEYS[6], KEYS[7]
 local K_UA, K_UAN, K_TERM, K_WAKESIG = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_EVENTS = KEYS[12]
-local SHARD_KEYS = 12
+local K_ARCHSIG = KEYS[13]
+local SHARD_KEYS = 13
 -- Metadata of a session nobody mirrored and nobody is connected to is kept this
 -- long, so its view stays readable for a while, then it expires by itself.
 local UNKNOWN_TTL_MS = 86400000
@@ -351,6 +354,8 @@ local function finish_conn(S, m, cid, rec, hb, ended, reason)
   redis.call('XADD', K_OUTBOX, '*',
     'c', cid, 's', S.id, 'u', rec[2], 'p', rec[3], 'ip', rec[4], 'ua', ua_text(rec[5]),
     'ca', ms(rec[6]), 'da', ms(ended), 'hb', ms(hb), 'r', reason, 'su', m.uid or '')
+  -- Ring the archiver's bell, once until it looks (see request_wake).
+  if redis.call('LLEN', K_ARCHSIG) == 0 then redis.call('LPUSH', K_ARCHSIG, '1') end
   ua_release(rec[5])
 end
 

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::keys::{KeySpace, ShardId, ShardKey};
 use crate::scripts::{Op, Scripts};
 use reply::{bad_reply, flag, parse_ms, CONN_FIELDS, VIEW_FIELDS};
-pub use signals::WakeListener;
+pub use signals::{Signal, SignalListener, WakeListener};
 use types::millis;
 pub use types::*;
 
@@ -1432,6 +1432,34 @@ impl Store {
             marker,
             created: flag(created),
         })
+    }
+
+    /// [`Store::shard_epoch`] and, when `max` > 0, [`Store::due_sessions`]
+    /// of one shard, in one call: the hibernator's read of a shard per tick.
+    pub async fn shard_epoch_due(
+        &self,
+        shard: ShardId,
+        max: u32,
+    ) -> Result<(Epoch, Vec<SessionId>)> {
+        let op = &self.scripts.epoch_due;
+        let keys = [
+            self.keys.shard_key(shard, ShardKey::Epoch),
+            self.keys.shard_key(shard, ShardKey::Due),
+        ];
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let reply: Vec<String> = self.eval(op, &keys, (fresh, max)).await?;
+        let [marker, created, due @ ..] = reply.as_slice() else {
+            return Err(bad_reply(op, &reply));
+        };
+        let due = due
+            .iter()
+            .map(|s| s.parse().map_err(|_| bad_reply(op, &reply)))
+            .collect::<Result<Vec<SessionId>>>()?;
+        let epoch = Epoch {
+            marker: marker.clone(),
+            created: created == "1",
+        };
+        Ok((epoch, due))
     }
 
     /// Takes or renews the named leader lock for `lease`; false if another

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tracker_core::testing::Backend;
 use tracker_core::{
     ConnectionId, EndReason, IdleTimeout, Limits, Protocol, RegisterOutcome, ResourceState,
-    SessionState, UserAgent,
+    SessionState, ShardKey, Signal, UserAgent,
 };
 
 use crate::support::*;
@@ -15,6 +15,7 @@ crate::both!(
     replaying_a_registration_is_idempotent,
     a_late_heartbeat_never_revives_a_connection,
     closing_a_dead_connection_archives_it_as_expired,
+    history_in_the_outbox_signals_the_archiver_once,
     batch_heartbeats_report_exactly_the_unknown_pairs,
     concurrent_single_heartbeats_each_get_their_own_answer,
     stats_follow_every_change,
@@ -170,6 +171,53 @@ async fn closing_a_dead_connection_archives_it_as_expired(backend: Backend) {
     let out = outbox(&store).await;
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].record.end_reason, EndReason::Expired);
+}
+
+async fn history_in_the_outbox_signals_the_archiver_once(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    let shard = store.keys().shard_of(&s);
+    let group = store
+        .signal_groups()
+        .into_iter()
+        .find(|g| g.contains(&shard))
+        .unwrap();
+    let mut listener = store
+        .signal_listener(Signal::Archive, &group)
+        .await
+        .unwrap();
+    let quick = Duration::from_millis(20);
+    assert_eq!(
+        listener.wait_shard(quick).await.unwrap(),
+        None,
+        "no history yet"
+    );
+
+    let signal = store.keys().shard_key(shard, ShardKey::ArchiveSignal);
+    let conns: Vec<_> = (0..3).map(|_| conn(&s, "alice", Protocol::Http)).collect();
+    for c in &conns {
+        created(store.register(c, Limits::default()).await.unwrap());
+    }
+    let queued: i64 = raw(backend, redis::cmd("LLEN").arg(&signal)).await;
+    assert_eq!(queued, 0, "registrations append no history");
+    store.close(&s, conns[0].connection_id).await.unwrap();
+    store.close(&s, conns[1].connection_id).await.unwrap();
+    let queued: i64 = raw(backend, redis::cmd("LLEN").arg(&signal)).await;
+    assert_eq!(queued, 1, "one signal however many appends");
+    assert_eq!(
+        listener.wait_shard(Duration::from_secs(5)).await.unwrap(),
+        Some(shard)
+    );
+    assert_eq!(listener.wait_shard(quick).await.unwrap(), None, "consumed");
+
+    // The sweep's appends signal too.
+    clock.advance(WINDOW + Duration::from_secs(5));
+    assert_eq!(sweep_all(&store).await, 1);
+    assert_eq!(
+        listener.wait_shard(Duration::from_secs(5)).await.unwrap(),
+        Some(shard)
+    );
+    assert_eq!(outbox(&store).await.len(), 3);
 }
 
 async fn batch_heartbeats_report_exactly_the_unknown_pairs(backend: Backend) {

@@ -22,6 +22,7 @@ crate::both!(
     stale_mirror_events_are_ignored,
     a_deleted_resource_is_forgotten,
     epochs_are_stable_until_the_data_is_lost,
+    the_epoch_and_due_read_agrees_with_its_parts,
     leader_locks_are_held_by_one_holder,
 );
 
@@ -366,6 +367,38 @@ async fn epochs_are_stable_until_the_data_is_lost(backend: Backend) {
         assert_eq!(again.marker, first.marker);
         assert!(!again.created);
     }
+}
+
+async fn the_epoch_and_due_read_agrees_with_its_parts(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    let shard = store.keys().shard_of(&s);
+    let (first, none) = store.shard_epoch_due(shard, 10).await.unwrap();
+    assert!(first.created);
+    assert!(none.is_empty());
+    assert_eq!(store.shard_epoch(shard).await.unwrap().marker, first.marker);
+
+    running(&store, &s).await;
+    clock.advance(IDLE);
+    assert_eq!(
+        store.due_sessions(shard, 10).await.unwrap(),
+        vec![s.clone()]
+    );
+    let (again, due) = store.shard_epoch_due(shard, 10).await.unwrap();
+    assert_eq!((again.marker, again.created), (first.marker.clone(), false));
+    assert_eq!(due, vec![s.clone()]);
+    let (_, unasked) = store.shard_epoch_due(shard, 0).await.unwrap();
+    assert!(unasked.is_empty(), "no due read when none is wanted");
+
+    // An emptied shard: a new marker, created by this very call.
+    raw::<()>(
+        backend,
+        redis::cmd("DEL").arg(store.keys().shard_key(shard, tracker_core::ShardKey::Epoch)),
+    )
+    .await;
+    let (fresh, _) = store.shard_epoch_due(shard, 10).await.unwrap();
+    assert!(fresh.created);
+    assert_ne!(fresh.marker, first.marker);
 }
 
 async fn leader_locks_are_held_by_one_holder(backend: Backend) {

@@ -80,6 +80,44 @@ async fn closed_and_expired_connections_become_one_row_each_cluster(pool: PgPool
     closed_and_expired_become_one_row_each(Backend::Cluster, &pool).await;
 }
 
+/// With a backstop of 40 hours, only the outbox's signal can explain an
+/// archive within seconds.
+async fn a_signal_archives_without_waiting_for_the_poll(backend: Backend, pool: &PgPool) {
+    let env = Env::new(backend, Duration::from_secs(60), pool).await;
+    let mut cfg = env.config();
+    cfg.archive_interval = Duration::from_secs(3600);
+    let mut reaper = Reaper::start(cfg, env.overrides()).await;
+    reaper.wait_leader(Duration::from_secs(5)).await;
+
+    // The first row may come from the term's first pass over every shard;
+    // once it is written, that pass has read this session's shard for good.
+    let first = env.connect("s-1", "alice").await;
+    env.store.close(&sid("s-1"), first).await.unwrap();
+    eventually(Duration::from_secs(10), "the first row", || async {
+        (env.history_rows().await == 1).then_some(())
+    })
+    .await;
+    for round in 2..=4 {
+        let id = env.connect("s-1", "alice").await;
+        env.store.close(&sid("s-1"), id).await.unwrap();
+        eventually(Duration::from_secs(5), "the signalled row", || async {
+            (env.history_rows().await == round).then_some(())
+        })
+        .await;
+    }
+    reaper.stop().await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_signal_archives_without_waiting_for_the_poll_standalone(pool: PgPool) {
+    a_signal_archives_without_waiting_for_the_poll(Backend::Standalone, &pool).await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_signal_archives_without_waiting_for_the_poll_cluster(pool: PgPool) {
+    a_signal_archives_without_waiting_for_the_poll(Backend::Cluster, &pool).await;
+}
+
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_postgres_outage_loses_nothing(pool: PgPool) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
