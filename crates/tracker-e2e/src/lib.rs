@@ -18,13 +18,16 @@
 //! - [`harness`]: [`Harness`], which owns the fake, the database and every child;
 //! - [`client`]: HTTP and WebSocket clients of the API;
 //! - [`proxy`]: a loopback TCP forwarder that can be cut (PostgreSQL outage);
-//! - [`redis_server`]: a run's private standalone `redis-server` that can be killed and restarted;
+//! - [`local_server`]: a private server process on a free port that can be stopped, killed
+//!   and started again; [`redis_server`] (standalone, no persistence) and [`nats_server`]
+//!   (JetStream) are its two kinds;
 //! - [`metrics`], [`poll`]: Prometheus text parsing and bounded polling;
 //! - [`scenarios`]: the scenarios, each returning its figures.
 
 pub mod client;
 pub mod db;
 pub mod harness;
+pub mod local_server;
 pub mod metrics;
 pub mod nats_server;
 pub mod poll;

@@ -1,122 +1,55 @@
 //! A test's private `nats-server` with JetStream: a free loopback port, its own
 //! store directory. It can be stopped and started again on the same port with
-//! the same store (a NATS outage that loses nothing it acknowledged), or
-//! killed. The shared server of the machine is never touched.
+//! the same store ([`LocalServer::start_again`]: a NATS outage that loses
+//! nothing it acknowledged), or killed.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::time::Instant;
 
-use crate::process::{free_port, ChildProcess};
-use crate::{Error, Result};
-
-/// How long a starting `nats-server` may take to greet a client.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::local_server::{LocalServer, ServerKind};
 
 /// Where Debian's package installs it; `PATH` is tried otherwise.
 const DEBIAN_BINARY: &str = "/usr/sbin/nats-server";
 
-/// The private server; killed when dropped (its directory stays for the post-mortem).
+/// `nats-server -js`.
 #[derive(Debug)]
-pub struct NatsServer {
-    port: u16,
-    dir: PathBuf,
-    starts: u32,
-    process: Option<ChildProcess>,
-}
+pub struct Nats;
 
-impl NatsServer {
-    /// Starts `nats-server -js` on a free loopback port with its store under
-    /// `dir`, and waits until it greets a client with JetStream enabled.
-    pub async fn start(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let mut server = Self {
-            port: free_port()?,
-            dir: dir.to_owned(),
-            starts: 0,
-            process: None,
-        };
-        server.spawn().await?;
-        Ok(server)
-    }
+/// The private NATS of a test.
+pub type NatsServer = LocalServer<Nats>;
 
-    /// `nats://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
+impl ServerKind for Nats {
+    const NAME: &'static str = "nats-server";
+    const SCHEME: &'static str = "nats";
+    const READY: &'static str = "it greeted a client with JetStream";
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Whether the server process runs.
-    pub fn is_running(&self) -> bool {
-        self.process.is_some()
-    }
-
-    /// SIGTERM (bounded): a clean stop; the store stays for [`NatsServer::start_again`].
-    pub async fn stop(&mut self) -> Result<()> {
-        if let Some(mut p) = self.process.take() {
-            p.terminate(Duration::from_secs(5)).await?;
-        }
-        Ok(())
-    }
-
-    /// SIGKILL: no goodbye to clients.
-    pub async fn kill(&mut self) -> Result<()> {
-        if let Some(mut p) = self.process.take() {
-            p.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// Starts it again on the same port with the same store.
-    pub async fn start_again(&mut self) -> Result<()> {
-        self.stop().await?;
-        self.spawn().await
-    }
-
-    /// Stops it and removes its directory.
-    pub async fn remove(mut self) -> Result<()> {
-        self.stop().await?;
-        let _ = std::fs::remove_dir_all(&self.dir);
-        Ok(())
-    }
-
-    async fn spawn(&mut self) -> Result<()> {
-        self.starts += 1;
-        let name = format!("nats-server.{}", self.starts);
-        let log = self.dir.join(format!("{name}.log"));
-        let port = self.port.to_string();
-        let store = self.dir.join("jetstream").display().to_string();
-        let args = ["-js", "-sd", &store, "-a", "127.0.0.1", "-p", &port];
-        let binary = if Path::new(DEBIAN_BINARY).exists() {
-            Path::new(DEBIAN_BINARY)
+    fn binary() -> PathBuf {
+        if Path::new(DEBIAN_BINARY).exists() {
+            PathBuf::from(DEBIAN_BINARY)
         } else {
-            Path::new("nats-server")
-        };
-        let mut p = ChildProcess::spawn_with_args(&name, binary, &args, &log)?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            p.check_running("it greeted a client")?;
-            if greets_with_jetstream(self.port).await {
-                self.process = Some(p);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: format!("{name} on port {} to greet with JetStream", self.port),
-                    waited: READY_TIMEOUT,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            PathBuf::from("nats-server")
         }
     }
-}
 
+    fn args(port: u16, dir: &Path) -> Vec<String> {
+        let store = dir.join("jetstream").display().to_string();
+        vec![
+            "-js".into(),
+            "-sd".into(),
+            store,
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ]
+    }
+
+    fn ready(port: u16) -> impl std::future::Future<Output = bool> + Send {
+        greets_with_jetstream(port)
+    }
+}
 /// True if a NATS server on the loopback `port` sends its `INFO` greeting,
 /// with JetStream on, within a second.
 pub async fn greets_with_jetstream(port: u16) -> bool {

@@ -1,83 +1,34 @@
 //! A run's private standalone `redis-server`: no persistence (`--save '' --appendonly no`), a
 //! free loopback port, its own temporary directory. It can be SIGKILLed and started again on
-//! the same port, empty: a Redis that lost its data. The shared test servers are never touched.
+//! the same port, empty ([`LocalServer::restart`]): a Redis that lost its data.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
 
-use crate::process::{free_port, ChildProcess};
-use crate::{Error, Result};
+use crate::local_server::{LocalServer, ServerKind};
 
-/// How long a starting `redis-server` may take to answer PING.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The private server; killed when dropped (its directory stays for the post-mortem).
+/// `redis-server` from `PATH`.
 #[derive(Debug)]
-pub struct RedisServer {
-    port: u16,
-    dir: PathBuf,
-    starts: u32,
-    process: Option<ChildProcess>,
-}
+pub struct Redis;
 
-impl RedisServer {
-    /// Starts `redis-server` (from `PATH`) on a free loopback port, with `dir` for its files
-    /// and log, and waits until it answers PING.
-    pub async fn start(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let mut server = Self {
-            port: free_port()?,
-            dir: dir.to_owned(),
-            starts: 0,
-            process: None,
-        };
-        server.spawn().await?;
-        Ok(server)
+/// The private Redis of a run.
+pub type RedisServer = LocalServer<Redis>;
+
+impl ServerKind for Redis {
+    const NAME: &'static str = "redis-server";
+    const SCHEME: &'static str = "redis";
+    const READY: &'static str = "it answered PING";
+
+    fn binary() -> PathBuf {
+        PathBuf::from("redis-server")
     }
 
-    /// `redis://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// SIGKILL: no shutdown save, no goodbye to clients.
-    pub async fn kill(&mut self) -> Result<()> {
-        if let Some(mut p) = self.process.take() {
-            p.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// Starts it again on the same port, empty, and waits until it answers PING.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill().await?;
-        self.spawn().await
-    }
-
-    /// SIGTERM (bounded), then removes its directory.
-    pub async fn stop(mut self) -> Result<()> {
-        if let Some(mut p) = self.process.take() {
-            p.terminate(Duration::from_secs(5)).await?;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        Ok(())
-    }
-
-    async fn spawn(&mut self) -> Result<()> {
-        self.starts += 1;
-        let name = format!("redis-server.{}", self.starts);
-        let log = self.dir.join(format!("{name}.log"));
-        let port = self.port.to_string();
-        let dir = self.dir.display().to_string();
-        let args = [
+    fn args(port: u16, dir: &Path) -> Vec<String> {
+        let port = port.to_string();
+        let dir = dir.display().to_string();
+        [
             "--port",
             &port,
             "--bind",
@@ -90,23 +41,13 @@ impl RedisServer {
             &dir,
             "--protected-mode",
             "no",
-        ];
-        let mut p = ChildProcess::spawn_with_args(&name, Path::new("redis-server"), &args, &log)?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            p.check_running("it answered PING")?;
-            if ping(self.port).await {
-                self.process = Some(p);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: format!("{name} on port {} to answer PING", self.port),
-                    waited: READY_TIMEOUT,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    fn ready(port: u16) -> impl std::future::Future<Output = bool> + Send {
+        ping(port)
     }
 }
 

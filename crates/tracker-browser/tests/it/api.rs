@@ -103,8 +103,7 @@ async fn the_listing_is_for_operators_and_checks_its_query() {
         ("limit=0", "limit"),
         ("limit=501", "limit"),
         ("cursor=nonsense", "cursor"),
-        // The test store has 4 shards: shard 4 does not exist.
-        ("cursor=4%3A", "cursor"),
+        ("cursor=1%3ANot_A_Name", "cursor"),
     ] {
         let (status, body) = api
             .get(&format!("/v1/sessions?{query}"), &admin_token())
@@ -112,6 +111,16 @@ async fn the_listing_is_for_operators_and_checks_its_query() {
         assert_eq!(status, 400, "{query}: {body}");
         assert_eq!(body["error"]["field"], field, "{query}");
     }
+    // The test store has 4 shards: a cursor at shard 4 is past the end, an
+    // empty last page; an empty cursor is the first page.
+    let (status, body) = api.get("/v1/sessions?cursor=4%3A", &admin_token()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"sessions": [], "next_cursor": null})
+    );
+    let (status, body) = api.get("/v1/sessions?cursor=", &admin_token()).await;
+    assert_eq!(status, 200, "{body}");
     // Without a database, the events are unavailable, not an error.
     let (status, body) = api.get("/v1/events", &admin_token()).await;
     assert_eq!(

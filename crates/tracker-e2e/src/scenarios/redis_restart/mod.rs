@@ -127,7 +127,7 @@ pub async fn run(
         eprintln!("tracker-e2e: redis-server logs kept in {}", dir.display());
         redis.kill().await?;
     } else {
-        redis.stop().await?;
+        redis.remove().await?;
     }
     result
 }
