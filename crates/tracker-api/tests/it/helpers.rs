@@ -2,14 +2,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
-use tokio::io::copy_bidirectional;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracker_api::config::Config;
@@ -309,60 +305,6 @@ where
             "timed out after {limit:?} waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A TCP proxy in front of Redis that the test can switch off and on, to
-/// simulate an outage without touching the shared server.
-pub struct FlakyProxy {
-    pub port: u16,
-    up: Arc<Mutex<CancellationToken>>,
-    accept: JoinHandle<()>,
-}
-
-impl FlakyProxy {
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(Mutex::new(CancellationToken::new()));
-        let flag = up.clone();
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                let alive = flag.lock().await.clone();
-                if alive.is_cancelled() {
-                    drop(inbound);
-                    continue;
-                }
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        () = alive.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Self { port, up, accept }
-    }
-
-    /// Cuts every open connection and refuses new ones.
-    pub async fn down(&self) {
-        self.up.lock().await.cancel();
-    }
-
-    pub async fn up(&self) {
-        *self.up.lock().await = CancellationToken::new();
-    }
-}
-
-impl Drop for FlakyProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tracker_core::testing::{config, Backend};
 use tracker_core::Store;
+use tracker_e2e::proxy::Proxy;
 
 use crate::helpers::*;
 
@@ -71,9 +72,11 @@ async fn unreachable_redis_is_a_quick_503() {
 
 #[tokio::test]
 async fn the_api_recovers_when_redis_returns() {
-    let proxy = FlakyProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+    let proxy = Proxy::start("127.0.0.1:6379".parse().unwrap())
+        .await
+        .unwrap();
     let mut cfg = config(Backend::Standalone, Duration::from_secs(60));
-    cfg.urls = vec![format!("redis://127.0.0.1:{}", proxy.port)];
+    cfg.urls = vec![format!("redis://127.0.0.1:{}", proxy.addr().port())];
     cfg.command_timeout = Duration::from_millis(500);
     cfg.connect_timeout = Duration::from_millis(500);
     let store = Store::connect(&cfg).await.unwrap();
@@ -88,7 +91,7 @@ async fn the_api_recovers_when_redis_returns() {
     };
 
     assert_eq!(register().await.status(), 201);
-    proxy.down().await;
+    proxy.set_enabled(false);
     let started = Instant::now();
     let status = register().await.status();
     assert_eq!(status, 503);
@@ -98,7 +101,7 @@ async fn the_api_recovers_when_redis_returns() {
         started.elapsed()
     );
 
-    proxy.up().await;
+    proxy.set_enabled(true);
     eventually(
         "registrations succeed again",
         Duration::from_secs(10),

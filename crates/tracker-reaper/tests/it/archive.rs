@@ -9,7 +9,9 @@ use tracker_core::{ConnectionId, EndReason};
 use tracker_reaper::archiver::{archive_pass, Pass};
 use tracker_reaper::metrics::Metrics;
 
-use crate::helpers::{eventually, metric, sid, Env, Proxy, Reaper};
+use tracker_e2e::proxy::Proxy;
+
+use crate::helpers::{eventually, metric, sid, Env, Reaper};
 
 async fn closed_and_expired_become_one_row_each(backend: Backend, pool: &PgPool) {
     let env = Env::new(backend, Duration::from_secs(5), pool).await;
@@ -125,17 +127,19 @@ async fn a_postgres_outage_loses_nothing(pool: PgPool) {
     let pg: std::net::SocketAddr = format!("{}:{}", opts.get_host(), opts.get_port())
         .parse()
         .unwrap();
-    let proxy = Proxy::start(pg, false).await;
+    // Cut from the start: PostgreSQL is down.
+    let proxy = Proxy::start(pg).await.unwrap();
+    proxy.set_enabled(false);
     let mut cfg = env.config();
     cfg.database_url = tracker_reaper::config::Secret::new(env.db_url.replacen(
         &format!(":{}/", opts.get_port()),
-        &format!(":{}/", proxy.addr.port()),
+        &format!(":{}/", proxy.addr().port()),
         1,
     ));
     assert!(
         cfg.database_url
             .expose()
-            .contains(&proxy.addr.port().to_string()),
+            .contains(&proxy.addr().port().to_string()),
         "{}",
         env.db_url
     );
@@ -504,10 +508,12 @@ async fn postgres_down_is_not_mistaken_for_refused_data(pool: PgPool) {
     let pg: std::net::SocketAddr = format!("{}:{}", opts.get_host(), opts.get_port())
         .parse()
         .unwrap();
-    let proxy = Proxy::start(pg, false).await;
+    // Cut from the start: PostgreSQL is down.
+    let proxy = Proxy::start(pg).await.unwrap();
+    proxy.set_enabled(false);
     let via_proxy = tracker_reaper::db::pool(&env.db_url.replacen(
         &format!(":{}/", opts.get_port()),
-        &format!(":{}/", proxy.addr.port()),
+        &format!(":{}/", proxy.addr().port()),
         1,
     ))
     .unwrap();

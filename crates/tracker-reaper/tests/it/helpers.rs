@@ -1,17 +1,13 @@
 //! What every scenario needs: a reaper config on a test's own key prefix and
 //! database, reapers in their own runtime (so a test can kill one as SIGKILL
-//! would: no release, no flush), connections, bounded polling, a TCP proxy
-//! that can cut PostgreSQL off.
+//! would: no release, no flush), connections, bounded polling. The TCP proxy
+//! that cuts PostgreSQL off is `tracker_e2e::proxy`'s.
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgPool;
 use sqlx::ConnectOptions;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracker_core::testing::{self, Backend};
@@ -226,57 +222,6 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A TCP proxy that forwards to `target` while enabled and cuts every
-/// connection (open ones included) while disabled.
-pub struct Proxy {
-    pub addr: SocketAddr,
-    enabled: Arc<AtomicBool>,
-    cut: watch::Sender<u64>,
-}
-
-impl Proxy {
-    pub async fn start(target: SocketAddr, enabled: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let flag = Arc::new(AtomicBool::new(enabled));
-        let (cut, _) = watch::channel(0u64);
-        let (on, cut_tx) = (flag.clone(), cut.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !on.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let mut cut_rx = cut_tx.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.changed() => {}
-                    }
-                });
-            }
-        });
-        Self {
-            addr,
-            enabled: flag,
-            cut,
-        }
-    }
-
-    pub fn set_enabled(&self, enabled: bool) {
-        self.enabled.store(enabled, Ordering::SeqCst);
-        if !enabled {
-            self.cut.send_modify(|n| *n += 1);
-        }
     }
 }
 
