@@ -28,16 +28,20 @@ listening() {
 }
 
 # Healthy = every node says state ok, all slots assigned, knows all nodes,
-# and no slot is half migrated (a slot-migration test killed midway leaves
-# one "[slot->-node]" behind; such a cluster is rebuilt, not reused).
+# no slot is half migrated (a slot-migration test killed midway leaves
+# one "[slot->-node]" behind; such a cluster is rebuilt, not reused), and its
+# working directory still exists: a node started from a checkout that was
+# since deleted dies at its next write of nodes.conf (the first slot move).
 node_ok() {
-  local info nodes
+  local info nodes dir
   info="$(cli "$1" cluster info | tr -d '\r')" || return 1
   nodes="$(cli "$1" cluster nodes | tr -d '\r')" || return 1
+  dir="$(cli "$1" config get dir | tr -d '\r' | sed -n 2p)" || return 1
   grep -qx 'cluster_state:ok' <<<"$info" &&
     grep -qx 'cluster_slots_assigned:16384' <<<"$info" &&
     grep -qx "cluster_known_nodes:${#PORTS[@]}" <<<"$info" &&
-    ! grep -q '\[' <<<"$nodes"
+    ! grep -q '\[' <<<"$nodes" &&
+    [[ -n "$dir" && -d "$dir" ]]
 }
 cluster_ok() { local p; for p in "${PORTS[@]}"; do node_ok "$p" || return 1; done; }
 
