@@ -70,11 +70,25 @@ async fn unreachable_redis_is_a_quick_503() {
     );
 }
 
+/// The test Redis's address (`TRACKER_TEST_REDIS_URL`), for the proxy.
+fn redis_addr() -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let (urls, _) = Backend::Standalone.urls();
+    let rest = urls[0]
+        .split_once("://")
+        .map_or(urls[0].as_str(), |(_, r)| r);
+    let host_port = rest.rsplit('@').next().unwrap_or(rest);
+    let host_port = host_port.split('/').next().unwrap_or(host_port);
+    host_port
+        .to_socket_addrs()
+        .expect("TRACKER_TEST_REDIS_URL names a reachable host:port")
+        .next()
+        .expect("TRACKER_TEST_REDIS_URL resolves")
+}
+
 #[tokio::test]
 async fn the_api_recovers_when_redis_returns() {
-    let proxy = Proxy::start("127.0.0.1:6379".parse().unwrap())
-        .await
-        .unwrap();
+    let proxy = Proxy::start(redis_addr()).await.unwrap();
     let mut cfg = config(Backend::Standalone, Duration::from_secs(60));
     cfg.urls = vec![format!("redis://127.0.0.1:{}", proxy.addr().port())];
     cfg.command_timeout = Duration::from_millis(500);
