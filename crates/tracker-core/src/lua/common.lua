@@ -447,6 +447,31 @@ local function session_view(S, m, now, window)
     last_conn and ms(last_conn) or '', m.ld or '', idle_since, ito, due, m.uid or '' }
 end
 
+-- Drops what a session recorded under one identity (a Session resource, or a
+-- declaration): its state, generation, claim, retry delay, events announced
+-- to NATS and running period, with any pending wake. Done when a new identity
+-- takes the name, and when the session is forgotten; one list, so a field
+-- added to the lifecycle is dropped everywhere.
+local function drop_identity(S, m)
+  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'he', 'we', 'rs', 'wn', 'wq' }) do
+    set_meta(S, m, f, nil)
+  end
+  redis.call('ZREM', K_WAKE, S.id)
+end
+
+-- Records the settings a Session resource or a declaration gives, whole
+-- (what one leaves out is unset), and lists the session as known.
+local function record_settings(S, m, owner, ks, ito, ios, md, wb)
+  set_meta(S, m, 'res', '1')
+  set_meta(S, m, 'own', owner ~= '' and owner or nil)
+  set_meta(S, m, 'ks', ks)
+  set_meta(S, m, 'ito', ito)
+  set_meta(S, m, 'ios', ios ~= '' and ios or nil)
+  set_meta(S, m, 'md', md ~= '' and md or nil)
+  set_meta(S, m, 'wb', wb)
+  redis.call('SADD', K_KNOWN, S.id)
+end
+
 -- Follows a state the platform reports (a Session resource, or a declaration
 -- through the API), whoever changed it: never fought. The caller has written
 -- ks; `was` is the state known before ('nil' for a new session), `n` the

@@ -31,24 +31,15 @@ local m = load_meta(S)
 local before = snapshot(S, m)
 local created = m.res ~= '1'
 if created then
-  for _, f in ipairs({ 'uid', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'he', 'we', 'du', 'rs', 'wn', 'wq' }) do
-    set_meta(S, m, f, nil)
-  end
-  redis.call('ZREM', K_WAKE, S.id)
+  drop_identity(S, m)
+  set_meta(S, m, 'du', nil)
   set_meta(S, m, 'uid', fresh_uid)
 end
 local was = (not created) and m.ks or nil
 local gen = tonumber(m.gen or '0') + 1
 
-set_meta(S, m, 'res', '1')
-set_meta(S, m, 'own', owner ~= '' and owner or nil)
-set_meta(S, m, 'ks', ks)
-set_meta(S, m, 'ito', ito)
-set_meta(S, m, 'ios', ios ~= '' and ios or nil)
-set_meta(S, m, 'md', md ~= '' and md or nil)
-set_meta(S, m, 'wb', wb)
+record_settings(S, m, owner, ks, ito, ios, md, wb)
 set_meta(S, m, 'gen', ms(gen))
-redis.call('SADD', K_KNOWN, S.id)
 
 follow_state(S, m, was, before.n, now, window)
 account(before, snapshot(S, m))

@@ -26,11 +26,10 @@ local gone = uid
 if gone == '' then gone = m.uid or '' end
 local before = snapshot(S, m)
 local was = redis.call('SREM', K_KNOWN, S.id)
-redis.call('ZREM', K_WAKE, S.id)
 -- Events already queued are still published; their acknowledgement finds
 -- nothing to complete.
-for _, f in ipairs({ 'res', 'uid', 'own', 'ks', 'ito', 'ios', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb',
-    'md', 'rs', 'wb', 'wn', 'wq', 'he', 'we' }) do
+drop_identity(S, m)
+for _, f in ipairs({ 'uid', 'own', 'ito', 'ios', 'md', 'wb' }) do
   set_meta(S, m, f, nil)
 end
 local after = snapshot(S, m)

@@ -30,25 +30,15 @@ if uid ~= '' and m.uid and m.uid ~= uid then
   -- Another resource under the same name: nothing of the old one applies,
   -- not even a pending wake (wake_if_in_use below asks again if someone is
   -- connected).
-  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'rs', 'wn', 'wq' }) do
-    set_meta(S, m, f, nil)
-  end
-  redis.call('ZREM', K_WAKE, S.id)
+  drop_identity(S, m)
 elseif gen and m.gen and gen < tonumber(m.gen) then
   return 0
 end
 local was = m.res == '1' and m.ks or nil
 
-set_meta(S, m, 'res', '1')
 set_meta(S, m, 'uid', uid ~= '' and uid or nil)
-set_meta(S, m, 'own', owner ~= '' and owner or nil)
-set_meta(S, m, 'ks', ks)
-set_meta(S, m, 'ito', ito)
-set_meta(S, m, 'ios', ios ~= '' and ios or nil)
-set_meta(S, m, 'md', md ~= '' and md or nil)
-set_meta(S, m, 'wb', wb)
+record_settings(S, m, owner, ks, ito, ios, md, wb)
 if gen then set_meta(S, m, 'gen', ms(gen)) end
-redis.call('SADD', K_KNOWN, S.id)
 
 follow_state(S, m, was, before.n, now, window)
 account(before, snapshot(S, m))
