@@ -83,6 +83,23 @@ async fn stream_events(url: &str) -> Vec<Stored> {
     out
 }
 
+/// Declares a running "canary" with a 1 s idle timeout and waits until the
+/// leader hibernated it: the loop works end to end before a test's fault.
+async fn hibernate_canary(env: &Env) {
+    env.store
+        .declare_session(&declared(
+            "canary",
+            ResourceState::Running,
+            Duration::from_secs(1),
+        ))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "canary hibernated", || async {
+        (state(env, "canary").await == Some(SessionState::Hibernated)).then_some(())
+    })
+    .await;
+}
+
 async fn state(env: &Env, name: &str) -> Option<SessionState> {
     env.state(name).await
 }
@@ -209,18 +226,7 @@ async fn a_controller_report_is_followed_not_fought(pool: PgPool) {
     let mut exempt = declared("kept", ResourceState::Running, Duration::from_secs(1));
     exempt.idle_timeout = IdleTimeout::Off;
     env.store.declare_session(&exempt).await.unwrap();
-    env.store
-        .declare_session(&declared(
-            "canary",
-            ResourceState::Running,
-            Duration::from_secs(1),
-        ))
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(15), "canary hibernated", || async {
-        (state(&env, "canary").await == Some(SessionState::Hibernated)).then_some(())
-    })
-    .await;
+    hibernate_canary(&env).await;
     assert_eq!(state(&env, "parked").await, Some(SessionState::Hibernated));
     assert_eq!(state(&env, "kept").await, Some(SessionState::Idle));
     // The controller woke "parked" itself: followed, and idle from now.
@@ -284,14 +290,7 @@ async fn a_nats_outage_loses_and_doubles_nothing(pool: PgPool) {
     let mut reaper = Reaper::start(docker_config(&env, &nats), env.overrides()).await;
     reaper.wait_leader(Duration::from_secs(10)).await;
     let idle = Duration::from_secs(1);
-    env.store
-        .declare_session(&declared("canary", ResourceState::Running, idle))
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(15), "canary hibernated", || async {
-        (state(&env, "canary").await == Some(SessionState::Hibernated)).then_some(())
-    })
-    .await;
+    hibernate_canary(&env).await;
 
     nats.stop().await.unwrap();
     let down_at = tokio::time::Instant::now();
@@ -490,14 +489,7 @@ async fn a_new_leader_publishes_what_the_old_one_left_under_the_same_ids(pool: P
     let mut first = Reaper::start(cfg.clone(), env.overrides()).await;
     first.wait_leader(Duration::from_secs(10)).await;
     let idle = Duration::from_secs(1);
-    env.store
-        .declare_session(&declared("canary", ResourceState::Running, idle))
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(15), "canary hibernated", || async {
-        (state(&env, "canary").await == Some(SessionState::Hibernated)).then_some(())
-    })
-    .await;
+    hibernate_canary(&env).await;
 
     nats.stop().await.unwrap();
     let names: Vec<String> = (0..4).map(|i| format!("l{i}")).collect();

@@ -9,14 +9,13 @@ use tracker_core::{IdleSource, IdleTimeout, ResourceState, SessionMeta, SessionS
 
 use crate::helpers::{eventually, sid, Env, Reaper};
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn a_hibernation_event_says_why_and_the_leader_publishes_its_guard(pool: PgPool) {
-    let env = Env::new(Backend::Standalone, Duration::from_secs(2), &pool).await;
+/// Mirrors a running Session `s1` of alice's with a 1 s idle timeout.
+async fn mirror_running(env: &Env, idle_source: IdleSource) {
     let meta = SessionMeta {
         session_id: sid("s1"),
         uid: None,
         owner: Some("alice".into()),
-        idle_source: IdleSource::Spec,
+        idle_source,
         state: ResourceState::Running,
         idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
         generation: Some(1),
@@ -24,6 +23,12 @@ async fn a_hibernation_event_says_why_and_the_leader_publishes_its_guard(pool: P
     };
     let term = env.store.newest_term().await.unwrap();
     env.store.mirror_session(&meta, term).await.unwrap();
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_hibernation_event_says_why_and_the_leader_publishes_its_guard(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(2), &pool).await;
+    mirror_running(&env, IdleSource::Spec).await;
     let c = env.connect("s1", "alice").await;
     env.store.close(&sid("s1"), c).await.unwrap();
     let reaper = Reaper::start(env.config(), env.overrides()).await;
@@ -88,18 +93,7 @@ async fn a_hibernation_event_says_why_and_the_leader_publishes_its_guard(pool: P
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_dry_run_leader_says_so_and_its_events_too(pool: PgPool) {
     let env = Env::new(Backend::Cluster, Duration::from_secs(1), &pool).await;
-    let meta = SessionMeta {
-        session_id: sid("s1"),
-        uid: None,
-        owner: Some("alice".into()),
-        idle_source: IdleSource::Default,
-        state: ResourceState::Running,
-        idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
-        generation: Some(1),
-        max_session_duration: None,
-    };
-    let term = env.store.newest_term().await.unwrap();
-    env.store.mirror_session(&meta, term).await.unwrap();
+    mirror_running(&env, IdleSource::Default).await;
     let mut cfg = env.config();
     cfg.dry_run = true;
     let reaper = Reaper::start(cfg, env.overrides()).await;
