@@ -790,6 +790,7 @@ mod tests {
             idle_timeout: idle,
             generation: Some(3),
             max_session_duration: None,
+            created_at: None,
         }
     }
 

@@ -131,6 +131,11 @@ pub fn session_meta(
         ),
         generation: session.metadata.generation,
         max_session_duration: max_session_duration_of(session.spec.max_session_duration.as_deref()),
+        created_at: session
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp_millis(t.0.as_millisecond())),
     })
 }
 
@@ -217,6 +222,7 @@ mod tests {
             "apiVersion": "stream.space/v1alpha1",
             "kind": "Session",
             "metadata": {"name": "s-1", "namespace": "ns", "generation": 4,
+                         "creationTimestamp": "2026-11-30T09:15:02Z",
                          "annotations": {"stream.space/auto-hibernate": "true"}},
             "spec": {"user": "alice", "state": "running", "idleTimeout": "2s",
                      "image": "desktop:1", "resources": {"cpu": 2}},
@@ -231,6 +237,10 @@ mod tests {
             IdleTimeout::After(Duration::from_secs(2))
         );
         assert_eq!(meta.generation, Some(4));
+        assert_eq!(
+            meta.created_at.map(|t| t.to_rfc3339()),
+            Some("2026-11-30T09:15:02+00:00".to_owned())
+        );
     }
 
     #[test]

@@ -127,6 +127,7 @@ pub fn session_meta(
         idle_timeout,
         generation: None,
         max_session_duration,
+        created_at: None,
     })
 }
 

@@ -27,6 +27,7 @@ async fn mirror_idle(
         idle_timeout: idle,
         generation: None,
         max_session_duration: None,
+        created_at: None,
     };
     let written = app.store.mirror_session(&meta, term).await.unwrap();
     assert_eq!(written, Written::Done);
@@ -233,6 +234,7 @@ async fn a_max_session_duration_says_when_it_ends() {
         idle_timeout: THIRTY_MIN,
         generation: None,
         max_session_duration: Some(Duration::from_secs(8 * 3600)),
+        created_at: None,
     };
     assert_eq!(
         app.store.mirror_session(&meta, term).await.unwrap(),

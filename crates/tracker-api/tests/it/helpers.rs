@@ -175,6 +175,7 @@ impl TestApp {
                     idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
                     generation,
                     max_session_duration: None,
+                    created_at: None,
                 },
                 term,
             )

@@ -353,6 +353,7 @@ async fn max_duration_warning_then_close(backend: Backend) {
         generation: Some(1),
         // Shorter than the default warning time: warned at once.
         max_session_duration: Some(Duration::from_secs(30)),
+        created_at: None,
     };
     app.store.mirror_session(&meta, term).await.unwrap();
     let (mut a, _) = open(&app, session, &token("alice", &["user"])).await;

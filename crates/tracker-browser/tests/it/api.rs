@@ -32,6 +32,7 @@ async fn mirror_sessions(api: &Api, n: usize) -> BTreeSet<String> {
                     idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
                     generation: None,
                     max_session_duration: None,
+                    created_at: None,
                 },
                 term,
             )

@@ -153,6 +153,7 @@ async fn mirror(api: &Api, session: &SessionId, owner: &str) {
         idle_timeout: IdleTimeout::After(Duration::from_secs(1800)),
         generation: None,
         max_session_duration: None,
+        created_at: None,
     };
     let term = api.store.newest_term().await.expect("a term");
     let written = api

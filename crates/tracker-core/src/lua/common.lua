@@ -423,8 +423,9 @@ local function session_view(S, m, now, window)
   local exists = '0'
   if n > 0 then exists = '1' end
   for f in pairs(m) do
-    -- A tombstone of a deleted resource (du) alone is no knowledge of a session.
-    if f ~= 'du' then exists = '1' end
+    -- What forgetting keeps (the deleted uid, the newest connection's start)
+    -- is no knowledge of a session.
+    if f ~= 'du' and f ~= 'lc' then exists = '1' end
   end
   local idle_since = ''
   if live == 0 then

@@ -36,9 +36,13 @@ local after = snapshot(S, m)
 account(before, after)
 refresh_due(S, m, after.n)
 if after.n == 0 then
-  -- Nothing left to show: the session is forgotten but for the tombstone.
+  -- Nothing left to show: the session is forgotten but for the tombstone and
+  -- the newest connection's start, which a resource created again under the
+  -- name needs (mirror_session.lua: a connection made since its creation wakes it).
+  local lc = m.lc
   redis.call('DEL', S.m)
   m = {}
+  if lc then set_meta(S, m, 'lc', lc) end
 end
 if gone ~= '' then set_meta(S, m, 'du', gone) end
 keep_meta(S, m, after.n)

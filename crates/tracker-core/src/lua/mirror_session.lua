@@ -5,7 +5,8 @@
 --          owner ('' if none), spec.state, idle timeout ms or 'off' (exempt,
 --          or empty spec.idleTimeout), metadata.generation ('' if unknown),
 --          where the idle timeout comes from ('' if unknown; see IdleSource),
---          max session duration ms ('' if none), warn-before ms
+--          max session duration ms ('' if none), warn-before ms, the
+--          resource's creation time ms ('' if unknown)
 -- Returns  1 if applied; 0 if stale (an older generation of the same resource,
 --          or a resource already deleted); -1 if fenced (a newer leader wrote here).
 -- Atomic   the metadata with the idle bookkeeping, the hibernation index and
@@ -15,12 +16,13 @@
 --          changed by someone else is followed, not fought: the mirror never
 --          cancels a pending wake (only the wake's own patch does), it ends our
 --          claim once the resource shows the hibernation landed, and it records
---          a wake when the resource is hibernated while a connection is live.
+--          a wake when the resource is hibernated while a connection is live,
+--          or when a connection was made since the resource was created.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
 local term, uid, owner, ks, ito, gen = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
-local ios, md, wb = ARGV[10], ARGV[11], ARGV[12]
+local ios, md, wb, created = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
 local now = now_ms()
 if fenced(term) then return -1 end
 local m = load_meta(S)
@@ -41,6 +43,17 @@ record_settings(S, m, owner, ks, ito, ios, md, wb)
 if gen then set_meta(S, m, 'gen', ms(gen)) end
 
 follow_state(S, m, was, before.n, now, window)
+-- A resource new to the store may have been connected to before the store
+-- knew it (a lagging watch, a delete and create seen as one change): the
+-- registration then saw the old resource, or none, and the wake it asked for
+-- was dropped with the old identity, or never asked. A connection made since
+-- the creation (lc: the newest connection's start) was made to this resource,
+-- so it is woken, even if that connection has ended. creationTimestamp has
+-- whole seconds: a connection up to a second before the creation counts too,
+-- and wakes a hibernated session once more than needed, never once less.
+if was == nil and created and m.ks == 'hibernated' and m.lc and tonumber(m.lc) >= created then
+  request_wake(S, m, now)
+end
 account(before, snapshot(S, m))
 refresh_due(S, m, before.n)
 keep_meta(S, m, before.n)

@@ -1179,6 +1179,9 @@ impl Store {
                 .map(|d| millis(d).to_string())
                 .unwrap_or_default(),
             millis(self.warn_before),
+            meta.created_at
+                .map(|t| t.timestamp_millis().to_string())
+                .unwrap_or_default(),
         );
         let op = &self.scripts.mirror_session;
         let n: i64 = self.eval_session(op, &meta.session_id, args).await?;

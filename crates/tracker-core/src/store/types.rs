@@ -285,6 +285,10 @@ pub struct SessionMeta {
     /// with live connections (`spec.maxSessionDuration`, or a declaration's
     /// `max_session_duration`); `None`: no limit. Stored as `md` (ms).
     pub max_session_duration: Option<Duration>,
+    /// `metadata.creationTimestamp`: a connection made since then was made
+    /// to this resource, even if the store learns of the resource only later
+    /// (see mirror_session.lua). `None` for declared sessions.
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 /// A leader's term: a number greater than every earlier leader's. Every write

@@ -30,6 +30,8 @@ crate::both!(
     terms_only_grow_even_when_every_key_is_lost,
     idle_since_counts_a_dead_connection_closed_before_the_sweep,
     a_late_event_of_a_resource_forgotten_by_a_relist_is_ignored,
+    a_connection_to_a_resource_the_store_does_not_know_yet_wakes_it,
+    a_connection_between_a_delete_and_the_creation_wakes_the_new_resource,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -391,14 +393,20 @@ async fn an_archived_connection_gives_its_user_slot_back_even_after_a_crash(back
 /// A wake recorded for the old resource is not carried over to a new one
 /// under the same name, unless someone is connected to it.
 async fn a_wake_for_the_old_resource_does_not_wake_the_new_one(backend: Backend) {
-    let (store, _) = store(backend).await;
+    let (store, clock) = store(backend).await;
     let s = sid("desk-1");
     mirror_as(&store, T1, &s, "old", ResourceState::Hibernated, 3).await;
     let c = conn(&s, "alice", Protocol::Vnc);
-    created(store.register(&c, Limits::default()).await.unwrap());
+    let connected = created(store.register(&c, Limits::default()).await.unwrap())
+        .connection
+        .connected_at;
     assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
     store.close(&s, c.connection_id).await.unwrap();
-    mirror_as(&store, T1, &s, "new", ResourceState::Hibernated, 1).await;
+    // The new resource was created after that connection, which was the old one's.
+    clock.advance(Duration::from_secs(5));
+    let born = connected + chrono::Duration::seconds(2);
+    let new = ResourceState::Hibernated;
+    mirror_created(&store, T1, &s, "new", new, 1, Some(born)).await;
     assert!(pending_wake_ids(&store).await.is_empty());
     assert_eq!(state(&store, &s).await, SessionState::Hibernated);
     // Someone connected: the new resource is woken.
@@ -409,6 +417,75 @@ async fn a_wake_for_the_old_resource_does_not_wake_the_new_one(backend: Backend)
             .unwrap(),
     );
     assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+}
+
+/// Finding (e2e races): a Session was deleted and created again hibernated;
+/// before the watch showed the new one, a user connected (to the new one, the
+/// only one there was) and was told `waking`, then left. The mirror's change
+/// of identity dropped the old identity's wake with everything else, and
+/// nobody was connected any more to ask again: the session stayed asleep.
+async fn a_connection_to_a_resource_the_store_does_not_know_yet_wakes_it(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "old", ResourceState::Hibernated, 3).await;
+    clock.advance(Duration::from_secs(5));
+    // "new" exists from here; the store still mirrors "old".
+    let c = conn(&s, "alice", Protocol::Vnc);
+    let registered = created(store.register(&c, Limits::default()).await.unwrap());
+    assert_eq!(registered.session.state, SessionState::Waking);
+    let born = registered.connection.connected_at - chrono::Duration::milliseconds(700);
+    store.close(&s, c.connection_id).await.unwrap();
+    let new = ResourceState::Hibernated;
+    mirror_created(&store, T1, &s, "new", new, 1, Some(born)).await;
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+    assert_eq!(state(&store, &s).await, SessionState::Waking);
+    // A resource created running needs nothing.
+    let t = sid("desk-2");
+    mirror_as(&store, T1, &t, "old", ResourceState::Hibernated, 3).await;
+    let c = conn(&t, "alice", Protocol::Vnc);
+    created(store.register(&c, Limits::default()).await.unwrap());
+    store.close(&t, c.connection_id).await.unwrap();
+    let running = ResourceState::Running;
+    mirror_created(&store, T1, &t, "new", running, 1, Some(born)).await;
+    assert_eq!(pending_wake_ids(&store).await, vec![s]);
+}
+
+/// The same finding when the watch did show the delete: the connection came
+/// between the delete and the creation's event, to a session the store did
+/// not know at all, and ended before the creation was seen.
+async fn a_connection_between_a_delete_and_the_creation_wakes_the_new_resource(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "old", ResourceState::Hibernated, 3).await;
+    let forgotten = store.forget_session(&s, T1, Some("old")).await.unwrap();
+    assert_eq!(forgotten, Written::Done);
+    clock.advance(Duration::from_secs(5));
+    let c = conn(&s, "alice", Protocol::Vnc);
+    let registered = created(store.register(&c, Limits::default()).await.unwrap());
+    assert_eq!(registered.session.state, SessionState::Unknown);
+    let born = registered.connection.connected_at - chrono::Duration::seconds(1);
+    store.close(&s, c.connection_id).await.unwrap();
+    let new = ResourceState::Hibernated;
+    mirror_created(&store, T1, &s, "new", new, 1, Some(born)).await;
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+
+    // A connection of the old resource, ended before the delete, wakes nothing:
+    // what the delete keeps of it is no session either.
+    let t = sid("desk-2");
+    mirror_as(&store, T1, &t, "old", ResourceState::Running, 3).await;
+    let c = conn(&t, "alice", Protocol::Vnc);
+    let connected = created(store.register(&c, Limits::default()).await.unwrap())
+        .connection
+        .connected_at;
+    store.close(&t, c.connection_id).await.unwrap();
+    store.forget_session(&t, T1, Some("old")).await.unwrap();
+    assert_eq!(store.session(&t).await.unwrap(), None);
+    clock.advance(Duration::from_secs(5));
+    let born = connected + chrono::Duration::seconds(3);
+    let new = ResourceState::Hibernated;
+    mirror_created(&store, T1, &t, "new", new, 1, Some(born)).await;
+    assert_eq!(pending_wake_ids(&store).await, vec![s]);
+    assert_eq!(state(&store, &t).await, SessionState::Hibernated);
 }
 
 /// Finding (model.rs): a connection arrived while the hibernation patch was

@@ -32,6 +32,7 @@ fn declared(s: &SessionId, state: ResourceState) -> SessionMeta {
         idle_timeout: IdleTimeout::After(IDLE),
         generation: None,
         max_session_duration: Some(Duration::from_secs(8 * 3600)),
+        created_at: None,
     }
 }
 

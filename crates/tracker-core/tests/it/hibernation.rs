@@ -312,6 +312,7 @@ async fn stale_mirror_events_are_ignored(backend: Backend) {
         idle_timeout: IdleTimeout::After(IDLE),
         generation: Some(4),
         max_session_duration: None,
+        created_at: None,
     };
     assert_eq!(
         store.mirror_session(&stale, T).await.unwrap(),

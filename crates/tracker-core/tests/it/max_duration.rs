@@ -47,6 +47,7 @@ async fn mirror_max(store: &Store, s: &SessionId, idle: Duration, generation: i6
         idle_timeout: IdleTimeout::After(idle),
         generation: Some(generation),
         max_session_duration: Some(MAX),
+        created_at: None,
     };
     assert_eq!(store.mirror_session(&meta, T).await.unwrap(), Written::Done);
 }

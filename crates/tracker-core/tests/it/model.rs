@@ -403,6 +403,7 @@ impl Resource {
             idle_timeout: idle_timeout(self.idle()),
             generation: Some(self.generation),
             max_session_duration: None,
+            created_at: None,
         }
     }
 }

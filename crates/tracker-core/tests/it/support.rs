@@ -100,6 +100,7 @@ pub async fn mirror(
                 idle_timeout: idle,
                 generation: Some(generation),
                 max_session_duration: None,
+                created_at: None,
             },
             T,
         )
@@ -195,6 +196,19 @@ pub async fn mirror_as(
     state: ResourceState,
     generation: i64,
 ) -> Written {
+    mirror_created(store, term, session, uid, state, generation, None).await
+}
+
+/// [`mirror_as`] for a resource created at `created_at`.
+pub async fn mirror_created(
+    store: &Store,
+    term: Term,
+    session: &SessionId,
+    uid: &str,
+    state: ResourceState,
+    generation: i64,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Written {
     store
         .mirror_session(
             &SessionMeta {
@@ -206,6 +220,7 @@ pub async fn mirror_as(
                 idle_timeout: IdleTimeout::After(Duration::from_secs(2)),
                 generation: Some(generation),
                 max_session_duration: None,
+                created_at,
             },
             term,
         )

@@ -44,6 +44,7 @@ fn declared(name: &str, state: ResourceState, idle: Duration) -> SessionMeta {
         idle_timeout: IdleTimeout::After(idle),
         generation: None,
         max_session_duration: None,
+        created_at: None,
     }
 }
 

@@ -170,6 +170,7 @@ async fn platform_none_decides_and_records_only(pool: PgPool) {
         idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
         generation: Some(1),
         max_session_duration: None,
+        created_at: None,
     };
     let term = env.store.newest_term().await.unwrap();
     assert_eq!(
@@ -203,6 +204,7 @@ fn idle_meta(name: &str, secs: u64) -> SessionMeta {
         idle_timeout: IdleTimeout::After(Duration::from_secs(secs)),
         generation: Some(1),
         max_session_duration: None,
+        created_at: None,
     }
 }
 

@@ -27,6 +27,7 @@ async fn sessions_are_mirrored_followed_and_forgotten(pool: PgPool) {
         idle_timeout: IdleTimeout::After(Duration::from_secs(60)),
         generation: Some(1),
         max_session_duration: None,
+        created_at: None,
     };
     env.store
         .mirror_session(&ghost, tracker_core::Term(1))

@@ -20,6 +20,7 @@ async fn mirror_running(env: &Env, idle_source: IdleSource) {
         idle_timeout: IdleTimeout::After(Duration::from_secs(1)),
         generation: Some(1),
         max_session_duration: None,
+        created_at: None,
     };
     let term = env.store.newest_term().await.unwrap();
     env.store.mirror_session(&meta, term).await.unwrap();
