@@ -16,7 +16,9 @@
 //! resourceVersion read just before, the acknowledgement follows it, and a
 //! resource found `running` already is acknowledged without a patch. A
 //! session whose hibernation is still in flight is left for the next read
-//! (see [`InFlight`]).
+//! (see [`InFlight`]). Each wake is served by a task of its own, up to
+//! [`CONCURRENCY`] at once and one per session, so a slow or hung API answer
+//! (up to the Kubernetes timeout) holds up its own session only.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::future::join_all;
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -32,7 +35,7 @@ use tracker_core::{
     EventKind, PendingWake, ResourceState, SessionId, Signal, Store, WakeAnnounce, Written,
 };
 
-use crate::acting::{Acting, Fence, InFlight, TermContext};
+use crate::acting::{Acting, Fence, InFlight, Mode, TermContext};
 use crate::backoff;
 use crate::db::EventType;
 use crate::error::Error;
@@ -44,6 +47,9 @@ use crate::session::{resource_state, session_meta, Session};
 
 /// Pending wakes read per shard and poll.
 pub const BATCH: u32 = 100;
+
+/// Wakes served at once (each of another session).
+pub const CONCURRENCY: usize = 16;
 
 pub use crate::signals::SIGNAL_WAIT;
 
@@ -86,23 +92,48 @@ struct Retry {
     not_before: Instant,
 }
 
-/// The waker of one leadership term.
+/// What serving one wake leaves for the retry bookkeeping.
+#[derive(Debug)]
+enum Served {
+    /// Done with (woken, acknowledged, announced, or dropped as gone): no retry delay.
+    Done,
+    /// Nothing to note: read again at the next poll (a conflict, a change to
+    /// follow, a fenced term that is ending anyway).
+    Unchanged,
+    /// Read again after a growing delay, quietly (the store knows newer
+    /// news than the Session just read: the watch is behind).
+    Later,
+    /// Failed: retried after a growing delay.
+    Failed { what: &'static str, error: String },
+}
+
+/// The waker of one leadership term: reads the pending wakes and keeps the
+/// retry bookkeeping; each wake is served by a task of its own (see [`Server`]).
 #[derive(Debug)]
 pub struct Waker {
+    server: Arc<Server>,
+    in_flight: InFlight,
+    interval: Duration,
+    retries: HashMap<SessionId, Retry>,
+    /// Dry run leaves wakes pending; each is recorded once.
+    dry_run_seen: HashSet<(SessionId, i64)>,
+    /// Sessions whose wake a task is serving, and the tasks.
+    busy: HashSet<SessionId>,
+    tasks: JoinSet<(PendingWake, Served)>,
+    /// Whether the last poll could read Redis: failures are logged once per outage.
+    healthy: bool,
+}
+
+/// Serves one wake at a time, from any number of tasks.
+#[derive(Debug)]
+struct Server {
     store: Store,
     acting: Acting,
     events: EventSink,
     announcer: Announcer,
     metrics: Arc<Metrics>,
-    in_flight: InFlight,
     fence: Fence,
     default_idle: Duration,
-    interval: Duration,
-    retries: HashMap<SessionId, Retry>,
-    /// Dry run leaves wakes pending; each is recorded once.
-    dry_run_seen: HashSet<(SessionId, i64)>,
-    /// Whether the last poll could read Redis: failures are logged once per outage.
-    healthy: bool,
 }
 
 impl Waker {
@@ -118,42 +149,64 @@ impl Waker {
             ..
         } = ctx;
         Self {
-            store,
-            acting,
-            events,
-            announcer,
-            metrics,
+            server: Arc::new(Server {
+                store,
+                acting,
+                events,
+                announcer,
+                metrics,
+                fence,
+                default_idle,
+            }),
             in_flight,
-            fence,
-            default_idle,
             interval,
             retries: HashMap::new(),
             dry_run_seen: HashSet::new(),
+            busy: HashSet::new(),
+            tasks: JoinSet::new(),
             healthy: true,
         }
     }
 
-    /// Reads and serves pending wakes until `stop`: when signalled, when a
-    /// waiting wake is due again, and at the backstop period.
+    /// Reads pending wakes and starts serving them until `stop`: when
+    /// signalled, when a waiting wake is due again, and at the backstop
+    /// period. A wake being served does not hold up the next read; its
+    /// session is read again an interval after it is done.
     pub async fn run(mut self, stop: CancellationToken) {
         let signal = Arc::new(Notify::new());
         let notify = signal.clone();
         let listeners = crate::signals::spawn_listeners(
-            &self.store,
+            &self.server.store,
             Signal::Wake,
             move |_| notify.notify_one(),
             &stop,
         );
         let backstop = self.interval * BACKSTOP_POLLS;
-        loop {
-            let again = self.poll(&stop).await;
-            let pause = again.map_or(backstop, |at| {
-                at.saturating_duration_since(Instant::now()).min(backstop)
-            });
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = signal.notified() => {}
-                () = tokio::time::sleep(pause) => {}
+        'term: loop {
+            let again = self.poll().await;
+            let mut deadline = Instant::now()
+                + again.map_or(backstop, |at| {
+                    at.saturating_duration_since(Instant::now()).min(backstop)
+                });
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break 'term,
+                    () = signal.notified() => break,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    Some(done) = self.tasks.join_next() => {
+                        if let Ok((wake, served)) = done {
+                            self.note(&wake, served);
+                        }
+                        deadline = deadline.min(Instant::now() + self.interval);
+                    }
+                }
+            }
+        }
+        // A wake being served finishes (bounded by the Kubernetes timeout):
+        // its patch and acknowledgement belong together.
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok((wake, served)) = done {
+                self.note(&wake, served);
             }
         }
         for listener in listeners {
@@ -162,15 +215,16 @@ impl Waker {
         }
     }
 
-    /// One read over every shard, and the wakes served. Answers when to read
-    /// again although no signal comes: some wakes wait (in flight, conflict,
-    /// retry delay) or the read failed; `None` when nothing waits.
-    pub async fn poll(&mut self, stop: &CancellationToken) -> Option<Instant> {
-        let reads = self
-            .store
+    /// One read over every shard, and a task started for each wake due and
+    /// not being served (up to [`CONCURRENCY`]). Answers when to read again
+    /// although no signal comes: some wakes wait (in flight, conflict, retry
+    /// delay, no free task) or the read failed; `None` when nothing waits.
+    pub async fn poll(&mut self) -> Option<Instant> {
+        let store = &self.server.store;
+        let reads = store
             .keys()
             .shards()
-            .map(|shard| self.store.pending_wakes(shard, BATCH));
+            .map(|shard| store.pending_wakes(shard, BATCH));
         let mut pending = Vec::new();
         let mut failed = None;
         for r in join_all(reads).await {
@@ -183,7 +237,7 @@ impl Waker {
         let mut again = None;
         match failed {
             Some(e) => {
-                self.metrics.store_error(Task::Wake);
+                self.server.metrics.store_error(Task::Wake);
                 if self.healthy {
                     tracing::warn!(error = %e, "reading pending wakes failed; retrying every interval");
                 }
@@ -193,59 +247,100 @@ impl Waker {
             None => self.healthy = true,
         }
         let ids: HashSet<&SessionId> = pending.iter().map(|w| &w.session_id).collect();
-        self.retries.retain(|id, _| ids.contains(id));
+        self.retries
+            .retain(|id, _| ids.contains(id) || self.busy.contains(id));
         self.dry_run_seen.retain(|(id, _)| ids.contains(id));
         let now = Instant::now();
-        for wake in &pending {
-            if stop.is_cancelled() {
-                return None;
-            }
-            if self.in_flight.contains(&wake.session_id) {
+        for wake in pending {
+            let id = &wake.session_id;
+            if self.busy.contains(id) {
+                // Read again an interval after its task is done.
                 continue;
             }
             if self
-                .retries
-                .get(&wake.session_id)
-                .is_some_and(|r| r.not_before > now)
+                .dry_run_seen
+                .contains(&(id.clone(), wake.requested_at.timestamp_millis()))
             {
+                // Recorded once; it stays pending by design.
                 continue;
             }
-            let span = tracing::info_span!("wake", session_id = %wake.session_id);
-            self.wake_one(wake).instrument(span).await;
-        }
-        for wake in &pending {
-            let dry_run_recorded = self.dry_run_seen.contains(&(
-                wake.session_id.clone(),
-                wake.requested_at.timestamp_millis(),
-            ));
-            let at = match self.retries.get(&wake.session_id) {
-                Some(r) => r.not_before.max(soon),
-                // Recorded once; it stays pending by design.
-                None if dry_run_recorded => continue,
-                // Served (read again to see it gone), or waiting for a
-                // hibernation in flight or after a conflict.
-                None => soon,
+            let at = match self.retries.get(id) {
+                Some(r) if r.not_before > now => r.not_before.max(soon),
+                // Waiting for a hibernation in flight, or for a free task.
+                _ if self.in_flight.contains(id) || self.busy.len() >= CONCURRENCY => soon,
+                _ => {
+                    self.start(wake);
+                    continue;
+                }
             };
             again = Some(again.map_or(at, |a: Instant| a.min(at)));
         }
         again
     }
 
-    async fn wake_one(&mut self, wake: &PendingWake) {
+    fn start(&mut self, wake: PendingWake) {
+        self.busy.insert(wake.session_id.clone());
+        let server = self.server.clone();
+        let span = tracing::info_span!("wake", session_id = %wake.session_id);
+        self.tasks.spawn(
+            async move {
+                let served = server.wake_one(&wake).await;
+                (wake, served)
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Applies what serving `wake` left: its retry delay, and the log line
+    /// of a failure with that delay.
+    fn note(&mut self, wake: &PendingWake, served: Served) {
+        let id = &wake.session_id;
+        self.busy.remove(id);
+        match served {
+            Served::Done => {
+                self.retries.remove(id);
+            }
+            Served::Unchanged => {}
+            Served::Later => {
+                self.back_off(id);
+            }
+            Served::Failed { what, error } => {
+                let retry = self.back_off(id);
+                tracing::warn!(session_id = %id, error, retry_in = ?retry, "{what}");
+            }
+        }
+        if self.server.acting.mode() == Mode::DryRun {
+            self.dry_run_seen
+                .insert((id.clone(), wake.requested_at.timestamp_millis()));
+        }
+    }
+
+    fn back_off(&mut self, id: &SessionId) -> Duration {
+        let r = self.retries.entry(id.clone()).or_insert(Retry {
+            failures: 0,
+            not_before: Instant::now(),
+        });
+        r.failures += 1;
+        let delay = retry_after_failure(r.failures);
+        r.not_before = Instant::now() + delay;
+        delay
+    }
+}
+
+impl Server {
+    async fn wake_one(&self, wake: &PendingWake) -> Served {
         let id = &wake.session_id;
         match self.acting.clone() {
             Acting::DryRun => {
-                let key = (id.clone(), wake.requested_at.timestamp_millis());
-                if self.dry_run_seen.insert(key) {
-                    self.events.record(
-                        id.as_str(),
-                        EventType::DryRunWake,
-                        "connection",
-                        self.details(wake, None, None),
-                    );
-                    self.metrics.wake(WakeResult::DryRun);
-                    tracing::info!("would wake (dry run)");
-                }
+                self.events.record(
+                    id.as_str(),
+                    EventType::DryRunWake,
+                    "connection",
+                    self.details(wake, None, None),
+                );
+                self.metrics.wake(WakeResult::DryRun);
+                tracing::info!("would wake (dry run)");
+                Served::Unchanged
             }
             Acting::RecordOnly => self.acknowledge(wake, None, None, true).await,
             Acting::Patch(api) => self.patch(api.as_ref(), wake).await,
@@ -255,7 +350,7 @@ impl Waker {
 
     /// Docker: the wake event is queued once; NATS's acknowledgement wakes
     /// the session (see [`crate::publisher`]).
-    async fn announce(&mut self, wake: &PendingWake) {
+    async fn announce(&self, wake: &PendingWake) -> Served {
         let id = &wake.session_id;
         let event = self.announcer.announcement("connection");
         match self
@@ -263,26 +358,29 @@ impl Waker {
             .announce_wake(id, self.fence.term(), &event)
             .await
         {
-            Ok(WakeAnnounce::Fenced) => self.fence.fenced("announce_wake"),
+            Ok(WakeAnnounce::Fenced) => {
+                self.fence.fenced("announce_wake");
+                Served::Unchanged
+            }
             Ok(WakeAnnounce::Queued) => {
-                self.retries.remove(id);
                 self.announcer.nudge();
                 tracing::info!(event_id = %event.event_id, "wake announced; waiting for NATS");
+                Served::Done
             }
             Ok(WakeAnnounce::AlreadyRunning) => {
-                self.retries.remove(id);
                 self.metrics.wake(WakeResult::AlreadyRunning);
                 tracing::info!("Session running already; wake acknowledged");
+                Served::Done
             }
             Ok(WakeAnnounce::Nothing) => {
-                self.retries.remove(id);
                 tracing::debug!("no wake to announce");
+                Served::Done
             }
-            Err(e) => self.store_failed(id, &e.into()),
+            Err(e) => self.store_failed(&e.into()),
         }
     }
 
-    async fn patch(&mut self, api: &dyn SessionApi, wake: &PendingWake) {
+    async fn patch(&self, api: &dyn SessionApi, wake: &PendingWake) -> Served {
         let id = &wake.session_id;
         let current = match api.get(id).await {
             Ok(Some(s)) => s,
@@ -291,22 +389,18 @@ impl Waker {
                 match self.store.forget_session(id, self.fence.term(), None).await {
                     Ok(Written::Fenced) => {
                         self.fence.fenced("forget_session");
-                        return;
+                        return Served::Unchanged;
                     }
                     Ok(_) => {}
-                    Err(e) => {
-                        self.store_failed(id, &e.into());
-                        return;
-                    }
+                    Err(e) => return self.store_failed(&e.into()),
                 }
                 self.metrics.wake(WakeResult::Dropped);
                 tracing::info!("Session gone; wake dropped");
-                return;
+                return Served::Done;
             }
             Err(e) => {
                 self.metrics.kube_error(KubeOp::GetSession);
-                self.kube_failed(id, &e);
-                return;
+                return self.kube_failed(&e);
             }
         };
         match wake_action(resource_state(&current)) {
@@ -326,10 +420,11 @@ impl Waker {
                         // Changed since our read: read again at the next poll.
                         self.metrics.wake(WakeResult::Conflict);
                         tracing::debug!("Session changed while waking; retried");
+                        Served::Unchanged
                     }
                     Err(e) => {
                         self.metrics.kube_error(KubeOp::PatchSession);
-                        self.kube_failed(id, &e);
+                        self.kube_failed(&e)
                     }
                 }
             }
@@ -338,18 +433,18 @@ impl Waker {
                 self.acknowledge(wake, uid, current.metadata.generation, false)
                     .await
             }
-            WakeAction::Mirror => self.mirror(wake, &current).await,
+            WakeAction::Mirror => self.mirror(&current).await,
         }
     }
 
     /// The resource is running (patched by us if `patched`): the wake is done.
     async fn acknowledge(
-        &mut self,
+        &self,
         wake: &PendingWake,
         uid: Option<&str>,
         generation: Option<i64>,
         patched: bool,
-    ) {
+    ) -> Served {
         let id = &wake.session_id;
         match self
             .store
@@ -358,16 +453,12 @@ impl Waker {
         {
             Ok(Written::Fenced) => {
                 self.fence.fenced("ack_wake");
-                return;
+                return Served::Unchanged;
             }
             Ok(_) => {}
-            Err(e) => {
-                // Next poll finds it running and acknowledges without another patch.
-                self.store_failed(id, &e.into());
-                return;
-            }
+            // Next poll finds it running and acknowledges without another patch.
+            Err(e) => return self.store_failed(&e.into()),
         }
-        self.retries.remove(id);
         if patched {
             let latency = (Utc::now() - wake.requested_at)
                 .to_std()
@@ -388,32 +479,39 @@ impl Waker {
             self.metrics.wake(WakeResult::AlreadyRunning);
             tracing::info!("Session already running; wake acknowledged");
         }
+        Served::Done
     }
 
     /// Terminated or unknown state: the resource's own state goes to the store,
     /// which drops the wake of a terminated session.
-    async fn mirror(&mut self, wake: &PendingWake, current: &Session) {
-        let id = &wake.session_id;
+    async fn mirror(&self, current: &Session) -> Served {
         match session_meta(current, self.default_idle) {
             Ok(meta) => match self.store.mirror_session(&meta, self.fence.term()).await {
-                Ok(Written::Fenced) => self.fence.fenced("mirror_session"),
+                Ok(Written::Fenced) => {
+                    self.fence.fenced("mirror_session");
+                    Served::Unchanged
+                }
                 Ok(written) => {
-                    if written == Written::Noop {
-                        // The store knows a newer generation; look again later.
-                        self.back_off(id);
-                    }
                     self.metrics.wake(WakeResult::Dropped);
                     tracing::info!(
                         state = meta.state.as_str(),
                         "Session not hibernated; wake left to its state"
                     );
+                    if written == Written::Noop {
+                        // The store knows a newer generation; look again later.
+                        Served::Later
+                    } else {
+                        Served::Unchanged
+                    }
                 }
-                Err(e) => self.store_failed(id, &e.into()),
+                Err(e) => self.store_failed(&e.into()),
             },
             Err(e) => {
                 self.metrics.wake(WakeResult::Failed);
-                tracing::warn!(error = %e, "Session cannot be woken");
-                self.back_off(id);
+                Served::Failed {
+                    what: "Session cannot be woken",
+                    error: e.to_string(),
+                }
             }
         }
     }
@@ -433,28 +531,21 @@ impl Waker {
         })
     }
 
-    fn kube_failed(&mut self, id: &SessionId, e: &Error) {
+    fn kube_failed(&self, e: &Error) -> Served {
         self.metrics.wake(WakeResult::Failed);
-        let retry = self.back_off(id);
-        tracing::warn!(error = %e, retry_in = ?retry, "waking failed");
+        Served::Failed {
+            what: "waking failed",
+            error: e.to_string(),
+        }
     }
 
-    fn store_failed(&mut self, id: &SessionId, e: &Error) {
+    fn store_failed(&self, e: &Error) -> Served {
         self.metrics.store_error(Task::Wake);
         self.metrics.wake(WakeResult::Failed);
-        let retry = self.back_off(id);
-        tracing::warn!(error = %e, retry_in = ?retry, "recording a wake failed");
-    }
-
-    fn back_off(&mut self, id: &SessionId) -> Duration {
-        let r = self.retries.entry(id.clone()).or_insert(Retry {
-            failures: 0,
-            not_before: Instant::now(),
-        });
-        r.failures += 1;
-        let delay = retry_after_failure(r.failures);
-        r.not_before = Instant::now() + delay;
-        delay
+        Served::Failed {
+            what: "recording a wake failed",
+            error: e.to_string(),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fake_kube::FakeKube;
+use fake_kube::{FakeKube, Fault, FaultRule, Operation, Target, Verb};
 use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
@@ -266,5 +266,67 @@ async fn a_wake_whose_signal_was_lost_is_served_by_the_backstop_read(pool: PgPoo
     .await;
     assert!(env.store.pending_wakes(shard, 10).await.unwrap().is_empty());
     assert_eq!(patched_states(&fake, "s1"), ["running"]);
+    reaper.stop().await;
+}
+
+/// A wake patch the API server holds (until the reaper's Kubernetes timeout)
+/// holds up its own session only: another session's wake lands meanwhile.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_hung_wake_patch_does_not_hold_up_other_wakes(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    for name in ["s1", "s2"] {
+        fake.apply_session(NS, session_json(name, "hibernated", Some("10m"), false))
+            .unwrap();
+    }
+    let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    reaper.wait_leader(Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "both mirrored", || async {
+        (env.state("s1").await == Some(SessionState::Hibernated)
+            && env.state("s2").await == Some(SessionState::Hibernated))
+        .then_some(())
+    })
+    .await;
+    fake.add_fault(FaultRule::next(
+        1,
+        Target::sessions(&[Operation::Patch]).named("s1"),
+        Fault::Hang,
+    ))
+    .unwrap();
+
+    env.connect("s1", "alice").await;
+    fake.wait_for_injected(|f| !f.is_empty(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    env.connect("s2", "bob").await;
+    fake.wait_for_session(
+        NS,
+        "s2",
+        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    // s1's patch is still held: the fake records a request once it is answered
+    // or its client gave up.
+    let s1_answered = fake
+        .requests()
+        .iter()
+        .any(|r| r.verb == Verb::Patch && r.name.as_deref() == Some("s1"));
+    assert!(!s1_answered, "s2 was woken only after s1's patch ended");
+    assert_eq!(fake.hung_requests(), 1);
+
+    // Released unapplied (504): s1's wake is retried and lands.
+    fake.release_hung_requests();
+    fake.wait_for_session(
+        NS,
+        "s1",
+        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(patched_states(&fake, "s1"), ["running", "running"]);
+    assert_eq!(patched_states(&fake, "s2"), ["running"]);
     reaper.stop().await;
 }
