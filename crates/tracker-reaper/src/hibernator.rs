@@ -148,6 +148,11 @@ fn retry_after_failure(failures: u32) -> Duration {
 /// short, since the mirror will have followed the change by then.
 const RETRY_AFTER_CHANGE: Duration = Duration::from_secs(2);
 
+/// How long a patch whose answer was lost may still land: the API server's
+/// default request timeout (`--request-timeout`, 1 minute), within which it
+/// applies a write it received or not at all.
+pub const LATE_LANDING: Duration = Duration::from_secs(60);
+
 impl Hibernator {
     pub fn new(ctx: TermContext, settings: Settings) -> Self {
         let TermContext {
@@ -501,7 +506,7 @@ impl Hibernator {
                         self.finish(id, claim, m.uid.as_deref(), m.generation, details)
                             .await;
                     }
-                    _ => self.failed(id, &e).await,
+                    _ => self.failed_unsure(id, &e).await,
                 }
             }
             Err(read) => {
@@ -562,20 +567,41 @@ impl Hibernator {
     }
 
     async fn failed(&mut self, id: &SessionId, e: &Error) {
+        let retry = self.count_failure(id, e);
+        self.rollback(id, retry).await;
+    }
+
+    /// [`Self::failed`] after a patch whose answer was lost and which the
+    /// Session does not show (yet): it may still land, which the store
+    /// remembers for [`LATE_LANDING`] (see `rollback_unsure_hibernation`).
+    async fn failed_unsure(&mut self, id: &SessionId, e: &Error) {
+        let retry = self.count_failure(id, e);
+        let released = self
+            .store
+            .rollback_unsure_hibernation(id, self.fence.term(), retry, LATE_LANDING)
+            .await;
+        self.released(released);
+    }
+
+    fn count_failure(&mut self, id: &SessionId, e: &Error) -> Duration {
         let n = self.failures.entry(id.clone()).or_insert(0);
         *n += 1;
         let retry = retry_after_failure(*n);
         self.metrics.hibernation(HibernationResult::Failed);
         tracing::warn!(error = %e, retry_in = ?retry, "hibernating failed; claim rolled back");
-        self.rollback(id, retry).await;
+        retry
     }
 
     async fn rollback(&self, id: &SessionId, retry_after: Duration) {
-        match self
+        let released = self
             .store
             .rollback_hibernation(id, self.fence.term(), retry_after)
-            .await
-        {
+            .await;
+        self.released(released);
+    }
+
+    fn released(&self, released: tracker_core::Result<Written>) {
+        match released {
             Ok(Written::Fenced) => self.fence.fenced("rollback_hibernation"),
             Ok(_) => {}
             Err(e) => {

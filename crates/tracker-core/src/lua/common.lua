@@ -56,6 +56,9 @@
 --       whose warning is recorded; wq "1" when that warning is not for
 --       clients (dry run, or the deadline came first);
 --       nb no hibernation before (ms, after a rollback);
+--       lp / lx a hibernation patch whose answer was lost was released at /
+--       may still land until (ms): a connection made since lp wakes the
+--       session if the mirror sees it hibernated before lx;
 --       is idle since; ld last disconnect; lc a lower bound of the last
 --       connection: the newest start among connections gone or registered
 --       while another one was there (the view adds any present one) (all ms).
@@ -454,7 +457,7 @@ end
 -- takes the name, and when the session is forgotten; one list, so a field
 -- added to the lifecycle is dropped everywhere.
 local function drop_identity(S, m)
-  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'he', 'we', 'rs', 'wn', 'wq' }) do
+  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'lp', 'lx', 'he', 'we', 'rs', 'wn', 'wq' }) do
     set_meta(S, m, f, nil)
   end
   redis.call('ZREM', K_WAKE, S.id)
@@ -499,6 +502,18 @@ local function follow_state(S, m, was, n, now, window)
   end
   if m.ks == 'terminated' then redis.call('ZREM', K_WAKE, S.id) end
   wake_if_in_use(S, m, now, window)
+  if m.lp and m.ks ~= 'running' then
+    -- Our released hibernation patch may be what landed, decided before a
+    -- connection that has ended since (wake_if_in_use saw none live): that
+    -- connection still asks for the session awake. Someone else's
+    -- hibernation after lx is followed.
+    if m.ks == 'hibernated' and was == 'running' and now <= tonumber(m.lx)
+        and m.lc and tonumber(m.lc) >= tonumber(m.lp) then
+      request_wake(S, m, now)
+    end
+    set_meta(S, m, 'lp', nil)
+    set_meta(S, m, 'lx', nil)
+  end
 end
 
 -- Queues a session event for NATS in the script that makes the change it

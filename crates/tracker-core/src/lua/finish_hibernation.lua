@@ -39,6 +39,9 @@ end
 if not gen or not m.gen or gen >= tonumber(m.gen) then
   set_meta(S, m, 'ks', 'hibernated')
   end_period(S, m)
+  -- This claim was decided after any earlier released patch: that one is moot.
+  set_meta(S, m, 'lp', nil)
+  set_meta(S, m, 'lx', nil)
   if gen then set_meta(S, m, 'gen', ms(gen)) end
   wake_if_in_use(S, m, now, window)
 else

@@ -1,17 +1,22 @@
 -- rollback_hibernation.lua: the hibernation patch did not land; release the claim.
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
--- ARGV     clock offset ms, window ms, session id, leader term, retry delay ms
+-- ARGV     clock offset ms, window ms, session id, leader term, retry delay ms,
+--          how long the patch may still land ms ('' if it surely did not:
+--          refused, or never sent)
 -- Returns  1 if this term's claim was released; 0 if the claim is not this
 --          term's (lapsed and taken, or already ended by a wake); -1 if fenced.
 -- Atomic   the release with the retry time: the session is due again after the
 --          delay, not at once, so a failing API server is not hammered. Only
 --          the claim's own term releases it: a stalled leader's late rollback
 --          never clears a newer leader's claim. A wake recorded meanwhile stays
---          pending (waking a running Session is harmless).
+--          pending (waking a running Session is harmless). A patch whose
+--          answer was lost may land after the release: the time it may land
+--          until is recorded, so a connection made meanwhile wakes the session
+--          if it does (follow_state in common.lua).
 
 local S = session_at(1, ARGV[3])
-local term, delay = tonumber(ARGV[4]), tonumber(ARGV[5])
+local term, delay, may_land = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = now_ms()
 if fenced(term) then return -1 end
 local m = load_meta(S)
@@ -22,6 +27,10 @@ set_meta(S, m, 'hx', nil)
 set_meta(S, m, 'ht', nil)
 set_meta(S, m, 'hr', nil)
 set_meta(S, m, 'nb', ms(now + delay))
+if may_land then
+  set_meta(S, m, 'lp', ms(now))
+  set_meta(S, m, 'lx', ms(now + may_land))
+end
 account(before, snapshot(S, m))
 refresh_due(S, m, before.n)
 return 1

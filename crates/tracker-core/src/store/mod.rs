@@ -1127,10 +1127,35 @@ impl Store {
         term: Term,
         retry_after: Duration,
     ) -> Result<Written> {
+        self.release_claim(session, term, retry_after, None).await
+    }
+
+    /// [`Store::rollback_hibernation`] of a claim whose patch was sent and
+    /// its answer lost: it may still land within `may_land_for`. If the
+    /// mirror sees it land by then, a connection made since this release
+    /// wakes the session, even one that has ended.
+    pub async fn rollback_unsure_hibernation(
+        &self,
+        session: &SessionId,
+        term: Term,
+        retry_after: Duration,
+        may_land_for: Duration,
+    ) -> Result<Written> {
+        self.release_claim(session, term, retry_after, Some(may_land_for))
+            .await
+    }
+
+    async fn release_claim(
+        &self,
+        session: &SessionId,
+        term: Term,
+        retry_after: Duration,
+        may_land_for: Option<Duration>,
+    ) -> Result<Written> {
         let op = &self.scripts.rollback_hibernation;
-        let n: i64 = self
-            .eval_session(op, session, (term.0, millis(retry_after)))
-            .await?;
+        let may_land = may_land_for.map(|d| millis(d).to_string());
+        let args = (term.0, millis(retry_after), may_land.unwrap_or_default());
+        let n: i64 = self.eval_session(op, session, args).await?;
         Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
     }
 

@@ -32,6 +32,7 @@ crate::both!(
     a_late_event_of_a_resource_forgotten_by_a_relist_is_ignored,
     a_connection_to_a_resource_the_store_does_not_know_yet_wakes_it,
     a_connection_between_a_delete_and_the_creation_wakes_the_new_resource,
+    a_released_patch_that_lands_late_wakes_for_a_connection_made_meanwhile,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -486,6 +487,57 @@ async fn a_connection_between_a_delete_and_the_creation_wakes_the_new_resource(b
     mirror_created(&store, T1, &t, "new", new, 1, Some(born)).await;
     assert_eq!(pending_wake_ids(&store).await, vec![s]);
     assert_eq!(state(&store, &t).await, SessionState::Hibernated);
+}
+
+/// Finding (review of the races scenario): a hibernation patch whose answer
+/// was lost, and which the Session did not show on the re-read, was released;
+/// the API server applied it later. A user who connected in between and left
+/// before the watch showed it left no wake: asleep, though used after the
+/// decision.
+async fn a_released_patch_that_lands_late_wakes_for_a_connection_made_meanwhile(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let [s, t, u] = [sid("desk-1"), sid("desk-2"), sid("desk-3")];
+    for x in [&s, &t, &u] {
+        mirror_as(&store, T1, x, "u1", ResourceState::Running, 1).await;
+    }
+    clock.advance(Duration::from_secs(3));
+    let retry = Duration::from_secs(30);
+    let may_land = Duration::from_secs(60);
+    for x in [&s, &t, &u] {
+        assert!(matches!(
+            store.claim_hibernation(x, CLAIM, T1).await.unwrap(),
+            ClaimOutcome::Claimed(_)
+        ));
+    }
+    // s and u: the answer was lost; t: the patch was refused (surely not applied).
+    let short = Duration::from_secs(5);
+    store
+        .rollback_unsure_hibernation(&s, T1, retry, may_land)
+        .await
+        .unwrap();
+    store.rollback_hibernation(&t, T1, retry).await.unwrap();
+    store
+        .rollback_unsure_hibernation(&u, T1, retry, short)
+        .await
+        .unwrap();
+    for x in [&s, &t, &u] {
+        let c = conn(x, "alice", Protocol::Vnc);
+        let r = created(store.register(&c, Limits::default()).await.unwrap());
+        assert_eq!(r.session.state, SessionState::Running);
+        store.close(x, c.connection_id).await.unwrap();
+    }
+    // The late patch lands on s and is seen: woken for that connection.
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+    // t was hibernated by someone else: followed.
+    mirror_as(&store, T1, &t, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(state(&store, &t).await, SessionState::Hibernated);
+    // u's patch could have landed for 5 s only: a hibernation seen later is
+    // someone else's, followed.
+    clock.advance(Duration::from_secs(10));
+    mirror_as(&store, T1, &u, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(state(&store, &u).await, SessionState::Hibernated);
+    assert_eq!(pending_wake_ids(&store).await, vec![s]);
 }
 
 /// Finding (model.rs): a connection arrived while the hibernation patch was

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use fake_kube::FakeKube;
+use fake_kube::{ApplyAt, FakeKube, Fault, FaultRule, Operation, Target};
 use sqlx::PgPool;
 use tracker_core::testing::Backend;
 use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
@@ -269,5 +269,64 @@ async fn nothing_is_hibernated_for_a_window_after_leadership_or_data_loss(pool: 
         "hibernated {:?} after the loss",
         lost_at.elapsed()
     );
+    reaper.stop().await;
+}
+
+/// A hibernation patch the API server applies only after the reaper gave up
+/// on it (and re-read the Session still running) lands after a user came and
+/// went: the connection, made after the decision, wakes the session, even
+/// though it ended before the reaper saw the late landing.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_late_landing_of_a_released_patch_is_undone_for_a_connection_since(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "running", Some("8s"), false))
+        .unwrap();
+    // Longer than the reaper's Kubernetes timeout (2 s here), shorter than
+    // the idle timeout that would make the session due again after the visit.
+    fake.add_fault(FaultRule::next(
+        1,
+        Target::sessions(&[Operation::Patch]).named("s1"),
+        Fault::Slow {
+            delay: Duration::from_secs(3),
+            apply: ApplyAt::AfterDelay,
+        },
+    ))
+    .unwrap();
+    let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    fake.wait_for_injected(|f| !f.is_empty(), Duration::from_secs(15))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "claim released", || async {
+        (env.state("s1").await == Some(SessionState::Idle)).then_some(())
+    })
+    .await;
+    assert_eq!(kube_state(&fake, "s1").as_deref(), Some("running"));
+
+    // The watch misses the landing until after the visit.
+    fake.set_dropping_watch_events(true);
+    let c = env.connect("s1", "alice").await;
+    env.store.close(&sid("s1"), c).await.unwrap();
+    fake.wait_for_session(
+        NS,
+        "s1",
+        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"hibernated".into()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    // Missed events are found again by a relist (the watch expired).
+    fake.set_dropping_watch_events(false);
+    fake.expire_watches();
+
+    fake.wait_for_session(
+        NS,
+        "s1",
+        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(patched_states(&fake, "s1"), ["hibernated", "running"]);
     reaper.stop().await;
 }
