@@ -44,7 +44,6 @@ pub mod history;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
-pub mod serve;
 pub mod state;
 pub mod token_cache;
 
@@ -85,8 +84,8 @@ use crate::history::History;
 use crate::metrics::Metrics;
 use crate::routes::ws::user_sockets::UserSockets;
 use crate::routes::ws::watch::SessionWatches;
-use crate::serve::ConnLimits;
 use crate::state::{AppState, Inner};
+use tracker_runtime::http::{self, ConnLimits};
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -272,7 +271,7 @@ impl Application {
         let state = self.state;
         let stop_accepting = CancellationToken::new();
         let serve = |listener: TcpListener, router: Router| {
-            tokio::spawn(serve::serve(
+            tokio::spawn(http::serve(
                 listener,
                 router,
                 self.limits,

@@ -31,16 +31,13 @@ use prometheus_client::registry::Registry;
 use tracing::Instrument;
 use tracker_core::Protocol;
 
+use tracker_runtime::http::ConnObserver;
+pub use tracker_runtime::http::Timeout;
 use tracker_runtime::label_enum;
 use tracker_runtime::metrics::SharedRegistry;
 
 use crate::error::{Backend, LimitKind};
 use crate::error::{BackendFailure, LimitRejection};
-
-label_enum!(
-    /// Which timeout closed a connection or ended a request.
-    Timeout { Header => "header", Keepalive => "keepalive", Request => "request" }
-);
 
 label_enum!(
     HeartbeatResult { Accepted => "accepted", Unknown => "unknown" }
@@ -474,6 +471,21 @@ impl Metrics {
     pub fn websocket_open(&self) -> OpenSocket {
         self.0.websockets_open.inc();
         OpenSocket(self.clone())
+    }
+}
+
+/// The server loop's reports go to the API's connection metrics.
+impl ConnObserver for Metrics {
+    fn connection_opened(&self) {
+        Metrics::connection_opened(self);
+    }
+
+    fn connection_closed(&self) {
+        Metrics::connection_closed(self);
+    }
+
+    fn connection_timeout(&self, which: Timeout) {
+        Metrics::connection_timeout(self, which);
     }
 }
 

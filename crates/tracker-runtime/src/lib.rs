@@ -12,6 +12,7 @@
 //! - [`ops`]: `/metrics`, `/healthz` and `/readyz`, the same in both binaries;
 //! - [`service`]: the whole of a binary's `main` ([`service::main`]).
 
+pub mod http;
 pub mod metrics;
 pub mod ops;
 pub mod service;

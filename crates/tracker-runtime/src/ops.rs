@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracker_core::Store;
 
+use crate::http::ConnLimits;
 use crate::metrics::{self, SharedRegistry};
 
 /// Why the process cannot serve right now; the text goes into the 503 body.
@@ -100,16 +101,11 @@ fn json(status: StatusCode, body: String) -> Response {
     (status, [(CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// Serves `router` on `listener` until `stop`, then finishes open requests.
-/// For a listener that serves the ops routes only; the API serves its own
-/// through its hardened loop.
+/// Serves `router` on a listener of the ops routes only until `stop`, then
+/// finishes open requests: the same hardened loop as the API's listeners
+/// ([`crate::http::serve`]), with [`ConnLimits::OPS`].
 pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "ops listener failed");
-    }
+    crate::http::serve(listener, router, ConnLimits::OPS, (), stop).await;
 }
 
 #[cfg(test)]

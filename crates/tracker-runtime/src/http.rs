@@ -1,22 +1,23 @@
-//! The HTTP/1.1 server loop, with the limits `axum::serve` lacks.
+//! The HTTP/1.1 server loop of both binaries' listeners, with the limits
+//! `axum::serve` lacks.
 //!
 //! `axum::serve` gives hyper no timer, so a client that sends half a request
 //! line, or opens a keep-alive connection and says nothing, holds its socket
 //! forever; nor does it cap open connections. Here:
 //!
-//! - at most `TRACKER_MAX_OPEN_CONNECTIONS` connections are open at once,
-//!   WebSockets included (the permit lives as long as the socket); further
-//!   clients wait in the kernel's listen backlog;
+//! - at most [`ConnLimits::max_open_connections`] connections are open at
+//!   once, WebSockets included (the permit lives as long as the socket);
+//!   further clients wait in the kernel's listen backlog;
 //! - a connection with no request in flight is closed when it stays silent
-//!   for `TRACKER_KEEPALIVE_TIMEOUT`, or when a request head that started
-//!   arriving is not complete within `TRACKER_HEADER_TIMEOUT`;
+//!   for [`ConnLimits::keepalive_timeout`], or when a request head that
+//!   started arriving is not complete within [`ConnLimits::header_timeout`];
 //! - hyper's own header timer, at the sum of both, backs that up;
-//! - `TRACKER_REQUEST_TIMEOUT` is a router layer (see [`crate::routes`]): it
-//!   bounds a handler, not the WebSocket it upgrades to.
+//! - a request timeout, where one is wanted, is a router layer: it bounds a
+//!   handler, not the WebSocket it upgrades to.
 //!
 //! Shutdown: stop accepting, let each connection finish its request and
 //! close, and return when all have. Upgraded sockets are no longer HTTP
-//! connections: [`crate::routes::ws`] drains them.
+//! connections: whoever upgraded them drains them.
 
 use std::future::Future;
 use std::io;
@@ -40,7 +41,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::metrics::{Metrics, Timeout};
+use crate::label_enum;
+
+label_enum!(
+    /// Which timeout closed a connection or ended a request.
+    Timeout { Header => "header", Keepalive => "keepalive", Request => "request" }
+);
 
 /// The connection-level limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -50,13 +56,37 @@ pub struct ConnLimits {
     pub max_open_connections: u32,
 }
 
+impl ConnLimits {
+    /// For a listener of the ops routes only (probes and scrapes): a few
+    /// clients, short requests.
+    pub const OPS: ConnLimits = ConnLimits {
+        header_timeout: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(60),
+        max_open_connections: 64,
+    };
+}
+
+/// What the server loop reports, for a binary's metrics: connections opened
+/// and closed, and those a timeout closed. `()` reports nothing.
+pub trait ConnObserver: Clone + Send + Sync + Unpin + 'static {
+    fn connection_opened(&self);
+    fn connection_closed(&self);
+    fn connection_timeout(&self, which: Timeout);
+}
+
+impl ConnObserver for () {
+    fn connection_opened(&self) {}
+    fn connection_closed(&self) {}
+    fn connection_timeout(&self, _: Timeout) {}
+}
+
 /// Serves `router` on `listener` until `stop` fires, then waits for the open
 /// HTTP connections to finish their requests.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnLimits,
-    metrics: Metrics,
+    metrics: impl ConnObserver,
     stop: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_open_connections as usize));
@@ -111,13 +141,13 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-async fn serve_connection(
+async fn serve_connection<M: ConnObserver>(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
     limits: ConnLimits,
     permit: OwnedSemaphorePermit,
-    metrics: Metrics,
+    metrics: M,
     close_idle: CancellationToken,
 ) {
     // Heartbeats are tiny; Nagle would hold each answer back.
@@ -242,13 +272,13 @@ fn update<T>(phase: &Mutex<Phase>, f: impl FnOnce(&mut Phase) -> T) -> T {
 
 /// Holds the connection's permit and the open-connection gauge until the
 /// socket drops, which for a WebSocket is when the socket closes.
-struct OpenConnection {
+struct OpenConnection<M: ConnObserver> {
     _permit: OwnedSemaphorePermit,
-    metrics: Metrics,
+    metrics: M,
 }
 
-impl OpenConnection {
-    fn new(permit: OwnedSemaphorePermit, metrics: Metrics) -> Self {
+impl<M: ConnObserver> OpenConnection<M> {
+    fn new(permit: OwnedSemaphorePermit, metrics: M) -> Self {
         metrics.connection_opened();
         Self {
             _permit: permit,
@@ -257,7 +287,7 @@ impl OpenConnection {
     }
 }
 
-impl Drop for OpenConnection {
+impl<M: ConnObserver> Drop for OpenConnection<M> {
     fn drop(&mut self) {
         self.metrics.connection_closed();
     }
@@ -265,23 +295,23 @@ impl Drop for OpenConnection {
 
 /// The TCP stream, failing its reads once the connection's idle or header
 /// deadline has passed; hyper then closes it.
-struct Guarded {
+struct Guarded<M: ConnObserver> {
     io: TcpStream,
     phase: Arc<Mutex<Phase>>,
     limits: ConnLimits,
     timer: Pin<Box<Sleep>>,
-    metrics: Metrics,
-    _open: OpenConnection,
+    metrics: M,
+    _open: OpenConnection<M>,
 }
 
-impl Guarded {
+impl<M: ConnObserver> Guarded<M> {
     fn expired(&self, which: Timeout) -> io::Error {
         self.metrics.connection_timeout(which);
         io::Error::new(io::ErrorKind::TimedOut, format!("{which} timeout"))
     }
 }
 
-impl AsyncRead for Guarded {
+impl<M: ConnObserver> AsyncRead for Guarded<M> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -332,7 +362,7 @@ impl AsyncRead for Guarded {
     }
 }
 
-impl AsyncWrite for Guarded {
+impl<M: ConnObserver> AsyncWrite for Guarded<M> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -364,7 +394,48 @@ impl AsyncWrite for Guarded {
 
 #[cfg(test)]
 mod tests {
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// The loop itself, without any binary's metrics: a whole request is
+    /// answered, half a request head is cut off at the header timeout.
+    #[tokio::test]
+    async fn a_half_request_is_dropped_at_the_header_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = ConnLimits {
+            header_timeout: Duration::from_millis(200),
+            keepalive_timeout: Duration::from_secs(30),
+            max_open_connections: 4,
+        };
+        let stop = CancellationToken::new();
+        let router = Router::new().route("/", get(|| async { "ok" }));
+        let server = tokio::spawn(serve(listener, router, limits, (), stop.clone()));
+
+        let mut whole = TcpStream::connect(addr).await.expect("connect");
+        whole
+            .write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        whole.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        let mut half = TcpStream::connect(addr).await.expect("connect");
+        let sent = Instant::now();
+        half.write_all(b"GET / HT").await.expect("write");
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), half.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the half request was never cut off");
+        assert!(sent.elapsed() >= limits.header_timeout);
+        assert!(!String::from_utf8_lossy(&rest).contains("200"));
+
+        stop.cancel();
+        server.await.expect("the loop ends");
+    }
 
     fn limits() -> ConnLimits {
         ConnLimits {
