@@ -37,6 +37,11 @@ pub(crate) const API_ENV: &[&str] = &[
     "TRACKER_LOG_FORMAT",
     "TRACKER_REDIS_SHARDS",
     "TRACKER_REDIS_TIMEOUT",
+    "TRACKER_CONNECTION_ID_RETENTION",
+    "TRACKER_WARN_BEFORE",
+    "TRACKER_WS_ALLOWED_ORIGINS",
+    "TRACKER_PLATFORM",
+    "TRACKER_DEFAULT_IDLE_TIMEOUT",
     "TRACKER_SHUTDOWN_TIMEOUT",
 ];
 pub(crate) const REAPER_ENV: &[&str] = &[
@@ -49,18 +54,26 @@ pub(crate) const REAPER_ENV: &[&str] = &[
     "TRACKER_SWEEP_INTERVAL",
     "TRACKER_DEFAULT_IDLE_TIMEOUT",
     "TRACKER_PLATFORM",
+    "TRACKER_NATS_URL",
+    "TRACKER_NATS_TIMEOUT",
     "TRACKER_DRY_RUN",
     "TRACKER_SKIP_MIGRATIONS",
     "TRACKER_ELECTION",
     "TRACKER_NAMESPACE",
     "TRACKER_LEASE_NAME",
     "TRACKER_LEASE_DURATION",
+    "TRACKER_WAKE_INTERVAL",
+    "TRACKER_HIBERNATE_INTERVAL",
+    "TRACKER_ARCHIVE_INTERVAL",
+    "TRACKER_KUBE_TIMEOUT",
+    "TRACKER_HISTORY_RETENTION",
     "KUBECONFIG",
     "RUST_LOG",
     "TRACKER_LOG_FORMAT",
     "TRACKER_REDIS_SHARDS",
     "TRACKER_REDIS_TIMEOUT",
-    "TRACKER_SHUTDOWN_TIMEOUT",
+    "TRACKER_CONNECTION_ID_RETENTION",
+    "TRACKER_WARN_BEFORE",
     "POD_NAME",
 ];
 /// Read by libraries (tracing-subscriber, kube), not named in our sources.
@@ -73,6 +86,17 @@ pub(crate) const ENV_FROM_VALUES: &[(&str, &str)] = &[
     ("TRACKER_KEY_PREFIX", "redis.keyPrefix"),
     ("TRACKER_REDIS_SHARDS", "redis.shards"),
     ("TRACKER_REDIS_TIMEOUT", "redis.timeout"),
+    (
+        "TRACKER_CONNECTION_ID_RETENTION",
+        "redis.connectionIdRetention",
+    ),
+    ("TRACKER_PLATFORM", "platform"),
+    (
+        "TRACKER_DEFAULT_IDLE_TIMEOUT",
+        "sessions.defaultIdleTimeout",
+    ),
+    ("TRACKER_WARN_BEFORE", "sessions.warnBefore"),
+    ("TRACKER_NATS_TIMEOUT", "nats.timeout"),
     ("TRACKER_HEARTBEAT_WINDOW", "heartbeat.window"),
     ("TRACKER_HEARTBEAT_INTERVAL", "heartbeat.interval"),
     ("RUST_LOG", "logging.level"),
@@ -94,14 +118,18 @@ pub(crate) const ENV_FROM_VALUES: &[(&str, &str)] = &[
     ("TRACKER_JWT_AUDIENCE", "api.jwt.audience"),
     ("TRACKER_JWT_LEEWAY", "api.jwt.leeway"),
     ("TRACKER_TRUSTED_PROXIES", "api.trustedProxies"),
+    ("TRACKER_WS_ALLOWED_ORIGINS", "api.wsAllowedOrigins"),
     ("TRACKER_HEADER_TIMEOUT", "api.headerTimeout"),
     ("TRACKER_KEEPALIVE_TIMEOUT", "api.keepaliveTimeout"),
     ("TRACKER_REQUEST_TIMEOUT", "api.requestTimeout"),
     ("TRACKER_MAX_OPEN_CONNECTIONS", "api.maxOpenConnections"),
     ("TRACKER_SHUTDOWN_TIMEOUT", "api.shutdownTimeout"),
     ("TRACKER_SWEEP_INTERVAL", "reaper.sweepInterval"),
-    ("TRACKER_DEFAULT_IDLE_TIMEOUT", "reaper.defaultIdleTimeout"),
-    ("TRACKER_PLATFORM", "reaper.platform"),
+    ("TRACKER_WAKE_INTERVAL", "reaper.wakeInterval"),
+    ("TRACKER_HIBERNATE_INTERVAL", "reaper.hibernateInterval"),
+    ("TRACKER_ARCHIVE_INTERVAL", "reaper.archiveInterval"),
+    ("TRACKER_KUBE_TIMEOUT", "reaper.kubeTimeout"),
+    ("TRACKER_HISTORY_RETENTION", "reaper.historyRetention"),
     ("TRACKER_DRY_RUN", "reaper.dryRun"),
     ("TRACKER_SKIP_MIGRATIONS", "reaper.skipMigrations"),
     ("TRACKER_ELECTION", "reaper.election"),
@@ -116,7 +144,13 @@ pub(crate) const SHARED_ENV: &[&str] = &[
     "TRACKER_REDIS_MODE",
     "TRACKER_KEY_PREFIX",
     "TRACKER_REDIS_SHARDS",
+    "TRACKER_REDIS_TIMEOUT",
+    "TRACKER_CONNECTION_ID_RETENTION",
     "TRACKER_HEARTBEAT_WINDOW",
+    "TRACKER_PLATFORM",
+    "TRACKER_DEFAULT_IDLE_TIMEOUT",
+    "TRACKER_WARN_BEFORE",
+    "TRACKER_LOG_FORMAT",
 ];
 
 #[test]
@@ -197,4 +231,11 @@ fn secrets_come_from_a_secret() {
         assert_eq!(db.key, value_at(&values, "secret.keys.databaseUrl"));
         assert_eq!(db.optional, optional, "{}", c.name);
     }
+    // A NATS URL may carry credentials; without nats.url it comes from the
+    // Secret, optional since NATS is (but for platform docker).
+    assert_eq!(value_at(&values, "nats.url"), "");
+    let nats = key_ref(&reaper, "TRACKER_NATS_URL");
+    assert_eq!(nats.name, secret_name);
+    assert_eq!(nats.key, value_at(&values, "secret.keys.natsUrl"));
+    assert_eq!(nats.optional, Some(true), "NATS is optional");
 }
