@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{Container, Secret};
 
-use crate::support::{default_render, one_of, repo, sources, value_at, values};
+use crate::support::{default_render, one_of, read, repo, sources, value_at, values};
 use crate::workloads::{env, env_var, workload, Binary};
 
 /// The settings of docs/configuration.md, by the binary that reads each
@@ -238,4 +238,108 @@ fn secrets_come_from_a_secret() {
     assert_eq!(nats.name, secret_name);
     assert_eq!(nats.key, value_at(&values, "secret.keys.natsUrl"));
     assert_eq!(nats.optional, Some(true), "NATS is optional");
+}
+
+/// Where the config structs are parsed: each binary's own, and the Redis
+/// settings (`RedisArgs`, in tracker-runtime) that both flatten into theirs.
+const CONFIG_SOURCES: &[(Binary, &[&str])] = &[
+    (
+        Binary::Api,
+        &[
+            "crates/tracker-api/src/config.rs",
+            "crates/tracker-runtime/src/lib.rs",
+        ],
+    ),
+    (
+        Binary::Reaper,
+        &[
+            "crates/tracker-reaper/src/config.rs",
+            "crates/tracker-runtime/src/lib.rs",
+        ],
+    ),
+];
+
+/// Variables a binary reads that its rendered Deployment may leave unset.
+/// Keep it short: an operator-facing setting the chart cannot set is a bug.
+const NOT_IN_DEFAULT_RENDER: &[(&str, &str)] = &[
+    // Names a mounted PEM file and replaces the HS256 secret, so it has no
+    // neutral value: set only with api.jwt.publicKeyFromSecret (checked below
+    // in the template, and rendered by scripts/render-manifests.sh).
+    ("TRACKER_JWT_PUBLIC_KEY_FILE", "api-deployment.yaml"),
+];
+
+/// The `TRACKER_*` names of the `env = "..."` attributes in `src`.
+fn env_attributes(src: &str) -> BTreeSet<String> {
+    src.split("env = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"').map(|(name, _)| name))
+        .filter(|name| name.starts_with("TRACKER_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_setting_the_binaries_read_is_set_by_the_chart() {
+    let docs = default_render();
+    let templates = repo().join("deploy/helm/tracker/templates");
+    for (binary, files) in CONFIG_SOURCES {
+        let names: BTreeSet<String> = files
+            .iter()
+            .map(|f| env_attributes(&read(&repo().join(f))))
+            .fold(BTreeSet::new(), |mut all, names| {
+                all.extend(names);
+                all
+            });
+        let own = read(&repo().join(files[0]));
+        assert!(
+            own.contains("#[command(flatten)]\n    pub redis: RedisArgs,"),
+            "{}: its Config no longer flattens RedisArgs; update CONFIG_SOURCES",
+            binary.name()
+        );
+        // Guards against a parse that silently finds nothing.
+        assert!(
+            names.contains("TRACKER_REDIS_URL") && names.contains("TRACKER_LOG_FORMAT"),
+            "{}: the env attributes were not found in {files:?}",
+            binary.name()
+        );
+        let (_, c) = workload(&docs, *binary);
+        let set: BTreeSet<&str> = env(&c).iter().map(|e| e.name.as_str()).collect();
+        for name in &names {
+            if let Some((_, template)) = NOT_IN_DEFAULT_RENDER.iter().find(|(n, _)| n == name) {
+                let text = read(&templates.join(template));
+                assert!(
+                    text.contains(&format!("- name: {name}\n")),
+                    "{}: templates/{template} cannot set {name}",
+                    binary.name()
+                );
+                continue;
+            }
+            assert!(
+                set.contains(name.as_str()),
+                "{}: reads {name}, but the chart's Deployment does not set it: add a value \
+                 for it (values.yaml, the template, deploy/README.md)",
+                binary.name()
+            );
+        }
+    }
+    // No stale entries: each is still read, and still not rendered by default.
+    for (name, _) in NOT_IN_DEFAULT_RENDER {
+        let read_by_any = CONFIG_SOURCES.iter().any(|(_, files)| {
+            files
+                .iter()
+                .any(|f| env_attributes(&read(&repo().join(f))).contains(*name))
+        });
+        assert!(
+            read_by_any,
+            "{name} is read by no binary: drop it from NOT_IN_DEFAULT_RENDER"
+        );
+        for binary in [Binary::Api, Binary::Reaper] {
+            let (_, c) = workload(&docs, binary);
+            assert!(
+                env(&c).iter().all(|e| e.name != *name),
+                "{}: {name} is rendered: drop it from NOT_IN_DEFAULT_RENDER",
+                binary.name()
+            );
+        }
+    }
 }
