@@ -14,8 +14,10 @@
 # SDK behind a C ABI; pinned below), installed into a virtualenv under
 # ~/.cache on first use. No cluster is contacted (KUBECONFIG=/dev/null).
 #
-# Both modes also check that the chart refuses to render unsafe values
-# (api.auth=disabled).
+# Both modes also check that the chart refuses to render unsafe or
+# inconsistent values (api.auth=disabled, an unknown platform, docker without
+# a NATS URL, settings that moved), and that it lints clean with the optional
+# settings switched on (NATS, a JWT public key, allowed origins).
 #
 # Usage: scripts/render-manifests.sh           rewrite deploy/rendered/*.yaml
 #        scripts/render-manifests.sh --check   lint, render, and fail if the
@@ -127,8 +129,25 @@ def refused(values, needle):
 
 
 ok = lint(None) and lint(monitoring)
+# Optional settings render and lint clean too.
+optional = [
+    {"platform": "docker", "nats": {"url": "nats://nats:4222"}},
+    {"platform": "docker", "secret": {"natsUrl": "nats://tracker:PASSWORD@nats:4222"}},
+    {"platform": "none", "secret": {"existingSecret": "tracker-secrets"}},
+    {"api": {"jwt": {"publicKeyFromSecret": True, "issuer": "https://idp", "audience": "tracker"}},
+     "secret": {"jwtPublicKey": "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n"}},
+    {"api": {"wsAllowedOrigins": "https://app.example.com"}, "sessions": {"warnBefore": "0s"}},
+]
+for values in optional:
+    ok = lint(values) and ok
 # Settings that must never reach a cluster.
 ok = refused({"api": {"auth": "disabled"}}, "api.auth") and ok
+ok = refused({"platform": "kube"}, "platform must be") and ok
+ok = refused({"platform": "docker"}, "nats.url") and ok
+ok = refused({"api": {"jwt": {"publicKeyFromSecret": True}}}, "secret.jwtPublicKey") and ok
+# Moved settings fail rather than being ignored (the API and the reaper would disagree).
+ok = refused({"reaper": {"platform": "docker"}}, "reaper.platform moved") and ok
+ok = refused({"reaper": {"defaultIdleTimeout": "1h"}}, "reaper.defaultIdleTimeout moved") and ok
 if mode == "write":
     rendered.mkdir(parents=True, exist_ok=True)
     for name, text in outputs.items():

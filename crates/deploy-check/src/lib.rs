@@ -10,7 +10,9 @@
 //!   `spec.user`, `spec.state`, `spec.idleTimeout`, status);
 //! - checks the reaper's RBAC verbs exactly, and that the API has none;
 //! - checks every environment variable against the documented settings and the
-//!   binary that reads it, probes, grace periods, security contexts;
+//!   binary that reads it, and that every `TRACKER_*` setting the binaries'
+//!   config structs read is set by the chart (but for a short allow-list);
+//!   probes, grace periods, security contexts;
 //! - fails when the chart and the rendered files drift apart: a digest of the
 //!   chart's files, the template kinds, the defaults of `values.yaml`, the
 //!   Grafana dashboard and its metric names.

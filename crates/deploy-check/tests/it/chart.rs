@@ -171,7 +171,9 @@ fn rendered_env_and_sizes_are_the_values_defaults() {
                     )
                 )),
                 // From the Secret or the downward API: checked elsewhere.
-                "TRACKER_JWT_SECRET" | "TRACKER_DATABASE_URL" | "POD_NAME" => None,
+                "TRACKER_JWT_SECRET" | "TRACKER_DATABASE_URL" | "TRACKER_NATS_URL" | "POD_NAME" => {
+                    None
+                }
                 name => {
                     let path = ENV_FROM_VALUES
                         .iter()

@@ -76,6 +76,16 @@ fn session_crd_matches_the_api_reference() {
             "spec.{field}"
         );
     }
+    // A session past its max duration is hibernated (live connections end
+    // with end_reason max_duration), not terminated.
+    let max = prop(s, "maxSessionDuration")
+        .description
+        .as_deref()
+        .unwrap_or_default();
+    assert!(
+        max.contains("hibernated") && max.contains("max_duration") && !max.contains("terminated"),
+        "spec.maxSessionDuration description: {max:?}"
+    );
     let state = prop(s, "state");
     assert_eq!(state.type_.as_deref(), Some("string"));
     let states: Vec<&Json> = state

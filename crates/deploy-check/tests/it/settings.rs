@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{Container, Secret};
 
-use crate::support::{default_render, one_of, repo, sources, value_at, values};
+use crate::support::{default_render, one_of, read, repo, sources, value_at, values};
 use crate::workloads::{env, env_var, workload, Binary};
 
 /// The settings of docs/configuration.md, by the binary that reads each
@@ -37,6 +37,11 @@ pub(crate) const API_ENV: &[&str] = &[
     "TRACKER_LOG_FORMAT",
     "TRACKER_REDIS_SHARDS",
     "TRACKER_REDIS_TIMEOUT",
+    "TRACKER_CONNECTION_ID_RETENTION",
+    "TRACKER_WARN_BEFORE",
+    "TRACKER_WS_ALLOWED_ORIGINS",
+    "TRACKER_PLATFORM",
+    "TRACKER_DEFAULT_IDLE_TIMEOUT",
     "TRACKER_SHUTDOWN_TIMEOUT",
 ];
 pub(crate) const REAPER_ENV: &[&str] = &[
@@ -49,18 +54,26 @@ pub(crate) const REAPER_ENV: &[&str] = &[
     "TRACKER_SWEEP_INTERVAL",
     "TRACKER_DEFAULT_IDLE_TIMEOUT",
     "TRACKER_PLATFORM",
+    "TRACKER_NATS_URL",
+    "TRACKER_NATS_TIMEOUT",
     "TRACKER_DRY_RUN",
     "TRACKER_SKIP_MIGRATIONS",
     "TRACKER_ELECTION",
     "TRACKER_NAMESPACE",
     "TRACKER_LEASE_NAME",
     "TRACKER_LEASE_DURATION",
+    "TRACKER_WAKE_INTERVAL",
+    "TRACKER_HIBERNATE_INTERVAL",
+    "TRACKER_ARCHIVE_INTERVAL",
+    "TRACKER_KUBE_TIMEOUT",
+    "TRACKER_HISTORY_RETENTION",
     "KUBECONFIG",
     "RUST_LOG",
     "TRACKER_LOG_FORMAT",
     "TRACKER_REDIS_SHARDS",
     "TRACKER_REDIS_TIMEOUT",
-    "TRACKER_SHUTDOWN_TIMEOUT",
+    "TRACKER_CONNECTION_ID_RETENTION",
+    "TRACKER_WARN_BEFORE",
     "POD_NAME",
 ];
 /// Read by libraries (tracing-subscriber, kube), not named in our sources.
@@ -73,6 +86,17 @@ pub(crate) const ENV_FROM_VALUES: &[(&str, &str)] = &[
     ("TRACKER_KEY_PREFIX", "redis.keyPrefix"),
     ("TRACKER_REDIS_SHARDS", "redis.shards"),
     ("TRACKER_REDIS_TIMEOUT", "redis.timeout"),
+    (
+        "TRACKER_CONNECTION_ID_RETENTION",
+        "redis.connectionIdRetention",
+    ),
+    ("TRACKER_PLATFORM", "platform"),
+    (
+        "TRACKER_DEFAULT_IDLE_TIMEOUT",
+        "sessions.defaultIdleTimeout",
+    ),
+    ("TRACKER_WARN_BEFORE", "sessions.warnBefore"),
+    ("TRACKER_NATS_TIMEOUT", "nats.timeout"),
     ("TRACKER_HEARTBEAT_WINDOW", "heartbeat.window"),
     ("TRACKER_HEARTBEAT_INTERVAL", "heartbeat.interval"),
     ("RUST_LOG", "logging.level"),
@@ -94,14 +118,18 @@ pub(crate) const ENV_FROM_VALUES: &[(&str, &str)] = &[
     ("TRACKER_JWT_AUDIENCE", "api.jwt.audience"),
     ("TRACKER_JWT_LEEWAY", "api.jwt.leeway"),
     ("TRACKER_TRUSTED_PROXIES", "api.trustedProxies"),
+    ("TRACKER_WS_ALLOWED_ORIGINS", "api.wsAllowedOrigins"),
     ("TRACKER_HEADER_TIMEOUT", "api.headerTimeout"),
     ("TRACKER_KEEPALIVE_TIMEOUT", "api.keepaliveTimeout"),
     ("TRACKER_REQUEST_TIMEOUT", "api.requestTimeout"),
     ("TRACKER_MAX_OPEN_CONNECTIONS", "api.maxOpenConnections"),
     ("TRACKER_SHUTDOWN_TIMEOUT", "api.shutdownTimeout"),
     ("TRACKER_SWEEP_INTERVAL", "reaper.sweepInterval"),
-    ("TRACKER_DEFAULT_IDLE_TIMEOUT", "reaper.defaultIdleTimeout"),
-    ("TRACKER_PLATFORM", "reaper.platform"),
+    ("TRACKER_WAKE_INTERVAL", "reaper.wakeInterval"),
+    ("TRACKER_HIBERNATE_INTERVAL", "reaper.hibernateInterval"),
+    ("TRACKER_ARCHIVE_INTERVAL", "reaper.archiveInterval"),
+    ("TRACKER_KUBE_TIMEOUT", "reaper.kubeTimeout"),
+    ("TRACKER_HISTORY_RETENTION", "reaper.historyRetention"),
     ("TRACKER_DRY_RUN", "reaper.dryRun"),
     ("TRACKER_SKIP_MIGRATIONS", "reaper.skipMigrations"),
     ("TRACKER_ELECTION", "reaper.election"),
@@ -116,7 +144,13 @@ pub(crate) const SHARED_ENV: &[&str] = &[
     "TRACKER_REDIS_MODE",
     "TRACKER_KEY_PREFIX",
     "TRACKER_REDIS_SHARDS",
+    "TRACKER_REDIS_TIMEOUT",
+    "TRACKER_CONNECTION_ID_RETENTION",
     "TRACKER_HEARTBEAT_WINDOW",
+    "TRACKER_PLATFORM",
+    "TRACKER_DEFAULT_IDLE_TIMEOUT",
+    "TRACKER_WARN_BEFORE",
+    "TRACKER_LOG_FORMAT",
 ];
 
 #[test]
@@ -196,5 +230,116 @@ fn secrets_come_from_a_secret() {
         assert_eq!(db.name, secret_name);
         assert_eq!(db.key, value_at(&values, "secret.keys.databaseUrl"));
         assert_eq!(db.optional, optional, "{}", c.name);
+    }
+    // A NATS URL may carry credentials; without nats.url it comes from the
+    // Secret, optional since NATS is (but for platform docker).
+    assert_eq!(value_at(&values, "nats.url"), "");
+    let nats = key_ref(&reaper, "TRACKER_NATS_URL");
+    assert_eq!(nats.name, secret_name);
+    assert_eq!(nats.key, value_at(&values, "secret.keys.natsUrl"));
+    assert_eq!(nats.optional, Some(true), "NATS is optional");
+}
+
+/// Where the config structs are parsed: each binary's own, and the Redis
+/// settings (`RedisArgs`, in tracker-runtime) that both flatten into theirs.
+const CONFIG_SOURCES: &[(Binary, &[&str])] = &[
+    (
+        Binary::Api,
+        &[
+            "crates/tracker-api/src/config.rs",
+            "crates/tracker-runtime/src/lib.rs",
+        ],
+    ),
+    (
+        Binary::Reaper,
+        &[
+            "crates/tracker-reaper/src/config.rs",
+            "crates/tracker-runtime/src/lib.rs",
+        ],
+    ),
+];
+
+/// Variables a binary reads that its rendered Deployment may leave unset.
+/// Keep it short: an operator-facing setting the chart cannot set is a bug.
+const NOT_IN_DEFAULT_RENDER: &[(&str, &str)] = &[
+    // Names a mounted PEM file and replaces the HS256 secret, so it has no
+    // neutral value: set only with api.jwt.publicKeyFromSecret (checked below
+    // in the template, and rendered by scripts/render-manifests.sh).
+    ("TRACKER_JWT_PUBLIC_KEY_FILE", "api-deployment.yaml"),
+];
+
+/// The `TRACKER_*` names of the `env = "..."` attributes in `src`.
+fn env_attributes(src: &str) -> BTreeSet<String> {
+    src.split("env = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"').map(|(name, _)| name))
+        .filter(|name| name.starts_with("TRACKER_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_setting_the_binaries_read_is_set_by_the_chart() {
+    let docs = default_render();
+    let templates = repo().join("deploy/helm/tracker/templates");
+    for (binary, files) in CONFIG_SOURCES {
+        let names: BTreeSet<String> = files
+            .iter()
+            .map(|f| env_attributes(&read(&repo().join(f))))
+            .fold(BTreeSet::new(), |mut all, names| {
+                all.extend(names);
+                all
+            });
+        let own = read(&repo().join(files[0]));
+        assert!(
+            own.contains("#[command(flatten)]\n    pub redis: RedisArgs,"),
+            "{}: its Config no longer flattens RedisArgs; update CONFIG_SOURCES",
+            binary.name()
+        );
+        // Guards against a parse that silently finds nothing.
+        assert!(
+            names.contains("TRACKER_REDIS_URL") && names.contains("TRACKER_LOG_FORMAT"),
+            "{}: the env attributes were not found in {files:?}",
+            binary.name()
+        );
+        let (_, c) = workload(&docs, *binary);
+        let set: BTreeSet<&str> = env(&c).iter().map(|e| e.name.as_str()).collect();
+        for name in &names {
+            if let Some((_, template)) = NOT_IN_DEFAULT_RENDER.iter().find(|(n, _)| n == name) {
+                let text = read(&templates.join(template));
+                assert!(
+                    text.contains(&format!("- name: {name}\n")),
+                    "{}: templates/{template} cannot set {name}",
+                    binary.name()
+                );
+                continue;
+            }
+            assert!(
+                set.contains(name.as_str()),
+                "{}: reads {name}, but the chart's Deployment does not set it: add a value \
+                 for it (values.yaml, the template, deploy/README.md)",
+                binary.name()
+            );
+        }
+    }
+    // No stale entries: each is still read, and still not rendered by default.
+    for (name, _) in NOT_IN_DEFAULT_RENDER {
+        let read_by_any = CONFIG_SOURCES.iter().any(|(_, files)| {
+            files
+                .iter()
+                .any(|f| env_attributes(&read(&repo().join(f))).contains(*name))
+        });
+        assert!(
+            read_by_any,
+            "{name} is read by no binary: drop it from NOT_IN_DEFAULT_RENDER"
+        );
+        for binary in [Binary::Api, Binary::Reaper] {
+            let (_, c) = workload(&docs, binary);
+            assert!(
+                env(&c).iter().all(|e| e.name != *name),
+                "{}: {name} is rendered: drop it from NOT_IN_DEFAULT_RENDER",
+                binary.name()
+            );
+        }
     }
 }

@@ -70,7 +70,7 @@ app.kubernetes.io/component: reaper
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Name of the Secret holding TRACKER_JWT_SECRET, TRACKER_DATABASE_URL (and maybe TRACKER_REDIS_URL). */}}
+{{/* Name of the Secret holding TRACKER_JWT_SECRET, TRACKER_DATABASE_URL (and maybe TRACKER_REDIS_URL, TRACKER_NATS_URL, the JWT public key). */}}
 {{- define "tracker.secretName" -}}
 {{- if .Values.secret.existingSecret }}
 {{- .Values.secret.existingSecret }}
@@ -86,8 +86,8 @@ app.kubernetes.io/component: reaper
 
 {{/*
 Environment both processes share. One definition, so TRACKER_REDIS_SHARDS
-(part of the data layout) and the heartbeat window cannot differ between
-the API and the reaper.
+(part of the data layout), the heartbeat window, the platform and the
+session defaults cannot differ between the API and the reaper.
 */}}
 {{- define "tracker.commonEnv" -}}
 - name: TRACKER_REDIS_URL
@@ -107,6 +107,14 @@ the API and the reaper.
   value: {{ .Values.redis.shards | int | quote }}
 - name: TRACKER_REDIS_TIMEOUT
   value: {{ .Values.redis.timeout | quote }}
+- name: TRACKER_CONNECTION_ID_RETENTION
+  value: {{ .Values.redis.connectionIdRetention | quote }}
+- name: TRACKER_PLATFORM
+  value: {{ .Values.platform | quote }}
+- name: TRACKER_DEFAULT_IDLE_TIMEOUT
+  value: {{ .Values.sessions.defaultIdleTimeout | quote }}
+- name: TRACKER_WARN_BEFORE
+  value: {{ .Values.sessions.warnBefore | quote }}
 - name: TRACKER_HEARTBEAT_WINDOW
   value: {{ .Values.heartbeat.window | quote }}
 - name: RUST_LOG
@@ -123,4 +131,27 @@ the API and the reaper.
   labelSelector:
     matchLabels:
       {{- .selector | nindent 6 }}
+{{- end }}
+
+{{/*
+Values the chart refuses, with a message naming the value. Settings that
+moved fail instead of being silently ignored: the API and the reaper would
+then disagree.
+*/}}
+{{- define "tracker.checkValues" -}}
+{{- if hasKey .Values.reaper "platform" }}
+{{- fail "reaper.platform moved to platform: the API and the reaper read TRACKER_PLATFORM, and get this one value" }}
+{{- end }}
+{{- if hasKey .Values.reaper "defaultIdleTimeout" }}
+{{- fail "reaper.defaultIdleTimeout moved to sessions.defaultIdleTimeout: the API and the reaper read TRACKER_DEFAULT_IDLE_TIMEOUT, and get this one value" }}
+{{- end }}
+{{- if not (has .Values.platform (list "kubernetes" "docker" "none")) }}
+{{- fail (printf "platform must be kubernetes, docker or none, not %q" (toString .Values.platform)) }}
+{{- end }}
+{{- if and (eq .Values.platform "docker") (not .Values.nats.url) .Values.secret.create (not .Values.secret.existingSecret) (not .Values.secret.natsUrl) }}
+{{- fail "platform docker needs a NATS URL: set nats.url, or secret.natsUrl for a URL with credentials" }}
+{{- end }}
+{{- if and .Values.api.jwt.publicKeyFromSecret .Values.secret.create (not .Values.secret.existingSecret) (not .Values.secret.jwtPublicKey) }}
+{{- fail "api.jwt.publicKeyFromSecret needs secret.jwtPublicKey (a PEM public key), or secret.existingSecret holding it" }}
+{{- end }}
 {{- end }}
