@@ -8,8 +8,8 @@
 //! session's clients (`TRACKER_WARN_BEFORE` before the deadline). The claim
 //! script then records the warning in the store, once per running period
 //! and fenced like every write, and the API replicas' session watchers
-//! deliver it to the sockets; here it becomes a `session_events` row and
-//! [`Hibernator::announce_warning`]. At the deadline the claim ends the
+//! deliver it to the sockets; here it becomes a `session_events` row, and
+//! where NATS is configured the claim queued its warning event with it. At the deadline the claim ends the
 //! session's connections (`max_duration`) in the same step, whatever they
 //! are doing, and the hibernation goes on as an idle one does.
 //!
@@ -264,17 +264,33 @@ impl Hibernator {
         let _in_flight = self.in_flight.enter(id);
         let term = self.fence.term();
         let dry_run = self.acting.mode() == Mode::DryRun;
+        let lifetime = self.settings.claim_lifetime;
+        // Events are queued by the claim itself, with the change they announce.
+        let warning = self
+            .announcer
+            .enabled()
+            .then(|| self.announcer.announcement("max_duration"));
         let claimed = match self.acting.mode() {
-            // The hibernate event is queued by the claim itself.
+            Mode::DryRun => {
+                self.store
+                    .claim_hibernation_as(id, lifetime, term, dry_run)
+                    .await
+            }
             Mode::Announce => {
                 let event = self.announcer.announcement("idle_timeout");
                 self.store
-                    .claim_hibernation_announced(id, term, &event)
+                    .claim_hibernation_announcing(
+                        id,
+                        lifetime,
+                        term,
+                        Some(&event),
+                        warning.as_ref(),
+                    )
                     .await
             }
             _ => {
                 self.store
-                    .claim_hibernation_as(id, self.settings.claim_lifetime, term, dry_run)
+                    .claim_hibernation_announcing(id, lifetime, term, None, warning.as_ref())
                     .await
             }
         };
@@ -396,24 +412,9 @@ impl Hibernator {
             .record(id.as_str(), event, "max_duration", details);
         self.metrics.hibernation(result);
         tracing::info!(at = %warning.at, "clients warned: max session duration reached soon");
-        if !dry_run {
-            self.announce_warning(id, warning).await;
-        }
-    }
-
-    /// Queues the NATS warning event (when NATS is configured). Called once
-    /// per warning, by the leader whose claim recorded it; WebSocket clients
-    /// hear of it from the store. The event is queued in the Redis outbox
-    /// right after the claim, not by the claim script: a process killed in
-    /// between loses this one event (the next leader sees the warning
-    /// recorded and does not repeat it), never the hibernation.
-    async fn announce_warning(&self, id: &SessionId, warning: &Warning) {
-        if let Err(e) = self
-            .announcer
-            .warning(id, warning.owner.as_deref(), "max_duration")
-            .await
-        {
-            tracing::warn!(error = %e, "queueing the warning event for NATS failed; it is not published");
+        if !dry_run && self.announcer.enabled() {
+            // The claim queued the NATS warning event with the warning.
+            self.announcer.nudge();
         }
     }
 

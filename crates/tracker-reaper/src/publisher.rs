@@ -89,18 +89,6 @@ impl Announcer {
         self.nudge.clone()
     }
 
-    /// Queues a `streamspace.session.warning.<platform>` event for `session`
-    /// (its owner, unless `user` names someone). Does nothing without NATS.
-    /// For the code that warns before a forced hibernation.
-    pub async fn warning(
-        &self,
-        session: &SessionId,
-        user: Option<&str>,
-        reason: &str,
-    ) -> tracker_core::Result<()> {
-        self.queue(session, EventKind::Warning, reason, user).await
-    }
-
     /// Announces a change already carried out (a patched Session); a failure
     /// is logged and counted, never returned: the change stands regardless.
     pub async fn announce_done(&self, session: &SessionId, kind: EventKind, reason: &str) {

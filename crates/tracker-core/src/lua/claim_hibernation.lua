@@ -4,8 +4,9 @@
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, claim lifetime ms, leader
 --          term, '1' for a dry run (end no connection, warn no client) else '0',
---          then optionally an announcement: event id, platform, reason (the
---          claim's own reason replaces it for a max duration)
+--          then optionally an announcement of the hibernation: event id,
+--          platform, reason (the claim's own reason replaces it for a max
+--          duration) ('' each when none), and of a warning: event id, platform
 -- Returns  {'claimed', generation, uid, idle timeout ms or 'off', reason,
 --          max duration ms, connection id, user id, ...} ('' where unknown),
 --          reason 'idle' or 'max_duration', then the connections the claim
@@ -30,7 +31,9 @@
 --          queued for NATS in this same script, and the claim does not lapse:
 --          it ends when NATS acknowledges the event (event_ack.lua), whichever
 --          leader publishes it, so a NATS outage never leads to a second
---          claim and a second event.
+--          claim and a second event. A warning's event (where NATS is
+--          configured) is queued with the warning, so it is published
+--          exactly when the warning is recorded, whatever happens next.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
@@ -51,6 +54,9 @@ elseif deadline and now >= deadline then
 elseif deadline and now >= deadline - warn_before(m) and m.wn ~= ms(deadline) then
   set_meta(S, m, 'wn', ms(deadline))
   set_meta(S, m, 'wq', dry and '1' or nil)
+  if not dry and (ARGV[10] or '') ~= '' then
+    emit_event(S, m, ARGV[10], 'warning', ARGV[11], 'max_duration', now, false)
+  end
   refresh_due(S, m, before.n)
   return { 'warned', ms(deadline), m.own or '', m.uid or '' }
 elseif before.n > 0 then reason = 'connected'

@@ -1038,10 +1038,50 @@ impl Store {
         term: Term,
         dry_run: bool,
     ) -> Result<ClaimOutcome> {
+        self.claim(session, lifetime, term, dry_run, None, None)
+            .await
+    }
+
+    /// [`Store::claim_hibernation`] that queues NATS events in the claim's
+    /// own script (never a dry run: a dry run announces nothing):
+    /// `hibernation` with the claim (the docker platform: the claim then ends
+    /// when NATS acknowledges it, see [`Store::claim_hibernation_announced`]),
+    /// `warning` if the claim records the warning before a max duration. An
+    /// event so queued is published exactly when its change is made.
+    pub async fn claim_hibernation_announcing(
+        &self,
+        session: &SessionId,
+        lifetime: Duration,
+        term: Term,
+        hibernation: Option<&Announcement>,
+        warning: Option<&Announcement>,
+    ) -> Result<ClaimOutcome> {
+        self.claim(session, lifetime, term, false, hibernation, warning)
+            .await
+    }
+
+    async fn claim(
+        &self,
+        session: &SessionId,
+        lifetime: Duration,
+        term: Term,
+        dry_run: bool,
+        hibernation: Option<&Announcement>,
+        warning: Option<&Announcement>,
+    ) -> Result<ClaimOutcome> {
         let op = &self.scripts.claim_hibernation;
-        let reply: Vec<String> = self
-            .eval_session(op, session, (millis(lifetime), term.0, u8::from(dry_run)))
-            .await?;
+        let (h, w) = (hibernation, warning);
+        let args = (
+            millis(lifetime),
+            term.0,
+            u8::from(dry_run),
+            h.map_or("", |a| a.event_id.as_str()),
+            h.map_or("", |a| a.platform.as_str()),
+            h.map_or("", |a| a.reason.as_str()),
+            w.map_or("", |a| a.event_id.as_str()),
+            w.map_or("", |a| a.platform.as_str()),
+        );
+        let reply: Vec<String> = self.eval_session(op, session, args).await?;
         self.claim_reply(session, &reply).await
     }
 
@@ -1268,18 +1308,9 @@ impl Store {
         term: Term,
         event: &Announcement,
     ) -> Result<ClaimOutcome> {
-        let op = &self.scripts.claim_hibernation;
-        // Never a dry run: a dry run announces nothing.
-        let args = (
-            0i64,
-            term.0,
-            0u8,
-            event.event_id.as_str(),
-            event.platform.as_str(),
-            event.reason.as_str(),
-        );
-        let reply: Vec<String> = self.eval_session(op, session, args).await?;
-        self.claim_reply(session, &reply).await
+        // Such a claim does not lapse: no lifetime.
+        self.claim(session, Duration::ZERO, term, false, Some(event), None)
+            .await
     }
 
     /// Queues the wake event of a pending wake (once per wake request).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tracker_core::testing::{self, Backend};
 use tracker_core::{
-    ClaimOutcome, ClaimRefusal, ClockOffset, ConnectionId, EndReason, FinishOutcome,
+    Announcement, ClaimOutcome, ClaimRefusal, ClockOffset, ConnectionId, EndReason, FinishOutcome,
     HibernationReason, IdleTimeout, Limits, Protocol, ResourceState, SessionId, SessionMeta,
     SessionState, Store, Term, Warning, Written,
 };
@@ -20,6 +20,7 @@ crate::both!(
     a_new_leader_neither_repeats_nor_loses_the_warning,
     a_dry_run_ends_nothing_and_warns_no_client,
     a_connection_during_the_claim_wakes_the_session_into_a_new_period,
+    the_warning_event_is_queued_by_the_claim_that_records_the_warning,
 );
 
 const MAX: Duration = Duration::from_secs(10);
@@ -260,6 +261,27 @@ async fn a_new_leader_neither_repeats_nor_loses_the_warning(backend: Backend) {
         ClaimOutcome::Refused(ClaimRefusal::Busy)
     );
     assert_eq!(outbox(&store).await.len(), 1);
+}
+
+/// Finding: the NATS warning event was queued after the claim, so a
+/// leader dying in between lost it for good (the next one sees the warning
+/// recorded and does not repeat it).
+async fn the_warning_event_is_queued_by_the_claim_that_records_the_warning(backend: Backend) {
+    let (store, clock) = store_warning(backend).await;
+    let s = sid("long-7");
+    mirror_max(&store, &s, IDLE_LONG, 1).await;
+    connect(&store, &s, "alice").await;
+    clock.advance(MAX - WARN);
+    let event = Announcement::new("kubernetes", "max_duration");
+    let claim = |term| store.claim_hibernation_announcing(&s, CLAIM, term, None, Some(&event));
+    warned(claim(T).await.unwrap());
+    assert_eq!(store.events_backlog().await.unwrap(), 1);
+    // Recorded once: another leader's claim queues nothing more.
+    assert_eq!(
+        claim(Term(T.0 + 1)).await.unwrap(),
+        ClaimOutcome::Refused(ClaimRefusal::Connected)
+    );
+    assert_eq!(store.events_backlog().await.unwrap(), 1);
 }
 
 async fn a_dry_run_ends_nothing_and_warns_no_client(backend: Backend) {

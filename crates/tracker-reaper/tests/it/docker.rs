@@ -12,7 +12,6 @@ use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
 use tracker_e2e::nats_server::NatsServer;
 use tracker_reaper::config::Secret;
 use tracker_reaper::nats::{Payload, STREAM};
-use tracker_reaper::publisher::Announcer;
 use tracker_reaper::{Config, Platform};
 
 use crate::helpers::{eventually, kube_state, metric, session_json, sid, Env, Reaper, NS};
@@ -247,13 +246,17 @@ async fn a_controller_report_is_followed_not_fought(pool: PgPool) {
         .collect();
     assert_eq!(subjects, ["streamspace.session.hibernate.docker canary"]);
 
-    // A warning (what the max-duration code sends ahead of a forced
-    // hibernation) goes out the same way; it changes no state.
-    let announcer = Announcer::new(env.store.clone(), "docker", true);
-    announcer
-        .warning(&sid("kept"), None, "max_duration")
-        .await
-        .unwrap();
+    // A warning ahead of a max duration goes out the same way, queued by the
+    // claim that records it; it changes no state. (Declared by a controller
+    // warning an hour ahead of a 10-minute limit: due at once.)
+    let early = tracker_core::StoreConfig {
+        warn_before: Duration::from_secs(3600),
+        ..env.store_cfg.clone()
+    };
+    let early = tracker_core::testing::connect(&early).await;
+    let mut limited = exempt.clone();
+    limited.max_session_duration = Some(Duration::from_secs(600));
+    early.declare_session(&limited).await.unwrap();
     let events = eventually(Duration::from_secs(15), "the warning", || async {
         let events = stream_events(&nats.url()).await;
         (events.len() == 2).then_some(events)
@@ -270,12 +273,6 @@ async fn a_controller_report_is_followed_not_fought(pool: PgPool) {
         || async { (env.store.events_backlog().await.unwrap() == 0).then_some(()) },
     )
     .await;
-    // Without NATS configured, warnings are dropped, not queued.
-    let off = Announcer::new(env.store.clone(), "docker", false);
-    off.warning(&sid("kept"), None, "max_duration")
-        .await
-        .unwrap();
-    assert_eq!(env.store.events_backlog().await.unwrap(), 0);
     reaper.stop().await;
     nats.stop().await.unwrap();
 }

@@ -164,6 +164,8 @@ async fn a_connected_session_is_warned_then_hibernated_at_its_max_duration(pool:
     assert_eq!(warning(&env, &s).await, Some(first));
     assert_eq!(env.state("long").await, Some(SessionState::Running));
     assert!(patched_states(&fake, "long").is_empty());
+    // Without NATS configured the claim queues no warning event.
+    assert_eq!(env.store.events_backlog().await.unwrap(), 0);
 
     // The deadline: hibernated with the connection live, which ends.
     advance_to(&env, &s, c1, first).await;
