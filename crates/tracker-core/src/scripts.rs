@@ -49,7 +49,7 @@ scripts! {
         register, close, sweep, get_connection, list_connections, session_view,
         claim_hibernation, finish_hibernation, rollback_hibernation, ack_wake,
         mirror_session, forget_session, explain, leader_facts, declare_session,
-        announce_wake, enqueue_event, event_ack,
+        announce_wake, event_ack,
     ],
     plain: [
         heartbeat_batch, sweep_candidates, due_sessions, pending_wakes,

@@ -33,8 +33,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::{
-    Claim, ClaimOutcome, ClaimRefusal, Epoch, EventKind, FinishOutcome, HibernationReason,
-    IdleTimeout, ResourceState, SessionId, SessionMeta, ShardId, Store, Warning, Written,
+    Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, HibernationReason, IdleTimeout,
+    ResourceState, SessionId, SessionMeta, ShardId, Store, Warning, Written,
 };
 
 use crate::acting::{Acting, Fence, InFlight, Mode, TermContext};
@@ -266,10 +266,7 @@ impl Hibernator {
         let dry_run = self.acting.mode() == Mode::DryRun;
         let lifetime = self.settings.claim_lifetime;
         // Events are queued by the claim itself, with the change they announce.
-        let warning = self
-            .announcer
-            .enabled()
-            .then(|| self.announcer.announcement("max_duration"));
+        let warning = self.announcer.announcement_if_enabled("max_duration");
         let claimed = match self.acting.mode() {
             Mode::DryRun => {
                 self.store
@@ -529,11 +526,15 @@ impl Hibernator {
         details: serde_json::Value,
     ) {
         self.failures.remove(id);
-        match self
+        // Announced by the script that records the change, never holding it up.
+        let event = self
+            .announcer
+            .announcement_if_enabled(event_reason(claim.reason));
+        let finished = self
             .store
-            .finish_hibernation(id, self.fence.term(), uid, generation)
-            .await
-        {
+            .finish_hibernation_announcing(id, self.fence.term(), uid, generation, event.as_ref())
+            .await;
+        match finished {
             Ok(FinishOutcome::Fenced) => {
                 // The patch landed, but a newer leader owns the store now: its
                 // mirror records the state (and wakes the session if in use).
@@ -548,6 +549,7 @@ impl Hibernator {
             }
             Ok(FinishOutcome::Finished) => {}
             Err(e) => {
+                // Nor is the event queued: it would have gone with the record.
                 // The patch landed; the mirror records the state when it sees it.
                 self.metrics.store_error(Task::Hibernate);
                 tracing::warn!(error = %e, "recording a finished hibernation failed; the mirror follows");
@@ -561,10 +563,9 @@ impl Hibernator {
         );
         self.metrics.hibernation(HibernationResult::Hibernated);
         tracing::info!("Session hibernated");
-        // Announced after the change, never holding it up.
-        self.announcer
-            .announce_done(id, EventKind::Hibernate, event_reason(claim.reason))
-            .await;
+        if event.is_some() {
+            self.announcer.nudge();
+        }
     }
 
     async fn failed(&mut self, id: &SessionId, e: &Error) {

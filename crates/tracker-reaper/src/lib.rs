@@ -372,7 +372,6 @@ impl Application {
             bg.elector_stop.clone(),
         ));
         let announcer = Announcer::new(
-            self.store.clone(),
             self.cfg.platform.as_str(),
             self.nats.is_some() && !self.cfg.dry_run,
         );

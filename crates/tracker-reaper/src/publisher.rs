@@ -21,15 +21,15 @@
 //!   acknowledgement is refused.
 //!
 //! On `kubernetes` (with `TRACKER_NATS_URL`) events announce a patch already
-//! made: they are queued after it ([`Announcer::announce_done`]), complete
-//! nothing, and a failure to queue one is logged, never blocking the change.
+//! made: the script that records the patch (finish_hibernation, ack_wake)
+//! queues its event, which completes nothing; NATS never holds a change up.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tracing::Instrument;
-use tracker_core::{Announcement, EventAck, EventKind, QueuedEvent, SessionId, Store};
+use tracker_core::{Announcement, EventAck, EventKind, QueuedEvent};
 
 use crate::acting::TermContext;
 use crate::backoff::Backoff;
@@ -45,20 +45,19 @@ pub const BATCH: u32 = 100;
 /// look and a nudge lost to a crash; it keeps an idle publisher cheap.
 pub const BACKSTOP: Duration = Duration::from_secs(5);
 
-/// Queues session events; cheap to clone. Disabled without `TRACKER_NATS_URL`
-/// (then queueing does nothing), so callers need not check.
+/// Makes the announcements the scripts queue, and wakes the publisher after;
+/// cheap to clone. Disabled without `TRACKER_NATS_URL`: then it announces
+/// nothing ([`Announcer::announcement_if_enabled`]).
 #[derive(Debug, Clone)]
 pub struct Announcer {
-    store: Store,
     platform: &'static str,
     enabled: bool,
     nudge: Arc<Notify>,
 }
 
 impl Announcer {
-    pub fn new(store: Store, platform: &'static str, enabled: bool) -> Self {
+    pub fn new(platform: &'static str, enabled: bool) -> Self {
         Self {
-            store,
             platform,
             enabled,
             nudge: Arc::new(Notify::new()),
@@ -80,6 +79,11 @@ impl Announcer {
         Announcement::new(self.platform, reason)
     }
 
+    /// [`Self::announcement`] where events are published at all; `None` without NATS.
+    pub fn announcement_if_enabled(&self, reason: &str) -> Option<Announcement> {
+        self.enabled.then(|| self.announcement(reason))
+    }
+
     /// Tells the publisher that something was queued.
     pub fn nudge(&self) {
         self.nudge.notify_one();
@@ -87,32 +91,6 @@ impl Announcer {
 
     pub(crate) fn nudged(&self) -> Arc<Notify> {
         self.nudge.clone()
-    }
-
-    /// Announces a change already carried out (a patched Session); a failure
-    /// is logged and counted, never returned: the change stands regardless.
-    pub async fn announce_done(&self, session: &SessionId, kind: EventKind, reason: &str) {
-        if let Err(e) = self.queue(session, kind, reason, None).await {
-            tracing::warn!(error = %e, kind = kind.as_str(), "queueing a session event for NATS failed; it is not published");
-        }
-    }
-
-    async fn queue(
-        &self,
-        session: &SessionId,
-        kind: EventKind,
-        reason: &str,
-        user: Option<&str>,
-    ) -> tracker_core::Result<()> {
-        if !self.enabled {
-            return Ok(());
-        }
-        let event = self.announcement(reason);
-        self.store
-            .enqueue_event(session, kind, &event, user)
-            .await?;
-        self.nudge();
-        Ok(())
     }
 }
 

@@ -31,9 +31,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracker_core::{
-    EventKind, PendingWake, ResourceState, SessionId, Signal, Store, WakeAnnounce, Written,
-};
+use tracker_core::{PendingWake, ResourceState, SessionId, Signal, Store, WakeAnnounce, Written};
 
 use crate::acting::{Acting, Fence, InFlight, Mode, TermContext};
 use crate::backoff;
@@ -446,11 +444,15 @@ impl Server {
         patched: bool,
     ) -> Served {
         let id = &wake.session_id;
-        match self
+        // Our patch is announced by the script that records it.
+        let event = patched
+            .then(|| self.announcer.announcement_if_enabled("connection"))
+            .flatten();
+        let acked = self
             .store
-            .ack_wake(id, self.fence.term(), uid, generation)
-            .await
-        {
+            .ack_wake_announcing(id, self.fence.term(), uid, generation, event.as_ref())
+            .await;
+        match acked {
             Ok(Written::Fenced) => {
                 self.fence.fenced("ack_wake");
                 return Served::Unchanged;
@@ -472,9 +474,9 @@ impl Server {
             );
             self.metrics.wake(WakeResult::Woken);
             tracing::info!(latency = ?latency, "Session woken");
-            self.announcer
-                .announce_done(id, EventKind::Wake, "connection")
-                .await;
+            if event.is_some() {
+                self.announcer.nudge();
+            }
         } else {
             self.metrics.wake(WakeResult::AlreadyRunning);
             tracing::info!("Session already running; wake acknowledged");

@@ -2,13 +2,16 @@
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, uid of the
---          resource read or patched, its generation ('' if unknown)
+--          resource read or patched, its generation ('' if unknown), then
+--          the wake event to queue for NATS: event id, platform, reason ('' each
+--          for none; given when the caller patched the resource)
 -- Returns  1 if a pending wake was acknowledged, 0 if none was pending, -1 if fenced.
 -- Atomic   removal of the request with the state change, so each request
 --          leads to one patch; a session woken with nobody connected is idle
 --          from now, and a woken session starts a new running period (max
 --          duration). A resource that is not the one mirrored (deleted and
---          created again) acknowledges nothing.
+--          created again) acknowledges nothing. The event, if any, is queued
+--          whatever the outcome but fenced: the patch landed.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
@@ -16,6 +19,9 @@ local term, uid, gen = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local now = now_ms()
 if fenced(term) then return -1 end
 local m = load_meta(S)
+if (ARGV[7] or '') ~= '' then
+  emit_event(S, m, ARGV[7], 'wake', ARGV[8], ARGV[9], now, false)
+end
 if m.uid and uid ~= '' and m.uid ~= uid then return 0 end
 local before = snapshot(S, m)
 local acked = redis.call('ZREM', K_WAKE, S.id)

@@ -6,7 +6,8 @@
 --          term, '1' for a dry run (end no connection, warn no client) else '0',
 --          then optionally an announcement of the hibernation: event id,
 --          platform, reason (the claim's own reason replaces it for a max
---          duration) ('' each when none), and of a warning: event id, platform
+--          duration), and of a warning: event id, platform, reason (unused:
+--          always max_duration) ('' each for none)
 -- Returns  {'claimed', generation, uid, idle timeout ms or 'off', reason,
 --          max duration ms, connection id, user id, ...} ('' where unknown),
 --          reason 'idle' or 'max_duration', then the connections the claim

@@ -520,8 +520,8 @@ end
 -- announces, so the change and its announcement happen together or not at
 -- all. `finishes`: the event's acknowledgement completes the change (the
 -- docker platform), so its entry carries the generation it was decided on.
-local function emit_event(S, m, eid, kind, platform, reason, now, finishes, user)
+local function emit_event(S, m, eid, kind, platform, reason, now, finishes)
   redis.call('XADD', K_EVENTS, '*', 'e', eid, 'k', kind, 's', S.id,
-    'u', user or m.own or '', 'p', platform, 'r', reason, 't', ms(now),
+    'u', m.own or '', 'p', platform, 'r', reason, 't', ms(now),
     'g', m.gen or '', 'x', finishes and '1' or '0', 'su', m.uid or '')
 end

@@ -2,7 +2,9 @@
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, uid of the
---          patched resource, its generation ('' if unknown)
+--          patched resource, its generation ('' if unknown), then the
+--          hibernate event to queue for NATS: event id, platform, reason
+--          ('' each for none)
 -- Returns  'finished' when recorded and this term's claim ended; 'fenced' when
 --          a newer leader wrote here; 'not_claimed' when recorded but the claim
 --          is not this term's any more (lapsed and taken, rolled back, or ended
@@ -12,7 +14,8 @@
 -- Atomic   the end of the claim with the state change, which also ends the
 --          running period (max duration). A wake recorded while
 --          the patch was in flight stays pending, so it is not lost; a live
---          connection found now records one.
+--          connection found now records one. The event, if any, is queued
+--          whatever the outcome but fenced: the patch landed.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
@@ -20,6 +23,9 @@ local term, uid, gen = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local now = now_ms()
 if fenced(term) then return 'fenced' end
 local m = load_meta(S)
+if (ARGV[7] or '') ~= '' then
+  emit_event(S, m, ARGV[7], 'hibernate', ARGV[8], ARGV[9], now, false)
+end
 if m.res ~= '1' or m.ks == 'terminated' or (m.uid and uid ~= '' and m.uid ~= uid) then
   return 'stale'
 end

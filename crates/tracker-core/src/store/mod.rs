@@ -1070,16 +1070,12 @@ impl Store {
         warning: Option<&Announcement>,
     ) -> Result<ClaimOutcome> {
         let op = &self.scripts.claim_hibernation;
-        let (h, w) = (hibernation, warning);
         let args = (
             millis(lifetime),
             term.0,
             u8::from(dry_run),
-            h.map_or("", |a| a.event_id.as_str()),
-            h.map_or("", |a| a.platform.as_str()),
-            h.map_or("", |a| a.reason.as_str()),
-            w.map_or("", |a| a.event_id.as_str()),
-            w.map_or("", |a| a.platform.as_str()),
+            event_args(hibernation),
+            event_args(warning),
         );
         let reply: Vec<String> = self.eval_session(op, session, args).await?;
         self.claim_reply(session, &reply).await
@@ -1147,8 +1143,28 @@ impl Store {
         uid: Option<&str>,
         generation: Option<i64>,
     ) -> Result<FinishOutcome> {
+        self.finish_hibernation_announcing(session, term, uid, generation, None)
+            .await
+    }
+
+    /// [`Store::finish_hibernation`] that also queues `event`, the hibernate
+    /// event for NATS, in the same script (unless fenced), so it is published
+    /// exactly when the hibernation is recorded.
+    pub async fn finish_hibernation_announcing(
+        &self,
+        session: &SessionId,
+        term: Term,
+        uid: Option<&str>,
+        generation: Option<i64>,
+        event: Option<&Announcement>,
+    ) -> Result<FinishOutcome> {
         let op = &self.scripts.finish_hibernation;
-        let args = (term.0, uid.unwrap_or_default(), opt_i64(generation));
+        let args = (
+            term.0,
+            uid.unwrap_or_default(),
+            opt_i64(generation),
+            event_args(event),
+        );
         let reply: String = self.eval_session(op, session, args).await?;
         match reply.as_str() {
             "finished" => Ok(FinishOutcome::Finished),
@@ -1223,8 +1239,27 @@ impl Store {
         uid: Option<&str>,
         generation: Option<i64>,
     ) -> Result<Written> {
+        self.ack_wake_announcing(session, term, uid, generation, None)
+            .await
+    }
+
+    /// [`Store::ack_wake`] that also queues `event`, the wake event for NATS,
+    /// in the same script (unless fenced).
+    pub async fn ack_wake_announcing(
+        &self,
+        session: &SessionId,
+        term: Term,
+        uid: Option<&str>,
+        generation: Option<i64>,
+        event: Option<&Announcement>,
+    ) -> Result<Written> {
         let op = &self.scripts.ack_wake;
-        let args = (term.0, uid.unwrap_or_default(), opt_i64(generation));
+        let args = (
+            term.0,
+            uid.unwrap_or_default(),
+            opt_i64(generation),
+            event_args(event),
+        );
         let n: i64 = self.eval_session(op, session, args).await?;
         Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
     }
@@ -1335,27 +1370,6 @@ impl Store {
             -1 => Ok(WakeAnnounce::Fenced),
             _ => Err(bad_reply(op, &[n])),
         }
-    }
-
-    /// Queues an event that completes nothing (announcing a change already
-    /// made, or a warning); `user` `None` names the session's owner.
-    pub async fn enqueue_event(
-        &self,
-        session: &SessionId,
-        kind: EventKind,
-        event: &Announcement,
-        user: Option<&str>,
-    ) -> Result<()> {
-        let op = &self.scripts.enqueue_event;
-        let args = (
-            event.event_id.as_str(),
-            kind.as_str(),
-            event.platform.as_str(),
-            event.reason.as_str(),
-            user.unwrap_or_default(),
-        );
-        let _: i64 = self.eval_session(op, session, args).await?;
-        Ok(())
     }
 
     /// The oldest queued session events of one shard, in the order they were
@@ -1601,6 +1615,15 @@ fn idle_arg(t: IdleTimeout) -> String {
 
 fn opt_i64(v: Option<i64>) -> String {
     v.map(|g| g.to_string()).unwrap_or_default()
+}
+
+/// An announcement as a script's trailing arguments: event id, platform,
+/// reason ('' each for none).
+fn event_args(event: Option<&Announcement>) -> (&str, &str, &str) {
+    match event {
+        Some(e) => (&e.event_id, &e.platform, &e.reason),
+        None => ("", "", ""),
+    }
 }
 
 #[cfg(test)]

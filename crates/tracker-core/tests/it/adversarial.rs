@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    ClaimOutcome, ClaimRefusal, EndReason, FinishOutcome, Limits, Protocol, RegisterOutcome,
-    ResourceState, SessionState, ShardKey, Term, Written,
+    Announcement, ClaimOutcome, ClaimRefusal, EndReason, FinishOutcome, Limits, Protocol,
+    RegisterOutcome, ResourceState, SessionState, ShardKey, Term, Written,
 };
 
 use crate::support::*;
@@ -33,6 +33,7 @@ crate::both!(
     a_connection_to_a_resource_the_store_does_not_know_yet_wakes_it,
     a_connection_between_a_delete_and_the_creation_wakes_the_new_resource,
     a_released_patch_that_lands_late_wakes_for_a_connection_made_meanwhile,
+    a_patch_and_its_event_are_recorded_together,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -538,6 +539,47 @@ async fn a_released_patch_that_lands_late_wakes_for_a_connection_made_meanwhile(
     mirror_as(&store, T1, &u, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(state(&store, &u).await, SessionState::Hibernated);
     assert_eq!(pending_wake_ids(&store).await, vec![s]);
+}
+
+/// Finding: on Kubernetes with NATS, the hibernate and wake events were
+/// queued by a call of their own after the patch was recorded: a leader dying
+/// in between lost them. Now the recording script queues them, and a fenced
+/// leader's record queues nothing.
+async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T2, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(3));
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T2).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    let event = |reason| Announcement::new("kubernetes", reason);
+    let stale = store
+        .finish_hibernation_announcing(&s, T1, Some("u1"), Some(2), Some(&event("idle_timeout")))
+        .await
+        .unwrap();
+    assert_eq!(stale, FinishOutcome::Fenced);
+    assert_eq!(store.events_backlog().await.unwrap(), 0);
+    let finished = store
+        .finish_hibernation_announcing(&s, T2, Some("u1"), Some(2), Some(&event("idle_timeout")))
+        .await
+        .unwrap();
+    assert_eq!(finished, FinishOutcome::Finished);
+    assert_eq!(store.events_backlog().await.unwrap(), 1);
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    let acked = store
+        .ack_wake_announcing(&s, T2, Some("u1"), Some(3), Some(&event("connection")))
+        .await
+        .unwrap();
+    assert_eq!(acked, Written::Done);
+    assert_eq!(store.events_backlog().await.unwrap(), 2);
+    assert_eq!(state(&store, &s).await, SessionState::Running);
 }
 
 /// Finding (model.rs): a connection arrived while the hibernation patch was
