@@ -34,6 +34,7 @@ crate::both!(
     a_connection_between_a_delete_and_the_creation_wakes_the_new_resource,
     a_released_patch_that_lands_late_wakes_for_a_connection_made_meanwhile,
     a_patch_and_its_event_are_recorded_together,
+    a_late_landing_after_a_wake_ended_the_claim_still_wakes,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -538,6 +539,42 @@ async fn a_released_patch_that_lands_late_wakes_for_a_connection_made_meanwhile(
     clock.advance(Duration::from_secs(10));
     mirror_as(&store, T1, &u, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(state(&store, &u).await, SessionState::Hibernated);
+    assert_eq!(pending_wake_ids(&store).await, vec![s]);
+}
+
+/// Finding (e2e races, seed 1796138345): the same late landing, but a
+/// connection during the claim had ended it with a wake, which the waker
+/// acknowledged without a patch (the Session still read running). The
+/// release found no claim of its own and recorded nothing, so a user who
+/// came after it and left before the watch showed the landing was stranded.
+async fn a_late_landing_after_a_wake_ended_the_claim_still_wakes(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(3));
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    let during = conn(&s, "alice", Protocol::Http);
+    let r = created(store.register(&during, Limits::default()).await.unwrap());
+    assert_eq!(r.session.state, SessionState::Waking);
+    let retry = Duration::from_secs(30);
+    let released = store
+        .rollback_unsure_hibernation(&s, T1, retry, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(released, Written::Noop, "the wake had ended the claim");
+    // The waker reads the Session still running: acknowledged, no patch.
+    let acked = store.ack_wake(&s, T1, Some("u1"), Some(1)).await.unwrap();
+    assert_eq!(acked, Written::Done);
+    store.close(&s, during.connection_id).await.unwrap();
+    let after = conn(&s, "bob", Protocol::Vnc);
+    let r = created(store.register(&after, Limits::default()).await.unwrap());
+    assert_eq!(r.session.state, SessionState::Running);
+    store.close(&s, after.connection_id).await.unwrap();
+    // The patch lands; the watch shows it only now.
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(pending_wake_ids(&store).await, vec![s]);
 }
 
