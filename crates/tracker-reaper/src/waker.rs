@@ -452,15 +452,20 @@ impl Server {
             .store
             .ack_wake_announcing(id, self.fence.term(), uid, generation, event.as_ref())
             .await;
-        match acked {
+        let served = match acked {
             Ok(Written::Fenced) => {
                 self.fence.fenced("ack_wake");
                 return Served::Unchanged;
             }
-            Ok(_) => {}
+            Ok(Written::Done) => Served::Done,
+            // Nothing acknowledged: the store mirrors another resource under
+            // the name (its watch is behind a re-creation). Reading the new
+            // one again every interval until the mirror catches up helps
+            // nobody: back off.
+            Ok(Written::Noop) => Served::Later,
             // Next poll finds it running and acknowledges without another patch.
             Err(e) => return self.store_failed(&e.into()),
-        }
+        };
         if patched {
             let latency = (Utc::now() - wake.requested_at)
                 .to_std()
@@ -481,7 +486,7 @@ impl Server {
             self.metrics.wake(WakeResult::AlreadyRunning);
             tracing::info!("Session already running; wake acknowledged");
         }
-        Served::Done
+        served
     }
 
     /// Terminated or unknown state: the resource's own state goes to the store,

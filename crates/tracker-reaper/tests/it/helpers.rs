@@ -268,6 +268,23 @@ pub fn kube_state(fake: &fake_kube::FakeKube, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Waits until the Session's `spec.state` in the fake is `state`.
+pub async fn wait_kube_state(
+    fake: &fake_kube::FakeKube,
+    name: &str,
+    state: &str,
+    timeout: std::time::Duration,
+) {
+    fake.wait_for_session(
+        NS,
+        name,
+        |s| s.and_then(|s| s.pointer("/spec/state")?.as_str()) == Some(state),
+        timeout,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{name} not {state} in time: {e}"));
+}
+
 /// The `spec.state` values of the patches a Session received, in order.
 pub fn patched_states(fake: &fake_kube::FakeKube, name: &str) -> Vec<String> {
     fake.session_patches(name)

@@ -9,7 +9,9 @@ use sqlx::PgPool;
 use tracker_core::testing::Backend;
 use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
 
-use crate::helpers::{eventually, kube_state, patched_states, session_json, sid, Env, Reaper, NS};
+use crate::helpers::{
+    eventually, kube_state, patched_states, session_json, sid, wait_kube_state, Env, Reaper, NS,
+};
 
 #[sqlx::test(migrations = "../../migrations")]
 async fn an_idle_session_is_hibernated_after_its_timeout_and_not_before(pool: PgPool) {
@@ -307,26 +309,12 @@ async fn a_late_landing_of_a_released_patch_is_undone_for_a_connection_since(poo
     fake.set_dropping_watch_events(true);
     let c = env.connect("s1", "alice").await;
     env.store.close(&sid("s1"), c).await.unwrap();
-    fake.wait_for_session(
-        NS,
-        "s1",
-        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"hibernated".into()),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    wait_kube_state(&fake, "s1", "hibernated", Duration::from_secs(5)).await;
     // Missed events are found again by a relist (the watch expired).
     fake.set_dropping_watch_events(false);
     fake.expire_watches();
 
-    fake.wait_for_session(
-        NS,
-        "s1",
-        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
     assert_eq!(patched_states(&fake, "s1"), ["hibernated", "running"]);
     reaper.stop().await;
 }

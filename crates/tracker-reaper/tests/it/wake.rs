@@ -16,7 +16,9 @@ use tracker_reaper::platform::{KubeSessions, SessionApi};
 use tracker_reaper::session::Session;
 use tracker_reaper::Overrides;
 
-use crate::helpers::{eventually, kube_state, patched_states, session_json, sid, Env, Reaper, NS};
+use crate::helpers::{
+    eventually, kube_state, patched_states, session_json, sid, wait_kube_state, Env, Reaper, NS,
+};
 
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_connection_on_a_hibernated_session_wakes_it_once(pool: PgPool) {
@@ -47,14 +49,7 @@ async fn a_connection_on_a_hibernated_session_wakes_it_once(pool: PgPool) {
     assert_eq!(r.session.state, SessionState::Waking);
     // More connections while waking add no wake.
     env.connect("s1", "bob").await;
-    fake.wait_for_session(
-        NS,
-        "s1",
-        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
     let latency = registered_at.elapsed();
     eventually(Duration::from_secs(5), "wake acknowledged", || async {
         (env.state("s1").await == Some(SessionState::Running)
@@ -251,14 +246,7 @@ async fn a_wake_whose_signal_was_lost_is_served_by_the_backstop_read(pool: PgPoo
     let () = pipe.query_async(&mut redis).await.unwrap();
     assert_eq!(env.state("s1").await, Some(SessionState::Waking));
 
-    fake.wait_for_session(
-        NS,
-        "s1",
-        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    wait_kube_state(&fake, "s1", "running", Duration::from_secs(10)).await;
     // Nobody is connected: running again, and idle.
     eventually(Duration::from_secs(5), "wake acknowledged", || async {
         (env.state("s1").await == Some(SessionState::Idle)).then_some(())
@@ -299,14 +287,7 @@ async fn a_hung_wake_patch_does_not_hold_up_other_wakes(pool: PgPool) {
         .await
         .unwrap();
     env.connect("s2", "bob").await;
-    fake.wait_for_session(
-        NS,
-        "s2",
-        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    wait_kube_state(&fake, "s2", "running", Duration::from_secs(5)).await;
     // s1's patch is still held: the fake records a request once it is answered
     // or its client gave up.
     let s1_answered = fake
@@ -318,14 +299,7 @@ async fn a_hung_wake_patch_does_not_hold_up_other_wakes(pool: PgPool) {
 
     // Released unapplied (504): s1's wake is retried and lands.
     fake.release_hung_requests();
-    fake.wait_for_session(
-        NS,
-        "s1",
-        |s| s.and_then(|s| s.pointer("/spec/state")) == Some(&"running".into()),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    wait_kube_state(&fake, "s1", "running", Duration::from_secs(10)).await;
     assert_eq!(patched_states(&fake, "s1"), ["running", "running"]);
     assert_eq!(patched_states(&fake, "s2"), ["running"]);
     reaper.stop().await;
