@@ -496,8 +496,8 @@ struct Told {
     /// late event of one must not bring it back.
     deleted: BTreeSet<String>,
     phase: Phase,
-    /// In the wake index (usually with `Phase::Waking`; a new resource under
-    /// the name drops the phase but the store keeps the request).
+    /// In the wake index (with `Phase::Waking`; a new resource under the
+    /// name drops both: a wake for the old one does not apply).
     wake: bool,
     not_before: Option<At>,
     idle_since: Option<At>,
@@ -791,6 +791,7 @@ impl Model {
             // Another resource under the name: nothing of the old one applies.
             t.res = None;
             t.phase = Phase::Quiet;
+            t.wake = false;
             t.not_before = None;
             t.lost_release = None;
         } else if t
