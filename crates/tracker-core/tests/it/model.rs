@@ -21,6 +21,17 @@
 //! model predicts every outcome exactly. A case that runs longer than that
 //! (a stalled machine) cannot be judged: it is discarded, never failed.
 //!
+//! Creation times. A resource is created at the model's clock, and its
+//! creationTimestamp is given as B + L, where B is the server's time when the
+//! case began (before any script ran). Every script runs at R + L with R in
+//! [B, B + a grain), so a connection made at a model instant counts as made
+//! since a creation exactly when its clock offset is at least the creation's:
+//! one made at the same offset counts, even one called before the creation,
+//! as the mirror's `>=` on a whole-second creationTimestamp counts a
+//! connection up to a second early. A lost patch's landing window is given a
+//! millisecond short of [`LATE_LANDING_MS`], so that a mirror at exactly
+//! that offset after the release is past it, whatever the real milliseconds.
+//!
 //! Budget: `TRACKER_MODEL_CASES` sequences (32 by default) of up to
 //! `TRACKER_MODEL_STEPS` steps (40) per backend, from a fixed seed unless
 //! `TRACKER_MODEL_SEED` names one (a failure prints it) or says `random`.
@@ -51,6 +62,9 @@ const IDLE_TIMEOUTS_MS: [i64; 3] = [30_000, 60_000, 120_000];
 const SHORT_CLAIM_MS: i64 = 10_000;
 const LONG_CLAIM_MS: i64 = 300_000;
 const RETRY_MS: i64 = 15_000;
+/// How long a patch whose answer was lost may still land (the reaper's
+/// `LATE_LANDING`, the API server's request timeout).
+const LATE_LANDING_MS: i64 = 60_000;
 const SESSIONS: [&str; 4] = ["desk-a", "desk-b", "desk-c", "desk-d"];
 const USERS: [&str; 3] = ["alice", "bob", "carol"];
 const PROTOCOLS: [Protocol; 3] = [Protocol::Websocket, Protocol::Vnc, Protocol::Http];
@@ -97,10 +111,16 @@ enum Patch {
     Lands,
     /// Refused by the API server; the leader rolls the claim back.
     Refused,
-    /// Applied, but the answer was an error and the leader rolled back.
+    /// Applied, but the answer was an error; the leader reads the resource
+    /// again, sees it hibernated and records it.
     AppliedButError,
-    /// No answer and nothing applied; the claim is left to lapse.
+    /// No answer, and the leader's read does not show it: the leader
+    /// releases the claim as unsure. The patch may still land, within
+    /// [`LATE_LANDING_MS`] (a later `LandPatch`), or never.
     TimedOut,
+    /// No answer, and the leader cannot read the resource either: the claim
+    /// is left to lapse. Nothing applied.
+    Unreadable,
     /// Still in flight: a later `LandPatch` step applies it.
     Slow,
 }
@@ -144,11 +164,14 @@ enum Op {
     },
     /// A slow action lands. A hibernation patch applies if the resource is
     /// unchanged (or, `forced`, if it is still the same one), else it is
-    /// refused; the leader then finishes or rolls back in its term. A wake
+    /// refused; the leader then finishes or rolls back in its term. A patch
+    /// whose answer was lost applies likewise if its landing window is not
+    /// over, and only the watch tells the store (`seen`: at once). A wake
     /// acts on what the waker read (a patch to running applies likewise).
     LandPatch {
         pick: u8,
         forced: bool,
+        seen: bool,
     },
     /// The waker handles one pending wake; `late`: it reads the resource
     /// now and acts at a later `LandPatch`.
@@ -201,7 +224,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Patch::Lands),
         1 => Just(Patch::Refused),
         1 => Just(Patch::AppliedButError),
-        1 => Just(Patch::TimedOut),
+        2 => Just(Patch::TimedOut),
+        1 => Just(Patch::Unreadable),
         2 => Just(Patch::Slow),
     ];
     let edit = prop_oneof![
@@ -221,7 +245,8 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0u8..4, leader(), any::<bool>(), patch).prop_map(|(session, leader, long, patch)| {
             Op::Hibernate { session, leader, long, patch }
         }),
-        2 => (any::<u8>(), any::<bool>()).prop_map(|(pick, forced)| Op::LandPatch { pick, forced }),
+        3 => (any::<u8>(), any::<bool>(), any::<bool>())
+            .prop_map(|(pick, forced, seen)| Op::LandPatch { pick, forced, seen }),
         5 => (any::<u8>(), leader(), prop::bool::weighted(0.3))
             .prop_map(|(pick, leader, late)| Op::Wake { pick, leader, late }),
         4 => (0u8..4, edit, prop::bool::weighted(0.6))
@@ -386,6 +411,8 @@ struct Resource {
     state: ResourceState,
     idle_ms: i64,
     exempt: bool,
+    /// The model's clock when it was created (see the module doc).
+    created_ms: i64,
 }
 
 impl Resource {
@@ -393,7 +420,8 @@ impl Resource {
         (!self.exempt).then_some(self.idle_ms)
     }
 
-    fn meta(&self, session: &SessionId) -> SessionMeta {
+    /// `base_ms`: the server's time when the case began.
+    fn meta(&self, session: &SessionId, base_ms: i64) -> SessionMeta {
         SessionMeta {
             session_id: session.clone(),
             uid: Some(self.uid.clone()),
@@ -403,7 +431,7 @@ impl Resource {
             idle_timeout: idle_timeout(self.idle()),
             generation: Some(self.generation),
             max_session_duration: None,
-            created_at: None,
+            created_at: DateTime::from_timestamp_millis(base_ms + self.created_ms),
         }
     }
 }
@@ -428,6 +456,16 @@ struct World {
     resource: Option<Resource>,
     events: Vec<Event>,
     created: u32,
+}
+
+/// What a mirror call did, as the model predicts it.
+struct Mirror {
+    written: Written,
+    /// A new resource took the name.
+    replaced: bool,
+    /// Which of the mirror's wakes for a connection that has ended may apply
+    /// (for the run's coverage).
+    woke: Option<&'static str>,
 }
 
 /// What the store mirrors of a resource.
@@ -458,12 +496,19 @@ struct Told {
     /// late event of one must not bring it back.
     deleted: BTreeSet<String>,
     phase: Phase,
-    /// In the wake index (usually with `Phase::Waking`; a new resource under
-    /// the name drops the phase but the store keeps the request).
+    /// In the wake index (with `Phase::Waking`; a new resource under the
+    /// name drops both: a wake for the old one does not apply).
     wake: bool,
     not_before: Option<At>,
     idle_since: Option<At>,
     last_end: Option<At>,
+    /// The store's `lc`: the newest start among connections ended or
+    /// registered while another one was there. Kept when the resource is
+    /// forgotten or replaced; gone with a data loss.
+    last_conn: Option<At>,
+    /// When a claim whose patch's answer was lost was released (`lp`); the
+    /// patch may land for [`LATE_LANDING_MS`] from then.
+    lost_release: Option<At>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,6 +524,7 @@ struct Conn {
     id: ConnectionId,
     session: usize,
     user: usize,
+    started: At,
     heartbeat: At,
     status: Status,
 }
@@ -501,6 +547,14 @@ enum InFlight {
         term: Term,
         uid: String,
         read_generation: i64,
+    },
+    /// A hibernation patch whose answer was lost and whose claim was
+    /// released at `released`: it may still land, unknown to the leader.
+    Lost {
+        session: usize,
+        uid: String,
+        read_generation: i64,
+        released: At,
     },
     /// A wake: the waker read the resource (`None`: gone).
     Wake {
@@ -571,11 +625,12 @@ impl Model {
         }
     }
 
-    /// A connection of `s` ended at `ended`: idle since the latest end once
-    /// none is left.
-    fn note_ended(&mut self, s: usize, ended: At) {
+    /// A connection of `s` started at `started` ended at `ended`: idle since
+    /// the latest end once none is left.
+    fn note_ended(&mut self, s: usize, started: At, ended: At) {
         let n = self.n_open(s);
         let t = &mut self.told[s];
+        t.last_conn = Some(t.last_conn.map_or(started, |l| l.max(started)));
         let last = t.last_end.map_or(ended, |l| l.max(ended));
         t.last_end = Some(last);
         if n == 0 {
@@ -667,6 +722,8 @@ impl Model {
         }
         r.state = ResourceState::Hibernated;
         r.generation = gen;
+        // Decided after any earlier lost patch: that one is moot.
+        t.lost_release = None;
         self.wake_if_in_use(s, now);
         if ours {
             FinishOutcome::Finished
@@ -675,12 +732,16 @@ impl Model {
         }
     }
 
-    fn rollback(&mut self, s: usize, term: Term, now: At) -> Written {
+    /// `unsure`: the patch's answer was lost, so it may still land.
+    fn rollback(&mut self, s: usize, term: Term, now: At, unsure: bool) -> Written {
         let t = &mut self.told[s];
         match t.phase {
             Phase::Hibernating { term: h, .. } if h == term.0 => {
                 t.phase = Phase::Quiet;
                 t.not_before = Some(now.plus(RETRY_MS));
+                if unsure {
+                    t.lost_release = Some(now);
+                }
                 Written::Done
             }
             _ => Written::Noop,
@@ -714,25 +775,31 @@ impl Model {
         }
     }
 
-    /// Returns the outcome and whether a new resource took the name.
-    fn mirror(&mut self, s: usize, res: &Resource, now: At) -> (Written, bool) {
+    fn mirror(&mut self, s: usize, res: &Resource, now: At) -> Mirror {
         let n = self.n_open(s);
         let t = &mut self.told[s];
+        let mut out = Mirror {
+            written: Written::Noop,
+            replaced: false,
+            woke: None,
+        };
         if t.deleted.contains(&res.uid) {
-            return (Written::Noop, false);
+            return out;
         }
-        let replaced = t.res.as_ref().is_some_and(|r| r.uid != res.uid);
-        if replaced {
+        out.replaced = t.res.as_ref().is_some_and(|r| r.uid != res.uid);
+        if out.replaced {
             // Another resource under the name: nothing of the old one applies.
             t.res = None;
             t.phase = Phase::Quiet;
+            t.wake = false;
             t.not_before = None;
+            t.lost_release = None;
         } else if t
             .res
             .as_ref()
             .is_some_and(|r| res.generation < r.generation)
         {
-            return (Written::Noop, false);
+            return out;
         }
         let was = t.res.as_ref().map(|r| r.state);
         t.res = Some(Mirrored {
@@ -760,7 +827,36 @@ impl Model {
             ResourceState::Running => {}
         }
         self.wake_if_in_use(s, now);
-        (Written::Done, replaced)
+        let t = &mut self.told[s];
+        let last_conn = t.last_conn;
+        if res.state != ResourceState::Running {
+            if let Some(released) = t.lost_release.take() {
+                // A lost patch may be what landed, decided before a connection
+                // made since its release: that connection asks for a wake.
+                let in_window = now.ms - released.ms < LATE_LANDING_MS;
+                if res.state == ResourceState::Hibernated
+                    && was == Some(ResourceState::Running)
+                    && last_conn.is_some_and(|l| l >= released)
+                {
+                    if in_window {
+                        out.woke = Some("a connection since a lost patch's release");
+                        self.request_wake(s);
+                    } else {
+                        out.woke = Some("none: the lost patch's window is over");
+                    }
+                }
+            }
+        }
+        // A resource new to the store, connected to since its creation.
+        if was.is_none()
+            && res.state == ResourceState::Hibernated
+            && last_conn.is_some_and(|l| l.ms >= res.created_ms)
+        {
+            out.woke = Some("a connection since the creation");
+            self.request_wake(s);
+        }
+        out.written = Written::Done;
+        out
     }
 
     fn forget(&mut self, s: usize, uid: Option<&str>) -> Written {
@@ -780,6 +876,7 @@ impl Model {
         t.wake = false;
         t.phase = Phase::Quiet;
         t.not_before = None;
+        t.lost_release = None;
         if n == 0 {
             // Nothing left to show: the session's metadata goes.
             t.idle_since = None;
@@ -846,6 +943,16 @@ impl Raw {
         }
     }
 
+    /// The server's time in ms, as the scripts read it (without offset).
+    async fn time_ms(&mut self) -> i64 {
+        let node = match self {
+            Raw::Standalone(c) => c,
+            Raw::Cluster { masters, .. } => &mut masters[0],
+        };
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(node).await.unwrap();
+        secs * 1000 + micros / 1000
+    }
+
     /// Every key under `prefix`, on every master.
     async fn scan(&mut self, prefix: &str) -> BTreeSet<String> {
         let nodes: Vec<&mut MultiplexedConnection> = match self {
@@ -885,6 +992,9 @@ struct Case {
     clock: ClockOffset,
     raw: Raw,
     sessions: Vec<SessionId>,
+    /// The server's time (ms) before the case's first script: creation
+    /// times are given from it (see the module doc).
+    base_ms: i64,
     m: Model,
     trace: Vec<String>,
     step: usize,
@@ -905,6 +1015,11 @@ type Step = Result<(), TestCaseError>;
 
 impl Case {
     async fn new(backend: Backend) -> Case {
+        // Before the base time is read: a case judged within a grain of this
+        // ran every script within a grain of the base.
+        let started = Instant::now();
+        let mut raw = Raw::connect(backend).await;
+        let base_ms = raw.time_ms().await;
         let (store, clock) = support::store(backend).await;
         assert_eq!(store.heartbeat_window().as_millis() as i64, WINDOW_MS);
         let sessions: Vec<SessionId> = SESSIONS.iter().map(|s| support::sid(s)).collect();
@@ -916,14 +1031,15 @@ impl Case {
             ..Model::default()
         };
         Case {
-            raw: Raw::connect(backend).await,
+            raw,
             store,
             clock,
             sessions,
+            base_ms,
             m,
             trace: Vec::new(),
             step: 0,
-            started: Instant::now(),
+            started,
             seen: BTreeMap::new(),
         }
     }
@@ -1083,7 +1199,7 @@ impl Case {
                 self.hibernate(usize::from(session), leader, long, patch)
                     .await
             }
-            Op::LandPatch { pick, forced } => self.land_patch(pick, forced).await,
+            Op::LandPatch { pick, forced, seen } => self.land_patch(pick, forced, seen).await,
             Op::Wake { pick, leader, late } => self.wake(pick, leader, late).await,
             Op::Edit {
                 session,
@@ -1182,6 +1298,11 @@ impl Case {
         );
         match got {
             "created" => {
+                if self.m.n_open(s) > 0 {
+                    // Registered while another one is there: the store's lc.
+                    let t = &mut self.m.told[s];
+                    t.last_conn = Some(t.last_conn.map_or(now, |l| l.max(now)));
+                }
                 self.m.ids.insert(
                     id,
                     IdOwner {
@@ -1194,6 +1315,7 @@ impl Case {
                     id,
                     session: s,
                     user: u,
+                    started: now,
                     heartbeat: now,
                     status: Status::Open,
                 });
@@ -1241,8 +1363,9 @@ impl Case {
     }
 
     /// Sessions 0..4 by name; 4..8 a sleeping one if any (hibernated or
-    /// being hibernated, as the resource or the store has it), where a
-    /// connection arriving is most interesting.
+    /// being hibernated, as the resource or the store has it, or with a lost
+    /// patch that may still land), where a connection arriving is most
+    /// interesting.
     fn register_target(&self, session: u8) -> usize {
         let s = usize::from(session);
         if s < SESSIONS.len() {
@@ -1253,6 +1376,11 @@ impl Case {
                 let world = self.m.world[i].resource.as_ref();
                 world.is_some_and(|c| c.state == ResourceState::Hibernated)
                     || matches!(self.m.told[i].phase, Phase::Hibernating { .. })
+                    || self
+                        .m
+                        .in_flight
+                        .iter()
+                        .any(|f| matches!(f, InFlight::Lost { session, .. } if *session == i))
             })
             .collect();
         match sleeping.len() {
@@ -1329,8 +1457,10 @@ impl Case {
             expected.map(|(r, _)| r)
         );
         if let Some((reason, ended)) = expected {
-            self.m.open_conn(c.id, s).unwrap().status = Status::Ended(reason);
-            self.m.note_ended(s, ended);
+            let o = self.m.open_conn(c.id, s).unwrap();
+            o.status = Status::Ended(reason);
+            let started = o.started;
+            self.m.note_ended(s, started, ended);
         }
         Ok(())
     }
@@ -1338,7 +1468,8 @@ impl Case {
     async fn sweep(&mut self) -> Step {
         let now = self.tick();
         let mut expected: BTreeSet<(String, String, String)> = BTreeSet::new();
-        let mut ended: BTreeMap<usize, At> = BTreeMap::new();
+        // Per session: the latest end and the newest start of those expired.
+        let mut ended: BTreeMap<usize, (At, At)> = BTreeMap::new();
         for c in self.m.conns.iter_mut() {
             if c.status == Status::Open && !alive(c.heartbeat, now) {
                 c.status = Status::Ended(EndReason::Expired);
@@ -1348,12 +1479,12 @@ impl Case {
                     USERS[c.user].to_owned(),
                 ));
                 let end = c.heartbeat.plus(WINDOW_MS);
-                let e = ended.entry(c.session).or_insert(end);
-                *e = (*e).max(end);
+                let e = ended.entry(c.session).or_insert((end, c.started));
+                *e = (e.0.max(end), e.1.max(c.started));
             }
         }
-        for (s, end) in ended {
-            self.m.note_ended(s, end);
+        for (s, (end, started)) in ended {
+            self.m.note_ended(s, started, end);
         }
         let mut got = BTreeSet::new();
         for shard in self.store.keys().shards() {
@@ -1465,7 +1596,7 @@ impl Case {
         match (decision, patch) {
             (None, _) => {
                 self.note("the resource changed since: released");
-                self.rollback(s, term).await
+                self.rollback(s, term, false).await.map(drop)
             }
             (Some(false), _) => {
                 let c = current.unwrap();
@@ -1476,12 +1607,28 @@ impl Case {
                 let c = self.patch_world(s, ResourceState::Hibernated);
                 self.finish(s, term, &c.uid, c.generation).await
             }
-            (Some(true), Patch::Refused) => self.rollback(s, term).await,
+            (Some(true), Patch::Refused) => self.rollback(s, term, false).await.map(drop),
             (Some(true), Patch::AppliedButError) => {
-                self.patch_world(s, ResourceState::Hibernated);
-                self.rollback(s, term).await
+                // The leader's read shows the patch: recorded as landed.
+                let c = self.patch_world(s, ResourceState::Hibernated);
+                self.note("the answer was lost; the read shows it hibernated");
+                self.finish(s, term, &c.uid, c.generation).await
             }
-            (Some(true), Patch::TimedOut) => Ok(()),
+            (Some(true), Patch::TimedOut) => {
+                // The leader's read does not show it (the resource is as it
+                // read it): released as unsure; it may still land.
+                let c = current.unwrap();
+                self.note("the answer was lost; the read shows it running");
+                let released = self.rollback(s, term, true).await?;
+                self.m.in_flight.push(InFlight::Lost {
+                    session: s,
+                    uid: c.uid,
+                    read_generation: c.generation,
+                    released,
+                });
+                Ok(())
+            }
+            (Some(true), Patch::Unreadable) => Ok(()),
             (Some(true), Patch::Slow) => {
                 let c = current.unwrap();
                 self.m.in_flight.push(InFlight::Hibernation {
@@ -1495,7 +1642,7 @@ impl Case {
         }
     }
 
-    async fn land_patch(&mut self, pick: u8, forced: bool) -> Step {
+    async fn land_patch(&mut self, pick: u8, forced: bool, seen: bool) -> Step {
         if self.m.in_flight.is_empty() {
             self.note("nothing in flight");
             return Ok(());
@@ -1518,8 +1665,38 @@ impl Case {
                     let c = self.patch_world(session, ResourceState::Hibernated);
                     self.finish(session, term, &c.uid, c.generation).await
                 } else {
-                    self.rollback(session, term).await
+                    self.rollback(session, term, false).await.map(drop)
                 }
+            }
+            InFlight::Lost {
+                session,
+                uid,
+                read_generation,
+                released,
+            } => {
+                // The API server applies a write within its request timeout
+                // or never, so one that has not landed by then never does.
+                let in_time = self.m.clock_ms - released.ms < LATE_LANDING_MS;
+                let applies = in_time && self.patch_applies(session, &uid, read_generation, forced);
+                let what = match (in_time, applies) {
+                    (false, _) => "is dropped (its window is over)",
+                    (true, true) => "applies",
+                    (true, false) => "is refused",
+                };
+                self.count(format!("lost patch: {what}"));
+                self.note(format!(
+                    "the lost hibernation patch on {} {what}; only the watch tells",
+                    SESSIONS[session]
+                ));
+                if !applies {
+                    return Ok(());
+                }
+                self.patch_world(session, ResourceState::Hibernated);
+                if seen {
+                    let term = self.term(Leader::Current);
+                    self.deliver(session, 0, term).await?;
+                }
+                Ok(())
             }
             InFlight::Wake {
                 session,
@@ -1642,6 +1819,7 @@ impl Case {
                     state,
                     idle_ms: IDLE_TIMEOUTS_MS[usize::from(idle) % IDLE_TIMEOUTS_MS.len()],
                     exempt: false,
+                    created_ms: self.m.clock_ms,
                 };
                 w.resource = Some(c.clone());
                 Event::Upsert(c)
@@ -1713,7 +1891,9 @@ impl Case {
         Ok(())
     }
 
-    async fn rollback(&mut self, s: usize, term: Term) -> Step {
+    /// `unsure`: as the reaper releases a patch whose answer was lost (see
+    /// the module doc for the window given). Returns the release's instant.
+    async fn rollback(&mut self, s: usize, term: Term, unsure: bool) -> Result<At, TestCaseError> {
         let now = self.tick();
         let fenced = self.fenced(s, term);
         let before = if fenced {
@@ -1721,32 +1901,40 @@ impl Case {
         } else {
             None
         };
-        let got = self
-            .store
-            .rollback_hibernation(
-                &self.sessions[s],
-                term,
-                Duration::from_millis(RETRY_MS as u64),
-            )
-            .await
-            .unwrap();
-        self.count(format!("rollback: {got:?}"));
-        self.note(format!("rollback in term {term}: {got:?}"));
+        let retry = Duration::from_millis(RETRY_MS as u64);
+        let id = &self.sessions[s];
+        let got = if unsure {
+            let may_land = Duration::from_millis(LATE_LANDING_MS as u64 - 1);
+            self.store
+                .rollback_unsure_hibernation(id, term, retry, may_land)
+                .await
+        } else {
+            self.store.rollback_hibernation(id, term, retry).await
+        }
+        .unwrap();
+        let kind = if unsure {
+            "unsure rollback"
+        } else {
+            "rollback"
+        };
+        self.count(format!("{kind}: {got:?}"));
+        self.note(format!("{kind} in term {term}: {got:?}"));
         if let Some(before) = before {
             ensure!(
                 self,
                 got == Written::Fenced,
                 "a rollback in replaced term {term}: {got:?}"
             );
-            return self.unchanged(before, "rollback").await;
+            self.unchanged(before, "rollback").await?;
+            return Ok(now);
         }
-        let expected = self.m.rollback(s, term, now);
+        let expected = self.m.rollback(s, term, now, unsure);
         ensure!(
             self,
             got == expected,
-            "rollback: expected {expected:?}, got {got:?}"
+            "{kind}: expected {expected:?}, got {got:?}"
         );
-        Ok(())
+        Ok(now)
     }
 
     async fn ack(&mut self, s: usize, term: Term, uid: &str, gen: i64) -> Step {
@@ -1793,16 +1981,17 @@ impl Case {
         };
         let got = self
             .store
-            .mirror_session(&c.meta(&self.sessions[s]), term)
+            .mirror_session(&c.meta(&self.sessions[s], self.base_ms), term)
             .await
             .unwrap();
         self.count(format!("mirror: {got:?}"));
         self.note(format!(
-            "mirror {} generation {} {:?} idle {:?} in term {term}: {got:?}",
+            "mirror {} generation {} {:?} idle {:?} created at {} in term {term}: {got:?}",
             c.uid,
             c.generation,
             c.state,
-            c.idle()
+            c.idle(),
+            c.created_ms
         ));
         if let Some(before) = before {
             ensure!(
@@ -1812,7 +2001,17 @@ impl Case {
             );
             return self.unchanged(before, "mirror").await;
         }
-        let (expected, replaced) = self.m.mirror(s, c, now);
+        let Mirror {
+            written: expected,
+            replaced,
+            woke,
+        } = self.m.mirror(s, c, now);
+        if let Some(why) = woke {
+            self.count(format!(
+                "mirror wake for a connection that may have ended: {why}"
+            ));
+            self.note(format!("the model: wake for {why}"));
+        }
         ensure!(
             self,
             got == expected,
