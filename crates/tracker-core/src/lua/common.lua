@@ -402,6 +402,19 @@ local function live_users(S, n, live, cutoff)
   return distinct
 end
 
+-- The newest start among the session's connections, gone or present, given
+-- any present one's id (nil if none): lc covers every one gone, and every
+-- present one registered after the first of those present (see register.lua).
+local function last_connection(S, m, any_cid)
+  local last = m.lc and tonumber(m.lc) or nil
+  local raw = any_cid and redis.call('HGET', K_CONN, any_cid)
+  if raw then
+    local connected = decode(raw)[6]
+    if not last or connected > last then last = connected end
+  end
+  return last
+end
+
 -- Flat session view: exists, state, owner, live, distinct users, last connection,
 -- last disconnect, idle since, idle timeout ms, hibernates at, resource uid
 -- ('' where none). "Live" here is by time, as clients define it.
@@ -409,19 +422,13 @@ local function session_view(S, m, now, window)
   local n = redis.call('ZCARD', S.c)
   local cutoff = now - window
   local live, distinct, newest_hb = 0, 0, nil
-  local last_conn = m.lc and tonumber(m.lc) or nil
+  local last_conn = last_connection(S, m, nil)
   if n > 0 then
     live = redis.call('ZCOUNT', S.c, '(' .. ms(cutoff), '+inf')
     distinct = live_users(S, n, live, cutoff)
     local newest = redis.call('ZRANGE', S.c, -1, -1, 'WITHSCORES')
     newest_hb = tonumber(newest[2])
-    -- Any present connection will do: lc covers every one registered after
-    -- the first of those present (see register.lua).
-    local raw = redis.call('HGET', K_CONN, newest[1])
-    if raw then
-      local connected = decode(raw)[6]
-      if not last_conn or connected > last_conn then last_conn = connected end
-    end
+    last_conn = last_connection(S, m, newest[1])
   end
   local exists = '0'
   if n > 0 then exists = '1' end
@@ -507,8 +514,9 @@ local function follow_state(S, m, was, n, now, window)
     -- connection that has ended since (wake_if_in_use saw none live): that
     -- connection still asks for the session awake. Someone else's
     -- hibernation after lx is followed.
+    local last = last_connection(S, m, redis.call('ZRANGE', S.c, 0, 0)[1])
     if m.ks == 'hibernated' and was == 'running' and now <= tonumber(m.lx)
-        and m.lc and tonumber(m.lc) >= tonumber(m.lp) then
+        and last and last >= tonumber(m.lp) then
       request_wake(S, m, now)
     end
     set_meta(S, m, 'lp', nil)

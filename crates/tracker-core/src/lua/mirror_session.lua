@@ -48,11 +48,13 @@ follow_state(S, m, was, before.n, now, window)
 -- registration then saw the old resource, or none, and the wake it asked for
 -- was dropped with the old identity, or never asked. A connection made since
 -- the creation (lc: the newest connection's start) was made to this resource,
--- so it is woken, even if that connection has ended. creationTimestamp has
+-- so it is woken, even if that connection has ended (or died and waits for
+-- the sweep: a present one counts as much as a gone one). creationTimestamp has
 -- whole seconds: a connection up to a second before the creation counts too,
 -- and wakes a hibernated session once more than needed, never once less.
-if was == nil and created and m.ks == 'hibernated' and m.lc and tonumber(m.lc) >= created then
-  request_wake(S, m, now)
+if was == nil and created and m.ks == 'hibernated' then
+  local last = last_connection(S, m, redis.call('ZRANGE', S.c, 0, 0)[1])
+  if last and last >= created then request_wake(S, m, now) end
 end
 account(before, snapshot(S, m))
 refresh_due(S, m, before.n)

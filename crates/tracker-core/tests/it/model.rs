@@ -625,6 +625,13 @@ impl Model {
         }
     }
 
+    /// The newest start among the connections of `s`, gone (`lc`) or still
+    /// stored, dead or alive.
+    fn last_connection(&self, s: usize) -> Option<At> {
+        let stored = self.open(s).map(|c| c.started).max();
+        self.told[s].last_conn.max(stored)
+    }
+
     /// A connection of `s` started at `started` ended at `ended`: idle since
     /// the latest end once none is left.
     fn note_ended(&mut self, s: usize, started: At, ended: At) {
@@ -735,13 +742,14 @@ impl Model {
     /// `unsure`: the patch's answer was lost, so it may still land.
     fn rollback(&mut self, s: usize, term: Term, now: At, unsure: bool) -> Written {
         let t = &mut self.told[s];
+        if unsure && t.res.is_some() {
+            // Whoever holds the claim now, the lost patch may still land.
+            t.lost_release = Some(now);
+        }
         match t.phase {
             Phase::Hibernating { term: h, .. } if h == term.0 => {
                 t.phase = Phase::Quiet;
                 t.not_before = Some(now.plus(RETRY_MS));
-                if unsure {
-                    t.lost_release = Some(now);
-                }
                 Written::Done
             }
             _ => Written::Noop,
@@ -827,8 +835,8 @@ impl Model {
             ResourceState::Running => {}
         }
         self.wake_if_in_use(s, now);
+        let last_conn = self.last_connection(s);
         let t = &mut self.told[s];
-        let last_conn = t.last_conn;
         if res.state != ResourceState::Running {
             if let Some(released) = t.lost_release.take() {
                 // A lost patch may be what landed, decided before a connection
