@@ -103,6 +103,10 @@ enum Served {
     Later,
     /// Failed: retried after a growing delay.
     Failed { what: &'static str, error: String },
+    /// Our patch landed but recording it failed: retried after a growing
+    /// delay, and the retry, finding the Session running, records it as our
+    /// wake (event and history), not as someone else's.
+    Unrecorded { error: String },
 }
 
 /// The waker of one leadership term: reads the pending wakes and keeps the
@@ -117,6 +121,8 @@ pub struct Waker {
     dry_run_seen: HashSet<(SessionId, i64)>,
     /// Sessions whose wake a task is serving, and the tasks.
     busy: HashSet<SessionId>,
+    /// Sessions this term patched running without recording it yet.
+    unrecorded: HashSet<SessionId>,
     tasks: JoinSet<(PendingWake, Served)>,
     /// Whether the last poll could read Redis: failures are logged once per outage.
     healthy: bool,
@@ -161,6 +167,7 @@ impl Waker {
             retries: HashMap::new(),
             dry_run_seen: HashSet::new(),
             busy: HashSet::new(),
+            unrecorded: HashSet::new(),
             tasks: JoinSet::new(),
             healthy: true,
         }
@@ -248,6 +255,8 @@ impl Waker {
         self.retries
             .retain(|id, _| ids.contains(id) || self.busy.contains(id));
         self.dry_run_seen.retain(|(id, _)| ids.contains(id));
+        self.unrecorded
+            .retain(|id| ids.contains(id) || self.busy.contains(id));
         let now = Instant::now();
         for wake in pending {
             let id = &wake.session_id;
@@ -278,11 +287,12 @@ impl Waker {
 
     fn start(&mut self, wake: PendingWake) {
         self.busy.insert(wake.session_id.clone());
+        let ours = self.unrecorded.contains(&wake.session_id);
         let server = self.server.clone();
         let span = tracing::info_span!("wake", session_id = %wake.session_id);
         self.tasks.spawn(
             async move {
-                let served = server.wake_one(&wake).await;
+                let served = server.wake_one(&wake, ours).await;
                 (wake, served)
             }
             .instrument(span),
@@ -297,6 +307,7 @@ impl Waker {
         match served {
             Served::Done => {
                 self.retries.remove(id);
+                self.unrecorded.remove(id);
             }
             Served::Unchanged => {}
             Served::Later => {
@@ -305,6 +316,11 @@ impl Waker {
             Served::Failed { what, error } => {
                 let retry = self.back_off(id);
                 tracing::warn!(session_id = %id, error, retry_in = ?retry, "{what}");
+            }
+            Served::Unrecorded { error } => {
+                self.unrecorded.insert(id.clone());
+                let retry = self.back_off(id);
+                tracing::warn!(session_id = %id, error, retry_in = ?retry, "Session woken, but recording it failed");
             }
         }
         if self.server.acting.mode() == Mode::DryRun {
@@ -326,7 +342,9 @@ impl Waker {
 }
 
 impl Server {
-    async fn wake_one(&self, wake: &PendingWake) -> Served {
+    /// Serves `wake`; `ours`: this term patched the Session running for it
+    /// already (see [`Served::Unrecorded`]).
+    async fn wake_one(&self, wake: &PendingWake, ours: bool) -> Served {
         let id = &wake.session_id;
         match self.acting.clone() {
             Acting::DryRun => {
@@ -341,7 +359,7 @@ impl Server {
                 Served::Unchanged
             }
             Acting::RecordOnly => self.acknowledge(wake, None, None, true).await,
-            Acting::Patch(api) => self.patch(api.as_ref(), wake).await,
+            Acting::Patch(api) => self.patch(api.as_ref(), wake, ours).await,
             Acting::Announce => self.announce(wake).await,
         }
     }
@@ -378,7 +396,7 @@ impl Server {
         }
     }
 
-    async fn patch(&self, api: &dyn SessionApi, wake: &PendingWake) -> Served {
+    async fn patch(&self, api: &dyn SessionApi, wake: &PendingWake, ours: bool) -> Served {
         let id = &wake.session_id;
         let current = match api.get(id).await {
             Ok(Some(s)) => s,
@@ -428,7 +446,7 @@ impl Server {
             }
             WakeAction::Acknowledge => {
                 let uid = current.metadata.uid.as_deref();
-                self.acknowledge(wake, uid, current.metadata.generation, false)
+                self.acknowledge(wake, uid, current.metadata.generation, ours)
                     .await
             }
             WakeAction::Mirror => self.mirror(&current).await,
@@ -464,6 +482,12 @@ impl Server {
             // nobody: back off.
             Ok(Written::Noop) => Served::Later,
             // Next poll finds it running and acknowledges without another patch.
+            Err(e) if patched => {
+                self.metrics.store_error(Task::Wake);
+                return Served::Unrecorded {
+                    error: Error::from(e).to_string(),
+                };
+            }
             Err(e) => return self.store_failed(&e.into()),
         };
         if patched {
