@@ -26,6 +26,7 @@ use crate::error::Backend;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::form_pairs;
 use crate::history::{pg_error, EventRow, History};
+use crate::openapi::{HistoryBacked, NeedsPrivilege, RedisBacked};
 use crate::routes::sessions::{history_query, HistoryQuery};
 use crate::state::AppState;
 
@@ -149,9 +150,7 @@ fn sessions_query(raw: Option<&str>) -> Result<(usize, Cursor), ApiError> {
     responses(
         (status = 200, description = "A page of the sessions mirrored from Session resources, with their state and counters", body = SessionPage),
         (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        NeedsPrivilege, RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -215,9 +214,7 @@ pub struct RecentEvents {
     responses(
         (status = 200, description = "Hibernations, wakes and other session events of every session, newest first", body = RecentEvents),
         (status = 400, description = "Invalid query", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
-        (status = 503, description = "PostgreSQL not configured or unavailable", body = ErrorBody),
+        NeedsPrivilege, HistoryBacked,
     ),
     security(("bearer" = []))
 )]

@@ -16,6 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::access::{Principal, Role};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::form_pairs;
+use crate::openapi::HistoryBacked;
 use crate::state::AppState;
 
 /// The query, run as one prepared statement.
@@ -184,9 +185,8 @@ pub struct Usage {
     responses(
         (status = 200, description = "Usage per user or session within [from, to)", body = Usage),
         (status = 400, description = "Invalid query: the field is named", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A plain user asking for another user's usage", body = ErrorBody),
-        (status = 503, description = "PostgreSQL not configured or unavailable", body = ErrorBody),
+        HistoryBacked,
     ),
     security(("bearer" = []))
 )]
