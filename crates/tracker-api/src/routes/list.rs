@@ -225,7 +225,7 @@ pub async fn events(
 ) -> Result<Json<RecentEvents>, ApiError> {
     principal.require_privileged()?;
     let (limit, before) = history_query(query.as_deref())?;
-    let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
+    let history = state.require_history()?;
     recent_events(history, limit, before).await.map(Json)
 }
 

@@ -122,7 +122,7 @@ pub async fn history(
 ) -> Result<Json<SessionHistory>, ApiError> {
     let (limit, before) = history_query(query.as_deref())?;
     let resource = authorize_history(&state, &principal, &session_id).await?;
-    let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
+    let history = state.require_history()?;
     history
         .session(&session_id, resource.as_deref(), limit, before)
         .await

@@ -197,7 +197,7 @@ pub async fn usage(
 ) -> Result<Json<Usage>, ApiError> {
     let req = parse_query(query.as_deref())?;
     let user = allowed_user(&principal, req.user_id.clone())?;
-    let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
+    let history = state.require_history()?;
     // The rollup has no user within a session's row.
     let rollup = !(req.group_by == GroupBy::Session && user.is_some());
     let (from, to, group) = (req.from, req.to, req.group_by.as_str());
