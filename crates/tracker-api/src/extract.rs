@@ -12,6 +12,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use serde::de::DeserializeOwned;
 use tracker_core::{ConnectionId, SessionId, ValidationError};
+use utoipa::IntoParams;
 
 use crate::error::ApiError;
 
@@ -163,8 +164,12 @@ async fn raw_params<S: Send + Sync>(
 }
 
 /// `{session_id}` of the path, validated.
-#[derive(Debug)]
-pub struct SessionPath(pub SessionId);
+#[derive(Debug, IntoParams)]
+#[into_params(names("session_id"), parameter_in = Path)]
+pub struct SessionPath(
+    /// Session resource name
+    pub SessionId,
+);
 
 impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
     type Rejection = ApiError;
@@ -176,8 +181,15 @@ impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
 }
 
 /// `{session_id}` and `{connection_id}` of the path, validated.
-#[derive(Debug)]
-pub struct ConnectionPath(pub SessionId, pub ConnectionId);
+#[derive(Debug, IntoParams)]
+#[into_params(names("session_id", "connection_id"), parameter_in = Path)]
+pub struct ConnectionPath(
+    /// Session resource name
+    pub SessionId,
+    /// Connection id
+    #[param(value_type = String, format = Uuid)]
+    pub ConnectionId,
+);
 
 impl<S: Send + Sync> FromRequestParts<S> for ConnectionPath {
     type Rejection = ApiError;
@@ -192,8 +204,13 @@ impl<S: Send + Sync> FromRequestParts<S> for ConnectionPath {
 }
 
 /// `{connection_id}` alone.
-#[derive(Debug)]
-pub struct ConnectionIdPath(pub ConnectionId);
+#[derive(Debug, IntoParams)]
+#[into_params(names("connection_id"), parameter_in = Path)]
+pub struct ConnectionIdPath(
+    /// Connection id
+    #[param(value_type = String, format = Uuid)]
+    pub ConnectionId,
+);
 
 impl<S: Send + Sync> FromRequestParts<S> for ConnectionIdPath {
     type Rejection = ApiError;

@@ -12,6 +12,7 @@ use tracker_core::{Limits, Store};
 
 use crate::auth::Authenticator;
 use crate::config::{AllowedOrigins, Platform, TrustedProxies};
+use crate::error::ApiError;
 use crate::history::History;
 use crate::metrics::Metrics;
 use crate::routes::ws::user_sockets::UserSockets;
@@ -61,6 +62,11 @@ impl AppState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
+    }
+
+    /// The history database, or the 503 of a deployment without one.
+    pub fn require_history(&self) -> Result<&History, ApiError> {
+        self.history.as_ref().ok_or(ApiError::HistoryDisabled)
     }
 }
 

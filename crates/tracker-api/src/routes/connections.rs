@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use tracker_core::domain::rfc3339_ms;
 use tracker_core::{
-    ConnectionId, ConnectionView, NewConnection, Protocol, RegisterOutcome, Registered, SessionId,
+    ConnectionId, ConnectionView, NewConnection, Protocol, RegisterOutcome, Registered,
     SessionView, UserAgent, UserId,
 };
 use utoipa::ToSchema;
@@ -21,6 +21,7 @@ use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody, LimitKind};
 use crate::extract::{ApiJson, ConnectionIdPath, ConnectionPath, SessionPath};
 use crate::metrics::{HeartbeatResult, RegistrationResult};
+use crate::openapi::{InvalidId, NotCallersSession, RedisBacked};
 use crate::state::AppState;
 
 /// Body of a registration.
@@ -151,20 +152,19 @@ pub fn interval_seconds(state: &AppState) -> u64 {
     post,
     path = "/v1/sessions/{session_id}/connections",
     tag = "connections",
-    params(("session_id" = SessionId, Path, description = "Session resource name")),
+    params(SessionPath),
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "Registered", body = RegisterResponse),
         (status = 200, description = "Replay of the same connection_id", body = RegisterResponse),
         (status = 400, description = "Invalid request", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not the caller's session, or not as itself", body = ErrorBody),
         (status = 404, description = "A plain user on a session the tracker does not know", body = ErrorBody),
         (status = 409, description = "Session terminated, or connection_id taken", body = ErrorBody),
         (status = 408, description = "Not complete within TRACKER_REQUEST_TIMEOUT", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 429, description = "Connection limit reached", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -226,17 +226,11 @@ pub async fn register(
     post,
     path = "/v1/sessions/{session_id}/connections/{connection_id}/heartbeat",
     tag = "connections",
-    params(
-        ("session_id" = SessionId, Path, description = "Session resource name"),
-        ("connection_id" = String, Path, format = Uuid, description = "Connection id"),
-    ),
+    params(ConnectionPath),
     responses(
         (status = 200, description = "Recorded", body = HeartbeatResponse),
-        (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Not the caller's session", body = ErrorBody),
         (status = 404, description = "Closed or expired: register again", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        InvalidId, NotCallersSession, RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -271,17 +265,11 @@ pub async fn heartbeat(
     delete,
     path = "/v1/sessions/{session_id}/connections/{connection_id}",
     tag = "connections",
-    params(
-        ("session_id" = SessionId, Path, description = "Session resource name"),
-        ("connection_id" = String, Path, format = Uuid, description = "Connection id"),
-    ),
+    params(ConnectionPath),
     responses(
         (status = 204, description = "Closed"),
-        (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Not the caller's session", body = ErrorBody),
         (status = 404, description = "No such connection", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        InvalidId, NotCallersSession, RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -310,13 +298,10 @@ pub async fn close(
     get,
     path = "/v1/sessions/{session_id}/connections",
     tag = "connections",
-    params(("session_id" = SessionId, Path, description = "Session resource name")),
+    params(SessionPath),
     responses(
         (status = 200, description = "Live connections", body = ConnectionList),
-        (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Not the caller's session", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        InvalidId, NotCallersSession, RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -334,14 +319,12 @@ pub async fn list(
     get,
     path = "/v1/connections/{connection_id}",
     tag = "connections",
-    params(("connection_id" = String, Path, format = Uuid, description = "Connection id")),
+    params(ConnectionIdPath),
     responses(
         (status = 200, description = "The live connection", body = ConnectionView),
-        (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Another user's connection", body = ErrorBody),
         (status = 404, description = "No such live connection", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        InvalidId, RedisBacked,
     ),
     security(("bearer" = []))
 )]

@@ -28,6 +28,7 @@ use crate::access::Principal;
 use crate::config::Platform;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{json_body, SessionPath};
+use crate::openapi::{InvalidId, NeedsPrivilege, RedisBacked};
 use crate::state::AppState;
 
 /// The state a controller declares or reports.
@@ -150,11 +151,9 @@ fn declarations_allowed(state: &AppState) -> Result<(), ApiError> {
         (status = 200, description = "Updated; the session as the tracker sees it", body = SessionView),
         (status = 201, description = "Declared; the session as the tracker sees it", body = SessionView),
         (status = 400, description = "Invalid id or body (the field is named)", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
         (status = 409, description = "TRACKER_PLATFORM=kubernetes: sessions come from the cluster", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        NeedsPrivilege, RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -197,11 +196,8 @@ pub async fn put(
     params(("session_id" = SessionId, Path, description = "Session name")),
     responses(
         (status = 204, description = "Forgotten (also when it was not declared)"),
-        (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
         (status = 409, description = "TRACKER_PLATFORM=kubernetes: sessions come from the cluster", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        InvalidId, NeedsPrivilege, RedisBacked,
     ),
     security(("bearer" = []))
 )]

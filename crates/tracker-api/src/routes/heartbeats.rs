@@ -12,6 +12,7 @@ use crate::access::Principal;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::ApiJson;
 use crate::metrics::HeartbeatResult;
+use crate::openapi::{NeedsPrivilege, RedisBacked};
 use crate::state::AppState;
 
 /// Most pairs one batch may carry.
@@ -51,11 +52,9 @@ pub struct BatchResponse {
     responses(
         (status = 200, description = "Recorded", body = BatchResponse),
         (status = 400, description = "Invalid pair, or not 1 to 10,000 pairs", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
         (status = 408, description = "Not complete within TRACKER_REQUEST_TIMEOUT", body = ErrorBody),
         (status = 413, description = "Body over 4 MiB", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        NeedsPrivilege, RedisBacked,
     ),
     security(("bearer" = []))
 )]

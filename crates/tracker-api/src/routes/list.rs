@@ -26,6 +26,7 @@ use crate::error::Backend;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::form_pairs;
 use crate::history::{pg_error, EventRow, History};
+use crate::openapi::{HistoryBacked, NeedsPrivilege, RedisBacked};
 use crate::routes::sessions::{history_query, HistoryQuery};
 use crate::state::AppState;
 
@@ -149,9 +150,7 @@ fn sessions_query(raw: Option<&str>) -> Result<(usize, Cursor), ApiError> {
     responses(
         (status = 200, description = "A page of the sessions mirrored from Session resources, with their state and counters", body = SessionPage),
         (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        NeedsPrivilege, RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -215,9 +214,7 @@ pub struct RecentEvents {
     responses(
         (status = 200, description = "Hibernations, wakes and other session events of every session, newest first", body = RecentEvents),
         (status = 400, description = "Invalid query", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
-        (status = 503, description = "PostgreSQL not configured or unavailable", body = ErrorBody),
+        NeedsPrivilege, HistoryBacked,
     ),
     security(("bearer" = []))
 )]
@@ -228,7 +225,7 @@ pub async fn events(
 ) -> Result<Json<RecentEvents>, ApiError> {
     principal.require_privileged()?;
     let (limit, before) = history_query(query.as_deref())?;
-    let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
+    let history = state.require_history()?;
     recent_events(history, limit, before).await.map(Json)
 }
 

@@ -5,27 +5,24 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tracker_core::explain::Explanation;
-use tracker_core::{SessionId, SessionView, Stats};
+use tracker_core::{SessionView, Stats};
 use utoipa::IntoParams;
 
 use crate::access::{authorize_history, Principal};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{form_pairs, SessionPath};
 use crate::history::SessionHistory;
+use crate::openapi::{HistoryBacked, InvalidId, NeedsPrivilege, OwnSession, RedisBacked};
 use crate::state::AppState;
 
 #[utoipa::path(
     get,
     path = "/v1/sessions/{session_id}",
     tag = "sessions",
-    params(("session_id" = SessionId, Path, description = "Session resource name")),
+    params(SessionPath),
     responses(
         (status = 200, description = "State and counters", body = SessionView),
-        (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Another user's session", body = ErrorBody),
-        (status = 404, description = "The tracker knows nothing of it", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        InvalidId, OwnSession, RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -43,14 +40,10 @@ pub async fn session(
     get,
     path = "/v1/sessions/{session_id}/explain",
     tag = "sessions",
-    params(("session_id" = SessionId, Path, description = "Session resource name")),
+    params(SessionPath),
     responses(
         (status = 200, description = "Why the session is awake or asleep, and when that changes", body = Explanation),
-        (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Another user's session", body = ErrorBody),
-        (status = 404, description = "The tracker knows nothing of it", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        InvalidId, OwnSession, RedisBacked,
     ),
     security(("bearer" = []))
 )]
@@ -112,13 +105,12 @@ pub(crate) fn history_query(raw: Option<&str>) -> Result<(i64, Option<DateTime<U
     get,
     path = "/v1/sessions/{session_id}/history",
     tag = "sessions",
-    params(("session_id" = SessionId, Path, description = "Session resource name"), HistoryQuery),
+    params(SessionPath, HistoryQuery),
     responses(
         (status = 200, description = "Archived connections and session events, newest first", body = SessionHistory),
         (status = 400, description = "Invalid id or query", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Another user's session", body = ErrorBody),
-        (status = 503, description = "PostgreSQL not configured or unavailable", body = ErrorBody),
+        HistoryBacked,
     ),
     security(("bearer" = []))
 )]
@@ -130,7 +122,7 @@ pub async fn history(
 ) -> Result<Json<SessionHistory>, ApiError> {
     let (limit, before) = history_query(query.as_deref())?;
     let resource = authorize_history(&state, &principal, &session_id).await?;
-    let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
+    let history = state.require_history()?;
     history
         .session(&session_id, resource.as_deref(), limit, before)
         .await
@@ -143,9 +135,7 @@ pub async fn history(
     tag = "sessions",
     responses(
         (status = 200, description = "Totals from maintained counters", body = Stats),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Needs service or admin", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        NeedsPrivilege, RedisBacked,
     ),
     security(("bearer" = []))
 )]

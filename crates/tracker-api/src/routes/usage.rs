@@ -16,6 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::access::{Principal, Role};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::form_pairs;
+use crate::openapi::HistoryBacked;
 use crate::state::AppState;
 
 /// The query, run as one prepared statement.
@@ -184,9 +185,8 @@ pub struct Usage {
     responses(
         (status = 200, description = "Usage per user or session within [from, to)", body = Usage),
         (status = 400, description = "Invalid query: the field is named", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A plain user asking for another user's usage", body = ErrorBody),
-        (status = 503, description = "PostgreSQL not configured or unavailable", body = ErrorBody),
+        HistoryBacked,
     ),
     security(("bearer" = []))
 )]
@@ -197,7 +197,7 @@ pub async fn usage(
 ) -> Result<Json<Usage>, ApiError> {
     let req = parse_query(query.as_deref())?;
     let user = allowed_user(&principal, req.user_id.clone())?;
-    let history = state.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
+    let history = state.require_history()?;
     // The rollup has no user within a session's row.
     let rollup = !(req.group_by == GroupBy::Session && user.is_some());
     let (from, to, group) = (req.from, req.to, req.group_by.as_str());

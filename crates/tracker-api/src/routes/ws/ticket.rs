@@ -25,6 +25,7 @@ use utoipa::ToSchema;
 use crate::access::{authorize, Principal, Role};
 use crate::error::{ApiError, Backend, ErrorBody};
 use crate::extract::SessionPath;
+use crate::openapi::{NotCallersSession, RedisBacked};
 use crate::state::AppState;
 
 /// Answer of `POST /v1/sessions/{session_id}/ws-ticket`.
@@ -70,14 +71,12 @@ fn well_formed(ticket: &str) -> bool {
     post,
     path = "/v1/sessions/{session_id}/ws-ticket",
     tag = "connections",
-    params(("session_id" = SessionId, Path, description = "Session resource name")),
+    params(SessionPath),
     responses(
         (status = 201, description = "A ticket for one WebSocket on this session, within 30 s", body = TicketResponse),
         (status = 400, description = "Invalid session id", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Not the caller's session", body = ErrorBody),
         (status = 404, description = "A plain user on a session the tracker does not know", body = ErrorBody),
-        (status = 503, description = "Redis unavailable", body = ErrorBody),
+        NotCallersSession, RedisBacked,
     ),
     security(("bearer" = []))
 )]
