@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    Announcement, ClaimOutcome, ClaimRefusal, EndReason, FinishOutcome, Limits, Protocol,
-    RegisterOutcome, ResourceState, SessionState, ShardKey, Term, Written,
+    Announcement, ClaimOutcome, ClaimRefusal, ClockOffset, EndReason, FinishOutcome, Limits,
+    Protocol, RegisterOutcome, ResourceState, SessionId, SessionState, ShardKey, Store, Term,
+    Written,
 };
 
 use crate::support::*;
@@ -41,6 +42,23 @@ crate::both!(
 const CLAIM: Duration = Duration::from_secs(30);
 const T1: Term = Term(1);
 const T2: Term = Term(2);
+
+/// A running session idle past its timeout, claimed by `T1`, then connected
+/// to: the registration ends the claim with a wake.
+async fn claimed_then_connected(store: &Store, clock: &ClockOffset, s: &SessionId) {
+    mirror_as(store, T1, s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    assert!(matches!(
+        store.claim_hibernation(s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    created(
+        store
+            .register(&conn(s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+}
 
 async fn state(store: &tracker_core::Store, s: &tracker_core::SessionId) -> SessionState {
     store.session(s).await.unwrap().expect("known").state
@@ -114,18 +132,7 @@ async fn a_rolled_back_patch_that_landed_after_all_gets_a_wake(backend: Backend)
 async fn a_new_leaders_ack_does_not_hide_the_old_leaders_late_patch(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
-    clock.advance(Duration::from_secs(2));
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
-    created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    claimed_then_connected(&store, &clock, &s).await;
     let t2 = store.begin_term().await.unwrap();
     assert!(t2 > T1);
     let acked = store.ack_wake(&s, t2, Some("u1"), Some(1)).await.unwrap();
@@ -626,18 +633,7 @@ async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
 async fn a_finish_after_a_wake_ended_the_claim_is_not_claimed(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
-    clock.advance(Duration::from_secs(2));
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
-    created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    claimed_then_connected(&store, &clock, &s).await;
     let finished = store
         .finish_hibernation(&s, T1, Some("u1"), Some(2))
         .await
