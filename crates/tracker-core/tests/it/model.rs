@@ -199,6 +199,23 @@ enum Op {
     },
     /// The mirror lists every resource again.
     Relist,
+    /// A patch whose answer was lost, walked through in one step (the path
+    /// the steps above reach only rarely, as it takes several of them in
+    /// order): the clock moves until the session (`session` picks one that
+    /// may be claimed, if any) is due, the current leader claims it and its patch times out — `woke_first`: a connection
+    /// arrives while the patch is out, its wake ends the claim, and only then
+    /// is the claim released as unsure. A connection registers since the
+    /// release (and `close`s), before or `after_landing` of the patch; the
+    /// mirror sees the landing `delay` grains later (12 or more: past the
+    /// patch's window). A store write at every turn, checked after each.
+    LostPatch {
+        session: u8,
+        user: u8,
+        woke_first: bool,
+        close: bool,
+        after_landing: bool,
+        delay: u8,
+    },
 }
 
 fn leader() -> impl Strategy<Value = Leader> {
@@ -256,6 +273,17 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::NewLeader),
         1 => any::<bool>().prop_map(|relist| Op::DataLoss { relist }),
         1 => Just(Op::Relist),
+        2 => (
+            0u8..4,
+            0u8..3,
+            prop::bool::weighted(0.35),
+            any::<bool>(),
+            any::<bool>(),
+            prop_oneof![2 => Just(0u8), 2 => 1u8..12, 3 => 12u8..16],
+        )
+            .prop_map(|(session, user, woke_first, close, after_landing, delay)| {
+                Op::LostPatch { session, user, woke_first, close, after_landing, delay }
+            }),
     ]
 }
 
@@ -1009,6 +1037,8 @@ struct Case {
     started: Instant,
     /// How often each outcome was seen, to show what a run covered.
     seen: BTreeMap<String, u64>,
+    /// What the last mirror call woke for, as the model predicted it.
+    woke: Option<&'static str>,
 }
 
 macro_rules! ensure {
@@ -1049,6 +1079,7 @@ impl Case {
             step: 0,
             started,
             seen: BTreeMap::new(),
+            woke: None,
         }
     }
 
@@ -1192,9 +1223,7 @@ impl Case {
                 wrong_session,
             } => self.close(pick, wrong_session).await,
             Op::Advance { grains } => {
-                let ms = i64::from(grains) * GRAIN_MS;
-                self.clock.advance(Duration::from_millis(ms as u64));
-                self.m.clock_ms += ms;
+                self.advance(i64::from(grains));
                 Ok(())
             }
             Op::Sweep => self.sweep().await,
@@ -1240,6 +1269,25 @@ impl Case {
                 Ok(())
             }
             Op::Relist => self.relist().await,
+            Op::LostPatch {
+                session,
+                user,
+                woke_first,
+                close,
+                after_landing,
+                delay,
+            } => {
+                let s = self.claim_target(session);
+                self.lost_patch(
+                    s,
+                    usize::from(user),
+                    woke_first,
+                    close,
+                    after_landing,
+                    delay,
+                )
+                .await
+            }
         }
     }
 
@@ -1440,6 +1488,10 @@ impl Case {
             self.note("no connection yet");
             return Ok(());
         };
+        self.close_conn(c, wrong_session).await
+    }
+
+    async fn close_conn(&mut self, c: Conn, wrong_session: bool) -> Step {
         let s = if wrong_session {
             (c.session + 1) % SESSIONS.len()
         } else {
@@ -1656,6 +1708,11 @@ impl Case {
             return Ok(());
         }
         let i = usize::from(pick) % self.m.in_flight.len();
+        self.land_at(i, forced, seen).await
+    }
+
+    /// The `i`-th action in flight lands (see [`Op::LandPatch`]).
+    async fn land_at(&mut self, i: usize, forced: bool, seen: bool) -> Step {
         match self.m.in_flight.remove(i) {
             InFlight::Hibernation {
                 session,
@@ -1718,6 +1775,145 @@ impl Case {
                 self.act_on_wake(session, term, read, Some(forced)).await
             }
         }
+    }
+
+    /// A session that may be claimed (mirrored running, quiet, exempt from
+    /// nothing and without connections), the `session`-th of them; any if
+    /// none is.
+    fn claim_target(&self, session: u8) -> usize {
+        let idle: Vec<usize> = (0..SESSIONS.len())
+            .filter(|&i| {
+                let t = &self.m.told[i];
+                t.res
+                    .as_ref()
+                    .is_some_and(|r| r.state == ResourceState::Running && r.idle.is_some())
+                    && t.phase == Phase::Quiet
+                    && self.m.n_open(i) == 0
+            })
+            .collect();
+        let s = usize::from(session);
+        match idle.len() {
+            0 => s % SESSIONS.len(),
+            n => idle[s % n],
+        }
+    }
+
+    /// See [`Op::LostPatch`]. Each turn is an ordinary step's code, so the
+    /// model judges it as it judges those.
+    async fn lost_patch(
+        &mut self,
+        s: usize,
+        u: usize,
+        woke_first: bool,
+        close: bool,
+        after_landing: bool,
+        delay: u8,
+    ) -> Step {
+        if let Some(due) = self.m.due(s) {
+            let wait = due.ms - self.m.clock_ms;
+            if wait > 0 {
+                let grains = (wait + GRAIN_MS - 1) / GRAIN_MS;
+                self.note(format!("- the clock moves {grains} grains: due"));
+                self.advance(grains);
+            }
+        }
+        let flights = self.m.in_flight.len();
+        let patch = if woke_first {
+            Patch::Slow
+        } else {
+            Patch::TimedOut
+        };
+        self.hibernate(s, Leader::Current, true, patch).await?;
+        if self.m.in_flight.len() == flights {
+            self.count("lost patch path: no patch sent".to_owned());
+            return Ok(());
+        }
+        self.check().await?;
+        let ended_by_wake = if woke_first {
+            let Some(InFlight::Hibernation {
+                session,
+                term,
+                uid,
+                read_generation,
+            }) = self.m.in_flight.pop()
+            else {
+                unreachable!("a slow patch was just sent");
+            };
+            self.note("- a connection arrives while the patch is out");
+            self.register(session, u, IdUse::Fresh).await?;
+            self.check().await?;
+            let woken = self.m.told[s].wake;
+            if woken {
+                let read = self.m.world[s].resource.clone();
+                let current = self.term(Leader::Current);
+                self.note("- the waker handles its wake");
+                self.act_on_wake(s, current, read, None).await?;
+                self.check().await?;
+            }
+            self.note("- the patch's answer is lost: released as unsure");
+            let released = self.rollback(s, term, true).await?;
+            self.m.in_flight.push(InFlight::Lost {
+                session,
+                uid,
+                read_generation,
+                released,
+            });
+            self.check().await?;
+            woken
+        } else {
+            false
+        };
+        let lost = self.m.in_flight.len() - 1;
+        if !after_landing {
+            self.connect_since(s, u, close).await?;
+        }
+        self.note("- the lost patch lands");
+        self.land_at(lost, false, false).await?;
+        self.check().await?;
+        if after_landing {
+            self.connect_since(s, u, close).await?;
+        }
+        if delay > 0 {
+            self.note(format!("- the clock moves {delay} grains"));
+            self.advance(i64::from(delay));
+        }
+        self.note("- the mirror sees the newest event");
+        self.woke = None;
+        let term = self.term(Leader::Current);
+        self.deliver(s, 0, term).await?;
+        let past = i64::from(delay) * GRAIN_MS >= LATE_LANDING_MS;
+        self.count(format!(
+            "lost patch path: {} then mirrored {} the window -> {}",
+            if ended_by_wake {
+                "a wake ended the claim"
+            } else {
+                "released"
+            },
+            if past { "past" } else { "within" },
+            self.woke.unwrap_or("no wake for a gone connection")
+        ));
+        Ok(())
+    }
+
+    /// A connection registers on `s` (and `close`s at once).
+    async fn connect_since(&mut self, s: usize, u: usize, close: bool) -> Step {
+        self.note("- a connection registers");
+        let n = self.m.conns.len();
+        self.register(s, u, IdUse::Fresh).await?;
+        self.check().await?;
+        if close && self.m.conns.len() > n {
+            let c = self.m.conns[n].clone();
+            self.note("- it closes");
+            self.close_conn(c, false).await?;
+            self.check().await?;
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, grains: i64) {
+        let ms = grains * GRAIN_MS;
+        self.clock.advance(Duration::from_millis(ms as u64));
+        self.m.clock_ms += ms;
     }
 
     /// Whether a patch built on a read of `uid` at `read_generation` applies:
@@ -2014,6 +2210,7 @@ impl Case {
             replaced,
             woke,
         } = self.m.mirror(s, c, now);
+        self.woke = woke;
         if let Some(why) = woke {
             self.count(format!(
                 "mirror wake for a connection that may have ended: {why}"
