@@ -1404,21 +1404,12 @@ impl Store {
 
     /// Drops entries of a shard's event outbox that are not events.
     pub async fn events_drop(&self, shard: ShardId, ids: &[String]) -> Result<u64> {
-        let op = &self.scripts.outbox_ack;
-        let (_, left): (i64, u64) = self
-            .eval_shard_key(op, shard, ShardKey::Events, ids)
-            .await?;
-        Ok(left)
+        self.stream_drop(shard, ShardKey::Events, ids).await
     }
 
     /// Session events not yet acknowledged by NATS, over all shards.
     pub async fn events_backlog(&self) -> Result<u64> {
-        let op = &self.scripts.outbox_len;
-        let calls = self
-            .keys
-            .shards()
-            .map(|shard| self.eval_shard_key::<u64, _>(op, shard, ShardKey::Events, NO_ARGS));
-        Ok(try_join_all(calls).await?.into_iter().sum())
+        self.stream_backlog(ShardKey::Events).await
     }
 
     /// Sessions of one shard that are mirrored from a resource.
@@ -1476,20 +1467,29 @@ impl Store {
 
     /// Drops archived entries (after the commit); returns the shard's backlog left.
     pub async fn outbox_ack(&self, shard: ShardId, ids: &[String]) -> Result<u64> {
-        let op = &self.scripts.outbox_ack;
-        let (_, left): (i64, u64) = self
-            .eval_shard_key(op, shard, ShardKey::Outbox, ids)
-            .await?;
-        Ok(left)
+        self.stream_drop(shard, ShardKey::Outbox, ids).await
     }
 
     /// Finished connections not yet archived, over all shards.
     pub async fn outbox_backlog(&self) -> Result<u64> {
+        self.stream_backlog(ShardKey::Outbox).await
+    }
+
+    /// Deletes entries of one shard's stream (outbox or event outbox);
+    /// returns the entries left in it.
+    async fn stream_drop(&self, shard: ShardId, stream: ShardKey, ids: &[String]) -> Result<u64> {
+        let op = &self.scripts.outbox_ack;
+        let (_, left): (i64, u64) = self.eval_shard_key(op, shard, stream, ids).await?;
+        Ok(left)
+    }
+
+    /// Entries of a stream (outbox or event outbox), over all shards.
+    async fn stream_backlog(&self, stream: ShardKey) -> Result<u64> {
         let op = &self.scripts.outbox_len;
         let calls = self
             .keys
             .shards()
-            .map(|shard| self.eval_shard_key::<u64, _>(op, shard, ShardKey::Outbox, NO_ARGS));
+            .map(|shard| self.eval_shard_key::<u64, _>(op, shard, stream, NO_ARGS));
         Ok(try_join_all(calls).await?.into_iter().sum())
     }
 
