@@ -7,6 +7,12 @@ use tracker_core::SessionState;
 
 use crate::helpers::{admin_token, error_code, service_token, token, Options, TestApp};
 
+/// Nothing was stored for `s-1`: the request was refused before the store.
+async fn assert_nothing_stored(app: &TestApp) {
+    let view = app.store.session(&"s-1".parse().unwrap()).await.unwrap();
+    assert!(view.is_none(), "{view:?}");
+}
+
 async fn docker_app() -> TestApp {
     let opts = Options {
         extra_args: vec![
@@ -123,12 +129,7 @@ async fn only_service_and_admin_declare() {
         .unwrap();
     assert_eq!(error_code(res).await.0, 401);
     // Refused before anything was stored.
-    assert!(app
-        .store
-        .session(&"s-1".parse().unwrap())
-        .await
-        .unwrap()
-        .is_none());
+    assert_nothing_stored(&app).await;
 }
 
 #[tokio::test]
@@ -140,12 +141,7 @@ async fn on_kubernetes_sessions_come_from_the_cluster() {
     let res = app.delete("/v1/sessions/s-1", &admin_token()).await;
     let (status, code, _) = error_code(res).await;
     assert_eq!((status, code.as_str()), (409, "conflict"));
-    assert!(app
-        .store
-        .session(&"s-1".parse().unwrap())
-        .await
-        .unwrap()
-        .is_none());
+    assert_nothing_stored(&app).await;
 }
 
 #[tokio::test]
@@ -215,10 +211,5 @@ async fn bad_declarations_name_their_field() {
         )
         .await;
     assert_eq!(error_code(res).await.0, 400);
-    assert!(app
-        .store
-        .session(&"s-1".parse().unwrap())
-        .await
-        .unwrap()
-        .is_none());
+    assert_nothing_stored(&app).await;
 }

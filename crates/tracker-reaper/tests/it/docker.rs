@@ -104,6 +104,12 @@ async fn state(env: &Env, name: &str) -> Option<SessionState> {
     env.state(name).await
 }
 
+async fn assert_states(env: &Env, names: &[String], expected: SessionState) {
+    for name in names {
+        assert_eq!(state(env, name).await, Some(expected), "{name}");
+    }
+}
+
 #[sqlx::test(migrations = "../../migrations")]
 async fn hibernate_and_wake_are_announced_on_nats_and_done_once_acknowledged(pool: PgPool) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
@@ -356,40 +362,16 @@ async fn a_nats_outage_loses_and_doubles_nothing(pool: PgPool) {
         .sum();
     assert!(failures >= 1.0, "no failed publication counted:\n{text}");
     // Nothing counts as done while NATS has not acknowledged it.
-    for name in &names[..3] {
-        assert_eq!(
-            state(&env, name).await,
-            Some(SessionState::Waking),
-            "{name}"
-        );
-    }
-    for name in &names[3..] {
-        assert_eq!(
-            state(&env, name).await,
-            Some(SessionState::Hibernating),
-            "{name}"
-        );
-    }
+    assert_states(&env, &names[..3], SessionState::Waking).await;
+    assert_states(&env, &names[3..], SessionState::Hibernating).await;
 
     nats.start_again().await.unwrap();
     eventually(Duration::from_secs(30), "every event delivered", || async {
         (env.store.events_backlog().await.unwrap() == 0).then_some(())
     })
     .await;
-    for name in &names[..3] {
-        assert_eq!(
-            state(&env, name).await,
-            Some(SessionState::Running),
-            "{name}"
-        );
-    }
-    for name in &names[3..] {
-        assert_eq!(
-            state(&env, name).await,
-            Some(SessionState::Hibernated),
-            "{name}"
-        );
-    }
+    assert_states(&env, &names[..3], SessionState::Running).await;
+    assert_states(&env, &names[3..], SessionState::Hibernated).await;
 
     let events = stream_events(&nats.url()).await;
     let mut by_id: HashMap<&str, usize> = HashMap::new();
