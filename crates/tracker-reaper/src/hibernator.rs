@@ -33,8 +33,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::{
-    Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, HibernationReason, IdleTimeout,
-    ResourceState, SessionId, SessionMeta, ShardId, Store, Warning, Written,
+    Announcement, Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, HibernationReason,
+    IdleTimeout, ResourceState, SessionId, SessionMeta, ShardId, Store, Warning, Written,
 };
 
 use crate::acting::{Acting, Fence, InFlight, Mode, TermContext};
@@ -131,8 +131,20 @@ pub struct Hibernator {
     guard: Guard,
     /// Consecutive failed patches per session, for the retry backoff.
     failures: HashMap<SessionId, u32>,
+    /// Hibernations that landed but whose record failed (Redis did not
+    /// answer): recorded again each tick until Redis answers, so the event
+    /// the record queues is not lost. The watch records the state meanwhile.
+    unrecorded: HashMap<SessionId, Unrecorded>,
     /// Tells explanations about the guard and dry run.
     facts: leader_facts::Publisher,
+}
+
+/// A landed hibernation to record again: the same call, the same event id.
+#[derive(Debug)]
+struct Unrecorded {
+    uid: Option<String>,
+    generation: Option<i64>,
+    event: Option<Announcement>,
 }
 
 /// Retry delay after a failed patch: 2 s doubling to 5 min.
@@ -185,6 +197,7 @@ impl Hibernator {
             settings,
             guard,
             failures: HashMap::new(),
+            unrecorded: HashMap::new(),
             facts,
         }
     }
@@ -243,6 +256,8 @@ impl Hibernator {
             );
             self.relist.notify_one();
         }
+        // Redis answered just now: the right moment to record what it missed.
+        self.record_again().await;
         let guard_until = self.guard.until();
         self.facts
             .publish(&self.store, &self.fence, &self.metrics, guard_until)
@@ -253,6 +268,11 @@ impl Hibernator {
         for id in due {
             if stop.is_cancelled() {
                 return;
+            }
+            if self.unrecorded.contains_key(&id) {
+                // Its last hibernation is not recorded yet: a new claim could
+                // be ended by that record.
+                continue;
             }
             let span = tracing::info_span!("hibernate", session_id = %id);
             self.hibernate_one(&id).instrument(span).await;
@@ -549,10 +569,18 @@ impl Hibernator {
             }
             Ok(FinishOutcome::Finished) => {}
             Err(e) => {
-                // Nor is the event queued: it would have gone with the record.
-                // The patch landed; the mirror records the state when it sees it.
+                // Nor is the event queued: it goes with the record. The patch
+                // landed: record it again once Redis answers.
                 self.metrics.store_error(Task::Hibernate);
-                tracing::warn!(error = %e, "recording a finished hibernation failed; the mirror follows");
+                tracing::warn!(error = %e, "recording a finished hibernation failed; recorded again once Redis answers");
+                self.unrecorded.insert(
+                    id.clone(),
+                    Unrecorded {
+                        uid: uid.map(str::to_owned),
+                        generation,
+                        event: event.clone(),
+                    },
+                );
             }
         }
         self.events.record(
@@ -565,6 +593,45 @@ impl Hibernator {
         tracing::info!("Session hibernated");
         if event.is_some() {
             self.announcer.nudge();
+        }
+    }
+
+    /// Records the hibernations whose record failed, now that Redis answers.
+    async fn record_again(&mut self) {
+        let ids: Vec<SessionId> = self.unrecorded.keys().cloned().collect();
+        for id in ids {
+            let Some(u) = self.unrecorded.get(&id) else {
+                continue;
+            };
+            let recorded = self
+                .store
+                .finish_hibernation_announcing(
+                    &id,
+                    self.fence.term(),
+                    u.uid.as_deref(),
+                    u.generation,
+                    u.event.as_ref(),
+                )
+                .await;
+            match recorded {
+                Ok(outcome) => {
+                    tracing::info!(session_id = %id, ?outcome, "a hibernation recorded late");
+                    let announced = u.event.is_some();
+                    self.unrecorded.remove(&id);
+                    if outcome == FinishOutcome::Fenced {
+                        self.fence.fenced("finish_hibernation");
+                        return;
+                    }
+                    if announced {
+                        self.announcer.nudge();
+                    }
+                }
+                Err(e) => {
+                    self.metrics.store_error(Task::Hibernate);
+                    tracing::warn!(session_id = %id, error = %e, "recording a finished hibernation failed again");
+                    return;
+                }
+            }
         }
     }
 

@@ -15,7 +15,13 @@
 --          running period (max duration). A wake recorded while
 --          the patch was in flight stays pending, so it is not lost; a live
 --          connection found now records one. The event, if any, is queued
---          whatever the outcome but fenced: the patch landed.
+--          with the state whoever's claim it was (the patch landed), but not
+--          when fenced or stale: the store knows a newer state of the
+--          Session, whose own event may be queued already, and a hibernate
+--          event after it would tell consumers the wrong end state. The
+--          reaper calls this again with the same event when Redis failed to
+--          answer; a call that ran but whose answer was lost queues the event
+--          twice under one id, which NATS keeps once.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
@@ -23,9 +29,6 @@ local term, uid, gen = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local now = now_ms()
 if fenced(term) then return 'fenced' end
 local m = load_meta(S)
-if (ARGV[7] or '') ~= '' then
-  emit_event(S, m, ARGV[7], 'hibernate', ARGV[8], ARGV[9], now, false)
-end
 if m.res ~= '1' or m.ks == 'terminated' or (m.uid and uid ~= '' and m.uid ~= uid) then
   return 'stale'
 end
@@ -49,6 +52,9 @@ if not gen or not m.gen or gen >= tonumber(m.gen) then
   set_meta(S, m, 'lp', nil)
   set_meta(S, m, 'lx', nil)
   if gen then set_meta(S, m, 'gen', ms(gen)) end
+  if (ARGV[7] or '') ~= '' then
+    emit_event(S, m, ARGV[7], 'hibernate', ARGV[8], ARGV[9], now, false)
+  end
   wake_if_in_use(S, m, now, window)
 else
   outcome = 'stale'

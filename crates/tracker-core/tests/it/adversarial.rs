@@ -37,6 +37,7 @@ crate::both!(
     a_patch_and_its_event_are_recorded_together,
     a_late_landing_after_a_wake_ended_the_claim_still_wakes,
     a_dead_connection_not_yet_swept_wakes_a_resource_created_before_it,
+    a_late_finish_announces_unless_the_session_moved_on,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -625,6 +626,44 @@ async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
     assert_eq!(acked, Written::Done);
     assert_eq!(store.events_backlog().await.unwrap(), 2);
     assert_eq!(state(&store, &s).await, SessionState::Running);
+}
+
+/// Finding: the record of a landed hibernation failed (Redis cut) and the
+/// watch recorded the state first; its event was lost with the record. The
+/// reaper records it again, which must still queue the event, once per call
+/// (NATS keeps one per id). But once the store knows a newer generation (the
+/// Session was woken since), a late hibernate event would follow the wake's
+/// and tell consumers the wrong end state: nothing is queued.
+async fn a_late_finish_announces_unless_the_session_moved_on(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(3));
+    assert!(matches!(
+        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    // The patch landed (generation 2); the watch records it before the finish.
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
+    let event = Announcement::new("kubernetes", "idle_timeout");
+    let late = store
+        .finish_hibernation_announcing(&s, T1, Some("u1"), Some(2), Some(&event))
+        .await
+        .unwrap();
+    assert_eq!(late, FinishOutcome::NotClaimed);
+    assert_eq!(store.events_backlog().await.unwrap(), 1);
+
+    // Woken since (generation 3): a finish of generation 2 queues nothing.
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 3).await;
+    let superseded = Announcement::new("kubernetes", "idle_timeout");
+    let stale = store
+        .finish_hibernation_announcing(&s, T1, Some("u1"), Some(2), Some(&superseded))
+        .await
+        .unwrap();
+    assert_eq!(stale, FinishOutcome::Stale);
+    assert_eq!(store.events_backlog().await.unwrap(), 1);
+    // Running, no connection: idle, not hibernated.
+    assert_eq!(state(&store, &s).await, SessionState::Idle);
 }
 
 /// Finding (model.rs): a connection arrived while the hibernation patch was

@@ -6,15 +6,20 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use fake_kube::{ApplyAt, Fault, FaultRule, Operation, Target};
 use sqlx::PgPool;
 use tracker_core::testing::Backend;
 use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
 use tracker_e2e::nats_server::NatsServer;
+use tracker_e2e::proxy::Proxy;
 use tracker_reaper::config::Secret;
 use tracker_reaper::nats::{Payload, STREAM};
 use tracker_reaper::{Config, Platform};
 
-use crate::helpers::{eventually, kube_state, metric, session_json, sid, Env, Reaper, NS};
+use crate::helpers::{
+    eventually, kube_state, metric, patched_states, session_json, sid, wait_kube_state, Env,
+    Reaper, NS,
+};
 
 /// One event as the stream holds it.
 #[derive(Debug, Clone)]
@@ -370,7 +375,15 @@ async fn a_nats_outage_loses_and_doubles_nothing(pool: PgPool) {
         (env.store.events_backlog().await.unwrap() == 0).then_some(())
     })
     .await;
-    assert_states(&env, &names[..3], SessionState::Running).await;
+    for name in &names[..3] {
+        // Woken: running, with its user's connection (Running) or, on a
+        // machine too busy to keep a 1 s heartbeat window, without (Idle).
+        let woken = state(&env, name).await;
+        assert!(
+            matches!(woken, Some(SessionState::Running | SessionState::Idle)),
+            "{name}: {woken:?}"
+        );
+    }
     assert_states(&env, &names[3..], SessionState::Hibernated).await;
 
     let events = stream_events(&nats.url()).await;
@@ -454,6 +467,70 @@ async fn on_kubernetes_events_follow_the_patches_without_holding_them_up(pool: P
     .await;
     assert_eq!(events[1].subject, "streamspace.session.wake.kubernetes");
     assert_eq!(events[1].payload.reason, "connection");
+    reaper.stop().await;
+    nats.stop().await.unwrap();
+}
+
+/// The hibernation patch lands, then Redis is cut before the reaper records
+/// it: the watch records the state once Redis is back, but the hibernate
+/// event went with the failed record. The reaper records it again once
+/// Redis answers, so the event is published, once.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_hibernation_recorded_after_a_redis_cut_is_still_announced(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let fake = fake_kube::FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("k1", "running", Some("1s"), false))
+        .unwrap();
+    let mut nats = NatsServer::start(&nats_dir("kube-cut")).await.unwrap();
+    let redis: std::net::SocketAddr = env.store_cfg.urls[0]
+        .trim_start_matches("redis://")
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(redis).await.unwrap();
+    let mut cfg = env.kube_config();
+    cfg.redis.redis_url = format!("redis://{}", proxy.addr());
+    cfg.nats_url = Some(Secret::new(nats.url()));
+    cfg.nats_timeout = Duration::from_secs(1);
+    // Applied at once, answered a second later: time to cut Redis between.
+    fake.add_fault(FaultRule::next(
+        1,
+        Target::sessions(&[Operation::Patch]).named("k1"),
+        Fault::Slow {
+            delay: Duration::from_secs(1),
+            apply: ApplyAt::BeforeDelay,
+        },
+    ))
+    .unwrap();
+    let mut reaper = Reaper::start(cfg, env.kube_overrides(&fake)).await;
+    reaper.wait_leader(Duration::from_secs(10)).await;
+    wait_kube_state(&fake, "k1", "hibernated", Duration::from_secs(15)).await;
+    proxy.set_enabled(false);
+    eventually(
+        Duration::from_secs(10),
+        "the patch answered, its record failed",
+        || async {
+            let (_, text) = reaper.get("/metrics").await;
+            (metric(
+                &text,
+                "tracker_reaper_hibernations_total{result=\"hibernated\"}",
+            ) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    proxy.set_enabled(true);
+    let events = eventually(Duration::from_secs(20), "the hibernate event", || async {
+        let events = stream_events(&nats.url()).await;
+        (!events.is_empty() && env.store.events_backlog().await.ok() == Some(0)).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        events[0].subject,
+        "streamspace.session.hibernate.kubernetes"
+    );
+    assert_eq!(patched_states(&fake, "k1"), ["hibernated"]);
+    assert_eq!(state(&env, "k1").await, Some(SessionState::Hibernated));
     reaper.stop().await;
     nats.stop().await.unwrap();
 }
