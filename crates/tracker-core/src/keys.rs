@@ -114,9 +114,23 @@ impl KeySpace {
         ShardId(bucket(id.as_uuid().as_bytes(), self.shards))
     }
 
-    /// The index entry of a connection id: which session and user own it.
+    /// The index entry of a connection id of its own: which session and user
+    /// took it, while the id is claimed but not yet registered, and for the
+    /// retention after its connection ended (with an expiry, which a field
+    /// of a hash cannot have on Redis 7.0). Entries written before the
+    /// buckets existed are found here too.
     pub fn id_key(&self, id: ConnectionId) -> String {
         format!("{}:{{i{}}}:id:{id}", self.prefix, self.id_shard_of(id).0)
+    }
+
+    /// The bucket holding the index entries of registered connections, a
+    /// field each: one small hash per [`ID_BUCKETS`]th of an id shard costs
+    /// a fraction of a key per connection.
+    pub fn id_bucket_key(&self, id: ConnectionId) -> String {
+        let h = fnv1a(id.as_uuid().as_bytes());
+        // The shard takes h modulo the shard count; the bucket, the bits above.
+        let sub = (h / u64::from(self.shards)) % ID_BUCKETS;
+        format!("{}:{{i{}}}:ids:{sub}", self.prefix, self.id_shard_of(id).0)
     }
 
     /// The shard of a user's connection slots.
@@ -213,15 +227,27 @@ impl ShardKey {
     }
 }
 
+/// Buckets of registered connection ids per id shard. Redis keeps a hash
+/// of up to `hash-max-listpack-entries` (128 by default) fields as one
+/// compact list, so with the default 32 shards the buckets stay compact up
+/// to about 500,000 live connections; past that, raise that setting (see
+/// docs/operations.md) or a bucket becomes a hash table, still smaller than
+/// a key per id. Part of the data layout, like the shard count.
+pub const ID_BUCKETS: u64 = 128;
+
 /// FNV-1a: tiny, stable across versions and platforms, and spreads short ids
 /// well. Stability matters more than speed: the shard of a session is data.
-fn bucket(bytes: &[u8], buckets: u16) -> u16 {
+fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h % u64::from(buckets)) as u16
+    h
+}
+
+fn bucket(bytes: &[u8], buckets: u16) -> u16 {
+    (fnv1a(bytes) % u64::from(buckets)) as u16
 }
 
 #[cfg(test)]
@@ -278,6 +304,26 @@ mod tests {
             counts.iter().all(|&c| (750..=1250).contains(&c)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn an_ids_bucket_shares_its_entrys_slot_and_ids_spread_over_buckets() {
+        let ks = KeySpace::new("trk", 32).expect("keyspace");
+        let mut per_bucket = std::collections::HashMap::new();
+        for i in 0..200_000u128 {
+            // Fixed ids (a multiplicative spread of i): the same every run.
+            let id = ConnectionId::from(uuid::Uuid::from_u128(
+                i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+            ));
+            let (entry, bucket) = (ks.id_key(id), ks.id_bucket_key(id));
+            let tag = |k: &str| k[k.find('{').expect("tag")..=k.find('}').expect("tag")].to_owned();
+            assert_eq!(tag(&entry), tag(&bucket), "one slot: {entry} {bucket}");
+            *per_bucket.entry(bucket).or_insert(0u32) += 1;
+        }
+        // 32 shards x 128 buckets, about 49 ids each: every bucket is used,
+        // none holds twice its share.
+        assert_eq!(per_bucket.len(), 32 * ID_BUCKETS as usize);
+        assert!(per_bucket.values().all(|&n| n <= 98), "{per_bucket:?}");
     }
 
     #[test]

@@ -54,7 +54,7 @@ scripts! {
     plain: [
         heartbeat_batch, sweep_candidates, due_sessions, pending_wakes,
         stats, known_sessions, outbox_read, outbox_ack, outbox_len, epoch, epoch_due,
-        term_next, term_begin, claim_id, mark_id, retire_ids, reserve_user,
+        term_next, term_begin, claim_id, mark_id, retire_ids, id_entry, reserve_user,
         release_user, lock_acquire, lock_release,
     ]
 }

@@ -1,7 +1,10 @@
 -- claim_id.lua: take a connection id for one connection, for ever.
 --
--- KEYS[1]  the id's index entry
--- ARGV     clock offset ms (unused), session id, user id, ttl ms of a claim no registration follows
+-- KEYS[1]  the id's bucket (registered connections' entries, a field each)
+-- KEYS[2]  the id's own entry (a claim not yet registered, an ended
+--          connection's id while retained, or an entry of an older version)
+-- ARGV     clock offset ms (unused), session id, user id, ttl ms of a claim
+--          no registration follows, the connection id
 -- Returns  'new' when taken now; 'claimed' when this session and user took it
 --          before without a registration being recorded (a retry after a
 --          failure); 'registered' when this session and user registered it
@@ -11,9 +14,10 @@
 --          also tells GET /v1/connections/{id} which shard to ask.
 
 local sid, uid = ARGV[2], ARGV[3]
-local v = redis.call('GET', KEYS[1])
+local v = redis.call('HGET', KEYS[1], ARGV[5]) or redis.call('GET', KEYS[2])
 if not v then
-  redis.call('SET', KEYS[1], 'c|' .. sid .. '|' .. uid, 'PX', ARGV[4])
+  -- Its own key, with an expiry: a claim no registration follows goes away.
+  redis.call('SET', KEYS[2], 'c|' .. sid .. '|' .. uid, 'PX', ARGV[4])
   return 'new'
 end
 if v == 'c|' .. sid .. '|' .. uid then return 'claimed' end

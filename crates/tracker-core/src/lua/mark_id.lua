@@ -1,14 +1,21 @@
 -- mark_id.lua: record that a claimed connection id was registered.
 --
--- KEYS[1]  the id's index entry
--- ARGV     clock offset ms (unused), session id, user id
--- Returns  1 if marked, 0 if the entry is gone or names another owner.
--- Atomic   the owner check with the change. The entry of a registered
---          connection does not expire while the connection lives (retire_ids
---          starts its expiry when the connection ends), so a long-lived
---          connection stays findable by id.
+-- KEYS[1]  the id's bucket
+-- KEYS[2]  the id's own entry (the claim)
+-- ARGV     clock offset ms (unused), session id, user id, the connection id
+-- Returns  1 if marked (or marked before), 0 if the claim is gone or names
+--          another owner.
+-- Atomic   the owner check with the move: the claim's key goes and the
+--          registered entry becomes a field of the bucket, where it costs a
+--          fraction of a key and has no expiry while the connection lives
+--          (retire_ids moves it back to a key of its own, with an expiry,
+--          when the connection ends), so a long-lived connection stays
+--          findable by id.
 
-local claimed = 'c|' .. ARGV[2] .. '|' .. ARGV[3]
-if redis.call('GET', KEYS[1]) ~= claimed then return 0 end
-redis.call('SET', KEYS[1], 'r|' .. ARGV[2] .. '|' .. ARGV[3])
+local id = ARGV[4]
+local registered = 'r|' .. ARGV[2] .. '|' .. ARGV[3]
+if redis.call('HGET', KEYS[1], id) == registered then return 1 end
+if redis.call('GET', KEYS[2]) ~= 'c|' .. ARGV[2] .. '|' .. ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], id, registered)
+redis.call('DEL', KEYS[2])
 return 1

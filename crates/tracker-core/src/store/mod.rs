@@ -458,13 +458,15 @@ impl Store {
 
     async fn claim_id(&self, new: &NewConnection) -> Result<IdClaim> {
         let op = &self.scripts.claim_id;
-        let key = self.keys.id_key(new.connection_id);
         let args = (
             new.session_id.as_str(),
             new.user_id.as_str(),
             millis(UNREGISTERED_ID_TTL),
+            new.connection_id.to_string(),
         );
-        let reply: String = self.eval(op, &[key], args).await?;
+        let reply: String = self
+            .eval(op, &self.id_keys(new.connection_id), args)
+            .await?;
         match reply.as_str() {
             "new" => Ok(IdClaim::New),
             "claimed" => Ok(IdClaim::Claimed),
@@ -475,10 +477,20 @@ impl Store {
     }
 
     async fn mark_id(&self, new: &NewConnection) -> Result<()> {
-        let key = self.keys.id_key(new.connection_id);
-        let args = (new.session_id.as_str(), new.user_id.as_str());
-        let _: i64 = self.eval(&self.scripts.mark_id, &[key], args).await?;
+        let args = (
+            new.session_id.as_str(),
+            new.user_id.as_str(),
+            new.connection_id.to_string(),
+        );
+        let keys = self.id_keys(new.connection_id);
+        let _: i64 = self.eval(&self.scripts.mark_id, &keys, args).await?;
         Ok(())
+    }
+
+    /// An id's index keys, as the id scripts take them: its bucket, then
+    /// its own entry.
+    fn id_keys(&self, id: ConnectionId) -> [String; 2] {
+        [self.keys.id_bucket_key(id), self.keys.id_key(id)]
     }
 
     /// Takes a slot of the user's limit; false if the user is at its limit.
@@ -739,25 +751,24 @@ impl Store {
     }
 
     async fn retire_ids(&self, ids: &[ConnectionId]) -> Result<()> {
-        let mut by_shard: HashMap<ShardId, Vec<String>> = HashMap::new();
+        let mut by_shard: HashMap<ShardId, (Vec<String>, Vec<String>)> = HashMap::new();
         for &id in ids {
-            by_shard
-                .entry(self.keys.id_shard_of(id))
-                .or_default()
-                .push(self.keys.id_key(id));
+            let (keys, ids) = by_shard.entry(self.keys.id_shard_of(id)).or_default();
+            keys.extend(self.id_keys(id));
+            ids.push(id.to_string());
         }
         let op = &self.scripts.retire_ids;
         let ttl = millis(self.ended_id_retention);
         let calls = by_shard
             .into_values()
-            .map(|keys| async move { self.eval::<i64, _>(op, &keys, ttl).await });
+            .map(|(keys, ids)| async move { self.eval::<i64, _>(op, &keys, (ttl, ids)).await });
         try_join_all(calls).await.map(drop)
     }
 
     /// One live connection by id: the id's index entry names its session.
     pub async fn get_connection(&self, id: ConnectionId) -> Result<Option<ConnectionView>> {
         let entry: Option<String> = self
-            .query(redis::cmd("GET").arg(self.keys.id_key(id)))
+            .eval(&self.scripts.id_entry, &self.id_keys(id), id.to_string())
             .await?;
         let Some(session) = entry.as_deref().and_then(id_entry_session) else {
             return Ok(None);

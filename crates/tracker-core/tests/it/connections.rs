@@ -5,7 +5,7 @@ use std::time::Duration;
 use tracker_core::testing::Backend;
 use tracker_core::{
     ConnectionId, EndReason, IdleTimeout, Limits, Protocol, RegisterOutcome, ResourceState,
-    SessionState, ShardKey, Signal, UserAgent,
+    SessionState, ShardKey, Signal, StoreConfig, UserAgent,
 };
 
 use crate::support::*;
@@ -23,6 +23,8 @@ crate::both!(
     a_refused_registration_gives_its_user_slot_back,
     a_connection_id_cannot_be_taken_by_another_session,
     user_agents_are_shared_but_never_mixed_up,
+    a_live_ids_entry_is_a_bucket_field_and_an_ended_ids_a_key_that_expires,
+    id_entries_written_before_the_buckets_are_still_honoured,
 );
 
 async fn a_connection_lives_from_register_to_close(backend: Backend) {
@@ -446,4 +448,90 @@ async fn concurrent_single_heartbeats_each_get_their_own_answer(backend: Backend
         let (pair, ack) = call.unwrap();
         assert_eq!(ack.is_some(), live.contains(&pair), "{pair:?}");
     }
+}
+
+/// The id index keeps a registered connection's entry as a field of a
+/// bucket (a fraction of a key) and an ended one's as a key of its own with
+/// the retention as expiry; either way the id stays refused to anyone else.
+async fn a_live_ids_entry_is_a_bucket_field_and_an_ended_ids_a_key_that_expires(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let sessions = same_shard_sessions(&store, 2);
+    let c = conn(&sessions[0], "alice", Protocol::Vnc);
+    let id = c.connection_id;
+    let (bucket, own) = (store.keys().id_bucket_key(id), store.keys().id_key(id));
+    let field = || redis::cmd("HGET").arg(&bucket).arg(id.to_string()).clone();
+    created(store.register(&c, Limits::default()).await.unwrap());
+    let entry = format!("r|{}|alice", sessions[0]);
+    assert_eq!(
+        raw::<Option<String>>(backend, &field()).await,
+        Some(entry.clone())
+    );
+    assert_eq!(raw::<i64>(backend, redis::cmd("EXISTS").arg(&own)).await, 0);
+    assert!(store.get_connection(id).await.unwrap().is_some());
+
+    store.close(&sessions[0], id).await.unwrap();
+    let records: Vec<_> = outbox(&store).await.into_iter().map(|e| e.record).collect();
+    for _ in 0..2 {
+        // Settling twice (a retried batch) changes nothing more.
+        store.settle_archived(&records).await.unwrap();
+        assert_eq!(raw::<Option<String>>(backend, &field()).await, None);
+        let kept: Option<String> = raw(backend, redis::cmd("GET").arg(&own)).await;
+        assert_eq!(kept, Some(entry.clone()));
+        let ttl: i64 = raw(backend, redis::cmd("PTTL").arg(&own)).await;
+        let retention = i64::try_from(StoreConfig::DEFAULT_ENDED_ID_RETENTION.as_millis()).unwrap();
+        assert!(
+            ttl > 0 && ttl <= retention,
+            "expires within the retention: {ttl}"
+        );
+    }
+    assert!(store.get_connection(id).await.unwrap().is_none());
+    for (session, user) in [(&sessions[0], "alice"), (&sessions[1], "bob")] {
+        let mut again = conn(session, user, Protocol::Vnc);
+        again.connection_id = id;
+        assert_eq!(
+            store.register(&again, Limits::default()).await.unwrap(),
+            RegisterOutcome::Conflict,
+            "{session} {user}"
+        );
+    }
+}
+
+/// An entry of the layout before the buckets (a key per id) is honoured: an
+/// ended connection's id stays refused, and a claim left by a failed
+/// registration is taken over by its retry and moved into the bucket.
+async fn id_entries_written_before_the_buckets_are_still_honoured(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    let ended = conn(&s, "alice", Protocol::Vnc);
+    let own = store.keys().id_key(ended.connection_id);
+    let _: () = raw(
+        backend,
+        redis::cmd("SET").arg(&own).arg(format!("r|{s}|alice")),
+    )
+    .await;
+    assert_eq!(
+        store.register(&ended, Limits::default()).await.unwrap(),
+        RegisterOutcome::Conflict
+    );
+
+    let retried = conn(&s, "alice", Protocol::Vnc);
+    let id = retried.connection_id;
+    let claim = format!("c|{s}|alice");
+    let _: () = raw(
+        backend,
+        redis::cmd("SET").arg(store.keys().id_key(id)).arg(&claim),
+    )
+    .await;
+    created(store.register(&retried, Limits::default()).await.unwrap());
+    let field: Option<String> = raw(
+        backend,
+        redis::cmd("HGET")
+            .arg(store.keys().id_bucket_key(id))
+            .arg(id.to_string()),
+    )
+    .await;
+    assert_eq!(field, Some(format!("r|{s}|alice")));
+    let own_left: i64 = raw(backend, redis::cmd("EXISTS").arg(store.keys().id_key(id))).await;
+    assert_eq!(own_left, 0);
+    assert!(store.get_connection(id).await.unwrap().is_some());
 }

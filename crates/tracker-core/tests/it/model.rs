@@ -1155,6 +1155,7 @@ impl Case {
         keys.insert(ks.term_seq_key());
         for (id, _, _) in &self.m.used_ids {
             keys.insert(ks.id_key(*id));
+            keys.insert(ks.id_bucket_key(*id));
         }
         for u in USERS {
             keys.insert(ks.user_key(&support::uid(u)));
