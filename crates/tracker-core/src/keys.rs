@@ -133,6 +133,17 @@ impl KeySpace {
         format!("{}:{{i{}}}:ids:{sub}", self.prefix, self.id_shard_of(id).0)
     }
 
+    /// The set of the ids whose connections ended in period `index` of
+    /// `span_secs` seconds (see `EndedIds` in the store): an ended id costs a
+    /// member of a set that expires whole, not a key with an expiry of its own.
+    pub fn ended_ids_key(&self, id: ConnectionId, span_secs: u64, index: i64) -> String {
+        format!(
+            "{}:{{i{}}}:ended:{span_secs}s:{index}",
+            self.prefix,
+            self.id_shard_of(id).0
+        )
+    }
+
     /// The shard of a user's connection slots.
     pub fn user_shard_of(&self, user: &UserId) -> ShardId {
         ShardId(bucket(user.as_str().as_bytes(), self.shards))

@@ -92,7 +92,7 @@ pub struct RedisArgs {
 
     /// How long Redis keeps refusing the id of an ended connection. A reuse
     /// after that is still caught when its history row is archived (it goes
-    /// to connection_history_rejects). Costs about 100 bytes per ended
+    /// to connection_history_rejects). Costs about 130 bytes per ended
     /// connection while kept.
     #[arg(long, env = "TRACKER_CONNECTION_ID_RETENTION", default_value = "7d", value_parser = positive_duration)]
     pub connection_id_retention: Duration,

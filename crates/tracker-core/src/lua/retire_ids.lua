@@ -1,26 +1,26 @@
 -- retire_ids.lua: the connections of these ids ended; their ids stay taken a while.
 --
--- KEYS     per id, its bucket then its own entry (all of one id shard)
--- ARGV     clock offset ms (unused), how long an ended connection's id stays
---          refused (ms), then the ids, in KEYS order
--- Returns  the number of ids whose expiry was set.
--- Atomic   each id's move from its bucket to an entry of its own that
---          expires. Idempotent, so a retried or doubled call is harmless:
---          an id already moved (or registered by an older version, with an
---          entry of its own) only has its expiry set. Until this runs, the
---          id stays refused.
+-- KEYS     per id, its bucket then its own entry (all of one id shard); last,
+--          the set of the ids ended in this period
+-- ARGV     clock offset ms (unused), when that set may expire (unix ms: the
+--          period's end plus the id retention), then the ids in KEYS order,
+--          then their 16 bytes in the same order
+-- Returns  the number of ids moved into the set.
+-- Atomic   each id's move from its entry (in its bucket, or its own key: a
+--          claim whose registration was never marked, or an entry of an
+--          older version) into the set: it is refused all along. Idempotent,
+--          so a retried or doubled call is harmless: an id already moved is
+--          found nowhere and left where it is.
 
-local ttl = ARGV[2]
+local ended = KEYS[#KEYS]
+local count = (#KEYS - 1) / 2
 local n = 0
-for i = 1, #KEYS, 2 do
-  local id = ARGV[2 + (i + 1) / 2]
-  local v = redis.call('HGET', KEYS[i], id)
-  if v then
-    redis.call('SET', KEYS[i + 1], v, 'PX', ttl)
-    redis.call('HDEL', KEYS[i], id)
+for k = 1, count do
+  local bucket, own, id = KEYS[2 * k - 1], KEYS[2 * k], ARGV[2 + k]
+  if redis.call('HDEL', bucket, id) + redis.call('DEL', own) > 0 then
+    redis.call('SADD', ended, ARGV[2 + count + k])
     n = n + 1
-  else
-    n = n + redis.call('PEXPIRE', KEYS[i + 1], ttl)
   end
 end
+if n > 0 then redis.call('PEXPIREAT', ended, ARGV[2]) end
 return n

@@ -11,6 +11,7 @@
 //! - `reply`: turning script replies into those values.
 
 mod coalesce;
+mod ended;
 mod reply;
 mod signals;
 mod tickets;
@@ -195,7 +196,7 @@ pub struct Store {
     scripts: std::sync::Arc<Scripts>,
     window: Duration,
     timeout: Duration,
-    ended_id_retention: Duration,
+    ended_ids: ended::EndedIds,
     warn_before: Duration,
     clock: ClockOffset,
     heartbeats: std::sync::Arc<coalesce::Coalescer>,
@@ -285,7 +286,7 @@ impl Store {
             scripts: std::sync::Arc::new(Scripts::load()),
             window: cfg.heartbeat_window,
             timeout: cfg.command_timeout,
-            ended_id_retention: cfg.ended_id_retention,
+            ended_ids: ended::EndedIds::new(cfg.ended_id_retention),
             warn_before: cfg.warn_before,
             clock: ClockOffset::default(),
         })
@@ -458,15 +459,22 @@ impl Store {
 
     async fn claim_id(&self, new: &NewConnection) -> Result<IdClaim> {
         let op = &self.scripts.claim_id;
+        let id = new.connection_id;
+        let mut keys = self.id_keys(id).to_vec();
+        let span = self.ended_ids.span_secs();
+        keys.extend(
+            self.ended_ids
+                .periods_to_check(self.now_ms())
+                .map(|period| self.keys.ended_ids_key(id, span, period)),
+        );
         let args = (
             new.session_id.as_str(),
             new.user_id.as_str(),
             millis(UNREGISTERED_ID_TTL),
-            new.connection_id.to_string(),
+            id.to_string(),
+            id.as_uuid().as_bytes().to_vec(),
         );
-        let reply: String = self
-            .eval(op, &self.id_keys(new.connection_id), args)
-            .await?;
+        let reply: String = self.eval(op, &keys, args).await?;
         match reply.as_str() {
             "new" => Ok(IdClaim::New),
             "claimed" => Ok(IdClaim::Claimed),
@@ -751,18 +759,36 @@ impl Store {
     }
 
     async fn retire_ids(&self, ids: &[ConnectionId]) -> Result<()> {
-        let mut by_shard: HashMap<ShardId, (Vec<String>, Vec<String>)> = HashMap::new();
+        let mut by_shard: HashMap<ShardId, Vec<ConnectionId>> = HashMap::new();
         for &id in ids {
-            let (keys, ids) = by_shard.entry(self.keys.id_shard_of(id)).or_default();
-            keys.extend(self.id_keys(id));
-            ids.push(id.to_string());
+            by_shard
+                .entry(self.keys.id_shard_of(id))
+                .or_default()
+                .push(id);
         }
         let op = &self.scripts.retire_ids;
-        let ttl = millis(self.ended_id_retention);
-        let calls = by_shard
-            .into_values()
-            .map(|(keys, ids)| async move { self.eval::<i64, _>(op, &keys, (ttl, ids)).await });
+        let period = self.ended_ids.period(self.now_ms());
+        let expires_at = self.ended_ids.expires_at(period);
+        let span = self.ended_ids.span_secs();
+        let calls = by_shard.into_values().map(|ids| async move {
+            let mut keys: Vec<String> = ids.iter().flat_map(|&id| self.id_keys(id)).collect();
+            keys.push(self.keys.ended_ids_key(ids[0], span, period));
+            let texts: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            let bytes: Vec<Vec<u8>> = ids
+                .iter()
+                .map(|id| id.as_uuid().as_bytes().to_vec())
+                .collect();
+            self.eval::<i64, _>(op, &keys, (expires_at, texts, bytes))
+                .await
+        });
         try_join_all(calls).await.map(drop)
+    }
+
+    /// Now in unix ms as the scripts see it (the clock offset included),
+    /// give or take the clock difference with the Redis server, which the
+    /// ended ids' periods allow for.
+    fn now_ms(&self) -> i64 {
+        Utc::now().timestamp_millis() + self.clock.millis()
     }
 
     /// One live connection by id: the id's index entry names its session.
