@@ -61,6 +61,7 @@ async fn main() -> Result<()> {
 
     let store = server.store(60).await?;
     let single = single_heartbeats(&store, settings.duration, &server).await?;
+    let raw = raw_zadds(&store, &single.conns, settings.duration, &server).await?;
     println!(
         "store heartbeat, 50 tasks:            {:>12.0} ops/s   p50 {:.2} ms  p99 {:.2} ms   ({:.2}x zadd)",
         single.rate.rate,
@@ -74,6 +75,12 @@ async fn main() -> Result<()> {
         single.usec_per_heartbeat / zadd_usec,
         single.usec_per_heartbeat / single.inner_zadd_usec,
         single.per_call
+    );
+    println!(
+        "raw ZADD on the same connection sets, 50 tasks: {:>8.0} ops/s   redis time {:.2} us/ZADD   (heartbeat: {:.2}x its redis time)",
+        raw.0,
+        raw.1,
+        single.usec_per_heartbeat / raw.1
     );
     let batched = batch_heartbeats(&store, settings.duration, &server).await?;
     println!(
@@ -103,7 +110,12 @@ async fn main() -> Result<()> {
             "redis memory per live connection ({per_session}/session, {} conns): {bytes:.0} bytes",
             settings.memory_connections
         );
+        if per_session == 1 {
+            memory_by_family(&server, settings.memory_connections).await?;
+        }
     }
+    let ended = memory_per_ended_id(&server, settings.memory_connections).await?;
+    println!("redis memory per ended connection's id, kept for the id retention: {ended:.0} bytes");
 
     let small = sweep_cost(&server, 10_000, 0).await?;
     let big = sweep_cost(&server, 10_000, settings.sweep_big).await?;
@@ -163,6 +175,7 @@ async fn register_many(
 }
 
 struct Single {
+    conns: Vec<(SessionId, ConnectionId)>,
     rate: Rate,
     usec_per_heartbeat: f64,
     /// The ZADD each heartbeat runs inside its script: the same command
@@ -204,11 +217,61 @@ async fn single_heartbeats(
     let heartbeats = lat.len() as f64;
     let calls = server.cmdstat("evalsha")?;
     Ok(Single {
+        conns,
         rate: summarize(lat, 1, duration),
         usec_per_heartbeat: calls.usec / heartbeats,
         inner_zadd_usec: server.cmdstat("zadd")?.usec_per_call(),
         per_call: heartbeats / calls.calls.max(1.0),
     })
+}
+
+/// Plain `ZADD`s shaped like the single heartbeats: 50 tasks over one
+/// multiplexed connection, each setting the score of one of the same
+/// connections in its session's connection set. The same command on the same
+/// keys under the same concurrency, without the script, the clock and the
+/// liveness check: the "raw ZADD" a heartbeat's Redis time is compared with,
+/// next to `redis-benchmark`'s, which hits one hot key. Answers ops/s and the
+/// server time per ZADD.
+async fn raw_zadds(
+    store: &Store,
+    conns: &[(SessionId, ConnectionId)],
+    duration: Duration,
+    server: &RedisServer,
+) -> Result<(f64, f64)> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port))?;
+    let conn = client.get_multiplexed_async_connection().await?;
+    let targets: Vec<(String, String)> = conns
+        .iter()
+        .map(|(s, c)| (store.keys().session_conns_key(s), c.to_string()))
+        .collect();
+    server.cli(&["config", "resetstat"])?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let tasks = (0..50).map(|t| {
+        let mut conn = conn.clone();
+        let targets = targets.clone();
+        tokio::spawn(async move {
+            let (mut k, mut done) = (t, 0u64);
+            while Instant::now() < deadline {
+                let (key, member) = &targets[k % targets.len()];
+                let _: i64 = redis::cmd("ZADD")
+                    .arg(key)
+                    .arg(1_000_000_000_000_i64 + k as i64)
+                    .arg(member)
+                    .query_async(&mut conn)
+                    .await?;
+                k += 50;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        })
+    });
+    let mut done = 0;
+    for t in join_all(tasks).await {
+        done += t??;
+    }
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    Ok((rate, server.cmdstat("zadd")?.usec_per_call()))
 }
 
 /// Mean time of a register, a heartbeat and a session view on one session
@@ -321,6 +384,121 @@ async fn memory_per_connection(server: &RedisServer, n: usize, per_session: usiz
     let before = server.used_memory()?;
     register_many(&store, n, per_session, "mem").await?;
     let after = server.used_memory()?;
+    Ok((after - before) as f64 / n as f64)
+}
+
+/// Where the memory of `n` connections (one a session, just registered by
+/// [`memory_per_connection`]) sits, by kind of key: `MEMORY USAGE` of every
+/// key, summed per key name with ids and numbers taken out. What the sum
+/// misses is the key space's own bookkeeping (its hash table entries).
+async fn memory_by_family(server: &RedisServer, n: usize) -> Result<()> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut families: std::collections::BTreeMap<String, (usize, i64)> = Default::default();
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(0);
+        }
+        let sizes: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
+        for (key, size) in chunk.iter().zip(sizes) {
+            let entry = families.entry(key_family(key)).or_default();
+            entry.0 += 1;
+            entry.1 += size.unwrap_or(0);
+        }
+    }
+    let mut total = 0;
+    for (family, (count, bytes)) in families.iter().filter(|(_, (_, b))| *b > 0) {
+        total += bytes;
+        println!(
+            "  {family:<28} {count:>7} keys  {:>6.1} bytes a connection",
+            *bytes as f64 / n as f64
+        );
+    }
+    println!(
+        "  (sum {:.1} bytes a connection; the rest is the key space's own tables)",
+        total as f64 / n as f64
+    );
+    Ok(())
+}
+
+/// A key's name with shard numbers, session names, ids and bucket numbers
+/// replaced by what they stand for.
+fn key_family(key: &str) -> String {
+    key.split(':')
+        .enumerate()
+        .map(|(i, part)| {
+            if part.starts_with('{') {
+                let inner = part.trim_matches(|c| c == '{' || c == '}');
+                let kind = inner.trim_end_matches(|c: char| c.is_ascii_digit());
+                format!("{{{kind}n}}")
+            } else if i > 2 && (part.contains('-') || part.chars().all(|c| c.is_ascii_digit())) {
+                "*".to_owned()
+            } else {
+                part.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// `used_memory` growth per ended connection once archived: what its id's
+/// entry costs for `TRACKER_CONNECTION_ID_RETENTION` (its session's metadata,
+/// which expires within the hour, is forgotten first).
+async fn memory_per_ended_id(server: &RedisServer, n: usize) -> Result<f64> {
+    server.flush()?;
+    let store = server.store(60).await?;
+    let before = server.used_memory()?;
+    let conns = register_many(&store, n, 1, "ended").await?;
+    for chunk in conns.chunks(64) {
+        for r in join_all(chunk.iter().map(|(s, c)| store.close(s, *c))).await {
+            r?;
+        }
+    }
+    for shard in store.keys().shards() {
+        loop {
+            let entries = store.outbox_read(shard, 1000).await?;
+            if entries.is_empty() {
+                break;
+            }
+            let records: Vec<_> = entries.iter().map(|e| e.record.clone()).collect();
+            store.settle_archived(&records).await?;
+            let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
+            store.outbox_ack(shard, &ids).await?;
+        }
+    }
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    for chunk in conns.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for (session, _) in chunk {
+            pipe.cmd("DEL")
+                .arg(&store.keys().session_keys(session))
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await?;
+    }
+    let after = server.used_memory()?;
+    memory_by_family(server, n).await?;
     Ok((after - before) as f64 / n as f64)
 }
 
