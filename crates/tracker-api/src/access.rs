@@ -7,7 +7,9 @@
 //! Session resource), and only as itself. The checks on [`Principal`] are
 //! pure functions, unit-tested without a server; [`authorize`],
 //! [`authorize_connection`] and [`authorize_history`] add the one store
-//! lookup a plain user costs.
+//! lookup a plain user costs. The hot path, a user's HTTP heartbeat, costs
+//! none: [`Principal::owner_required`] hands the rule to the heartbeat's own
+//! script call.
 
 use tracker_core::{ConnectionView, SessionId, SessionView, UserId};
 
@@ -90,14 +92,21 @@ impl Principal {
     /// of it. A plain user cannot own a session whose owner is unknown, so an
     /// unknown session is a 404 for it, while another user's is a 403.
     pub fn check_session(&self, view: Option<&SessionView>) -> Result<(), ApiError> {
+        let Some(me) = self.owner_required()? else {
+            return Ok(());
+        };
+        check_owner(me, view.and_then(|v| v.owner.as_deref()))
+    }
+
+    /// The user who must own a session for this caller to act on it; `None`
+    /// when any session will do (services, admins). A store script can then
+    /// check the owner in the call that acts, as [`Self::check_session`]
+    /// would, instead of a session view before it.
+    pub fn owner_required(&self) -> Result<Option<&UserId>, ApiError> {
         match self.role {
-            Role::Admin | Role::Service => Ok(()),
+            Role::Admin | Role::Service => Ok(None),
             Role::Unrecognized => Err(ApiError::Forbidden("the token carries no known role")),
-            Role::User => match view.and_then(|v| v.owner.as_deref()) {
-                None => Err(ApiError::SessionNotFound),
-                Some(owner) if owner == self.subject.as_str() => Ok(()),
-                Some(_) => Err(ApiError::Forbidden("the session belongs to another user")),
-            },
+            Role::User => Ok(Some(&self.subject)),
         }
     }
 
@@ -136,6 +145,20 @@ pub async fn authorize(
     let view = state.store.session(session).await?;
     principal.check_session(view.as_ref())
 }
+
+/// The rule of [`Principal::check_session`] for a plain user `me`, given the
+/// session's owner. A plain user cannot own a session whose owner is
+/// unknown, so an unknown owner is a 404, another user's a 403.
+pub fn check_owner(me: &UserId, owner: Option<&str>) -> Result<(), ApiError> {
+    match owner {
+        None => Err(ApiError::SessionNotFound),
+        Some(owner) if owner == me.as_str() => Ok(()),
+        Some(_) => Err(ApiError::Forbidden(OTHER_OWNER)),
+    }
+}
+
+/// What a plain user hears of another user's session.
+pub const OTHER_OWNER: &str = "the session belongs to another user";
 
 /// Whether `principal` may read `session`'s history, and whose: `None` for
 /// all of it (services and admins), or the `metadata.uid` of the Session

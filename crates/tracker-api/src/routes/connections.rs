@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use tracker_core::domain::rfc3339_ms;
 use tracker_core::{
-    ConnectionId, ConnectionView, NewConnection, Protocol, RegisterOutcome, Registered,
-    SessionView, UserAgent, UserId,
+    ConnectionId, ConnectionView, HeartbeatOutcome, NewConnection, Protocol, RegisterOutcome,
+    Registered, SessionView, UserAgent, UserId,
 };
 use utoipa::ToSchema;
 
-use crate::access::{authorize, authorize_connection, Principal};
+use crate::access::{authorize, authorize_connection, Principal, OTHER_OWNER};
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody, LimitKind};
 use crate::extract::{ApiJson, ConnectionIdPath, ConnectionPath, SessionPath};
@@ -242,19 +242,26 @@ pub async fn heartbeat(
     let span =
         tracing::debug_span!("heartbeat", session_id = %session_id, connection_id = %connection_id);
     async move {
-        authorize(&state, &principal, &session_id).await?;
-        match state.store.heartbeat(&session_id, connection_id).await? {
-            Some(ack) => {
+        // A user's ownership is checked by the heartbeat's own script call.
+        let owner = principal.owner_required()?;
+        match state
+            .store
+            .heartbeat_as(&session_id, connection_id, owner)
+            .await?
+        {
+            HeartbeatOutcome::Alive(ack) => {
                 state.metrics.heartbeats(HeartbeatResult::Accepted, 1);
                 Ok(Json(HeartbeatResponse {
                     last_heartbeat: ack.last_heartbeat,
                     expires_at: ack.expires_at,
                 }))
             }
-            None => {
+            HeartbeatOutcome::Unknown => {
                 state.metrics.heartbeats(HeartbeatResult::Unknown, 1);
                 Err(ApiError::ConnectionNotFound)
             }
+            HeartbeatOutcome::NoOwner => Err(ApiError::SessionNotFound),
+            HeartbeatOutcome::OtherOwner => Err(ApiError::Forbidden(OTHER_OWNER)),
         }
     }
     .instrument(span)

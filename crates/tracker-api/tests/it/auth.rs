@@ -253,6 +253,13 @@ async fn users_act_on_connections_of_their_own_sessions_only() {
     let hb = format!("/v1/sessions/bobs-2/connections/{cid}/heartbeat");
     assert_eq!(app.post(&hb, &alice, json!({})).await.status(), 403);
     assert_eq!(app.post(&hb, &bob, json!({})).await.status(), 200);
+    // A session without owner is no session to a user (the heartbeat's own
+    // script call checks the owner).
+    let unowned = format!("/v1/sessions/nobodys-1/connections/{cid}/heartbeat");
+    let res = app.post(&unowned, &bob, json!({})).await;
+    assert_eq!(res.status(), 404);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "session_not_found");
     assert_eq!(
         app.get(&format!("/v1/connections/{cid}"), &alice)
             .await

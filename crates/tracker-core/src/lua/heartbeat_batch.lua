@@ -2,27 +2,49 @@
 -- (or, on a standalone Redis, of any shards): the batch endpoint's pairs, and
 -- single heartbeats that arrived together (store/coalesce.rs).
 --
--- KEYS     the connection set (c) of each pair's session, in pair order
---          (a session may appear more than once)
--- ARGV     clock offset ms, window ms, then one connection id per key
--- Returns  {now ms, i1, i2, ...}: the 1-based pair numbers that were unknown or dead.
+-- KEYS     the connection set (c) of each pair's session, in pair order (a
+--          session may appear more than once); then the metadata (m) of the
+--          session of each pair whose caller must own it, in ARGV's order
+-- ARGV     clock offset ms, window ms, one connection id per pair; then, for
+--          each pair whose caller must own its session (a user's HTTP
+--          heartbeat), its 1-based position and the user. Services, admins and
+--          WebSockets (authorized when they opened) add nothing.
+-- Returns  {now ms, r1, r2, ...}: one number per refused pair, 4 x its
+--          position + why: 1 the connection is unknown or dead, 2 the session
+--          has no owner (for a user: no such session), 3 another user owns it.
 -- Atomic   each pair's liveness check with its update: a heartbeat that lands
 --          after the window or after the sweep never brings the connection
---          back. The sweep index keeps its older score: a lower bound is all
---          the sweep needs.
+--          back; and a user's check of the owner with it, instead of a session
+--          view of its own before it. The sweep index keeps its older score: a
+--          lower bound is all the sweep needs.
 -- (Not a shard script: it needs none of common.lua.)
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 local cutoff = now - tonumber(ARGV[2])
-local unknown = { now }
-for i = 1, #KEYS do
-  local cid = ARGV[i + 2]
-  local hb = redis.call('ZSCORE', KEYS[i], cid)
-  if not hb or tonumber(hb) <= cutoff then
-    unknown[#unknown + 1] = i
-  else
-    redis.call('ZADD', KEYS[i], now, cid)
-  end
+local owned = #ARGV - 2 - #KEYS
+local n = #KEYS - owned
+local must = {}
+for j = 1, owned do
+  must[tonumber(ARGV[1 + n + 2 * j])] = { KEYS[n + j], ARGV[2 + n + 2 * j] }
 end
-return unknown
+local refused = { now }
+for i = 1, n do
+  local why = 0
+  local owner = must[i]
+  if owner then
+    local own = redis.call('HGET', owner[1], 'own')
+    if not own then why = 2 elseif own ~= owner[2] then why = 3 end
+  end
+  if why == 0 then
+    local cid = ARGV[i + 2]
+    local hb = redis.call('ZSCORE', KEYS[i], cid)
+    if not hb or tonumber(hb) <= cutoff then
+      why = 1
+    else
+      redis.call('ZADD', KEYS[i], now, cid)
+    end
+  end
+  if why > 0 then refused[#refused + 1] = 4 * i + why end
+end
+return refused

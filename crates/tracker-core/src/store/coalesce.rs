@@ -22,13 +22,37 @@ pub(crate) const MAX_IN_FLIGHT: usize = 2;
 /// Heartbeats per call at most; the rest waits for the next call.
 pub(crate) const MAX_BATCH: usize = 1000;
 
-/// One queued heartbeat: its connection set key, its connection id, and
-/// where its answer goes (the heartbeat time in ms, `None` if unknown or dead).
-#[derive(Debug)]
-pub(crate) struct Pending {
+/// One heartbeat of a script call: its connection set key, its connection
+/// id and, when the caller must own the session (a user's HTTP heartbeat),
+/// the session's metadata key and that user.
+#[derive(Debug, Clone)]
+pub(crate) struct Heartbeat {
     pub key: String,
     pub id: String,
-    pub reply: oneshot::Sender<Result<Option<i64>>>,
+    pub owner: Option<(String, String)>,
+}
+
+/// One queued heartbeat and where its answer goes.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub beat: Heartbeat,
+    pub reply: oneshot::Sender<Result<Beat>>,
+}
+
+/// What the script answered for one heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Beat {
+    /// Recorded at this time (ms).
+    Alive(i64),
+    Refused(Refusal),
+}
+
+/// Why the script refused a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Unknown,
+    NoOwner,
+    OtherOwner,
 }
 
 #[derive(Debug, Default)]
@@ -96,18 +120,21 @@ fn take(queue: &mut Vec<Pending>) -> Vec<Pending> {
 mod tests {
     use super::*;
 
-    fn pending(id: usize) -> (Pending, oneshot::Receiver<Result<Option<i64>>>) {
+    fn pending(id: usize) -> (Pending, oneshot::Receiver<Result<Beat>>) {
         let (reply, rx) = oneshot::channel();
         let p = Pending {
-            key: "k".into(),
-            id: id.to_string(),
+            beat: Heartbeat {
+                key: "k".into(),
+                id: id.to_string(),
+                owner: None,
+            },
             reply,
         };
         (p, rx)
     }
 
     fn ids(batch: &[Pending]) -> Vec<String> {
-        batch.iter().map(|p| p.id.clone()).collect()
+        batch.iter().map(|p| p.beat.id.clone()).collect()
     }
 
     #[test]
@@ -138,7 +165,7 @@ mod tests {
         }
         let batch = c.next(0).expect("queued");
         assert_eq!(batch.len(), MAX_BATCH);
-        assert_eq!(batch[0].id, "2");
+        assert_eq!(batch[0].beat.id, "2");
         let rest = c.next(0).expect("the rest");
         assert_eq!(
             ids(&rest),

@@ -33,6 +33,7 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::keys::{KeySpace, ShardId, ShardKey};
 use crate::scripts::{Op, Scripts};
+use coalesce::{Beat, Heartbeat, Refusal};
 use reply::{bad_reply, flag, parse_ms, CONN_FIELDS, VIEW_FIELDS};
 pub use signals::{Signal, SignalListener, WakeListener};
 use types::millis;
@@ -590,14 +591,35 @@ impl Store {
         session: &SessionId,
         id: ConnectionId,
     ) -> Result<Option<HeartbeatAck>> {
+        Ok(match self.heartbeat_as(session, id, None).await? {
+            HeartbeatOutcome::Alive(ack) => Some(ack),
+            _ => None,
+        })
+    }
+
+    /// [`Self::heartbeat`] of a caller that must own the session (`owner`),
+    /// checked in the same script call: a user's heartbeat costs no session
+    /// view of its own.
+    pub async fn heartbeat_as(
+        &self,
+        session: &SessionId,
+        id: ConnectionId,
+        owner: Option<&UserId>,
+    ) -> Result<HeartbeatOutcome> {
         let group = match self.backend {
             Backend::Standalone(_) => 0,
             Backend::Cluster(_) => usize::from(self.keys.shard_of(session).0),
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let pending = coalesce::Pending {
-            key: self.keys.session_conns_key(session),
-            id: id.to_string(),
+            beat: Heartbeat {
+                key: self.keys.session_conns_key(session),
+                id: id.to_string(),
+                owner: owner.map(|user| {
+                    let [_, _, meta] = self.keys.session_keys(session);
+                    (meta, user.to_string())
+                }),
+            },
             reply,
         };
         if let Some(batch) = self.heartbeats.push(group, pending) {
@@ -605,23 +627,35 @@ impl Store {
             // not stop when this caller gives up waiting.
             tokio::spawn(self.clone().send_heartbeats(group, batch));
         }
-        let at = answer.await.map_err(|_| Error::Reply {
+        let beat = answer.await.map_err(|_| Error::Reply {
             script: self.scripts.heartbeat_batch.name,
             detail: "the heartbeat call ended without an answer".into(),
         })??;
-        Ok(at.map(|ms| self.ack(ms)))
+        Ok(match beat {
+            Beat::Alive(ms) => HeartbeatOutcome::Alive(self.ack(ms)),
+            Beat::Refused(Refusal::Unknown) => HeartbeatOutcome::Unknown,
+            Beat::Refused(Refusal::NoOwner) => HeartbeatOutcome::NoOwner,
+            Beat::Refused(Refusal::OtherOwner) => HeartbeatOutcome::OtherOwner,
+        })
     }
 
     /// Sends queued heartbeats of one group until its queue is empty.
     async fn send_heartbeats(self, group: usize, mut batch: Vec<coalesce::Pending>) {
         loop {
-            let (keys, ids): (Vec<String>, Vec<String>) =
-                batch.iter().map(|p| (p.key.clone(), p.id.clone())).unzip();
-            let result = self.heartbeat_call(keys, ids).await;
+            let call = batch.iter().map(|p| p.beat.clone()).collect();
+            let result = self.heartbeat_call(call).await;
+            let mut refused = result
+                .as_ref()
+                .map(|(_, r)| r.iter().copied().peekable())
+                .ok();
             for (i, p) in batch.into_iter().enumerate() {
-                let answer = match &result {
-                    Ok((at, unknown)) => Ok((!unknown.contains(&i)).then_some(*at)),
-                    Err(e) => Err(e.clone()),
+                let answer = match (&result, refused.as_mut()) {
+                    (Ok((at, _)), Some(r)) => Ok(match r.next_if(|&(k, _)| k == i) {
+                        Some((_, why)) => Beat::Refused(why),
+                        None => Beat::Alive(*at),
+                    }),
+                    (Err(e), _) => Err(e.clone()),
+                    (Ok(_), None) => unreachable!("refusals exist when the call answered"),
                 };
                 // A caller that gave up no longer listens: nothing to do.
                 let _ = p.reply.send(answer);
@@ -633,29 +667,49 @@ impl Store {
         }
     }
 
-    /// One `heartbeat_batch` call over connection set keys (one slot on a
-    /// cluster) and their connection ids: the heartbeat time in ms and the
-    /// positions (0-based) of the unknown or dead ones, ascending.
-    async fn heartbeat_call(
-        &self,
-        keys: Vec<String>,
-        ids: Vec<String>,
-    ) -> Result<(i64, Vec<usize>)> {
+    /// One `heartbeat_batch` call (one slot on a cluster) over pairs of a
+    /// connection set key and a connection id, each with the session's
+    /// metadata key and the user who must own it, if one must: the heartbeat
+    /// time in ms and the refused pairs, by position (0-based, ascending).
+    async fn heartbeat_call(&self, pairs: Vec<Heartbeat>) -> Result<(i64, Vec<(usize, Refusal)>)> {
         let op = &self.scripts.heartbeat_batch;
-        let reply: Vec<i64> = self.eval(op, &keys, (self.window_ms(), ids)).await?;
-        let Some((&at, unknown)) = reply.split_first() else {
+        let n = pairs.len();
+        let mut keys = Vec::with_capacity(n);
+        let mut args = Vec::with_capacity(n);
+        let mut owned = Vec::new();
+        for (i, beat) in pairs.into_iter().enumerate() {
+            keys.push(beat.key);
+            args.push(beat.id);
+            if let Some(owner) = beat.owner {
+                owned.push((i, owner));
+            }
+        }
+        for (i, (meta, user)) in owned {
+            keys.push(meta);
+            args.push((i + 1).to_string());
+            args.push(user);
+        }
+        let reply: Vec<i64> = self.eval(op, &keys, (self.window_ms(), args)).await?;
+        let Some((&at, refused)) = reply.split_first() else {
             return Err(bad_reply(op, &reply));
         };
-        let unknown = unknown
+        let refused = refused
             .iter()
-            .map(|&n| {
-                usize::try_from(n - 1)
+            .map(|&r| {
+                let why = match r % 4 {
+                    1 => Refusal::Unknown,
+                    2 => Refusal::NoOwner,
+                    3 => Refusal::OtherOwner,
+                    _ => return Err(bad_reply(op, &reply)),
+                };
+                usize::try_from(r / 4 - 1)
                     .ok()
-                    .filter(|&k| k < keys.len())
+                    .filter(|&k| k < n)
+                    .map(|k| (k, why))
                     .ok_or_else(|| bad_reply(op, &reply))
             })
-            .collect::<Result<Vec<usize>>>()?;
-        Ok((at, unknown))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((at, refused))
     }
 
     fn ack(&self, at_ms: i64) -> HeartbeatAck {
@@ -676,15 +730,20 @@ impl Store {
             by_shard.entry(self.keys.shard_of(sid)).or_default().push(i);
         }
         let calls = by_shard.into_values().map(|idx| async move {
-            let (keys, ids) = idx
+            let call = idx
                 .iter()
                 .map(|&i| {
                     let (sid, id) = &pairs[i];
-                    (self.keys.session_conns_key(sid), id.to_string())
+                    Heartbeat {
+                        key: self.keys.session_conns_key(sid),
+                        id: id.to_string(),
+                        owner: None,
+                    }
                 })
-                .unzip();
-            let (_, unknown) = self.heartbeat_call(keys, ids).await?;
-            let unknown: Vec<usize> = unknown.into_iter().map(|k| idx[k]).collect();
+                .collect();
+            let (_, refused) = self.heartbeat_call(call).await?;
+            // No pair needs an owner here: every refusal is an unknown one.
+            let unknown: Vec<usize> = refused.into_iter().map(|(k, _)| idx[k]).collect();
             Ok::<_, Error>((idx.len(), unknown))
         });
         let mut outcome = BatchOutcome::default();

@@ -179,6 +179,19 @@ pub struct HeartbeatAck {
     pub expires_at: DateTime<Utc>,
 }
 
+/// What a heartbeat that had to come from the session's owner came to
+/// ([`crate::Store::heartbeat_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    Alive(HeartbeatAck),
+    /// The connection is closed, swept or dead (or was never registered).
+    Unknown,
+    /// The session has no owner: for a user, there is no such session.
+    NoOwner,
+    /// Another user owns the session.
+    OtherOwner,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BatchOutcome {
     pub alive: u64,

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    ConnectionId, EndReason, IdleTimeout, Limits, Protocol, RegisterOutcome, ResourceState,
-    SessionState, ShardKey, Signal, Store, StoreConfig, UserAgent,
+    ConnectionId, EndReason, HeartbeatOutcome, IdleTimeout, Limits, Protocol, RegisterOutcome,
+    ResourceState, SessionId, SessionState, ShardKey, Signal, Store, StoreConfig, Term, UserAgent,
+    UserId,
 };
 
 use crate::support::*;
@@ -18,6 +19,7 @@ crate::both!(
     history_in_the_outbox_signals_the_archiver_once,
     batch_heartbeats_report_exactly_the_unknown_pairs,
     concurrent_single_heartbeats_each_get_their_own_answer,
+    a_heartbeat_refused_to_its_caller_records_nothing,
     stats_follow_every_change,
     limits_refuse_the_connection_over_the_limit,
     a_refused_registration_gives_its_user_slot_back,
@@ -436,19 +438,81 @@ async fn concurrent_single_heartbeats_each_get_their_own_answer(backend: Backend
         (sid("desk-9"), live[0].1),
         closed,
     ];
+    // Sessions 0 to 3 are alice's; the others have no owner.
+    for i in 0..4 {
+        mirror_as(
+            &store,
+            Term(1),
+            &sid(&format!("desk-{i}")),
+            "u",
+            ResourceState::Running,
+            1,
+        )
+        .await;
+    }
+    let owned = |s: &SessionId| ["desk-0", "desk-1", "desk-2", "desk-3"].contains(&s.as_str());
     clock.advance(Duration::from_secs(1));
-    // Many rounds at once, so that calls are in flight while others queue.
-    let calls = (0..5)
-        .flat_map(|_| live.iter().chain(&unknown))
-        .map(|(s, c)| {
+    // Many rounds at once, so that calls are in flight while others queue;
+    // anyone's, alice's and bob's heartbeats mixed in the same calls.
+    let callers = [None, Some(uid("alice")), Some(uid("bob"))];
+    let calls = (0..6)
+        .flat_map(|round| live.iter().chain(&unknown).map(move |p| (round, p)))
+        .map(|(round, (s, c))| {
             let store = store.clone();
             let (s, c) = (s.clone(), *c);
-            tokio::spawn(async move { ((s.clone(), c), store.heartbeat(&s, c).await.unwrap()) })
+            let caller = callers[round % 3].clone();
+            tokio::spawn(async move {
+                let outcome = store.heartbeat_as(&s, c, caller.as_ref()).await.unwrap();
+                ((s, c), caller, outcome)
+            })
         });
     for call in futures::future::join_all(calls).await {
-        let (pair, ack) = call.unwrap();
-        assert_eq!(ack.is_some(), live.contains(&pair), "{pair:?}");
+        let (pair, caller, outcome) = call.unwrap();
+        let expected = match caller.as_ref().map(UserId::as_str) {
+            Some(_) if !owned(&pair.0) => "no owner",
+            Some("bob") => "other owner",
+            _ if live.contains(&pair) => "alive",
+            _ => "unknown",
+        };
+        let got = match outcome {
+            HeartbeatOutcome::Alive(_) => "alive",
+            HeartbeatOutcome::Unknown => "unknown",
+            HeartbeatOutcome::NoOwner => "no owner",
+            HeartbeatOutcome::OtherOwner => "other owner",
+        };
+        assert_eq!(got, expected, "{pair:?} as {caller:?}");
     }
+}
+
+/// A heartbeat refused for its caller records nothing.
+async fn a_heartbeat_refused_to_its_caller_records_nothing(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, Term(1), &s, "u", ResourceState::Running, 1).await;
+    let c = conn(&s, "alice", Protocol::Http);
+    let at = created(store.register(&c, Limits::default()).await.unwrap())
+        .connection
+        .last_heartbeat;
+    clock.advance(Duration::from_secs(5));
+    let refused = store
+        .heartbeat_as(&s, c.connection_id, Some(&uid("bob")))
+        .await
+        .unwrap();
+    assert_eq!(refused, HeartbeatOutcome::OtherOwner);
+    let view = store
+        .get_connection(c.connection_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.last_heartbeat, at);
+    let HeartbeatOutcome::Alive(ack) = store
+        .heartbeat_as(&s, c.connection_id, Some(&uid("alice")))
+        .await
+        .unwrap()
+    else {
+        panic!("the owner's heartbeat is recorded");
+    };
+    assert!(ack.last_heartbeat > at);
 }
 
 /// The id index keeps a registered connection's entry as a field of a
