@@ -44,15 +44,18 @@ const CLAIM: Duration = Duration::from_secs(30);
 const T1: Term = Term(1);
 const T2: Term = Term(2);
 
+/// `term` claims the session's hibernation, which must succeed.
+async fn claimed(store: &Store, s: &SessionId, term: Term) {
+    let outcome = store.claim_hibernation(s, CLAIM, term).await.unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Claimed(_)), "{outcome:?}");
+}
+
 /// A running session idle past its timeout, claimed by `T1`, then connected
 /// to: the registration ends the claim with a wake.
 async fn claimed_then_connected(store: &Store, clock: &ClockOffset, s: &SessionId) {
     mirror_as(store, T1, s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(2));
-    assert!(matches!(
-        store.claim_hibernation(s, CLAIM, T1).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
+    claimed(store, s, T1).await;
     created(
         store
             .register(&conn(s, "alice", Protocol::Vnc), Limits::default())
@@ -106,10 +109,7 @@ async fn a_rolled_back_patch_that_landed_after_all_gets_a_wake(backend: Backend)
     let s = sid("desk-1");
     mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(2));
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
+    claimed(&store, &s, T1).await;
     let rolled = store
         .rollback_hibernation(&s, T1, Duration::from_secs(2))
         .await
@@ -165,10 +165,7 @@ async fn a_replaced_leader_cannot_release_the_new_leaders_claim(backend: Backend
         ClaimOutcome::Claimed(_)
     ));
     clock.advance(short);
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM, T2).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
+    claimed(&store, &s, T2).await;
     let late = store
         .rollback_hibernation(&s, T1, Duration::ZERO)
         .await
@@ -311,10 +308,7 @@ async fn a_recreated_session_is_a_new_session(backend: Backend) {
     let s = sid("desk-1");
     mirror_as(&store, T1, &s, "old", ResourceState::Running, 6).await;
     clock.advance(Duration::from_secs(2));
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
+    claimed(&store, &s, T1).await;
     mirror_as(&store, T1, &s, "old", ResourceState::Hibernated, 7).await;
     assert_eq!(state(&store, &s).await, SessionState::Hibernated);
     // Deleted and created again; the watch shows the new one first.
@@ -561,10 +555,7 @@ async fn a_late_landing_after_a_wake_ended_the_claim_still_wakes(backend: Backen
     let s = sid("desk-1");
     mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(3));
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
+    claimed(&store, &s, T1).await;
     let during = conn(&s, "alice", Protocol::Http);
     let r = created(store.register(&during, Limits::default()).await.unwrap());
     assert_eq!(r.session.state, SessionState::Waking);
@@ -596,10 +587,7 @@ async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
     let s = sid("desk-1");
     mirror_as(&store, T2, &s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(3));
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM, T2).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
+    claimed(&store, &s, T2).await;
     let event = |reason| Announcement::new("kubernetes", reason);
     let stale = store
         .finish_hibernation_announcing(&s, T1, Some("u1"), Some(2), Some(&event("idle_timeout")))
@@ -639,10 +627,7 @@ async fn a_late_finish_announces_unless_the_session_moved_on(backend: Backend) {
     let s = sid("desk-1");
     mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(3));
-    assert!(matches!(
-        store.claim_hibernation(&s, CLAIM, T1).await.unwrap(),
-        ClaimOutcome::Claimed(_)
-    ));
+    claimed(&store, &s, T1).await;
     // The patch landed (generation 2); the watch records it before the finish.
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
     let event = Announcement::new("kubernetes", "idle_timeout");

@@ -6,19 +6,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use fake_kube::{ApplyAt, Fault, FaultRule, Operation, Target};
 use sqlx::PgPool;
 use tracker_core::testing::Backend;
 use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
 use tracker_e2e::nats_server::NatsServer;
-use tracker_e2e::proxy::Proxy;
 use tracker_reaper::config::Secret;
 use tracker_reaper::nats::{Payload, STREAM};
 use tracker_reaper::{Config, Platform};
 
 use crate::helpers::{
-    eventually, kube_state, metric, patched_states, session_json, sid, wait_kube_state, Env,
-    Reaper, NS,
+    answer_next_patch_late, eventually, kube_state, metric, patched_states, session_json, sid,
+    wait_kube_state, Env, Reaper, NS,
 };
 
 /// One event as the stream holds it.
@@ -482,25 +480,10 @@ async fn a_hibernation_recorded_after_a_redis_cut_is_still_announced(pool: PgPoo
     fake.apply_session(NS, session_json("k1", "running", Some("1s"), false))
         .unwrap();
     let mut nats = NatsServer::start(&nats_dir("kube-cut")).await.unwrap();
-    let redis: std::net::SocketAddr = env.store_cfg.urls[0]
-        .trim_start_matches("redis://")
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(redis).await.unwrap();
-    let mut cfg = env.kube_config();
-    cfg.redis.redis_url = format!("redis://{}", proxy.addr());
+    let (mut cfg, proxy) = env.kube_config_behind_proxy().await;
     cfg.nats_url = Some(Secret::new(nats.url()));
     cfg.nats_timeout = Duration::from_secs(1);
-    // Applied at once, answered a second later: time to cut Redis between.
-    fake.add_fault(FaultRule::next(
-        1,
-        Target::sessions(&[Operation::Patch]).named("k1"),
-        Fault::Slow {
-            delay: Duration::from_secs(1),
-            apply: ApplyAt::BeforeDelay,
-        },
-    ))
-    .unwrap();
+    answer_next_patch_late(&fake, "k1");
     let mut reaper = Reaper::start(cfg, env.kube_overrides(&fake)).await;
     reaper.wait_leader(Duration::from_secs(10)).await;
     wait_kube_state(&fake, "k1", "hibernated", Duration::from_secs(15)).await;

@@ -308,6 +308,19 @@ impl Env {
         }
     }
 
+    /// A Kubernetes config whose Redis is reached through a proxy the test
+    /// can cut (the store of the test itself stays direct).
+    pub async fn kube_config_behind_proxy(&self) -> (Config, tracker_e2e::proxy::Proxy) {
+        let redis: std::net::SocketAddr = self.store_cfg.urls[0]
+            .trim_start_matches("redis://")
+            .parse()
+            .unwrap();
+        let proxy = tracker_e2e::proxy::Proxy::start(redis).await.unwrap();
+        let mut cfg = self.kube_config();
+        cfg.redis.redis_url = format!("redis://{}", proxy.addr());
+        (cfg, proxy)
+    }
+
     /// The session's state as the store reports it.
     pub async fn state(&self, session: &str) -> Option<tracker_core::SessionState> {
         self.store
@@ -335,4 +348,19 @@ impl Env {
             other => panic!("registration refused: {other:?}"),
         }
     }
+}
+
+/// The next patch of Session `name` is applied at once and answered a
+/// second later: time for a test to cut Redis between the two.
+pub fn answer_next_patch_late(fake: &fake_kube::FakeKube, name: &str) {
+    use fake_kube::{ApplyAt, Fault, FaultRule, Operation, Target};
+    fake.add_fault(FaultRule::next(
+        1,
+        Target::sessions(&[Operation::Patch]).named(name),
+        Fault::Slow {
+            delay: Duration::from_secs(1),
+            apply: ApplyAt::BeforeDelay,
+        },
+    ))
+    .unwrap();
 }

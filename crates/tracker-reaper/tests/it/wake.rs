@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fake_kube::{ApplyAt, FakeKube, Fault, FaultRule, Operation, Target, Verb};
+use fake_kube::{FakeKube, Fault, FaultRule, Operation, Target, Verb};
 use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
@@ -12,14 +12,13 @@ use tracker_core::testing::Backend;
 use tracker_core::{
     Limits, NewConnection, Protocol, RegisterOutcome, ResourceState, SessionId, SessionState,
 };
-use tracker_e2e::proxy::Proxy;
 use tracker_reaper::platform::{KubeSessions, SessionApi};
 use tracker_reaper::session::Session;
 use tracker_reaper::Overrides;
 
 use crate::helpers::{
-    eventually, kube_state, metric, patched_states, session_json, sid, wait_kube_state, Env,
-    Reaper, NS,
+    answer_next_patch_late, eventually, kube_state, metric, patched_states, session_json, sid,
+    wait_kube_state, Env, Reaper, NS,
 };
 
 #[sqlx::test(migrations = "../../migrations")]
@@ -316,29 +315,14 @@ async fn a_wake_recorded_after_a_redis_cut_is_still_ours(pool: PgPool) {
     let fake = FakeKube::start().await.unwrap();
     fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
         .unwrap();
-    let redis: std::net::SocketAddr = env.store_cfg.urls[0]
-        .trim_start_matches("redis://")
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(redis).await.unwrap();
-    let mut cfg = env.kube_config();
-    cfg.redis.redis_url = format!("redis://{}", proxy.addr());
+    let (cfg, proxy) = env.kube_config_behind_proxy().await;
     let mut reaper = Reaper::start(cfg, env.kube_overrides(&fake)).await;
     reaper.wait_leader(Duration::from_secs(5)).await;
     eventually(Duration::from_secs(10), "s1 mirrored", || async {
         (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
     })
     .await;
-    // Applied at once, answered a second later: time to cut Redis between.
-    fake.add_fault(FaultRule::next(
-        1,
-        Target::sessions(&[Operation::Patch]).named("s1"),
-        Fault::Slow {
-            delay: Duration::from_secs(1),
-            apply: ApplyAt::BeforeDelay,
-        },
-    ))
-    .unwrap();
+    answer_next_patch_late(&fake, "s1");
     env.connect("s1", "alice").await;
     wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
     proxy.set_enabled(false);
