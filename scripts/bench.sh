@@ -74,15 +74,19 @@ LOADGEN=$(find "$TARGET"/release/deps -maxdepth 1 -type f -executable -name 'loa
 
 # At least 32 bytes: shorter HS256 secrets are refused at start.
 SECRET=bench-secret-bench-secret-bench-secret
-TOKEN=$(python3 - "$SECRET" <<'PY'
+token() { # role -> an HS256 token of user "bench" with that role, valid for an hour
+python3 - "$SECRET" "$1" <<'PY'
 import base64, hashlib, hmac, json, sys, time
 b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-body = b64(json.dumps({"sub": "bench", "roles": ["service"], "exp": int(time.time()) + 3600}).encode())
+body = b64(json.dumps({"sub": "bench", "roles": [sys.argv[2]], "exp": int(time.time()) + 3600}).encode())
 sig = b64(hmac.new(sys.argv[1].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
 print(f"{head}.{body}.{sig}")
 PY
-)
+}
+TOKEN=$(token service)
+# A plain user: its heartbeats must come from the sessions' owner.
+USER_TOKEN=$(token user)
 
 API=127.0.0.1:18080; NOOP=127.0.0.1:18099
 # One service user holds every connection: the per-user and per-session limits are off.
@@ -116,7 +120,8 @@ fi
 
 if want api; then
 
-TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" \
+# Platform none: the sessions are declared (PUT), so that they have an owner.
+TRACKER_REDIS_URL="redis://127.0.0.1:$RPORT" TRACKER_PLATFORM=none \
 TRACKER_JWT_SECRET=$SECRET TRACKER_LISTEN=$API TRACKER_KEY_PREFIX="bench-$$" RUST_LOG=warn \
   TRACKER_MAX_CONNECTIONS_PER_SESSION=0 TRACKER_MAX_CONNECTIONS_PER_USER=0 \
   "${API_BIN:-$TARGET/release/tracker-api}" >"$WORK/api.log" 2>&1 &
@@ -125,10 +130,15 @@ pids+=($!); API_PID=$!
 pids+=($!)
 for _ in $(seq 100); do curl -fs "http://$API/readyz" >/dev/null && break; sleep 0.1; done
 
-# 1,000 registered connections whose heartbeat paths wrk cycles through.
+# 1,000 registered connections on 200 sessions of user "bench", whose
+# heartbeat paths wrk cycles through.
 python3 - "$API" "$TOKEN" >"$WORK/paths" <<'PY'
 import http.client, json, sys
 conn = http.client.HTTPConnection(sys.argv[1])
+for i in range(200):
+    conn.request("PUT", f"/v1/sessions/bench-{i}", json.dumps({"user": "bench", "state": "running", "idle_timeout": ""}),
+                 {"authorization": f"Bearer {sys.argv[2]}", "content-type": "application/json"})
+    assert conn.getresponse().read() is not None
 for i in range(1000):
     sid = f"bench-{i % 200}"
     conn.request("POST", f"/v1/sessions/{sid}/connections", json.dumps({"protocol": "http", "user_id": "bench"}),
@@ -145,8 +155,8 @@ request = function()
   return wrk.format("POST", paths[(i % #paths) + 1], headers)
 end
 LUA
-wrk_rate() { # url -> "rps p50 p99"
-  HB_PATHS="$WORK/paths" HB_TOKEN="$TOKEN" wrk -t2 -c50 -d"${DUR}s" --latency -s "$WORK/hb.lua" "$1" >"$WORK/wrk.out"
+wrk_rate() { # url [token] -> "rps p50 p99"
+  HB_PATHS="$WORK/paths" HB_TOKEN="${2:-$TOKEN}" wrk -t2 -c50 -d"${DUR}s" --latency -s "$WORK/hb.lua" "$1" >"$WORK/wrk.out"
   awk '/Requests\/sec/ {r=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} /Non-2xx/ {bad=$NF} END {printf "%s req/s  p50 %s  p99 %s%s\n", r, p50, p99, (bad ? "  NON-2xx: " bad : "")}' "$WORK/wrk.out"
 }
 rb() { redis-benchmark -p "$RPORT" -n "$1" --csv "${@:2}" | awk -F'"' '$2 != "test" {print $4; exit}'; }
@@ -162,6 +172,14 @@ read -r zi_usec zi_calls <<<"$(cmdstat zadd)"
 hb_n=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
 echo "  API cpu per heartbeat:       $(python3 -c "print(f'{1e6 * ($cpu1 - $cpu0) / $hb_n:.1f}')") us"
 echo "  redis time per heartbeat:    $(python3 -c "print(f'{$hb_usec / $hb_n:.2f}')") us ($(python3 -c "print(f'{$hb_n / max($hb_calls, 1):.1f}')") heartbeats a script call; the ZADD inside: $(python3 -c "print(f'{$zi_usec / max($zi_calls, 1):.2f}')") us)"
+"${RCLI[@]}" config resetstat >/dev/null
+cpu0=$(cpu_s "$API_PID")
+echo "the same, user token:          $(wrk_rate "http://$API" "$USER_TOKEN")"
+cpu1=$(cpu_s "$API_PID")
+read -r u_usec u_calls <<<"$(cmdstat evalsha)"
+u_n=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
+echo "  API cpu per heartbeat:       $(python3 -c "print(f'{1e6 * ($cpu1 - $cpu0) / $u_n:.1f}')") us"
+echo "  redis time per heartbeat:    $(python3 -c "print(f'{$u_usec / $u_n:.2f}')") us ($(python3 -c "print(f'{$u_calls / $u_n:.2f}')") script calls a heartbeat)"
 echo "do-nothing axum handler:       $(wrk_rate "http://$NOOP")"
 "${RCLI[@]}" config resetstat >/dev/null
 echo "redis-benchmark -t zadd -c 50: $(rb 300000 -t zadd -c 50) req/s"

@@ -20,6 +20,12 @@ use super::types::millis;
 /// shorter overstay past the retention.
 const PERIODS: i64 = 8;
 
+/// The shortest period. A registration also checks one period past each end
+/// of the retention, so processes whose clocks differ by up to this much
+/// still agree on where an id went (a retention of a few minutes is kept a
+/// minute longer).
+const MIN_SPAN_MS: i64 = 60_000;
+
 /// The periods of one id retention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct EndedIds {
@@ -30,8 +36,8 @@ pub(crate) struct EndedIds {
 impl EndedIds {
     pub fn new(retention: Duration) -> Self {
         let retention_ms = millis(retention).max(1);
-        // Whole seconds, at least one: the span is part of the sets' names.
-        let span_ms = ((retention_ms / PERIODS).max(1000) + 999) / 1000 * 1000;
+        // Whole seconds: the span is part of the sets' names.
+        let span_ms = ((retention_ms / PERIODS).max(MIN_SPAN_MS) + 999) / 1000 * 1000;
         Self {
             retention_ms,
             span_ms,
@@ -56,7 +62,7 @@ impl EndedIds {
 
     /// The periods whose sets may hold an id ended before `now_ms`: back to
     /// one whose set expires only after now, and one period on each side for
-    /// clocks that differ between processes.
+    /// clocks that differ between processes (by a period at least a minute).
     pub fn periods_to_check(&self, now_ms: i64) -> RangeInclusive<i64> {
         self.period(now_ms - self.retention_ms - self.span_ms)..=self.period(now_ms + self.span_ms)
     }
@@ -72,29 +78,39 @@ mod tests {
     fn the_default_retention_is_cut_into_eighths_of_whole_seconds() {
         let e = EndedIds::new(7 * DAY);
         assert_eq!(e.span_secs(), 7 * 24 * 3600 / 8);
-        // A retention too short for eighths still gets whole seconds.
-        assert_eq!(EndedIds::new(Duration::from_millis(1)).span_secs(), 1);
-        assert_eq!(EndedIds::new(Duration::from_secs(10)).span_secs(), 2);
+        // A short retention gets a minute: the clocks of processes may differ.
+        assert_eq!(EndedIds::new(Duration::from_millis(1)).span_secs(), 60);
+        assert_eq!(EndedIds::new(Duration::from_secs(600)).span_secs(), 75);
+        assert_eq!(
+            EndedIds::new(Duration::from_millis(800_500)).span_secs(),
+            101
+        );
     }
 
     #[test]
     fn an_id_is_refused_for_the_retention_and_at_most_one_period_more() {
-        let e = EndedIds::new(7 * DAY);
-        let span = e.span_ms;
-        for ended_at in [0, 1, span - 1, span, 5 * span + 17, 1_796_000_000_000] {
-            let period = e.period(ended_at);
-            let gone = e.expires_at(period);
-            assert!(gone >= ended_at + e.retention_ms, "kept the retention");
-            assert!(
-                gone <= ended_at + e.retention_ms + span,
-                "overstays one period at most"
-            );
-            // Every registration while the set lives checks it.
-            for now in [ended_at, ended_at + 1, gone - 1] {
+        let skew = MIN_SPAN_MS;
+        for retention in [Duration::from_millis(1), Duration::from_secs(600), 7 * DAY] {
+            let e = EndedIds::new(retention);
+            let span = e.span_ms;
+            for ended_at in [0, 1, span - 1, span, 5 * span + 17, 1_796_000_000_000] {
+                let period = e.period(ended_at);
+                let gone = e.expires_at(period);
+                assert!(gone >= ended_at + e.retention_ms, "kept the retention");
                 assert!(
-                    e.periods_to_check(now).contains(&period),
-                    "{ended_at} {now}"
+                    gone <= ended_at + e.retention_ms + span,
+                    "overstays one period at most"
                 );
+                // Every registration while the set lives checks it, on a
+                // clock up to a minute off the one that retired the id.
+                for now in [ended_at, ended_at + 1, gone - 1] {
+                    for clock in [now - skew, now, now + skew] {
+                        assert!(
+                            e.periods_to_check(clock).contains(&period),
+                            "{retention:?} {ended_at} {clock}"
+                        );
+                    }
+                }
             }
         }
     }
