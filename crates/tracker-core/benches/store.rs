@@ -102,6 +102,14 @@ async fn main() -> Result<()> {
             many[i] / one[i]
         );
     }
+    println!(
+        "  redis time per session view (a watch's read on a change): n=1: {:.1} us   n=10,000: {:.1} us",
+        one[3], many[3]
+    );
+    println!(
+        "  redis time per state read (a watch's read every interval): n=1: {:.1} us   n=10,000: {:.1} us",
+        one[4], many[4]
+    );
 
     for per_session in [1, 4] {
         let bytes =
@@ -275,8 +283,10 @@ async fn raw_zadds(
 }
 
 /// Mean time of a register, a heartbeat and a session view on one session
-/// already holding `size` connections of 1,000 users, one call at a time.
-async fn session_scale(server: &RedisServer, size: usize, ops: usize) -> Result<[f64; 3]> {
+/// already holding `size` connections of 1,000 users, one call at a time;
+/// then the Redis time of one session view and of one state read (what a
+/// WebSocket session watch reads when the state changed, and every interval).
+async fn session_scale(server: &RedisServer, size: usize, ops: usize) -> Result<[f64; 5]> {
     server.flush()?;
     let store = server.store(60).await?;
     let conns = register_many(&store, size, size, "scale").await?;
@@ -312,6 +322,7 @@ async fn session_scale(server: &RedisServer, size: usize, ops: usize) -> Result<
     }
     let heartbeat = mean(start.elapsed());
 
+    server.cli(&["config", "resetstat"])?;
     let start = Instant::now();
     for _ in 0..ops {
         store
@@ -320,7 +331,17 @@ async fn session_scale(server: &RedisServer, size: usize, ops: usize) -> Result<
             .context("the session is known")?;
     }
     let view = mean(start.elapsed());
-    Ok([register, heartbeat, view])
+    let redis = server.cmdstat("evalsha")?.usec_per_call();
+
+    server.cli(&["config", "resetstat"])?;
+    for _ in 0..ops {
+        store
+            .session_state(&session)
+            .await?
+            .context("the session is known")?;
+    }
+    let state = server.cmdstat("evalsha")?.usec_per_call();
+    Ok([register, heartbeat, view, redis, state])
 }
 
 async fn batch_heartbeats(store: &Store, duration: Duration, server: &RedisServer) -> Result<Rate> {

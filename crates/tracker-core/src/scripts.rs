@@ -1,11 +1,13 @@
 //! The Lua scripts, loaded once. Each operation is its own file under `lua/`
 //! whose header states KEYS, ARGV, the return value and what it makes atomic.
-//! Shard scripts are prefixed with `lua/common.lua`, which says where each
-//! shard key sits in `KEYS`; plain scripts stand alone. Every script gets the
-//! clock offset as `ARGV[1]`.
+//! Shard scripts are prefixed with `lua/meta.lua` (helpers on one session's
+//! metadata) and `lua/common.lua`, which says where each shard key sits in
+//! `KEYS`; session scripts with `lua/meta.lua` alone; plain scripts stand
+//! alone. Every script gets the clock offset as `ARGV[1]`.
 
 use redis::Script;
 
+const META: &str = include_str!("lua/meta.lua");
 const COMMON: &str = include_str!("lua/common.lua");
 
 /// A script and the name used in errors, logs and metrics.
@@ -16,11 +18,16 @@ pub(crate) struct Op {
 }
 
 macro_rules! scripts {
-    (shard: [$($shard:ident),* $(,)?], plain: [$($plain:ident),* $(,)?]) => {
+    (
+        shard: [$($shard:ident),* $(,)?],
+        session: [$($session:ident),* $(,)?],
+        plain: [$($plain:ident),* $(,)?]
+    ) => {
         /// Every script of the store.
         #[derive(Debug)]
         pub(crate) struct Scripts {
             $(pub $shard: Op,)*
+            $(pub $session: Op,)*
             $(pub $plain: Op,)*
         }
 
@@ -30,8 +37,15 @@ macro_rules! scripts {
                     $($shard: Op {
                         name: stringify!($shard),
                         script: Script::new(&format!(
-                            "{COMMON}\n{}",
+                            "{META}\n{COMMON}\n{}",
                             include_str!(concat!("lua/", stringify!($shard), ".lua"))
+                        )),
+                    },)*
+                    $($session: Op {
+                        name: stringify!($session),
+                        script: Script::new(&format!(
+                            "{META}\n{}",
+                            include_str!(concat!("lua/", stringify!($session), ".lua"))
                         )),
                     },)*
                     $($plain: Op {
@@ -51,6 +65,7 @@ scripts! {
         mirror_session, forget_session, explain, leader_facts, declare_session,
         announce_wake, event_ack,
     ],
+    session: [session_state],
     plain: [
         heartbeat_batch, sweep_candidates, due_sessions, pending_wakes,
         stats, known_sessions, outbox_read, outbox_ack, outbox_len, epoch, epoch_due,

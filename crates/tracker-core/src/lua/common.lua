@@ -1,4 +1,5 @@
--- common.lua: helpers prepended to every shard script (see scripts.rs).
+-- common.lua: helpers prepended to every shard script (see scripts.rs),
+-- after meta.lua's.
 --
 -- Every key a script touches is declared in KEYS, so that a Redis Cluster
 -- routes the call by its real keys: while a shard's slot is being migrated the
@@ -86,20 +87,10 @@ local UNKNOWN_TTL_MS = 86400000
 -- writer of the session's metadata did not say (the documented default).
 local DEFAULT_WARN_BEFORE_MS = 300000
 
--- Integral ms as a decimal string: tostring() would switch to exponent form.
-local function ms(x)
-  return string.format('%.0f', x)
-end
-
 -- The i-th session (1-based) of this call: its id and its keys.
 local function session_at(i, sid)
   local b = SHARD_KEYS + 3 * (i - 1)
   return { id = sid, c = KEYS[b + 1], u = KEYS[b + 2], m = KEYS[b + 3] }
-end
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 end
 
 -- True when `term` belongs to a leader that has been replaced: a newer term
@@ -112,15 +103,6 @@ local function fenced(term)
   return false
 end
 
-local function load_meta(S)
-  local flat = redis.call('HGETALL', S.m)
-  local m = {}
-  for i = 1, #flat, 2 do
-    m[flat[i]] = flat[i + 1]
-  end
-  return m
-end
-
 -- Writes a metadata field and keeps the Lua copy in step (nil deletes).
 local function set_meta(S, m, field, value)
   m[field] = value
@@ -129,21 +111,6 @@ local function set_meta(S, m, field, value)
   else
     redis.call('HSET', S.m, field, value)
   end
-end
-
--- The reported state for a session with n connections; nil for a session
--- without resource and without connections (it is counted nowhere).
-local function state_of(m, n)
-  if m.res ~= '1' then
-    if n > 0 then return 'unknown' end
-    return nil
-  end
-  if m.ks == 'terminated' then return 'terminated' end
-  if m.ph == 'h' then return 'hibernating' end
-  if m.ph == 'w' then return 'waking' end
-  if m.ks == 'hibernated' then return 'hibernated' end
-  if n > 0 then return 'running' end
-  return 'idle'
 end
 
 local function decode(raw)
@@ -207,11 +174,6 @@ local function account(before, after)
 end
 
 -- The end of the running period a max duration limits (nil without one).
-local function max_deadline(m)
-  if m.md and m.rs then return tonumber(m.rs) + tonumber(m.md) end
-  return nil
-end
-
 local function warn_before(m)
   return tonumber(m.wb or DEFAULT_WARN_BEFORE_MS)
 end
@@ -430,13 +392,7 @@ local function session_view(S, m, now, window)
     newest_hb = tonumber(newest[2])
     last_conn = last_connection(S, m, newest[1])
   end
-  local exists = '0'
-  if n > 0 then exists = '1' end
-  for f in pairs(m) do
-    -- What forgetting keeps (the deleted uid, the newest connection's start)
-    -- is no knowledge of a session.
-    if f ~= 'du' and f ~= 'lc' then exists = '1' end
-  end
+  local exists = known(m, n) and '1' or '0'
   local idle_since = ''
   if live == 0 then
     local since = m.is and tonumber(m.is) or nil

@@ -13,10 +13,6 @@ local S = session_at(1, ARGV[3])
 local m = load_meta(S)
 local out = session_view(S, m, now_ms(), tonumber(ARGV[2]))
 if ARGV[4] == '1' then
-  local warning = ''
-  if m.wn and not m.wq and m.rs and m.ks == 'running' and m.wn == ms(max_deadline(m) or -1) then
-    warning = m.wn
-  end
-  out[#out + 1] = warning
+  out[#out + 1] = clients_warning(m)
 end
 return out

@@ -950,6 +950,31 @@ impl Store {
         Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
     }
 
+    /// What [`Self::session_watch`] would say of the state and the warning,
+    /// read far more cheaply (no shard keys, no counts): a watcher reads this
+    /// every interval and the whole view only when it changed. `None` if the
+    /// tracker knows nothing of the session.
+    pub async fn session_state(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<(SessionState, Option<DateTime<Utc>>)>> {
+        let op = &self.scripts.session_state;
+        let [c, _, m] = self.keys.session_keys(session);
+        let reply: Vec<String> = self.eval(op, &[c, m], self.window_ms()).await?;
+        match reply.as_slice() {
+            [known] if known == "0" => Ok(None),
+            [known, state, warning] if known == "1" => {
+                let state = state.parse().map_err(|_| bad_reply(op, &reply))?;
+                let warning = reply::non_empty(warning)
+                    .map(|at| parse_ms(at).map(millis_to_utc))
+                    .map(|at| at.ok_or_else(|| bad_reply(op, &reply)))
+                    .transpose()?;
+                Ok(Some((state, warning)))
+            }
+            _ => Err(bad_reply(op, &reply)),
+        }
+    }
+
     /// A session's view, with the deadline its clients are to be warned of
     /// (a hibernation for max duration), for the API's session watchers.
     /// The deadline names the running period: a new period, a new deadline.

@@ -20,6 +20,7 @@ crate::both!(
     batch_heartbeats_report_exactly_the_unknown_pairs,
     concurrent_single_heartbeats_each_get_their_own_answer,
     a_heartbeat_refused_to_its_caller_records_nothing,
+    the_cheap_state_read_agrees_with_the_view_in_every_state,
     stats_follow_every_change,
     limits_refuse_the_connection_over_the_limit,
     a_refused_registration_gives_its_user_slot_back,
@@ -645,4 +646,58 @@ async fn id_entries_written_before_the_buckets_are_still_honoured(backend: Backe
     let own_left: i64 = raw(backend, redis::cmd("EXISTS").arg(store.keys().id_key(id))).await;
     assert_eq!(own_left, 0);
     assert!(store.get_connection(id).await.unwrap().is_some());
+}
+
+/// The WebSocket watchers read a session's state cheaply every interval and
+/// the whole view only when it changed: the two reads must agree in every
+/// state a session passes through.
+async fn the_cheap_state_read_agrees_with_the_view_in_every_state(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    let check = |what: &'static str, expected: Option<SessionState>| {
+        let store = store.clone();
+        let s = s.clone();
+        async move {
+            let read = watch_read(&store, &s).await;
+            assert_eq!(read.map(|(v, _)| v.state), expected, "{what}");
+        }
+    };
+    check("nothing known", None).await;
+    let c = conn(&s, "alice", Protocol::Vnc);
+    created(store.register(&c, Limits::default()).await.unwrap());
+    check("a connection, no resource", Some(SessionState::Unknown)).await;
+    clock.advance(WINDOW + Duration::from_secs(1));
+    check(
+        "its connection dead, not swept",
+        Some(SessionState::Unknown),
+    )
+    .await;
+    store.close(&s, c.connection_id).await.unwrap();
+    mirror_as(&store, Term(1), &s, "u1", ResourceState::Running, 1).await;
+    check("mirrored, no connection", Some(SessionState::Idle)).await;
+    let c = conn(&s, "alice", Protocol::Vnc);
+    created(store.register(&c, Limits::default()).await.unwrap());
+    check("connected", Some(SessionState::Running)).await;
+    store.close(&s, c.connection_id).await.unwrap();
+    clock.advance(Duration::from_secs(3));
+    let claimed = store
+        .claim_hibernation(&s, Duration::from_secs(30), Term(1))
+        .await
+        .unwrap();
+    assert!(
+        matches!(claimed, tracker_core::ClaimOutcome::Claimed(_)),
+        "{claimed:?}"
+    );
+    check("claimed", Some(SessionState::Hibernating)).await;
+    mirror_as(&store, Term(1), &s, "u1", ResourceState::Hibernated, 2).await;
+    check("hibernated", Some(SessionState::Hibernated)).await;
+    created(
+        store
+            .register(&conn(&s, "bob", Protocol::Http), Limits::default())
+            .await
+            .unwrap(),
+    );
+    check("a connection asks for a wake", Some(SessionState::Waking)).await;
+    mirror_as(&store, Term(1), &s, "u1", ResourceState::Terminated, 3).await;
+    check("terminated", Some(SessionState::Terminated)).await;
 }

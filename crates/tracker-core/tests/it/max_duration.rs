@@ -59,7 +59,7 @@ async fn due(store: &Store, s: &SessionId) -> bool {
 }
 
 async fn warning(store: &Store, s: &SessionId) -> Option<chrono::DateTime<chrono::Utc>> {
-    store.session_watch(s).await.unwrap().expect("known").1
+    watch_read(store, s).await.expect("known").1
 }
 
 async fn connect(store: &Store, s: &SessionId, user: &str) -> ConnectionId {

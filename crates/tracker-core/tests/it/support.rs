@@ -249,3 +249,23 @@ pub async fn register_at_once(
 /// migration, the model runs), so that on a two-core machine they do not
 /// run at once and starve each other into timeouts.
 pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A session watch's read, checked against the cheap state read that a
+/// watcher makes between whole reads: both must tell the same state and
+/// warning.
+pub async fn watch_read(
+    store: &Store,
+    session: &SessionId,
+) -> Option<(
+    tracker_core::SessionView,
+    Option<chrono::DateTime<chrono::Utc>>,
+)> {
+    let whole = store.session_watch(session).await.unwrap();
+    let cheap = store.session_state(session).await.unwrap();
+    assert_eq!(
+        cheap,
+        whole.as_ref().map(|(v, w)| (v.state, *w)),
+        "{session}: the state read disagrees with the view"
+    );
+    whole
+}

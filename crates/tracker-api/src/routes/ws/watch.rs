@@ -39,12 +39,26 @@ use crate::metrics::Metrics;
 /// for max duration is due, once its clients are to be warned.
 pub type SessionRead = (SessionView, Option<DateTime<Utc>>);
 
+/// A session's state and hibernation warning: what a watcher compares
+/// between reads.
+pub type StateRead = (SessionState, Option<DateTime<Utc>>);
+
 /// Where the watchers read sessions from: the store, or a fake in tests.
 pub trait SessionSource: Clone + Send + Sync + 'static {
     fn read_session(
         &self,
         session: &SessionId,
     ) -> impl Future<Output = Result<Option<SessionRead>, tracker_core::Error>> + Send;
+
+    /// The state and warning alone, where the source has a cheaper read for
+    /// them than the whole view.
+    fn read_state(
+        &self,
+        session: &SessionId,
+    ) -> impl Future<Output = Result<Option<StateRead>, tracker_core::Error>> + Send {
+        let read = self.read_session(session);
+        async move { Ok(read.await?.map(|(view, warning)| (view.state, warning))) }
+    }
 }
 
 impl SessionSource for Store {
@@ -53,6 +67,13 @@ impl SessionSource for Store {
         session: &SessionId,
     ) -> impl Future<Output = Result<Option<SessionRead>, tracker_core::Error>> + Send {
         self.session_watch(session)
+    }
+
+    fn read_state(
+        &self,
+        session: &SessionId,
+    ) -> impl Future<Output = Result<Option<StateRead>, tracker_core::Error>> + Send {
+        self.session_state(session)
     }
 }
 
@@ -213,18 +234,39 @@ async fn run<S: SessionSource>(
 ) {
     let mut ticker = tokio::time::interval_at(Instant::now() + inner.interval, inner.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last: Option<(SessionState, Option<DateTime<Utc>>)> = None;
+    let mut last: Option<StateRead> = None;
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        // Numbered before the cheap read: a whole read that follows it counts
+        // as begun then, which only makes a socket subscribed meanwhile wait
+        // for the next one (it forced it).
         let (read, forced) = {
             let mut reads = lock(&shared.reads);
             reads.started += 1;
             (reads.started, std::mem::take(&mut reads.force))
         };
+        if !forced && last.is_some() {
+            // The state and warning alone; the whole view only if they changed.
+            inner.metrics.session_watch_read();
+            let seen = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                seen = inner.source.read_state(&session) => seen,
+            };
+            match seen {
+                Ok(seen) if seen.is_some() && seen == last => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    inner.metrics.backend_error(Backend::Redis);
+                    tracing::debug!(session_id = %session, error = %e, "could not read the session state");
+                    continue;
+                }
+            }
+        }
         inner.metrics.session_watch_read();
         let result = tokio::select! {
             biased;
@@ -298,12 +340,14 @@ mod tests {
 
     use super::*;
 
-    /// A session whose state the test sets, counting its reads.
+    /// A session whose state the test sets, counting its reads: whole views
+    /// and, apart, cheap state reads.
     #[derive(Debug, Clone)]
     struct Fake {
         state: Arc<Mutex<SessionState>>,
         warning: Arc<Mutex<Option<DateTime<Utc>>>>,
         reads: Arc<AtomicU64>,
+        state_reads: Arc<AtomicU64>,
         /// When set, a read answers only once the test adds a permit.
         gate: Option<Arc<tokio::sync::Semaphore>>,
     }
@@ -314,6 +358,7 @@ mod tests {
                 state: Arc::new(Mutex::new(SessionState::Running)),
                 warning: Arc::new(Mutex::new(None)),
                 reads: Arc::new(AtomicU64::new(0)),
+                state_reads: Arc::new(AtomicU64::new(0)),
                 gate: None,
             }
         }
@@ -324,6 +369,11 @@ mod tests {
 
         fn reads(&self) -> u64 {
             self.reads.load(Ordering::SeqCst)
+        }
+
+        /// Reads of either kind.
+        fn all_reads(&self) -> u64 {
+            self.reads() + self.state_reads.load(Ordering::SeqCst)
         }
     }
 
@@ -342,6 +392,17 @@ mod tests {
                 crate::test_support::view(session, state, None),
                 warning,
             )))
+        }
+
+        async fn read_state(
+            &self,
+            _session: &SessionId,
+        ) -> Result<Option<StateRead>, tracker_core::Error> {
+            self.state_reads.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.expect("open").forget();
+            }
+            Ok(Some((*lock(&self.state), *lock(&self.warning))))
         }
     }
 
@@ -373,7 +434,9 @@ mod tests {
         let mut subs: Vec<_> = (0..50).map(|_| w.subscribe(&sid)).collect();
         assert_eq!(w.watched(), 1);
         pass(10).await;
-        assert_eq!(fake.reads(), 10);
+        assert_eq!(fake.all_reads(), 10);
+        // One whole view, for the subscribers; then the cheap state reads.
+        assert_eq!(fake.reads(), 1);
         // The first read after they subscribed reached every one of them.
         for sub in &mut subs {
             assert_eq!(next_state(sub).await, SessionState::Running);
@@ -383,7 +446,8 @@ mod tests {
         for sub in &mut subs {
             assert_eq!(next_state(sub).await, SessionState::Hibernated);
         }
-        assert!(fake.reads() <= 12, "{} reads", fake.reads());
+        assert!(fake.all_reads() <= 13, "{} reads", fake.all_reads());
+        assert_eq!(fake.reads(), 2, "a whole view for the change");
         // A second session has a watcher of its own.
         let other = w.subscribe(&"s-other".parse().unwrap());
         assert_eq!(w.watched(), 2);
@@ -442,21 +506,21 @@ mod tests {
         let a = w.subscribe(&sid);
         let b = w.subscribe(&sid);
         pass(2).await;
-        assert_eq!(fake.reads(), 2);
+        assert_eq!(fake.all_reads(), 2);
         drop(a);
         assert_eq!(w.watched(), 1);
         drop(b);
         assert_eq!(w.watched(), 0);
         pass(5).await;
         assert_eq!(
-            fake.reads(),
+            fake.all_reads(),
             2,
             "a watcher without subscribers kept reading"
         );
         // Coming back starts a new one.
         let _c = w.subscribe(&sid);
         pass(1).await;
-        assert_eq!(fake.reads(), 3);
+        assert_eq!(fake.all_reads(), 3);
     }
 
     #[tokio::test(start_paused = true)]
