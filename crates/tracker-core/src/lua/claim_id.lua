@@ -9,8 +9,8 @@
 --          no registration follows, the connection id, the id's 16 bytes
 -- Returns  'new' when taken now; 'claimed' when this session and user took it
 --          before without a registration being recorded (a retry after a
---          failure); 'registered' when this session and user registered it
---          (only a replay of that live connection is possible); 'conflict'
+--          failure); 'registered' when this session registered it (only a
+--          replay of that live connection by its user is possible); 'conflict'
 --          when another session or user took it, or its connection ended.
 -- Atomic   check and take, so two registrations never own one id. The entry
 --          also tells GET /v1/connections/{id} which shard to ask.
@@ -26,5 +26,8 @@ if not v then
   return 'new'
 end
 if v == 'c|' .. sid .. '|' .. uid then return 'claimed' end
-if v == 'r|' .. sid .. '|' .. uid then return 'registered' end
+-- A registered entry names the session ('r|<session>'; an older version's
+-- also the user): only a replay of that live connection is possible, and
+-- the registering script refuses it to any other user.
+if v == 'r|' .. sid or v == 'r|' .. sid .. '|' .. uid then return 'registered' end
 return 'conflict'

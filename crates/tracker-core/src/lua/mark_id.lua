@@ -13,7 +13,10 @@
 --          findable by id.
 
 local id = ARGV[4]
-local registered = 'r|' .. ARGV[2] .. '|' .. ARGV[3]
+-- The session alone: whoever replays, the registering script compares the
+-- user with the connection's own record, and a short entry keeps the bucket
+-- within `hash-max-listpack-value` (64 bytes), compact.
+local registered = 'r|' .. ARGV[2]
 if redis.call('HGET', KEYS[1], id) == registered then return 1 end
 if redis.call('GET', KEYS[2]) ~= 'c|' .. ARGV[2] .. '|' .. ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], id, registered)

@@ -1714,7 +1714,7 @@ fn slot_member(session: &SessionId, id: ConnectionId) -> String {
     format!("{session}/{id}")
 }
 
-/// The session an id index entry ("<state>|<session>|<user>") names.
+/// The session an id index entry ("<state>|<session>[|<user>]") names.
 fn id_entry_session(entry: &str) -> Option<SessionId> {
     let mut parts = entry.splitn(3, '|');
     let _state = parts.next()?;
@@ -1756,6 +1756,11 @@ mod tests {
         assert_eq!(
             id_entry_session("r|s-1|we|ird").map(|s| s.to_string()),
             Some("s-1".to_owned())
+        );
+        assert_eq!(
+            id_entry_session("r|s-1").map(|s| s.to_string()),
+            Some("s-1".to_owned()),
+            "a registered entry names the session alone"
         );
         assert_eq!(id_entry_session("garbage"), None);
         assert_eq!(id_entry_session("r|Not A Session|u"), None);
