@@ -35,6 +35,9 @@
 --          claim and a second event. A warning's event (where NATS is
 --          configured) is queued with the warning, so it is published
 --          exactly when the warning is recorded, whatever happens next.
+--          An earlier patch released as unsure (lp/lx) is held to this new
+--          decision: connections made before it no longer ask for a wake
+--          if a hibernation lands.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
@@ -77,6 +80,18 @@ local eid = ARGV[7] or ''
 set_meta(S, m, 'ph', 'h')
 set_meta(S, m, 'ht', ms(term))
 set_meta(S, m, 'hr', kind)
+if m.lp then
+  -- An earlier patch released as unsure may still land. This claim is a new
+  -- decision, made with every connection since that release gone: if a
+  -- hibernation lands now (that patch or this claim's), only connections
+  -- made from now on ask for a wake.
+  if tonumber(m.lx) > now then
+    set_meta(S, m, 'lp', ms(now))
+  else
+    set_meta(S, m, 'lp', nil)
+    set_meta(S, m, 'lx', nil)
+  end
+end
 local out = { 'claimed', m.gen or '', m.uid or '', m.ito or 'off', kind, m.md or '' }
 if kind == 'max_duration' then
   -- Reached without a warning (the deadline came first): none afterwards.

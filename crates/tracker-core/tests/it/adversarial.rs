@@ -38,6 +38,7 @@ crate::both!(
     a_late_landing_after_a_wake_ended_the_claim_still_wakes,
     a_dead_connection_not_yet_swept_wakes_a_resource_created_before_it,
     a_late_finish_announces_unless_the_session_moved_on,
+    a_new_claim_after_a_released_patch_is_not_undone_when_it_lands,
 );
 
 const CLAIM: Duration = Duration::from_secs(30);
@@ -649,6 +650,61 @@ async fn a_late_finish_announces_unless_the_session_moved_on(backend: Backend) {
     assert_eq!(store.events_backlog().await.unwrap(), 1);
     // Running, no connection: idle, not hibernated.
     assert_eq!(state(&store, &s).await, SessionState::Idle);
+}
+
+/// Finding (races, seed 42, 2,000 episodes): a patch released as unsure
+/// (answer 500, Session read back running) recorded that a hibernation seen
+/// within a minute wakes for any connection made since. Users came and went;
+/// 28 s later the session was idle again and a new claim's own patch landed,
+/// seen by the watch before the patch's answer: the rule took it for the old
+/// patch and woke the session with nobody asking. A new claim is a new
+/// decision: only connections made after it ask for a wake if a patch lands.
+async fn a_new_claim_after_a_released_patch_is_not_undone_when_it_lands(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let [s, t] = [sid("desk-1"), sid("desk-2")];
+    let may_land = Duration::from_secs(60);
+    for x in [&s, &t] {
+        mirror_as(&store, T1, x, "u1", ResourceState::Running, 1).await;
+    }
+    clock.advance(Duration::from_secs(3));
+    for x in [&s, &t] {
+        claimed(&store, x, T1).await;
+        store
+            .rollback_unsure_hibernation(x, T1, Duration::from_secs(1), may_land)
+            .await
+            .unwrap();
+        // A user comes and goes after the release.
+        let c = conn(x, "alice", Protocol::Vnc);
+        created(store.register(&c, Limits::default()).await.unwrap());
+        store.close(x, c.connection_id).await.unwrap();
+    }
+    // Idle again past the timeout (2 s), well within the minute: claimed anew.
+    clock.advance(Duration::from_secs(5));
+    for x in [&s, &t] {
+        claimed(&store, x, T1).await;
+    }
+    // s: the new claim's patch lands and the watch shows it first. Nobody
+    // connected since the claim: no wake.
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(pending_wake_ids(&store).await, Vec::<SessionId>::new());
+    let finished = store
+        .finish_hibernation(&s, T1, Some("u1"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(finished, FinishOutcome::NotClaimed);
+    assert_eq!(state(&store, &s).await, SessionState::Hibernated);
+    // t: the new claim's patch surely failed; a user came and went after the
+    // new claim, then the old patch lands late after all: that user still
+    // asks for the session awake.
+    store
+        .rollback_hibernation(&t, T1, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let c = conn(&t, "bob", Protocol::Vnc);
+    created(store.register(&c, Limits::default()).await.unwrap());
+    store.close(&t, c.connection_id).await.unwrap();
+    mirror_as(&store, T1, &t, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(pending_wake_ids(&store).await, vec![t.clone()]);
 }
 
 /// Finding (model.rs): a connection arrived while the hibernation patch was

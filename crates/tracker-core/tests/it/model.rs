@@ -534,9 +534,11 @@ struct Told {
     /// registered while another one was there. Kept when the resource is
     /// forgotten or replaced; gone with a data loss.
     last_conn: Option<At>,
-    /// When a claim whose patch's answer was lost was released (`lp`); the
-    /// patch may land for [`LATE_LANDING_MS`] from then.
-    lost_release: Option<At>,
+    /// A claim whose patch's answer was lost was released: connections since
+    /// (`lp`: the release, or a later claim, a new decision) ask for a wake
+    /// if a hibernation lands before the ms that follows (`lx`: the release
+    /// plus [`LATE_LANDING_MS`]).
+    lost_release: Option<(At, i64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -772,7 +774,7 @@ impl Model {
         let t = &mut self.told[s];
         if unsure && t.res.is_some() {
             // Whoever holds the claim now, the lost patch may still land.
-            t.lost_release = Some(now);
+            t.lost_release = Some((now, now.ms + LATE_LANDING_MS));
         }
         match t.phase {
             Phase::Hibernating { term: h, .. } if h == term.0 => {
@@ -866,13 +868,13 @@ impl Model {
         let last_conn = self.last_connection(s);
         let t = &mut self.told[s];
         if res.state != ResourceState::Running {
-            if let Some(released) = t.lost_release.take() {
+            if let Some((since, until)) = t.lost_release.take() {
                 // A lost patch may be what landed, decided before a connection
                 // made since its release: that connection asks for a wake.
-                let in_window = now.ms - released.ms < LATE_LANDING_MS;
+                let in_window = now.ms < until;
                 if res.state == ResourceState::Hibernated
                     && was == Some(ResourceState::Running)
-                    && last_conn.is_some_and(|l| l >= released)
+                    && last_conn.is_some_and(|l| l >= since)
                 {
                     if in_window {
                         out.woke = Some("a connection since a lost patch's release");
@@ -1637,10 +1639,15 @@ impl Case {
             claim == seen,
             "the claim saw {claim:?}, the store was told {seen:?}"
         );
-        self.m.told[s].phase = Phase::Hibernating {
+        let told = &mut self.m.told[s];
+        told.phase = Phase::Hibernating {
             term: term.0,
             lapses: now.plus(life),
         };
+        // A new decision: a lost patch landing from now on is held to it.
+        if let Some((_, until)) = told.lost_release {
+            told.lost_release = (now.ms < until).then_some((now, until));
+        }
         // The leader reads the resource and decides (as the hibernator does).
         let current = self.m.world[s].resource.clone();
         let decision = match &current {
