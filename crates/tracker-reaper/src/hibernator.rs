@@ -498,20 +498,23 @@ impl Hibernator {
             }
             Err(e) => e,
         };
-        if e.is_conflict() {
-            self.metrics.hibernation(HibernationResult::Conflict);
-            tracing::info!("Session changed while deciding; decided again later");
-            self.rollback(id, RETRY_AFTER_CHANGE).await;
-            return;
+        let conflict = e.is_conflict();
+        if conflict {
+            // Someone else's change, or our own patch: kube's client retries
+            // a PATCH answered 503 or 504, and if the first one was applied
+            // the retry's resourceVersion precondition fails. Only the
+            // resource tells which.
+            tracing::info!("hibernation patch refused as a conflict; reading the Session again");
+        } else {
+            self.metrics.kube_error(KubeOp::PatchSession);
+            if e.surely_not_applied() {
+                self.failed(id, &e).await;
+                return;
+            }
+            // A timeout or a 5xx may come after the patch was applied: only the
+            // resource itself tells. Never assume either way.
+            tracing::warn!(error = %e, "hibernation patch answer lost; reading the Session again");
         }
-        self.metrics.kube_error(KubeOp::PatchSession);
-        if e.surely_not_applied() {
-            self.failed(id, &e).await;
-            return;
-        }
-        // A timeout or a 5xx may come after the patch was applied: only the
-        // resource itself tells. Never assume either way.
-        tracing::warn!(error = %e, "hibernation patch answer lost; reading the Session again");
         match api.get(id).await {
             Ok(after) => {
                 let meta = after
@@ -524,12 +527,18 @@ impl Hibernator {
                         self.finish(id, claim, m.uid.as_deref(), m.generation, details)
                             .await;
                     }
+                    _ if conflict => {
+                        self.metrics.hibernation(HibernationResult::Conflict);
+                        tracing::info!("Session changed while deciding; decided again later");
+                        self.rollback(id, RETRY_AFTER_CHANGE).await;
+                    }
                     _ => self.failed_unsure(id, &e).await,
                 }
             }
             Err(read) => {
                 // Still unknown. The claim stays: it lapses after its lifetime,
                 // and whoever claims again reads the resource first.
+                // (After a conflict as well: it may have been our own patch.)
                 self.metrics.kube_error(KubeOp::GetSession);
                 self.metrics.hibernation(HibernationResult::Failed);
                 tracing::warn!(error = %read, "Session unreadable after an ambiguous patch; the claim lapses by itself");

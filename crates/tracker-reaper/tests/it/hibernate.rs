@@ -318,3 +318,56 @@ async fn a_late_landing_of_a_released_patch_is_undone_for_a_connection_since(poo
     assert_eq!(patched_states(&fake, "s1"), ["hibernated", "running"]);
     reaper.stop().await;
 }
+
+/// Finding (races, seed 43): kube's client retries a PATCH answered 504, and
+/// the fake (like an API server behind a gateway) had applied the first one:
+/// the retry's resourceVersion precondition failed with 409, which the
+/// hibernator took for someone else's change and released the claim as if
+/// nothing had landed. With the watch missing the landing, users who came
+/// next were told `running` and never woke the session. A 409 is now
+/// resolved like a lost answer: by reading the Session.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_retried_patch_refused_as_a_conflict_after_it_landed_is_recorded(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "running", Some("2s"), false))
+        .unwrap();
+    // Applied, answered 504; the client's retry then meets the new version.
+    fake.add_fault(FaultRule::next(
+        1,
+        Target::sessions(&[Operation::Patch]).named("s1"),
+        Fault::AppliedButError { status: 504 },
+    ))
+    .unwrap();
+    let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    eventually(Duration::from_secs(10), "s1 mirrored", || async {
+        (env.state("s1").await == Some(SessionState::Idle)).then_some(())
+    })
+    .await;
+    // The watch misses the landing.
+    fake.set_dropping_watch_events(true);
+    fake.wait_for_injected(
+        |f| {
+            f.iter()
+                .any(|x| matches!(x.injection, fake_kube::Injection::Request { .. }))
+        },
+        Duration::from_secs(15),
+    )
+    .await
+    .unwrap();
+    // The claim is resolved one way or the other: recorded or released.
+    let resolved = eventually(Duration::from_secs(5), "the claim resolved", || async {
+        let state = env.state("s1").await;
+        (state != Some(SessionState::Hibernating)).then_some(state)
+    })
+    .await;
+    assert_eq!(
+        resolved,
+        Some(SessionState::Hibernated),
+        "the landing recorded"
+    );
+    // A user who comes now wakes it.
+    env.connect("s1", "alice").await;
+    wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
+    reaper.stop().await;
+}
