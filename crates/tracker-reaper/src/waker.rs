@@ -107,6 +107,12 @@ enum Served {
     /// delay, and the retry, finding the Session running, records it as our
     /// wake (event and history), not as someone else's.
     Unrecorded { error: String },
+    /// Our patch may have landed: its answer was lost (a timeout, a 5xx), or
+    /// it was a 409, which kube's client gives when it retried a PATCH
+    /// answered 503/504 whose first attempt was applied. Like
+    /// [`Served::Unrecorded`], the Session found running next is our wake;
+    /// a conflict is read again at the next poll, a failure after a delay.
+    MaybeLanded { error: Option<String> },
 }
 
 /// The waker of one leadership term: reads the pending wakes and keeps the
@@ -322,6 +328,13 @@ impl Waker {
                 let retry = self.back_off(id);
                 tracing::warn!(session_id = %id, error, retry_in = ?retry, "Session woken, but recording it failed");
             }
+            Served::MaybeLanded { error } => {
+                self.unrecorded.insert(id.clone());
+                if let Some(error) = error {
+                    let retry = self.back_off(id);
+                    tracing::warn!(session_id = %id, error, retry_in = ?retry, "waking failed; the patch may have landed");
+                }
+            }
         }
         if self.server.acting.mode() == Mode::DryRun {
             self.dry_run_seen
@@ -433,10 +446,19 @@ impl Server {
                             .await
                     }
                     Err(e) if e.is_conflict() => {
-                        // Changed since our read: read again at the next poll.
+                        // Changed since our read, by someone else or by our
+                        // own patch retried by the client: read again at the
+                        // next poll.
                         self.metrics.wake(WakeResult::Conflict);
                         tracing::debug!("Session changed while waking; retried");
-                        Served::Unchanged
+                        Served::MaybeLanded { error: None }
+                    }
+                    Err(e) if !e.surely_not_applied() => {
+                        self.metrics.kube_error(KubeOp::PatchSession);
+                        self.metrics.wake(WakeResult::Failed);
+                        Served::MaybeLanded {
+                            error: Some(e.to_string()),
+                        }
                     }
                     Err(e) => {
                         self.metrics.kube_error(KubeOp::PatchSession);

@@ -353,3 +353,43 @@ async fn a_wake_recorded_after_a_redis_cut_is_still_ours(pool: PgPool) {
     );
     reaper.stop().await;
 }
+
+/// kube's client retries a PATCH answered 504; when the first one was
+/// applied, the retry meets the new resourceVersion and fails with 409. The
+/// waker read the Session again at its next pass, found it running and
+/// recorded the wake as someone else's: no `woken` event. A wake patch whose
+/// answer leaves it open (a 409, a timeout, a 5xx) is now remembered as
+/// possibly ours, and the running Session found next is recorded as our wake.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_wake_patch_retried_after_it_landed_is_still_ours(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
+        .unwrap();
+    let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    reaper.wait_leader(Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "s1 mirrored", || async {
+        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
+    })
+    .await;
+    fake.add_fault(FaultRule::next(
+        1,
+        Target::sessions(&[Operation::Patch]).named("s1"),
+        Fault::AppliedButError { status: 504 },
+    ))
+    .unwrap();
+    env.connect("s1", "alice").await;
+    wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "wake recorded as ours", || async {
+        (env.state("s1").await == Some(SessionState::Running)
+            && env.events("s1").await == ["woken"])
+        .then_some(())
+    })
+    .await;
+    let (_, text) = reaper.get("/metrics").await;
+    assert_eq!(
+        metric(&text, "tracker_reaper_wakes_total{result=\"woken\"}"),
+        1.0
+    );
+    reaper.stop().await;
+}
