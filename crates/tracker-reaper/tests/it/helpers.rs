@@ -321,6 +321,17 @@ impl Env {
         (cfg, proxy)
     }
 
+    /// Waits until the store reports `session` in `state` (the mirror or
+    /// the reaper followed).
+    pub async fn wait_state(&self, session: &str, state: tracker_core::SessionState) {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{session} {state:?} in the store"),
+            || async { (self.state(session).await == Some(state)).then_some(()) },
+        )
+        .await;
+    }
+
     /// The session's state as the store reports it.
     pub async fn state(&self, session: &str) -> Option<tracker_core::SessionState> {
         self.store

@@ -30,10 +30,7 @@ async fn an_idle_session_is_hibernated_after_its_timeout_and_not_before(pool: Pg
         .unwrap();
     let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
 
-    eventually(Duration::from_secs(10), "s1 mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Idle)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Idle).await;
     let c1 = env.connect("s1", "alice").await;
 
     // The guard (one heartbeat window) is longer than s1's idle timeout:
@@ -340,10 +337,7 @@ async fn a_retried_patch_refused_as_a_conflict_after_it_landed_is_recorded(pool:
     ))
     .unwrap();
     let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
-    eventually(Duration::from_secs(10), "s1 mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Idle)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Idle).await;
     // The watch misses the landing.
     fake.set_dropping_watch_events(true);
     fake.wait_for_injected(

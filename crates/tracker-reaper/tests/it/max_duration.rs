@@ -142,10 +142,7 @@ async fn a_connected_session_is_warned_then_hibernated_at_its_max_duration(pool:
     fake.apply_session(NS, limited("long")).unwrap();
     let reaper = Reaper::start(config(&env), env.kube_overrides(&fake)).await;
     let s = sid("long");
-    eventually(Duration::from_secs(10), "long mirrored", || async {
-        (env.state("long").await == Some(SessionState::Idle)).then_some(())
-    })
-    .await;
+    env.wait_state("long", SessionState::Idle).await;
     let c1 = env.connect("long", "alice").await;
     let _pulse = Pulse::start(&env.store, &s, c1);
     guard_over(&fake).await;
@@ -254,10 +251,7 @@ async fn a_leader_change_between_warning_and_deadline(backend: Backend, pool: Pg
     .await;
     let (leader, mut standby) = if a_leads { (a, b) } else { (b, a) };
     let s = sid("long");
-    eventually(Duration::from_secs(10), "long mirrored", || async {
-        (env.state("long").await == Some(SessionState::Idle)).then_some(())
-    })
-    .await;
+    env.wait_state("long", SessionState::Idle).await;
     let c1 = env.connect("long", "alice").await;
     let _pulse = Pulse::start(&env.store, &s, c1);
     guard_over(&fake).await;

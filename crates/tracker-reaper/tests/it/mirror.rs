@@ -96,10 +96,7 @@ async fn a_lost_watch_history_relists(pool: PgPool) {
     fake.apply_session(NS, session_json("s1", "running", None, false))
         .unwrap();
     let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
-    eventually(Duration::from_secs(10), "s1 mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Idle)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Idle).await;
     // The watch's history is gone (410 on resume); changes made meanwhile
     // still arrive through the re-list.
     fake.compact_history();

@@ -29,10 +29,7 @@ async fn a_connection_on_a_hibernated_session_wakes_it_once(pool: PgPool) {
         .unwrap();
     let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
     reaper.wait_leader(Duration::from_secs(5)).await;
-    eventually(Duration::from_secs(10), "s1 mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Hibernated).await;
 
     let new = NewConnection {
         session_id: sid("s1"),
@@ -77,16 +74,10 @@ async fn a_terminated_session_is_never_woken(pool: PgPool) {
         .unwrap();
     let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
     reaper.wait_leader(Duration::from_secs(5)).await;
-    eventually(Duration::from_secs(10), "s1 mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Hibernated).await;
     fake.apply_session(NS, session_json("s1", "terminated", None, false))
         .unwrap();
-    eventually(Duration::from_secs(10), "termination mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Terminated)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Terminated).await;
     let new = NewConnection {
         session_id: sid("s1"),
         connection_id: tracker_core::ConnectionId::new_random(),
@@ -220,10 +211,7 @@ async fn a_wake_whose_signal_was_lost_is_served_by_the_backstop_read(pool: PgPoo
         .unwrap();
     let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
     reaper.wait_leader(Duration::from_secs(5)).await;
-    eventually(Duration::from_secs(10), "s1 mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Hibernated).await;
 
     // A wake recorded as the store records one (phase 'w' in the metadata,
     // see lua/common.lua, and an entry in the wake index), but whose signal
@@ -318,10 +306,7 @@ async fn a_wake_recorded_after_a_redis_cut_is_still_ours(pool: PgPool) {
     let (cfg, proxy) = env.kube_config_behind_proxy().await;
     let mut reaper = Reaper::start(cfg, env.kube_overrides(&fake)).await;
     reaper.wait_leader(Duration::from_secs(5)).await;
-    eventually(Duration::from_secs(10), "s1 mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Hibernated).await;
     answer_next_patch_late(&fake, "s1");
     env.connect("s1", "alice").await;
     wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
@@ -368,10 +353,7 @@ async fn a_wake_patch_retried_after_it_landed_is_still_ours(pool: PgPool) {
         .unwrap();
     let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
     reaper.wait_leader(Duration::from_secs(5)).await;
-    eventually(Duration::from_secs(10), "s1 mirrored", || async {
-        (env.state("s1").await == Some(SessionState::Hibernated)).then_some(())
-    })
-    .await;
+    env.wait_state("s1", SessionState::Hibernated).await;
     fake.add_fault(FaultRule::next(
         1,
         Target::sessions(&[Operation::Patch]).named("s1"),
