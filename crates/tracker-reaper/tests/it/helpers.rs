@@ -361,17 +361,26 @@ impl Env {
     }
 }
 
-/// The next patch of Session `name` is applied at once and answered a
-/// second later: time for a test to cut Redis between the two.
-pub fn answer_next_patch_late(fake: &fake_kube::FakeKube, name: &str) {
-    use fake_kube::{ApplyAt, Fault, FaultRule, Operation, Target};
+/// The next patch of Session `name` meets `fault`.
+pub fn fault_next_patch(fake: &fake_kube::FakeKube, name: &str, fault: fake_kube::Fault) {
+    use fake_kube::{FaultRule, Operation, Target};
     fake.add_fault(FaultRule::next(
         1,
         Target::sessions(&[Operation::Patch]).named(name),
-        Fault::Slow {
-            delay: Duration::from_secs(1),
-            apply: ApplyAt::BeforeDelay,
-        },
+        fault,
     ))
     .unwrap();
+}
+
+/// The next patch of Session `name` is applied at once and answered a
+/// second later: time for a test to cut Redis between the two.
+pub fn answer_next_patch_late(fake: &fake_kube::FakeKube, name: &str) {
+    fault_next_patch(
+        fake,
+        name,
+        fake_kube::Fault::Slow {
+            delay: Duration::from_secs(1),
+            apply: fake_kube::ApplyAt::BeforeDelay,
+        },
+    );
 }

@@ -4,13 +4,14 @@
 
 use std::time::Duration;
 
-use fake_kube::{ApplyAt, FakeKube, Fault, FaultRule, Operation, Target};
+use fake_kube::{ApplyAt, FakeKube, Fault};
 use sqlx::PgPool;
 use tracker_core::testing::Backend;
 use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
 
 use crate::helpers::{
-    eventually, kube_state, patched_states, session_json, sid, wait_kube_state, Env, Reaper, NS,
+    eventually, fault_next_patch, kube_state, patched_states, session_json, sid, wait_kube_state,
+    Env, Reaper, NS,
 };
 
 #[sqlx::test(migrations = "../../migrations")]
@@ -283,15 +284,14 @@ async fn a_late_landing_of_a_released_patch_is_undone_for_a_connection_since(poo
         .unwrap();
     // Longer than the reaper's Kubernetes timeout (2 s here), shorter than
     // the idle timeout that would make the session due again after the visit.
-    fake.add_fault(FaultRule::next(
-        1,
-        Target::sessions(&[Operation::Patch]).named("s1"),
+    fault_next_patch(
+        &fake,
+        "s1",
         Fault::Slow {
             delay: Duration::from_secs(3),
             apply: ApplyAt::AfterDelay,
         },
-    ))
-    .unwrap();
+    );
     let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
     fake.wait_for_injected(|f| !f.is_empty(), Duration::from_secs(15))
         .await
@@ -330,12 +330,7 @@ async fn a_retried_patch_refused_as_a_conflict_after_it_landed_is_recorded(pool:
     fake.apply_session(NS, session_json("s1", "running", Some("2s"), false))
         .unwrap();
     // Applied, answered 504; the client's retry then meets the new version.
-    fake.add_fault(FaultRule::next(
-        1,
-        Target::sessions(&[Operation::Patch]).named("s1"),
-        Fault::AppliedButError { status: 504 },
-    ))
-    .unwrap();
+    fault_next_patch(&fake, "s1", Fault::AppliedButError { status: 504 });
     let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
     env.wait_state("s1", SessionState::Idle).await;
     // The watch misses the landing.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fake_kube::{FakeKube, Fault, FaultRule, Operation, Target, Verb};
+use fake_kube::{FakeKube, Fault, Verb};
 use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
@@ -17,19 +17,49 @@ use tracker_reaper::session::Session;
 use tracker_reaper::Overrides;
 
 use crate::helpers::{
-    answer_next_patch_late, eventually, kube_state, metric, patched_states, session_json, sid,
-    wait_kube_state, Env, Reaper, NS,
+    answer_next_patch_late, eventually, fault_next_patch, kube_state, metric, patched_states,
+    session_json, sid, wait_kube_state, Env, Reaper, NS,
 };
+
+/// A fake API server whose Session s1 is hibernated, and a reaper on `cfg`
+/// leading over it once the store shows s1 hibernated.
+async fn leading_over_hibernated_s1(env: &Env, cfg: tracker_reaper::Config) -> (FakeKube, Reaper) {
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
+        .unwrap();
+    let mut reaper = Reaper::start(cfg, env.kube_overrides(&fake)).await;
+    reaper.wait_leader(Duration::from_secs(5)).await;
+    env.wait_state("s1", SessionState::Hibernated).await;
+    (fake, reaper)
+}
+
+/// s1 is running and its wake was recorded as this reaper's: a `woken`
+/// event, counted as woken, never as found already running.
+async fn woken_by_this_reaper(env: &Env, reaper: &Reaper) {
+    eventually(Duration::from_secs(10), "wake recorded as ours", || async {
+        (env.state("s1").await == Some(SessionState::Running)
+            && env.events("s1").await == ["woken"])
+        .then_some(())
+    })
+    .await;
+    let (_, text) = reaper.get("/metrics").await;
+    assert_eq!(
+        metric(&text, "tracker_reaper_wakes_total{result=\"woken\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tracker_reaper_wakes_total{result=\"already_running\"}"
+        ),
+        0.0
+    );
+}
 
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_connection_on_a_hibernated_session_wakes_it_once(pool: PgPool) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
-    let fake = FakeKube::start().await.unwrap();
-    fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
-        .unwrap();
-    let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
-    reaper.wait_leader(Duration::from_secs(5)).await;
-    env.wait_state("s1", SessionState::Hibernated).await;
+    let (fake, reaper) = leading_over_hibernated_s1(&env, env.kube_config()).await;
 
     let new = NewConnection {
         session_id: sid("s1"),
@@ -206,12 +236,7 @@ async fn a_connection_during_a_failing_hibernation_needs_no_wake_patch(pool: PgP
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_wake_whose_signal_was_lost_is_served_by_the_backstop_read(pool: PgPool) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
-    let fake = FakeKube::start().await.unwrap();
-    fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
-        .unwrap();
-    let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
-    reaper.wait_leader(Duration::from_secs(5)).await;
-    env.wait_state("s1", SessionState::Hibernated).await;
+    let (fake, reaper) = leading_over_hibernated_s1(&env, env.kube_config()).await;
 
     // A wake recorded as the store records one (phase 'w' in the metadata,
     // see lua/common.lua, and an entry in the wake index), but whose signal
@@ -264,12 +289,7 @@ async fn a_hung_wake_patch_does_not_hold_up_other_wakes(pool: PgPool) {
         .then_some(())
     })
     .await;
-    fake.add_fault(FaultRule::next(
-        1,
-        Target::sessions(&[Operation::Patch]).named("s1"),
-        Fault::Hang,
-    ))
-    .unwrap();
+    fault_next_patch(&fake, "s1", Fault::Hang);
 
     env.connect("s1", "alice").await;
     fake.wait_for_injected(|f| !f.is_empty(), Duration::from_secs(5))
@@ -300,13 +320,8 @@ async fn a_hung_wake_patch_does_not_hold_up_other_wakes(pool: PgPool) {
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_wake_recorded_after_a_redis_cut_is_still_ours(pool: PgPool) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
-    let fake = FakeKube::start().await.unwrap();
-    fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
-        .unwrap();
     let (cfg, proxy) = env.kube_config_behind_proxy().await;
-    let mut reaper = Reaper::start(cfg, env.kube_overrides(&fake)).await;
-    reaper.wait_leader(Duration::from_secs(5)).await;
-    env.wait_state("s1", SessionState::Hibernated).await;
+    let (fake, reaper) = leading_over_hibernated_s1(&env, cfg).await;
     answer_next_patch_late(&fake, "s1");
     env.connect("s1", "alice").await;
     wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
@@ -317,25 +332,8 @@ async fn a_wake_recorded_after_a_redis_cut_is_still_ours(pool: PgPool) {
     })
     .await;
     proxy.set_enabled(true);
-    eventually(Duration::from_secs(10), "wake recorded", || async {
-        (env.state("s1").await == Some(SessionState::Running)
-            && env.events("s1").await == ["woken"])
-        .then_some(())
-    })
-    .await;
+    woken_by_this_reaper(&env, &reaper).await;
     assert_eq!(patched_states(&fake, "s1"), ["running"]);
-    let (_, text) = reaper.get("/metrics").await;
-    assert_eq!(
-        metric(&text, "tracker_reaper_wakes_total{result=\"woken\"}"),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "tracker_reaper_wakes_total{result=\"already_running\"}"
-        ),
-        0.0
-    );
     reaper.stop().await;
 }
 
@@ -348,30 +346,10 @@ async fn a_wake_recorded_after_a_redis_cut_is_still_ours(pool: PgPool) {
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_wake_patch_retried_after_it_landed_is_still_ours(pool: PgPool) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
-    let fake = FakeKube::start().await.unwrap();
-    fake.apply_session(NS, session_json("s1", "hibernated", Some("10m"), false))
-        .unwrap();
-    let mut reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
-    reaper.wait_leader(Duration::from_secs(5)).await;
-    env.wait_state("s1", SessionState::Hibernated).await;
-    fake.add_fault(FaultRule::next(
-        1,
-        Target::sessions(&[Operation::Patch]).named("s1"),
-        Fault::AppliedButError { status: 504 },
-    ))
-    .unwrap();
+    let (fake, reaper) = leading_over_hibernated_s1(&env, env.kube_config()).await;
+    fault_next_patch(&fake, "s1", Fault::AppliedButError { status: 504 });
     env.connect("s1", "alice").await;
     wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
-    eventually(Duration::from_secs(10), "wake recorded as ours", || async {
-        (env.state("s1").await == Some(SessionState::Running)
-            && env.events("s1").await == ["woken"])
-        .then_some(())
-    })
-    .await;
-    let (_, text) = reaper.get("/metrics").await;
-    assert_eq!(
-        metric(&text, "tracker_reaper_wakes_total{result=\"woken\"}"),
-        1.0
-    );
+    woken_by_this_reaper(&env, &reaper).await;
     reaper.stop().await;
 }
