@@ -644,18 +644,20 @@ impl Store {
         loop {
             let call = batch.iter().map(|p| p.beat.clone()).collect();
             let result = self.heartbeat_call(call).await;
-            let mut refused = result
-                .as_ref()
-                .map(|(_, r)| r.iter().copied().peekable())
-                .ok();
+            // Refusals come by ascending position: one pass serves them all.
+            let mut refused = match &result {
+                Ok((_, refused)) => refused.as_slice(),
+                Err(_) => &[],
+            }
+            .iter()
+            .peekable();
             for (i, p) in batch.into_iter().enumerate() {
-                let answer = match (&result, refused.as_mut()) {
-                    (Ok((at, _)), Some(r)) => Ok(match r.next_if(|&(k, _)| k == i) {
-                        Some((_, why)) => Beat::Refused(why),
+                let answer = match &result {
+                    Ok((at, _)) => Ok(match refused.next_if(|&&(k, _)| k == i) {
+                        Some(&(_, why)) => Beat::Refused(why),
                         None => Beat::Alive(*at),
                     }),
-                    (Err(e), _) => Err(e.clone()),
-                    (Ok(_), None) => unreachable!("refusals exist when the call answered"),
+                    Err(e) => Err(e.clone()),
                 };
                 // A caller that gave up no longer listens: nothing to do.
                 let _ = p.reply.send(answer);
@@ -965,11 +967,7 @@ impl Store {
             [known] if known == "0" => Ok(None),
             [known, state, warning] if known == "1" => {
                 let state = state.parse().map_err(|_| bad_reply(op, &reply))?;
-                let warning = reply::non_empty(warning)
-                    .map(|at| parse_ms(at).map(millis_to_utc))
-                    .map(|at| at.ok_or_else(|| bad_reply(op, &reply)))
-                    .transpose()?;
-                Ok(Some((state, warning)))
+                Ok(Some((state, reply::warning(op, &reply, warning)?)))
             }
             _ => Err(bad_reply(op, &reply)),
         }
@@ -987,13 +985,7 @@ impl Store {
         let Some((warning, view)) = reply.split_last() else {
             return Err(bad_reply(op, &reply));
         };
-        let warning = reply::non_empty(warning)
-            .map(|ms| {
-                parse_ms(ms)
-                    .map(millis_to_utc)
-                    .ok_or_else(|| bad_reply(op, &reply))
-            })
-            .transpose()?;
+        let warning = reply::warning(op, &reply, warning)?;
         Ok(reply::view(op, session, view)?.map(|(v, _)| (v, warning)))
     }
 

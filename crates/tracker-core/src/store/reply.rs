@@ -251,6 +251,18 @@ pub(crate) fn parse_ms(s: &str) -> Option<i64> {
     })
 }
 
+/// The hibernation warning field of a session read (`clients_warning` in
+/// meta.lua): the deadline clients are to be warned of, `None` for ''.
+pub(crate) fn warning(op: &Op, reply: &[String], field: &str) -> Result<Option<DateTime<Utc>>> {
+    non_empty(field)
+        .map(|ms| {
+            parse_ms(ms)
+                .map(millis_to_utc)
+                .ok_or_else(|| bad_reply(op, reply))
+        })
+        .transpose()
+}
+
 /// A queued session event from its stream entry; `None` if a field is
 /// missing or unparseable.
 pub(crate) fn queued_event(

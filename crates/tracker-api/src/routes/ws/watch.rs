@@ -225,6 +225,13 @@ impl<S: SessionSource> SessionWatches<S> {
     }
 }
 
+/// A read of `session` failed: counted, and logged quietly (the next
+/// interval reads again).
+fn read_failed<S>(inner: &Inner<S>, session: &SessionId, e: &tracker_core::Error) {
+    inner.metrics.backend_error(Backend::Redis);
+    tracing::debug!(session_id = %session, error = %e, "could not read the session state");
+}
+
 /// The watcher of one session: reads it every interval until stopped.
 async fn run<S: SessionSource>(
     inner: Arc<Inner<S>>,
@@ -261,8 +268,7 @@ async fn run<S: SessionSource>(
                 Ok(seen) if seen.is_some() && seen == last => continue,
                 Ok(_) => {}
                 Err(e) => {
-                    inner.metrics.backend_error(Backend::Redis);
-                    tracing::debug!(session_id = %session, error = %e, "could not read the session state");
+                    read_failed(&inner, &session, &e);
                     continue;
                 }
             }
@@ -286,8 +292,7 @@ async fn run<S: SessionSource>(
             }
             other => {
                 if let Err(e) = other {
-                    inner.metrics.backend_error(Backend::Redis);
-                    tracing::debug!(session_id = %session, error = %e, "could not read the session state");
+                    read_failed(&inner, &session, &e);
                 }
                 // The subscriber that asked has not heard yet: ask again.
                 if forced {
