@@ -246,8 +246,7 @@ async fn raw_zadds(
     duration: Duration,
     server: &RedisServer,
 ) -> Result<(f64, f64)> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port))?;
-    let conn = client.get_multiplexed_async_connection().await?;
+    let conn = server.connection().await?;
     let targets: Vec<(String, String)> = conns
         .iter()
         .map(|(s, c)| (store.keys().session_conns_key(s), c.to_string()))
@@ -413,8 +412,7 @@ async fn memory_per_connection(server: &RedisServer, n: usize, per_session: usiz
 /// key, summed per key name with ids and numbers taken out. What the sum
 /// misses is the key space's own bookkeeping (its hash table entries).
 async fn memory_by_family(server: &RedisServer, n: usize) -> Result<()> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port))?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = server.connection().await?;
     let mut keys: Vec<String> = Vec::new();
     let mut cursor = 0u64;
     loop {
@@ -507,8 +505,7 @@ async fn memory_per_ended_id(server: &RedisServer, n: usize) -> Result<f64> {
             store.outbox_ack(shard, &ids).await?;
         }
     }
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port))?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = server.connection().await?;
     for chunk in conns.chunks(1000) {
         let mut pipe = redis::pipe();
         for (session, _) in chunk {
@@ -611,6 +608,12 @@ impl RedisServer {
         cfg.heartbeat_window = Duration::from_secs(window_secs);
         cfg.command_timeout = Duration::from_secs(10);
         Ok(Store::connect(&cfg).await?)
+    }
+
+    /// A plain client connection, for what the store does not do itself.
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?;
+        Ok(client.get_multiplexed_async_connection().await?)
     }
 
     fn cli(&self, args: &[&str]) -> Result<String> {
