@@ -103,16 +103,17 @@ enum Served {
     Later,
     /// Failed: retried after a growing delay.
     Failed { what: &'static str, error: String },
-    /// Our patch landed but recording it failed: retried after a growing
-    /// delay, and the retry, finding the Session running, records it as our
-    /// wake (event and history), not as someone else's.
-    Unrecorded { error: String },
-    /// Our patch may have landed: its answer was lost (a timeout, a 5xx), or
+    /// Our patch landed, or may have, and no wake is recorded for it: the
+    /// recording failed, the patch's answer was lost (a timeout, a 5xx), or
     /// it was a 409, which kube's client gives when it retried a PATCH
-    /// answered 503/504 whose first attempt was applied. Like
-    /// [`Served::Unrecorded`], the Session found running next is our wake;
-    /// a conflict is read again at the next poll, a failure after a delay.
-    MaybeLanded { error: Option<String> },
+    /// answered 503/504 whose first attempt was applied. The Session found
+    /// running next is recorded as our wake (event and history), not as
+    /// someone else's. With an `error`, retried after a growing delay (and
+    /// `what` logged); without (a conflict), read again at the next poll.
+    Unrecorded {
+        what: &'static str,
+        error: Option<String>,
+    },
 }
 
 /// The waker of one leadership term: reads the pending wakes and keeps the
@@ -323,16 +324,11 @@ impl Waker {
                 let retry = self.back_off(id);
                 tracing::warn!(session_id = %id, error, retry_in = ?retry, "{what}");
             }
-            Served::Unrecorded { error } => {
-                self.unrecorded.insert(id.clone());
-                let retry = self.back_off(id);
-                tracing::warn!(session_id = %id, error, retry_in = ?retry, "Session woken, but recording it failed");
-            }
-            Served::MaybeLanded { error } => {
+            Served::Unrecorded { what, error } => {
                 self.unrecorded.insert(id.clone());
                 if let Some(error) = error {
                     let retry = self.back_off(id);
-                    tracing::warn!(session_id = %id, error, retry_in = ?retry, "waking failed; the patch may have landed");
+                    tracing::warn!(session_id = %id, error, retry_in = ?retry, "{what}");
                 }
             }
         }
@@ -451,12 +447,16 @@ impl Server {
                         // next poll.
                         self.metrics.wake(WakeResult::Conflict);
                         tracing::debug!("Session changed while waking; retried");
-                        Served::MaybeLanded { error: None }
+                        Served::Unrecorded {
+                            what: "Session changed while waking",
+                            error: None,
+                        }
                     }
                     Err(e) if !e.surely_not_applied() => {
                         self.metrics.kube_error(KubeOp::PatchSession);
                         self.metrics.wake(WakeResult::Failed);
-                        Served::MaybeLanded {
+                        Served::Unrecorded {
+                            what: "waking failed; the patch may have landed",
                             error: Some(e.to_string()),
                         }
                     }
@@ -507,7 +507,8 @@ impl Server {
             Err(e) if patched => {
                 self.metrics.store_error(Task::Wake);
                 return Served::Unrecorded {
-                    error: Error::from(e).to_string(),
+                    what: "Session woken, but recording it failed",
+                    error: Some(Error::from(e).to_string()),
                 };
             }
             Err(e) => return self.store_failed(&e.into()),
