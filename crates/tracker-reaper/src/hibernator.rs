@@ -500,10 +500,9 @@ impl Hibernator {
         };
         let conflict = e.is_conflict();
         if conflict {
-            // Someone else's change, or our own patch: kube's client retries
-            // a PATCH answered 503 or 504, and if the first one was applied
-            // the retry's resourceVersion precondition fails. Only the
-            // resource tells which.
+            // Someone else's change, or our own patch: a hop that retries a
+            // PATCH answered 503 or 504 (our client does not) meets the
+            // version the first attempt created. Only the resource tells which.
             tracing::info!("hibernation patch refused as a conflict; reading the Session again");
         } else {
             self.metrics.kube_error(KubeOp::PatchSession);

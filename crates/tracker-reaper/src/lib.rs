@@ -88,7 +88,8 @@ const STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// What tests (and embedders) may put in place of what the config builds.
 #[derive(Default)]
 pub struct Overrides {
-    /// The Kubernetes client; otherwise inferred (`KUBECONFIG` or in-cluster).
+    /// The Kubernetes client; otherwise inferred (`KUBECONFIG` or in-cluster)
+    /// and built by [`kube_client`], whose answers tests should see too.
     pub kube_client: Option<kube::Client>,
     /// The Session reader/patcher; otherwise [`KubeSessions`] on the client.
     pub session_api: Option<Arc<dyn SessionApi>>,
@@ -104,6 +105,22 @@ impl std::fmt::Debug for Overrides {
             .field("clock", &self.clock)
             .finish()
     }
+}
+
+/// The reaper's Kubernetes client for `config`, with the client's own retry
+/// of 429/503/504 answers turned off.
+///
+/// Every write the reaper makes is conditional (a Session patch carries the
+/// `resourceVersion` it decided on, a Lease replace the one it read), and an
+/// API server may apply a request it then answers 503/504. A silent retry of
+/// such a write meets the version its first attempt created and is refused
+/// with 409, which reads as someone else's change, the one answer that is
+/// not ambiguous. Without the retry the reaper sees the 503/504 itself and
+/// treats it as what it is, an answer that may or may not have landed; its
+/// loops retry on their next tick, after reading.
+pub fn kube_client(mut config: kube::Config) -> Result<kube::Client> {
+    config.default_retry = false;
+    kube::Client::try_from(config).map_err(|e| Error::KubeConfig(e.to_string()))
 }
 
 /// A built reaper: connected, its metrics listener bound, not yet running.
@@ -182,9 +199,10 @@ impl Application {
             (false, _) => None,
             (true, Some(client)) => Some(client),
             (true, None) => Some(
-                kube::Client::try_default()
+                kube::Config::infer()
                     .await
-                    .map_err(|e| Error::KubeConfig(e.to_string()))?,
+                    .map_err(|e| Error::KubeConfig(e.to_string()))
+                    .and_then(kube_client)?,
             ),
         };
         let session_api = match (cfg.platform, overrides.session_api, &kube) {

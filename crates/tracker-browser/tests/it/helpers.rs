@@ -194,7 +194,10 @@ impl Reaper {
         ];
         let cfg = tracker_reaper::Config::parse_without_env(args).expect("valid reaper settings");
         let overrides = tracker_reaper::Overrides {
-            kube_client: Some(fake.kube_client().expect("a client of the fake API server")),
+            kube_client: Some(
+                tracker_reaper::kube_client(fake.kube_config())
+                    .expect("a client of the fake API server"),
+            ),
             ..tracker_reaper::Overrides::default()
         };
         let app = tracker_reaper::Application::build_with(cfg, overrides)

@@ -303,7 +303,7 @@ impl Env {
 
     pub fn kube_overrides(&self, fake: &fake_kube::FakeKube) -> Overrides {
         Overrides {
-            kube_client: Some(fake.kube_client().unwrap()),
+            kube_client: Some(tracker_reaper::kube_client(fake.kube_config()).unwrap()),
             ..self.overrides()
         }
     }

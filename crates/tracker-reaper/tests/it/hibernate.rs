@@ -316,21 +316,30 @@ async fn a_late_landing_of_a_released_patch_is_undone_for_a_connection_since(poo
     reaper.stop().await;
 }
 
-/// Finding (races, seed 43): kube's client retries a PATCH answered 504, and
+/// Finding (races, seed 43): kube's client retried a PATCH answered 504, and
 /// the fake (like an API server behind a gateway) had applied the first one:
 /// the retry's resourceVersion precondition failed with 409, which the
 /// hibernator took for someone else's change and released the claim as if
 /// nothing had landed. With the watch missing the landing, users who came
 /// next were told `running` and never woke the session. A 409 is now
-/// resolved like a lost answer: by reading the Session.
+/// resolved like a lost answer: by reading the Session. (The reaper's client
+/// no longer retries; any retrying hop on the way can still answer 409.)
 #[sqlx::test(migrations = "../../migrations")]
-async fn a_retried_patch_refused_as_a_conflict_after_it_landed_is_recorded(pool: PgPool) {
+async fn a_patch_refused_as_a_conflict_after_it_landed_is_recorded(pool: PgPool) {
+    a_patch_answered_after_it_landed_is_recorded(pool, 409).await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_patch_answered_504_after_it_landed_is_recorded(pool: PgPool) {
+    a_patch_answered_after_it_landed_is_recorded(pool, 504).await;
+}
+
+async fn a_patch_answered_after_it_landed_is_recorded(pool: PgPool, status: u16) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
     let fake = FakeKube::start().await.unwrap();
     fake.apply_session(NS, session_json("s1", "running", Some("2s"), false))
         .unwrap();
-    // Applied, answered 504; the client's retry then meets the new version.
-    fault_next_patch(&fake, "s1", Fault::AppliedButError { status: 504 });
+    fault_next_patch(&fake, "s1", Fault::AppliedButError { status });
     let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
     env.wait_state("s1", SessionState::Idle).await;
     // The watch misses the landing.

@@ -161,7 +161,7 @@ impl SessionApi for Gated {
 async fn hibernation_in_flight(env: &Env, fake: &FakeKube) -> (Reaper, Arc<Gated>) {
     fake.apply_session(NS, session_json("s1", "running", Some("1s"), false))
         .unwrap();
-    let client = fake.kube_client().unwrap();
+    let client = tracker_reaper::kube_client(fake.kube_config()).unwrap();
     let gated = Arc::new(Gated {
         inner: KubeSessions::new(client.clone(), NS, Duration::from_secs(2)),
         entered: Notify::new(),
@@ -337,17 +337,28 @@ async fn a_wake_recorded_after_a_redis_cut_is_still_ours(pool: PgPool) {
     reaper.stop().await;
 }
 
-/// kube's client retries a PATCH answered 504; when the first one was
-/// applied, the retry meets the new resourceVersion and fails with 409. The
+/// kube's client used to retry a PATCH answered 504; when the first one was
+/// applied, the retry met the new resourceVersion and failed with 409. The
 /// waker read the Session again at its next pass, found it running and
 /// recorded the wake as someone else's: no `woken` event. A wake patch whose
 /// answer leaves it open (a 409, a timeout, a 5xx) is now remembered as
-/// possibly ours, and the running Session found next is recorded as our wake.
+/// possibly ours, and the running Session found next is recorded as our
+/// wake. The reaper's client no longer retries, but a 409 after landing can
+/// still come from any retrying hop between it and the API server.
 #[sqlx::test(migrations = "../../migrations")]
-async fn a_wake_patch_retried_after_it_landed_is_still_ours(pool: PgPool) {
+async fn a_wake_patch_refused_as_a_conflict_after_it_landed_is_still_ours(pool: PgPool) {
+    a_wake_patch_answered_after_it_landed_is_still_ours(pool, 409).await;
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_wake_patch_answered_504_after_it_landed_is_still_ours(pool: PgPool) {
+    a_wake_patch_answered_after_it_landed_is_still_ours(pool, 504).await;
+}
+
+async fn a_wake_patch_answered_after_it_landed_is_still_ours(pool: PgPool, status: u16) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
     let (fake, reaper) = leading_over_hibernated_s1(&env, env.kube_config()).await;
-    fault_next_patch(&fake, "s1", Fault::AppliedButError { status: 504 });
+    fault_next_patch(&fake, "s1", Fault::AppliedButError { status });
     env.connect("s1", "alice").await;
     wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
     woken_by_this_reaper(&env, &reaper).await;
