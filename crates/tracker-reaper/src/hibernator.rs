@@ -22,7 +22,9 @@
 //! its term, and a replaced leader's late finish or rollback is refused. A
 //! patch whose answer is ambiguous (timeout, 5xx) is resolved by reading the
 //! resource again; if that fails too, the claim is left to lapse, never
-//! released on a guess.
+//! released on a guess. A patch the read does not show yet is released as
+//! unsure (it may still land) and read again for a minute, so that its
+//! landing is recorded even when the watch misses it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -135,6 +137,10 @@ pub struct Hibernator {
     /// answer): recorded again each tick until Redis answers, so the event
     /// the record queues is not lost. The watch records the state meanwhile.
     unrecorded: HashMap<SessionId, Unrecorded>,
+    /// Patches released as unsure that may still land: read again until the
+    /// Session moves on or [`LATE_LANDING`] passes, so that a landing the
+    /// watch misses is still recorded (and undone for users who came since).
+    unsure: HashMap<SessionId, Unsure>,
     /// Tells explanations about the guard and dry run.
     facts: leader_facts::Publisher,
 }
@@ -145,6 +151,35 @@ struct Unrecorded {
     uid: Option<String>,
     generation: Option<i64>,
     event: Option<Announcement>,
+}
+
+/// A patch whose answer was lost and which the Session did not show yet.
+#[derive(Debug)]
+struct Unsure {
+    /// The resourceVersion the patch was conditional on: while the Session
+    /// is still at it, the patch may land; once it moved on, it landed or
+    /// never will.
+    resource_version: String,
+    released_at: Instant,
+    reads: u32,
+    next_read: Instant,
+}
+
+impl Unsure {
+    fn new(resource_version: String, now: Instant) -> Self {
+        Self {
+            resource_version,
+            released_at: now,
+            reads: 0,
+            next_read: now + Self::delay(0),
+        }
+    }
+
+    /// Reads 1, 3, 7, 15, 31 and 47 s after the release: about six reads a
+    /// patch within [`LATE_LANDING`], early while a landing is most likely.
+    fn delay(reads: u32) -> Duration {
+        backoff::delay(Duration::from_secs(1), Duration::from_secs(16), reads)
+    }
 }
 
 /// Retry delay after a failed patch: 2 s doubling to 5 min.
@@ -198,6 +233,7 @@ impl Hibernator {
             guard,
             failures: HashMap::new(),
             unrecorded: HashMap::new(),
+            unsure: HashMap::new(),
             facts,
         }
     }
@@ -258,6 +294,9 @@ impl Hibernator {
         }
         // Redis answered just now: the right moment to record what it missed.
         self.record_again().await;
+        if let Acting::Patch(api) = self.acting.clone() {
+            self.read_unsure_again(api.as_ref()).await;
+        }
         let guard_until = self.guard.until();
         self.facts
             .publish(&self.store, &self.fence, &self.metrics, guard_until)
@@ -354,6 +393,9 @@ impl Hibernator {
         let ClaimOutcome::Claimed(claim) = outcome else {
             return;
         };
+        // The new decision reads the Session itself, and holds an older
+        // released patch to it (the store moved its release to this claim).
+        self.unsure.remove(id);
         if !claim.ended.is_empty() {
             tracing::info!(
                 connections = claim.ended.len(),
@@ -531,7 +573,7 @@ impl Hibernator {
                         tracing::info!("Session changed while deciding; decided again later");
                         self.rollback(id, RETRY_AFTER_CHANGE).await;
                     }
-                    _ => self.failed_unsure(id, &e).await,
+                    _ => self.failed_unsure(id, &e, rv).await,
                 }
             }
             Err(read) => {
@@ -650,14 +692,68 @@ impl Hibernator {
 
     /// [`Self::failed`] after a patch whose answer was lost and which the
     /// Session does not show (yet): it may still land, which the store
-    /// remembers for [`LATE_LANDING`] (see `rollback_unsure_hibernation`).
-    async fn failed_unsure(&mut self, id: &SessionId, e: &Error) {
+    /// remembers for [`LATE_LANDING`] (see `rollback_unsure_hibernation`),
+    /// and which [`Self::read_unsure_again`] looks for.
+    async fn failed_unsure(&mut self, id: &SessionId, e: &Error, resource_version: String) {
         let retry = self.count_failure(id, e);
         let released = self
             .store
             .rollback_unsure_hibernation(id, self.fence.term(), retry, LATE_LANDING)
             .await;
         self.released(released);
+        self.unsure
+            .insert(id.clone(), Unsure::new(resource_version, Instant::now()));
+    }
+
+    /// Reads again the Sessions whose released patch may still land. The
+    /// watch records a landing too, but a watch may miss an event until it
+    /// lists again, and users who came since the release are woken only once
+    /// the landing is recorded. A Session that moved on from the patch's
+    /// resourceVersion is mirrored as read: the store's late-landing rule
+    /// decides whether that was our patch and who must be woken.
+    async fn read_unsure_again(&mut self, api: &dyn SessionApi) {
+        let now = Instant::now();
+        self.unsure
+            .retain(|_, u| now.duration_since(u.released_at) < LATE_LANDING);
+        let due: Vec<SessionId> = self
+            .unsure
+            .iter()
+            .filter(|(_, u)| u.next_read <= now)
+            .map(|(id, _)| id.clone())
+            .take(BATCH as usize)
+            .collect();
+        for id in due {
+            let read = api.get(&id).await;
+            let Some(u) = self.unsure.get_mut(&id) else {
+                continue;
+            };
+            let session = match read {
+                Ok(session) => session,
+                Err(e) => {
+                    self.metrics.kube_error(KubeOp::GetSession);
+                    tracing::debug!(session_id = %id, error = %e, "reading a Session after a released patch failed");
+                    u.reads += 1;
+                    u.next_read = Instant::now() + Unsure::delay(u.reads);
+                    continue;
+                }
+            };
+            let version = session
+                .as_ref()
+                .and_then(|s| s.metadata.resource_version.as_deref());
+            if version == Some(u.resource_version.as_str()) {
+                u.reads += 1;
+                u.next_read = Instant::now() + Unsure::delay(u.reads);
+                continue;
+            }
+            self.unsure.remove(&id);
+            let meta = session
+                .as_ref()
+                .and_then(|s| session_meta(s, self.settings.default_idle_timeout).ok());
+            if let Some(meta) = meta {
+                tracing::info!(session_id = %id, state = meta.state.as_str(), "Session moved on after a released patch; mirrored");
+                self.mirror(&meta).await;
+            }
+        }
     }
 
     fn count_failure(&mut self, id: &SessionId, e: &Error) -> Duration {

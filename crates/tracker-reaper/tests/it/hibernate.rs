@@ -278,6 +278,26 @@ async fn nothing_is_hibernated_for_a_window_after_leadership_or_data_loss(pool: 
 /// though it ended before the reaper saw the late landing.
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_late_landing_of_a_released_patch_is_undone_for_a_connection_since(pool: PgPool) {
+    late_landing_after_a_visit(pool, WatchAfterLanding::Relists).await;
+}
+
+/// Finding (races, seed 60): the same late landing, but the watch missed it
+/// and only resumed (no list) afterwards, so the store kept the Session
+/// running: users who came next were told `running` and never woken. The
+/// hibernator now reads a released patch's Session again until it moves on.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_late_landing_the_watch_never_shows_is_undone_for_a_connection_since(pool: PgPool) {
+    late_landing_after_a_visit(pool, WatchAfterLanding::MissesIt).await;
+}
+
+enum WatchAfterLanding {
+    /// The watch expires and lists again, showing the landing.
+    Relists,
+    /// The watch never shows the landing.
+    MissesIt,
+}
+
+async fn late_landing_after_a_visit(pool: PgPool, watch: WatchAfterLanding) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
     let fake = FakeKube::start().await.unwrap();
     fake.apply_session(NS, session_json("s1", "running", Some("8s"), false))
@@ -302,16 +322,17 @@ async fn a_late_landing_of_a_released_patch_is_undone_for_a_connection_since(poo
     .await;
     assert_eq!(kube_state(&fake, "s1").as_deref(), Some("running"));
 
-    // The watch misses the landing until after the visit.
+    // The watch misses the landing (until after the visit, or for good).
     fake.set_dropping_watch_events(true);
     let c = env.connect("s1", "alice").await;
     env.store.close(&sid("s1"), c).await.unwrap();
     wait_kube_state(&fake, "s1", "hibernated", Duration::from_secs(5)).await;
-    // Missed events are found again by a relist (the watch expired).
-    fake.set_dropping_watch_events(false);
-    fake.expire_watches();
+    if let WatchAfterLanding::Relists = watch {
+        fake.set_dropping_watch_events(false);
+        fake.expire_watches();
+    }
 
-    wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
+    wait_kube_state(&fake, "s1", "running", Duration::from_secs(10)).await;
     assert_eq!(patched_states(&fake, "s1"), ["hibernated", "running"]);
     reaper.stop().await;
 }
