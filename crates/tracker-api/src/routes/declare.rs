@@ -145,7 +145,7 @@ fn declarations_allowed(state: &AppState) -> Result<(), ApiError> {
     put,
     path = "/v1/sessions/{session_id}",
     tag = "sessions",
-    params(("session_id" = SessionId, Path, description = "Session name")),
+    params(("session_id" = SessionId, Path, description = "Session resource name")),
     request_body = DeclareRequest,
     responses(
         (status = 200, description = "Updated; the session as the tracker sees it", body = SessionView),
@@ -193,7 +193,7 @@ pub async fn put(
     delete,
     path = "/v1/sessions/{session_id}",
     tag = "sessions",
-    params(("session_id" = SessionId, Path, description = "Session name")),
+    params(("session_id" = SessionId, Path, description = "Session resource name")),
     responses(
         (status = 204, description = "Forgotten (also when it was not declared)"),
         (status = 409, description = "TRACKER_PLATFORM=kubernetes: sessions come from the cluster", body = ErrorBody),

@@ -99,7 +99,7 @@ pub enum WarningReason {
     path = "/v1/sessions/{session_id}/ws",
     tag = "connections",
     params(
-        ("session_id" = String, Path, description = "Session resource name"),
+        ("session_id" = SessionId, Path, description = "Session resource name"),
         ("ticket" = Option<String>, Query, description = "A one-time ticket from `POST /v1/sessions/{session_id}/ws-ticket`: what a browser page should use"),
         ("access_token" = Option<String>, Query, description = "The bearer token, for clients that can set neither a header nor fetch a ticket (weaker: the token may be logged by proxies)"),
     ),
