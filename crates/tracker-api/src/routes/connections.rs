@@ -99,13 +99,20 @@ pub struct ConnectionList {
 }
 
 /// Registers after the caller is authorized; shared by HTTP and WebSocket.
-/// Returns the registration and whether it was new.
+/// Returns the registration and whether it was new. A plain user's
+/// ownership, checked before, is checked again by the call that registers:
+/// the Session may have been created again for someone else in between.
 pub async fn register_connection(
     state: &AppState,
+    principal: &Principal,
     new: &NewConnection,
 ) -> Result<(Registered, bool), ApiError> {
-    let outcome = state.store.register(new, state.limits).await?;
+    let owner = principal.owner_required()?;
+    let outcome = state.store.register_as(new, state.limits, owner).await?;
     let (result, answer) = match outcome {
+        // Refused as the check before would have: not a registration.
+        RegisterOutcome::NoOwner => return Err(ApiError::SessionNotFound),
+        RegisterOutcome::OtherOwner => return Err(ApiError::Forbidden(OTHER_OWNER)),
         RegisterOutcome::Created(r) => (RegistrationResult::Created, Ok((r, true))),
         RegisterOutcome::Replayed(r) => (RegistrationResult::Replayed, Ok((r, false))),
         RegisterOutcome::Terminated => (
@@ -204,7 +211,7 @@ pub async fn register(
                 .map(UserAgent::parse)
                 .transpose()?,
         };
-        let (registered, created) = register_connection(&state, &new).await?;
+        let (registered, created) = register_connection(&state, &principal, &new).await?;
         let status = if created {
             StatusCode::CREATED
         } else {

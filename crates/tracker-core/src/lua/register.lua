@@ -4,24 +4,35 @@
 -- ARGV     clock offset ms, window ms, session id, connection id, user id,
 --          protocol, client ip ('' if none), user agent ('' if none),
 --          per-session limit (0 = none), '1' if the id index says this id was
---          registered before (then only a replay is possible), else '0'
+--          registered before (then only a replay is possible), else '0', the
+--          user who must own the session ('' for services and admins)
 -- Returns  {'created'|'replayed', <8 connection fields>, <11 session view fields>}
 --          {'terminated'} the Session is terminated;
 --          {'session_limit'} the session already has its limit of live connections;
 --          {'conflict'} the connection id names another connection: of another
---          session or user, one that is dead, or one that ended.
+--          session or user, one that is dead, or one that ended;
+--          {'no_owner'} / {'other_owner'} the session has no owner, or another
+--          user owns it, and the caller had to own it.
 -- Atomic   the limit check with the insert; a replay with the first registration
 --          (one id, one connection); the wake request with the state it reacts
 --          to, so a registration racing a hibernation claim either lands before
---          the claim (which then fails) or records exactly one pending wake.
+--          the claim (which then fails) or records exactly one pending wake;
+--          a user's ownership with the insert, so a Session created again for
+--          someone else after the API's own check gets no connection of hers.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
 local cid, uid, proto, ip, ua = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local limit = tonumber(ARGV[9])
 local seen_before = ARGV[10] == '1'
+local must_own = ARGV[11]
 local now = now_ms()
 local m = load_meta(S)
+
+if must_own ~= '' then
+  if not m.own then return { 'no_owner' } end
+  if m.own ~= must_own then return { 'other_owner' } end
+end
 
 local existing = redis.call('HGET', K_CONN, cid)
 if existing then

@@ -390,6 +390,19 @@ impl Store {
     /// shards, by a reservation in the user's own slot, given back if the
     /// registration does not happen.
     pub async fn register(&self, new: &NewConnection, limits: Limits) -> Result<RegisterOutcome> {
+        self.register_as(new, limits, None).await
+    }
+
+    /// [`Self::register`] for a caller who must own the session (a plain
+    /// user): the owner is checked in the call that registers, so a Session
+    /// created again for someone else since the caller's own check is
+    /// refused, not joined.
+    pub async fn register_as(
+        &self,
+        new: &NewConnection,
+        limits: Limits,
+        owner: Option<&UserId>,
+    ) -> Result<RegisterOutcome> {
         let claim = self.claim_id(new).await?;
         if claim == IdClaim::Conflict {
             return Ok(RegisterOutcome::Conflict);
@@ -423,6 +436,7 @@ impl Store {
                         .unwrap_or_default(),
                     limits.per_session,
                     seen_before,
+                    owner.map(UserId::as_str).unwrap_or_default(),
                 ),
             )
             .await?;
@@ -438,6 +452,8 @@ impl Store {
             Some("terminated") => RegisterOutcome::Terminated,
             Some("session_limit") => RegisterOutcome::SessionLimit,
             Some("conflict") => RegisterOutcome::Conflict,
+            Some("no_owner") => RegisterOutcome::NoOwner,
+            Some("other_owner") => RegisterOutcome::OtherOwner,
             _ => return Err(bad_reply(op, &reply)),
         };
         match &outcome {

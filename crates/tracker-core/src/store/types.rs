@@ -171,6 +171,11 @@ pub enum RegisterOutcome {
     /// The connection id names another connection: of another session or
     /// user, or one that ended. An id names one connection for ever.
     Conflict,
+    /// The caller had to own the session ([`crate::Store::register_as`]),
+    /// and it has no owner: for a user, there is no such session.
+    NoOwner,
+    /// The caller had to own the session, and another user owns it.
+    OtherOwner,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

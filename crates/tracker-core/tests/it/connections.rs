@@ -5,8 +5,8 @@ use std::time::Duration;
 use tracker_core::testing::Backend;
 use tracker_core::{
     ConnectionId, EndReason, HeartbeatOutcome, IdleTimeout, Limits, Protocol, RegisterOutcome,
-    ResourceState, SessionId, SessionState, ShardKey, Signal, Store, StoreConfig, Term, UserAgent,
-    UserId,
+    ResourceState, SessionId, SessionMeta, SessionState, ShardKey, Signal, Store, StoreConfig,
+    Term, UserAgent, UserId,
 };
 
 use crate::support::*;
@@ -20,6 +20,7 @@ crate::both!(
     batch_heartbeats_report_exactly_the_unknown_pairs,
     concurrent_single_heartbeats_each_get_their_own_answer,
     a_heartbeat_refused_to_its_caller_records_nothing,
+    a_users_registration_checks_the_owner_in_the_call_that_registers,
     the_cheap_state_read_agrees_with_the_view_in_every_state,
     stats_follow_every_change,
     limits_refuse_the_connection_over_the_limit,
@@ -514,6 +515,75 @@ async fn a_heartbeat_refused_to_its_caller_records_nothing(backend: Backend) {
         panic!("the owner's heartbeat is recorded");
     };
     assert!(ack.last_heartbeat > at);
+}
+
+/// A user's registration checks the owner in the call that registers. The
+/// API's check before it reads the session first; if the Session is
+/// deleted and created again for someone else in between, the registration
+/// must not join the new one (nor wake it).
+async fn a_users_registration_checks_the_owner_in_the_call_that_registers(backend: Backend) {
+    let (store, _) = store(backend).await;
+    let s = sid("desk-1");
+    // Alice's Session, hibernated: the API's check would let alice in.
+    mirror_as(&store, Term(1), &s, "u1", ResourceState::Hibernated, 1).await;
+    let alice = uid("alice");
+    store.forget_session(&s, Term(1), Some("u1")).await.unwrap();
+    let refused = store
+        .register_as(
+            &conn(&s, "alice", Protocol::Http),
+            Limits::default(),
+            Some(&alice),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        RegisterOutcome::NoOwner,
+        "deleted: no such session"
+    );
+    // Created again for bob.
+    let bobs = SessionMeta {
+        session_id: s.clone(),
+        uid: Some("u2".into()),
+        owner: Some("bob".into()),
+        idle_source: Default::default(),
+        state: ResourceState::Hibernated,
+        idle_timeout: IdleTimeout::After(Duration::from_secs(2)),
+        generation: Some(1),
+        max_session_duration: None,
+        created_at: None,
+    };
+    store.mirror_session(&bobs, Term(1)).await.unwrap();
+    let refused = store
+        .register_as(
+            &conn(&s, "alice", Protocol::Http),
+            Limits::default(),
+            Some(&alice),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused, RegisterOutcome::OtherOwner);
+    assert!(store.list_connections(&s).await.unwrap().is_empty());
+    let view = store.session(&s).await.unwrap().unwrap();
+    assert_eq!(view.state, SessionState::Hibernated, "no wake asked for");
+    // The owner, and a service acting for anyone, register.
+    let bob = uid("bob");
+    created(
+        store
+            .register_as(
+                &conn(&s, "bob", Protocol::Http),
+                Limits::default(),
+                Some(&bob),
+            )
+            .await
+            .unwrap(),
+    );
+    created(
+        store
+            .register_as(&conn(&s, "alice", Protocol::Vnc), Limits::default(), None)
+            .await
+            .unwrap(),
+    );
 }
 
 /// The id index keeps a registered connection's entry as a field of a

@@ -244,12 +244,12 @@ async fn admit(
     let new = NewConnection {
         session_id,
         connection_id: ConnectionId::new_random(),
-        user_id: principal.subject,
+        user_id: principal.subject.clone(),
         protocol: Protocol::Websocket,
         client_ip: client.ip,
         user_agent: client.user_agent,
     };
-    let (registered, _) = register_connection(state, &new).await?;
+    let (registered, _) = register_connection(state, &principal, &new).await?;
     Ok((registered, slot))
 }
 
