@@ -190,6 +190,57 @@ async fn session_state_changes_are_pushed() {
     assert_eq!(frame["session"]["state"], "terminated");
 }
 
+/// A user's socket is let in for a session it owns, and stays only while it
+/// does: once the Session belongs to someone else (its owner edited, or the
+/// Session created again for another user), the socket's next heartbeat is
+/// refused and the socket closed with 4403, its connection ended. A
+/// service's socket on the same session stays.
+#[tokio::test]
+async fn a_users_socket_ends_once_the_session_belongs_to_someone_else() {
+    let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
+    app.mirror("ws-owner", Some("alice"), ResourceState::Running)
+        .await;
+    let (mut alices, first) = open(&app, "ws-owner", &token("alice", &["user"])).await;
+    let alice_id = first["connection"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (proxys, first) = open(&app, "ws-owner", &service_token()).await;
+    let proxy_id = first["connection"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The service's socket keeps answering pings (its heartbeats) meanwhile.
+    let proxy = tokio::spawn(async move {
+        let mut proxys = proxys;
+        while let Some(Ok(msg)) = proxys.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    });
+    app.mirror("ws-owner", Some("bob"), ResourceState::Running)
+        .await;
+    let (_, close) = tokio::time::timeout(Duration::from_secs(5), until_close(&mut alices))
+        .await
+        .expect("alice's socket closed within 5 s");
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 4403, "{reason}");
+    let ended = Instant::now();
+    while live_ids(&app, "ws-owner").await.contains(&alice_id) {
+        assert!(
+            ended.elapsed() < Duration::from_secs(5),
+            "alice's connection ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two windows later the service's socket is still open and tracked.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!proxy.is_finished(), "the service's socket stays");
+    assert_eq!(live_ids(&app, "ws-owner").await, vec![proxy_id]);
+    proxy.abort();
+}
+
 #[tokio::test]
 async fn refusals_close_the_socket_and_only_malformed_requests_get_http_errors() {
     let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;

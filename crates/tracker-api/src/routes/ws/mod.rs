@@ -46,14 +46,14 @@ use serde::Serialize;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 use tracker_core::{
-    ConnectionId, ConnectionView, NewConnection, Protocol, Registered, SessionId, SessionState,
-    SessionView, UserAgent,
+    ConnectionId, ConnectionView, HeartbeatOutcome, NewConnection, Protocol, Registered, SessionId,
+    SessionState, SessionView, UserAgent, UserId,
 };
 use utoipa::ToSchema;
 
 use self::user_sockets::UserSocket;
 use self::watch::Subscription;
-use crate::access::authorize;
+use crate::access::{authorize, OTHER_OWNER};
 use crate::auth::bearer_token;
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody};
@@ -173,13 +173,17 @@ pub async fn upgrade(
             async move {
                 let _token = token;
                 match admit(&state, credential, session_id, client).await {
-                    Ok((registered, slot)) => {
+                    Ok(Admitted {
+                        registered,
+                        slot,
+                        owner,
+                    }) => {
                         let _slot = slot;
                         tracing::Span::current().record(
                             "connection_id",
                             tracing::field::display(registered.connection.connection_id),
                         );
-                        run(socket, state, registered).await;
+                        run(socket, state, registered, owner).await;
                     }
                     Err(e) => refuse(socket, &state, &e).await,
                 }
@@ -217,6 +221,16 @@ struct ClientInfo {
     user_agent: Option<UserAgent>,
 }
 
+/// A socket let in.
+struct Admitted {
+    registered: Registered,
+    /// Its place under the per-user cap, given back when it ends.
+    slot: Option<UserSocket>,
+    /// The user who must own the session for the socket to stay (a plain
+    /// user's), checked with each of its heartbeats as for HTTP ones.
+    owner: Option<UserId>,
+}
+
 /// Everything that may refuse a socket, in the order of the HTTP routes:
 /// authenticate, authorize, the per-user socket cap, register.
 async fn admit(
@@ -224,7 +238,7 @@ async fn admit(
     credential: Credential,
     session_id: SessionId,
     client: ClientInfo,
-) -> Result<(Registered, Option<UserSocket>), ApiError> {
+) -> Result<Admitted, ApiError> {
     let principal = match credential {
         Credential::Ticket(ticket) => ticket::redeem(state, &ticket, &session_id).await?,
         Credential::Token(token) => state.auth.authenticate(token?.as_deref())?,
@@ -250,7 +264,11 @@ async fn admit(
         user_agent: client.user_agent,
     };
     let (registered, _) = register_connection(state, &principal, &new).await?;
-    Ok((registered, slot))
+    Ok(Admitted {
+        registered,
+        slot,
+        owner: principal.owner_required()?.cloned(),
+    })
 }
 
 /// Closes a refused socket with its code and reason, counted and logged as
@@ -340,9 +358,17 @@ enum End {
     /// The session reached its max session duration: the reaper ended the
     /// connection and hibernates the session.
     MaxDuration,
+    /// The session belongs to another user now (its owner changed, or the
+    /// Session was created again for someone else): a user's socket ends.
+    OtherOwner,
 }
 
-async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
+async fn run(
+    mut socket: WebSocket,
+    state: AppState,
+    registered: Registered,
+    owner: Option<UserId>,
+) {
     let _open = state.metrics.websocket_open();
     let session_id = registered.connection.session_id.clone();
     let connection_id = registered.connection.connection_id;
@@ -359,6 +385,7 @@ async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
             &state,
             &session_id,
             connection_id,
+            owner.as_ref(),
             &mut watch,
             &mut last_state,
         )
@@ -374,6 +401,7 @@ async fn run(mut socket: WebSocket, state: AppState, registered: Registered) {
         End::Gone => Some((close_code::NORMAL, "the connection is no longer tracked")),
         End::Shutdown => Some((close_code::AWAY, "server shutting down")),
         End::MaxDuration => Some((close::MAX_DURATION, MAX_DURATION_REASON)),
+        End::OtherOwner => Some((close::FORBIDDEN, OTHER_OWNER)),
     };
     if let Some((code, reason)) = close {
         let frame = CloseFrame {
@@ -413,6 +441,7 @@ async fn serve(
     state: &AppState,
     session_id: &SessionId,
     connection_id: ConnectionId,
+    owner: Option<&UserId>,
     watch: &mut Subscription,
     last_state: &mut SessionState,
 ) -> End {
@@ -436,15 +465,21 @@ async fn serve(
                 Some(Ok(_)) => {
                     last_seen = Instant::now();
                     if last_written.elapsed() >= write_every {
-                        match state.store.heartbeat(session_id, connection_id).await {
-                            Ok(Some(_)) => {
+                        match state.store.heartbeat_as(session_id, connection_id, owner).await {
+                            Ok(HeartbeatOutcome::Alive(_)) => {
                                 last_written = Instant::now();
                                 state.metrics.heartbeats(HeartbeatResult::Accepted, 1);
                             }
-                            Ok(None) => {
+                            Ok(HeartbeatOutcome::Unknown) => {
                                 state.metrics.heartbeats(HeartbeatResult::Unknown, 1);
                                 return why_gone(state, session_id).await;
                             }
+                            Ok(HeartbeatOutcome::OtherOwner) => return End::OtherOwner,
+                            // The Session was deleted (perhaps to be created
+                            // again): not recorded, as for an HTTP heartbeat,
+                            // so the connection expires unless an owner
+                            // comes back; the socket stays until then.
+                            Ok(HeartbeatOutcome::NoOwner) => {}
                             // Redis trouble is not the client's fault: keep
                             // the socket, the next frame retries.
                             Err(e) => {
