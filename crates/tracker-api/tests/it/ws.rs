@@ -33,6 +33,14 @@ async fn open(app: &TestApp, session: &str, token: &str) -> (Ws, Value) {
     (ws, first)
 }
 
+/// The connection id of a `registered` frame.
+fn connection_id(registered: &Value) -> String {
+    registered["connection"]["connection_id"]
+        .as_str()
+        .expect("a registered frame names its connection")
+        .to_owned()
+}
+
 /// The next text frame, answering pings on the way (tungstenite does that
 /// while reading).
 async fn next_text(ws: &mut Ws) -> Value {
@@ -68,10 +76,7 @@ async fn ws_lifecycle(backend: Backend) {
     };
     let app = TestApp::spawn_with(backend, opts).await;
     let (mut ws, first) = open(&app, "ws-life", &service_token()).await;
-    let cid = first["connection"]["connection_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let cid = connection_id(&first);
     assert_eq!(first["connection"]["protocol"], "websocket");
     assert_eq!(first["connection"]["client_ip"], "198.51.100.7");
     assert_eq!(first["connection"]["user_agent"], "it-test/1");
@@ -161,10 +166,7 @@ async fn a_silent_client_is_removed_after_the_window() {
 async fn a_client_frame_is_a_heartbeat() {
     let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
     let (ws, first) = open(&app, "ws-chatty", &service_token()).await;
-    let cid = first["connection"]["connection_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let cid = connection_id(&first);
     // Send text frames but never read: no pongs go out, only these frames.
     let (mut tx, _rx) = ws.split();
     let started = Instant::now();
@@ -201,15 +203,9 @@ async fn a_users_socket_ends_once_the_session_belongs_to_someone_else() {
     app.mirror("ws-owner", Some("alice"), ResourceState::Running)
         .await;
     let (mut alices, first) = open(&app, "ws-owner", &token("alice", &["user"])).await;
-    let alice_id = first["connection"]["connection_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let alice_id = connection_id(&first);
     let (proxys, first) = open(&app, "ws-owner", &service_token()).await;
-    let proxy_id = first["connection"]["connection_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let proxy_id = connection_id(&first);
     // The service's socket keeps answering pings (its heartbeats) meanwhile.
     let proxy = tokio::spawn(async move {
         let mut proxys = proxys;

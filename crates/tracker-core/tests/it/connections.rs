@@ -526,16 +526,18 @@ async fn a_users_registration_checks_the_owner_in_the_call_that_registers(backen
     let s = sid("desk-1");
     // Alice's Session, hibernated: the API's check would let alice in.
     mirror_as(&store, Term(1), &s, "u1", ResourceState::Hibernated, 1).await;
-    let alice = uid("alice");
+    let register = |user: &'static str, owner: Option<&'static str>| {
+        let (store, c) = (store.clone(), conn(&s, user, Protocol::Http));
+        async move {
+            let owner = owner.map(uid);
+            store
+                .register_as(&c, Limits::default(), owner.as_ref())
+                .await
+                .unwrap()
+        }
+    };
     store.forget_session(&s, Term(1), Some("u1")).await.unwrap();
-    let refused = store
-        .register_as(
-            &conn(&s, "alice", Protocol::Http),
-            Limits::default(),
-            Some(&alice),
-        )
-        .await
-        .unwrap();
+    let refused = register("alice", Some("alice")).await;
     assert_eq!(
         refused,
         RegisterOutcome::NoOwner,
@@ -554,36 +556,14 @@ async fn a_users_registration_checks_the_owner_in_the_call_that_registers(backen
         created_at: None,
     };
     store.mirror_session(&bobs, Term(1)).await.unwrap();
-    let refused = store
-        .register_as(
-            &conn(&s, "alice", Protocol::Http),
-            Limits::default(),
-            Some(&alice),
-        )
-        .await
-        .unwrap();
+    let refused = register("alice", Some("alice")).await;
     assert_eq!(refused, RegisterOutcome::OtherOwner);
     assert!(store.list_connections(&s).await.unwrap().is_empty());
     let view = store.session(&s).await.unwrap().unwrap();
     assert_eq!(view.state, SessionState::Hibernated, "no wake asked for");
     // The owner, and a service acting for anyone, register.
-    let bob = uid("bob");
-    created(
-        store
-            .register_as(
-                &conn(&s, "bob", Protocol::Http),
-                Limits::default(),
-                Some(&bob),
-            )
-            .await
-            .unwrap(),
-    );
-    created(
-        store
-            .register_as(&conn(&s, "alice", Protocol::Vnc), Limits::default(), None)
-            .await
-            .unwrap(),
-    );
+    created(register("bob", Some("bob")).await);
+    created(register("alice", None).await);
 }
 
 /// The id index keeps a registered connection's entry as a field of a
