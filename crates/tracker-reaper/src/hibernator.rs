@@ -1114,4 +1114,18 @@ mod tests {
         assert_eq!(retry_after_failure(2), Duration::from_secs(4));
         assert_eq!(retry_after_failure(30), Duration::from_secs(300));
     }
+
+    #[test]
+    fn a_released_patch_is_read_again_about_six_times_within_the_late_landing_minute() {
+        let mut at = Duration::ZERO;
+        let reads: Vec<u64> = (0..)
+            .map(|n| {
+                at += Unsure::delay(n);
+                at
+            })
+            .take_while(|at| *at < LATE_LANDING)
+            .map(|at| at.as_secs())
+            .collect();
+        assert_eq!(reads, [1, 3, 7, 15, 31, 47]);
+    }
 }
