@@ -140,10 +140,12 @@ enum Edit {
 #[derive(Debug, Clone, Copy)]
 enum Op {
     /// `session` 0..4 names one; 4..8 pick a sleeping one if any.
+    /// `as_user`: a plain user's registration, which must own the session.
     Register {
         session: u8,
         user: u8,
         id: IdUse,
+        as_user: bool,
     },
     Heartbeat {
         pick: u8,
@@ -253,7 +255,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (resource_state(), any::<u8>()).prop_map(|(s, i)| Edit::Recreate(s, i)),
     ];
     prop_oneof![
-        6 => (0u8..8, 0u8..3, id).prop_map(|(session, user, id)| Op::Register { session, user, id }),
+        6 => (0u8..8, 0u8..3, id, prop::bool::weighted(0.3)).prop_map(|(session, user, id, as_user)| {
+            Op::Register { session, user, id, as_user }
+        }),
         2 => any::<u8>().prop_map(|pick| Op::Heartbeat { pick }),
         2 => (any::<u8>(), prop::bool::weighted(0.15))
             .prop_map(|(pick, wrong_session)| Op::Close { pick, wrong_session }),
@@ -1216,9 +1220,14 @@ impl Case {
 
     async fn apply(&mut self, op: Op) -> Step {
         match op {
-            Op::Register { session, user, id } => {
+            Op::Register {
+                session,
+                user,
+                id,
+                as_user,
+            } => {
                 let s = self.register_target(session);
-                self.register(s, usize::from(user), id).await
+                self.register(s, usize::from(user), id, as_user).await
             }
             Op::Heartbeat { pick } => self.heartbeat(pick).await,
             Op::Close {
@@ -1294,7 +1303,7 @@ impl Case {
         }
     }
 
-    async fn register(&mut self, s: usize, u: usize, id_use: IdUse) -> Step {
+    async fn register(&mut self, s: usize, u: usize, id_use: IdUse, as_user: bool) -> Step {
         let used = &self.m.used_ids;
         let pick = |p: u8| used[usize::from(p) % used.len()];
         let (id, s, u) = match id_use {
@@ -1329,6 +1338,23 @@ impl Case {
             }
             _ => "created",
         };
+        // A user must own the session, checked by the session's script before
+        // anything it checks itself; every mirrored resource here is OWNER's.
+        // An id the store has seen may be refused before that, by the id
+        // index (another session, a claim of another user, an archived
+        // connection), or after it: either refusal records nothing.
+        let owner_refusal = match &self.m.told[s].res {
+            _ if !as_user => None,
+            None => Some("no owner"),
+            Some(_) if USERS[u] != OWNER => Some("other owner"),
+            Some(_) => None,
+        };
+        let seen = self.m.ids.contains_key(&id);
+        let (expected, or_else) = match owner_refusal {
+            Some(refusal) if seen && expected == "conflict" => ("conflict", Some(refusal)),
+            Some(refusal) => (refusal, None),
+            None => (expected, None),
+        };
         let new = NewConnection {
             session_id: self.sessions[s].clone(),
             connection_id: id,
@@ -1337,20 +1363,31 @@ impl Case {
             client_ip: Some("10.1.2.3".parse().unwrap()),
             user_agent: None,
         };
-        let outcome = self.store.register(&new, Limits::default()).await.unwrap();
+        let caller = as_user.then(|| support::uid(USERS[u]));
+        let outcome = self
+            .store
+            .register_as(&new, Limits::default(), caller.as_ref())
+            .await
+            .unwrap();
         let (got, registered) = match &outcome {
             RegisterOutcome::Created(r) => ("created", Some(r)),
             RegisterOutcome::Replayed(r) => ("replayed", Some(r)),
             RegisterOutcome::Terminated => ("terminated", None),
             RegisterOutcome::Conflict => ("conflict", None),
+            RegisterOutcome::NoOwner => ("no owner", None),
+            RegisterOutcome::OtherOwner => ("other owner", None),
             other => panic!("no limits are set, yet {other:?}"),
         };
         let name = self.conn_name(id);
         self.count(format!("register: {got}"));
-        self.note(format!("{name} on {} by {}: {got}", SESSIONS[s], USERS[u]));
+        let by = if as_user { "as user" } else { "by" };
+        self.note(format!(
+            "{name} on {} {by} {}: {got}",
+            SESSIONS[s], USERS[u]
+        ));
         ensure!(
             self,
-            got == expected,
+            got == expected || Some(got) == or_else,
             "registering {name} on {} by {}: expected {expected}, got {got}",
             SESSIONS[s],
             USERS[u]
@@ -1397,7 +1434,8 @@ impl Case {
                     .expect("replayed a live one")
                     .heartbeat = now;
             }
-            "terminated" => {
+            // The id was claimed before the session's script refused.
+            "terminated" | "no owner" | "other owner" => {
                 self.m.ids.entry(id).or_insert(IdOwner {
                     session: s,
                     user: u,
@@ -1848,7 +1886,7 @@ impl Case {
                 unreachable!("a slow patch was just sent");
             };
             self.note("- a connection arrives while the patch is out");
-            self.register(session, u, IdUse::Fresh).await?;
+            self.register(session, u, IdUse::Fresh, false).await?;
             self.check().await?;
             let woken = self.m.told[s].wake;
             if woken {
@@ -1907,7 +1945,7 @@ impl Case {
     async fn connect_since(&mut self, s: usize, u: usize, close: bool) -> Step {
         self.note("- a connection registers");
         let n = self.m.conns.len();
-        self.register(s, u, IdUse::Fresh).await?;
+        self.register(s, u, IdUse::Fresh, false).await?;
         self.check().await?;
         if close && self.m.conns.len() > n {
             let c = self.m.conns[n].clone();
