@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -181,6 +182,9 @@ impl Unsure {
         backoff::delay(Duration::from_secs(1), Duration::from_secs(16), reads)
     }
 }
+
+/// Follow-up reads of released patches made at once.
+const UNSURE_READS_AT_ONCE: usize = 8;
 
 /// Retry delay after a failed patch: 2 s doubling to 5 min.
 fn retry_after_failure(failures: u32) -> Duration {
@@ -722,8 +726,17 @@ impl Hibernator {
             .map(|(id, _)| id.clone())
             .take(BATCH as usize)
             .collect();
-        for id in due {
-            let read = api.get(&id).await;
+        // A few at a time: a slow API server must not hold up the tick by
+        // a timeout per Session.
+        let reads: Vec<_> = futures::stream::iter(due)
+            .map(|id| async move {
+                let read = api.get(&id).await;
+                (id, read)
+            })
+            .buffer_unordered(UNSURE_READS_AT_ONCE)
+            .collect()
+            .await;
+        for (id, read) in reads {
             let Some(u) = self.unsure.get_mut(&id) else {
                 continue;
             };
