@@ -181,6 +181,12 @@ impl Unsure {
     fn delay(reads: u32) -> Duration {
         backoff::delay(Duration::from_secs(1), Duration::from_secs(16), reads)
     }
+
+    /// One more read told nothing: the next one, a little later.
+    fn read_later(&mut self) {
+        self.reads += 1;
+        self.next_read = Instant::now() + Self::delay(self.reads);
+    }
 }
 
 /// Follow-up reads of released patches made at once.
@@ -745,8 +751,7 @@ impl Hibernator {
                 Err(e) => {
                     self.metrics.kube_error(KubeOp::GetSession);
                     tracing::debug!(session_id = %id, error = %e, "reading a Session after a released patch failed");
-                    u.reads += 1;
-                    u.next_read = Instant::now() + Unsure::delay(u.reads);
+                    u.read_later();
                     continue;
                 }
             };
@@ -754,8 +759,7 @@ impl Hibernator {
                 .as_ref()
                 .and_then(|s| s.metadata.resource_version.as_deref());
             if version == Some(u.resource_version.as_str()) {
-                u.reads += 1;
-                u.next_read = Instant::now() + Unsure::delay(u.reads);
+                u.read_later();
                 continue;
             }
             self.unsure.remove(&id);
