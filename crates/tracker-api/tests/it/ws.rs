@@ -237,6 +237,27 @@ async fn a_users_socket_ends_once_the_session_belongs_to_someone_else() {
     proxy.abort();
 }
 
+/// A user's socket on a Session deleted (and not created again within the
+/// window) ends like an HTTP client's connection: its heartbeats are not
+/// recorded, and after a window it closes as no longer tracked.
+#[tokio::test]
+async fn a_users_socket_ends_a_window_after_its_session_was_deleted() {
+    let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;
+    app.mirror("ws-gone", Some("alice"), ResourceState::Running)
+        .await;
+    let (mut ws, first) = open(&app, "ws-gone", &token("alice", &["user"])).await;
+    let id = connection_id(&first);
+    let term = app.store.newest_term().await.unwrap();
+    let sid: SessionId = "ws-gone".parse().unwrap();
+    app.store.forget_session(&sid, term, None).await.unwrap();
+    let (_, close) = tokio::time::timeout(Duration::from_secs(5), until_close(&mut ws))
+        .await
+        .expect("the socket closed within 5 s");
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1000, "{reason}");
+    assert!(!live_ids(&app, "ws-gone").await.contains(&id));
+}
+
 #[tokio::test]
 async fn refusals_close_the_socket_and_only_malformed_requests_get_http_errors() {
     let app = TestApp::spawn_with(Backend::Standalone, Options::fast()).await;

@@ -456,6 +456,8 @@ async fn serve(
     let mut last_written = Instant::now();
     // The deadline this socket was warned of: once per running period.
     let mut warned_for: Option<DateTime<Utc>> = None;
+    // Since when the session has had no owner, for a user's socket.
+    let mut unowned_since: Option<Instant> = None;
     loop {
         tokio::select! {
             biased;
@@ -468,6 +470,7 @@ async fn serve(
                         match state.store.heartbeat_as(session_id, connection_id, owner).await {
                             Ok(HeartbeatOutcome::Alive(_)) => {
                                 last_written = Instant::now();
+                                unowned_since = None;
                                 state.metrics.heartbeats(HeartbeatResult::Accepted, 1);
                             }
                             Ok(HeartbeatOutcome::Unknown) => {
@@ -476,10 +479,16 @@ async fn serve(
                             }
                             Ok(HeartbeatOutcome::OtherOwner) => return End::OtherOwner,
                             // The Session was deleted (perhaps to be created
-                            // again): not recorded, as for an HTTP heartbeat,
-                            // so the connection expires unless an owner
-                            // comes back; the socket stays until then.
-                            Ok(HeartbeatOutcome::NoOwner) => {}
+                            // again): not recorded, as for an HTTP heartbeat.
+                            // An owner back within the window keeps the
+                            // socket; otherwise its connection has expired.
+                            Ok(HeartbeatOutcome::NoOwner) => {
+                                let since = *unowned_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() >= window {
+                                    return End::Gone;
+                                }
+                                last_written = Instant::now();
+                            }
                             // Redis trouble is not the client's fault: keep
                             // the socket, the next frame retries.
                             Err(e) => {
