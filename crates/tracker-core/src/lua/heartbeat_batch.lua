@@ -6,9 +6,9 @@
 --          session may appear more than once); then the metadata (m) of the
 --          session of each pair whose caller must own it, in ARGV's order
 -- ARGV     clock offset ms, window ms, one connection id per pair; then, for
---          each pair whose caller must own its session (a user's HTTP
---          heartbeat), its 1-based position and the user. Services, admins and
---          WebSockets (authorized when they opened) add nothing.
+--          each pair whose caller must own its session (a user's heartbeat,
+--          over HTTP or a WebSocket), its 1-based position and the user.
+--          Services and admins add nothing.
 -- Returns  {now ms, r1, r2, ...}: one number per refused pair, 4 x its
 --          position + why: 1 the connection is unknown or dead, 2 the session
 --          has no owner (for a user: no such session), 3 another user owns it.
