@@ -11,7 +11,7 @@
 //! none: [`Principal::owner_required`] hands the rule to the heartbeat's own
 //! script call.
 
-use tracker_core::{ConnectionView, SessionId, SessionView, UserId};
+use tracker_core::{ConnectionView, NotOwner, SessionId, SessionView, UserId};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -151,9 +151,18 @@ pub async fn authorize(
 /// unknown, so an unknown owner is a 404, another user's a 403.
 pub fn check_owner(me: &UserId, owner: Option<&str>) -> Result<(), ApiError> {
     match owner {
-        None => Err(ApiError::SessionNotFound),
+        None => Err(not_owner(NotOwner::NoOwner)),
         Some(owner) if owner == me.as_str() => Ok(()),
-        Some(_) => Err(ApiError::Forbidden(OTHER_OWNER)),
+        Some(_) => Err(not_owner(NotOwner::OtherOwner)),
+    }
+}
+
+/// What a plain user hears when the store refused it as not the session's
+/// owner: the same answers as [`check_owner`]'s.
+pub fn not_owner(why: NotOwner) -> ApiError {
+    match why {
+        NotOwner::NoOwner => ApiError::SessionNotFound,
+        NotOwner::OtherOwner => ApiError::Forbidden(OTHER_OWNER),
     }
 }
 

@@ -34,8 +34,8 @@ pub use keys::{KeySpace, ShardId, ShardKey};
 pub use store::{
     redact_url, Announcement, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch,
     Expired, FinishOutcome, HeartbeatAck, HeartbeatOutcome, HibernationReason, IdleSource,
-    IdleTimeout, Limits, MalformedEntry, NewConnection, OutboxEntry, OutboxRead, PendingWake,
-    RedisMode, RegisterOutcome, Registered, SessionMeta, Signal, SignalListener, Stats, Store,
-    StoreConfig, Sweep, Term, WakeListener, Warning, Written,
+    IdleTimeout, Limits, MalformedEntry, NewConnection, NotOwner, OutboxEntry, OutboxRead,
+    PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta, Signal, SignalListener,
+    Stats, Store, StoreConfig, Sweep, Term, WakeListener, Warning, Written,
 };
 pub use store::{Declared, EventAck, EventKind, EventRead, QueuedEvent, WakeAnnounce};

@@ -16,7 +16,7 @@ use tracker_core::{
 };
 use utoipa::ToSchema;
 
-use crate::access::{authorize, authorize_connection, Principal, OTHER_OWNER};
+use crate::access::{authorize, authorize_connection, not_owner, Principal};
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, ErrorBody, LimitKind};
 use crate::extract::{ApiJson, ConnectionIdPath, ConnectionPath, SessionPath};
@@ -111,8 +111,7 @@ pub async fn register_connection(
     let outcome = state.store.register_as(new, state.limits, owner).await?;
     let (result, answer) = match outcome {
         // Refused as the check before would have: not a registration.
-        RegisterOutcome::NoOwner => return Err(ApiError::SessionNotFound),
-        RegisterOutcome::OtherOwner => return Err(ApiError::Forbidden(OTHER_OWNER)),
+        RegisterOutcome::NotOwner(why) => return Err(not_owner(why)),
         RegisterOutcome::Created(r) => (RegistrationResult::Created, Ok((r, true))),
         RegisterOutcome::Replayed(r) => (RegistrationResult::Replayed, Ok((r, false))),
         RegisterOutcome::Terminated => (
@@ -267,8 +266,7 @@ pub async fn heartbeat(
                 state.metrics.heartbeats(HeartbeatResult::Unknown, 1);
                 Err(ApiError::ConnectionNotFound)
             }
-            HeartbeatOutcome::NoOwner => Err(ApiError::SessionNotFound),
-            HeartbeatOutcome::OtherOwner => Err(ApiError::Forbidden(OTHER_OWNER)),
+            HeartbeatOutcome::NotOwner(why) => Err(not_owner(why)),
         }
     }
     .instrument(span)

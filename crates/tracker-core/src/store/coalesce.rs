@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use tokio::sync::oneshot;
 
 use crate::error::Result;
+use crate::store::NotOwner;
 
 /// Calls in flight per group. Two keep Redis busy while a reply travels back.
 pub(crate) const MAX_IN_FLIGHT: usize = 2;
@@ -51,8 +52,7 @@ pub(crate) enum Beat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
     Unknown,
-    NoOwner,
-    OtherOwner,
+    NotOwner(NotOwner),
 }
 
 #[derive(Debug, Default)]

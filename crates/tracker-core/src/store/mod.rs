@@ -452,8 +452,8 @@ impl Store {
             Some("terminated") => RegisterOutcome::Terminated,
             Some("session_limit") => RegisterOutcome::SessionLimit,
             Some("conflict") => RegisterOutcome::Conflict,
-            Some("no_owner") => RegisterOutcome::NoOwner,
-            Some("other_owner") => RegisterOutcome::OtherOwner,
+            Some("no_owner") => RegisterOutcome::NotOwner(NotOwner::NoOwner),
+            Some("other_owner") => RegisterOutcome::NotOwner(NotOwner::OtherOwner),
             _ => return Err(bad_reply(op, &reply)),
         };
         match &outcome {
@@ -650,8 +650,7 @@ impl Store {
         Ok(match beat {
             Beat::Alive(ms) => HeartbeatOutcome::Alive(self.ack(ms)),
             Beat::Refused(Refusal::Unknown) => HeartbeatOutcome::Unknown,
-            Beat::Refused(Refusal::NoOwner) => HeartbeatOutcome::NoOwner,
-            Beat::Refused(Refusal::OtherOwner) => HeartbeatOutcome::OtherOwner,
+            Beat::Refused(Refusal::NotOwner(why)) => HeartbeatOutcome::NotOwner(why),
         })
     }
 
@@ -716,8 +715,8 @@ impl Store {
             .map(|&r| {
                 let why = match r % 4 {
                     1 => Refusal::Unknown,
-                    2 => Refusal::NoOwner,
-                    3 => Refusal::OtherOwner,
+                    2 => Refusal::NotOwner(NotOwner::NoOwner),
+                    3 => Refusal::NotOwner(NotOwner::OtherOwner),
                     _ => return Err(bad_reply(op, &reply)),
                 };
                 usize::try_from(r / 4 - 1)

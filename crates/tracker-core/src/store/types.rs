@@ -171,10 +171,18 @@ pub enum RegisterOutcome {
     /// The connection id names another connection: of another session or
     /// user, or one that ended. An id names one connection for ever.
     Conflict,
-    /// The caller had to own the session ([`crate::Store::register_as`]),
-    /// and it has no owner: for a user, there is no such session.
+    /// The caller had to own the session ([`crate::Store::register_as`])
+    /// and does not.
+    NotOwner(NotOwner),
+}
+
+/// Why a caller who had to own a session (a plain user) was refused by the
+/// call that would have acted on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotOwner {
+    /// The session has no owner: for a user, there is no such session.
     NoOwner,
-    /// The caller had to own the session, and another user owns it.
+    /// Another user owns the session.
     OtherOwner,
 }
 
@@ -191,10 +199,8 @@ pub enum HeartbeatOutcome {
     Alive(HeartbeatAck),
     /// The connection is closed, swept or dead (or was never registered).
     Unknown,
-    /// The session has no owner: for a user, there is no such session.
-    NoOwner,
-    /// Another user owns the session.
-    OtherOwner,
+    /// The caller had to own the session and does not.
+    NotOwner(NotOwner),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    ConnectionId, EndReason, HeartbeatOutcome, IdleTimeout, Limits, Protocol, RegisterOutcome,
-    ResourceState, SessionId, SessionMeta, SessionState, ShardKey, Signal, Store, StoreConfig,
-    Term, UserAgent, UserId,
+    ConnectionId, EndReason, HeartbeatOutcome, IdleTimeout, Limits, NotOwner, Protocol,
+    RegisterOutcome, ResourceState, SessionId, SessionMeta, SessionState, ShardKey, Signal, Store,
+    StoreConfig, Term, UserAgent, UserId,
 };
 
 use crate::support::*;
@@ -479,8 +479,8 @@ async fn concurrent_single_heartbeats_each_get_their_own_answer(backend: Backend
         let got = match outcome {
             HeartbeatOutcome::Alive(_) => "alive",
             HeartbeatOutcome::Unknown => "unknown",
-            HeartbeatOutcome::NoOwner => "no owner",
-            HeartbeatOutcome::OtherOwner => "other owner",
+            HeartbeatOutcome::NotOwner(NotOwner::NoOwner) => "no owner",
+            HeartbeatOutcome::NotOwner(NotOwner::OtherOwner) => "other owner",
         };
         assert_eq!(got, expected, "{pair:?} as {caller:?}");
     }
@@ -500,7 +500,7 @@ async fn a_heartbeat_refused_to_its_caller_records_nothing(backend: Backend) {
         .heartbeat_as(&s, c.connection_id, Some(&uid("bob")))
         .await
         .unwrap();
-    assert_eq!(refused, HeartbeatOutcome::OtherOwner);
+    assert_eq!(refused, HeartbeatOutcome::NotOwner(NotOwner::OtherOwner));
     let view = store
         .get_connection(c.connection_id)
         .await
@@ -540,7 +540,7 @@ async fn a_users_registration_checks_the_owner_in_the_call_that_registers(backen
     let refused = register("alice", Some("alice")).await;
     assert_eq!(
         refused,
-        RegisterOutcome::NoOwner,
+        RegisterOutcome::NotOwner(NotOwner::NoOwner),
         "deleted: no such session"
     );
     // Created again for bob.
@@ -557,7 +557,7 @@ async fn a_users_registration_checks_the_owner_in_the_call_that_registers(backen
     };
     store.mirror_session(&bobs, Term(1)).await.unwrap();
     let refused = register("alice", Some("alice")).await;
-    assert_eq!(refused, RegisterOutcome::OtherOwner);
+    assert_eq!(refused, RegisterOutcome::NotOwner(NotOwner::OtherOwner));
     assert!(store.list_connections(&s).await.unwrap().is_empty());
     let view = store.session(&s).await.unwrap().unwrap();
     assert_eq!(view.state, SessionState::Hibernated, "no wake asked for");

@@ -48,8 +48,8 @@ use redis::cluster_async::ClusterConnection;
 use tracker_core::testing::Backend;
 use tracker_core::{
     Claim, ClaimOutcome, ClaimRefusal, ClockOffset, ConnectionId, EndReason, FinishOutcome,
-    IdleTimeout, Limits, NewConnection, Protocol, RegisterOutcome, ResourceState, SessionId,
-    SessionMeta, SessionState, ShardKey, Store, Term, Written,
+    IdleTimeout, Limits, NewConnection, NotOwner, Protocol, RegisterOutcome, ResourceState,
+    SessionId, SessionMeta, SessionState, ShardKey, Store, Term, Written,
 };
 
 use crate::support;
@@ -1374,8 +1374,8 @@ impl Case {
             RegisterOutcome::Replayed(r) => ("replayed", Some(r)),
             RegisterOutcome::Terminated => ("terminated", None),
             RegisterOutcome::Conflict => ("conflict", None),
-            RegisterOutcome::NoOwner => ("no owner", None),
-            RegisterOutcome::OtherOwner => ("other owner", None),
+            RegisterOutcome::NotOwner(NotOwner::NoOwner) => ("no owner", None),
+            RegisterOutcome::NotOwner(NotOwner::OtherOwner) => ("other owner", None),
             other => panic!("no limits are set, yet {other:?}"),
         };
         let name = self.conn_name(id);

@@ -46,8 +46,8 @@ use serde::Serialize;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 use tracker_core::{
-    ConnectionId, ConnectionView, HeartbeatOutcome, NewConnection, Protocol, Registered, SessionId,
-    SessionState, SessionView, UserAgent, UserId,
+    ConnectionId, ConnectionView, HeartbeatOutcome, NewConnection, NotOwner, Protocol, Registered,
+    SessionId, SessionState, SessionView, UserAgent, UserId,
 };
 use utoipa::ToSchema;
 
@@ -477,12 +477,14 @@ async fn serve(
                                 state.metrics.heartbeats(HeartbeatResult::Unknown, 1);
                                 return why_gone(state, session_id).await;
                             }
-                            Ok(HeartbeatOutcome::OtherOwner) => return End::OtherOwner,
+                            Ok(HeartbeatOutcome::NotOwner(NotOwner::OtherOwner)) => {
+                                return End::OtherOwner
+                            }
                             // The Session was deleted (perhaps to be created
                             // again): not recorded, as for an HTTP heartbeat.
                             // An owner back within the window keeps the
                             // socket; otherwise its connection has expired.
-                            Ok(HeartbeatOutcome::NoOwner) => {
+                            Ok(HeartbeatOutcome::NotOwner(NotOwner::NoOwner)) => {
                                 let since = *unowned_since.get_or_insert_with(Instant::now);
                                 if since.elapsed() >= window {
                                     return End::Gone;
