@@ -105,8 +105,8 @@ enum Served {
     Failed { what: &'static str, error: String },
     /// Our patch landed, or may have, and no wake is recorded for it: the
     /// recording failed, the patch's answer was lost (a timeout, a 5xx), or
-    /// it was a 409, which kube's client gives when it retried a PATCH
-    /// answered 503/504 whose first attempt was applied. The Session found
+    /// it was a 409, which a hop that retries a PATCH answered 503/504 gives
+    /// when the first attempt was applied. The Session found
     /// running next is recorded as our wake (event and history), not as
     /// someone else's. With an `error`, retried after a growing delay (and
     /// `what` logged); without (a conflict), read again at the next poll.
@@ -443,7 +443,7 @@ impl Server {
                     }
                     Err(e) if e.is_conflict() => {
                         // Changed since our read, by someone else or by our
-                        // own patch retried by the client: read again at the
+                        // own patch retried on the way: read again at the
                         // next poll.
                         self.metrics.wake(WakeResult::Conflict);
                         tracing::debug!("Session changed while waking; retried");
