@@ -33,9 +33,9 @@ pub use error::{Error, Result};
 pub use keys::{KeySpace, ShardId, ShardKey};
 pub use store::{
     redact_url, Announcement, BatchOutcome, Claim, ClaimOutcome, ClaimRefusal, ClockOffset, Epoch,
-    Expired, FinishOutcome, HeartbeatAck, HeartbeatOutcome, HibernationReason, IdleSource,
-    IdleTimeout, Limits, MalformedEntry, NewConnection, NotOwner, OutboxEntry, OutboxRead,
-    PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta, Signal, SignalListener,
-    Stats, Store, StoreConfig, Sweep, Term, WakeListener, Warning, Written,
+    Expired, FinishOutcome, HeartbeatAck, HeartbeatOutcome, HibernationNotice, HibernationReason,
+    IdleSource, IdleTimeout, Limits, MalformedEntry, NewConnection, NotOwner, OutboxEntry,
+    OutboxRead, PendingWake, RedisMode, RegisterOutcome, Registered, SessionMeta, Signal,
+    SignalListener, Stats, Store, StoreConfig, Sweep, Term, WakeListener, Warning, Written,
 };
 pub use store::{Declared, EventAck, EventKind, EventRead, QueuedEvent, WakeAnnounce};

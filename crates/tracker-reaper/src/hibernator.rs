@@ -36,7 +36,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracker_core::{
-    Announcement, Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, HibernationReason,
+    Claim, ClaimOutcome, ClaimRefusal, Epoch, FinishOutcome, HibernationNotice, HibernationReason,
     IdleTimeout, ResourceState, SessionId, SessionMeta, ShardId, Store, Warning, Written,
 };
 
@@ -135,8 +135,8 @@ pub struct Hibernator {
     /// Consecutive failed patches per session, for the retry backoff.
     failures: HashMap<SessionId, u32>,
     /// Hibernations that landed but whose record failed (Redis did not
-    /// answer): recorded again each tick until Redis answers, so the event
-    /// the record queues is not lost. The watch records the state meanwhile.
+    /// answer): recorded again each tick until Redis answers. The watch
+    /// records the state (and the claim's event) too, but may miss it.
     unrecorded: HashMap<SessionId, Unrecorded>,
     /// Patches released as unsure that may still land: read again until the
     /// Session moves on or [`LATE_LANDING`] passes, so that a landing the
@@ -146,12 +146,11 @@ pub struct Hibernator {
     facts: leader_facts::Publisher,
 }
 
-/// A landed hibernation to record again: the same call, the same event id.
+/// A landed hibernation to record again.
 #[derive(Debug)]
 struct Unrecorded {
     uid: Option<String>,
     generation: Option<i64>,
-    event: Option<Announcement>,
 }
 
 /// A patch whose answer was lost and which the Session did not show yet.
@@ -349,14 +348,19 @@ impl Hibernator {
                         id,
                         lifetime,
                         term,
-                        Some(&event),
+                        HibernationNotice::WithClaim(&event),
                         warning.as_ref(),
                     )
                     .await
             }
             _ => {
+                // Announced once the patch is seen to land, by whoever sees it.
+                let event = self.announcer.announcement_if_enabled("idle_timeout");
+                let notice = event
+                    .as_ref()
+                    .map_or(HibernationNotice::Silent, HibernationNotice::OnLanding);
                 self.store
-                    .claim_hibernation_announcing(id, lifetime, term, None, warning.as_ref())
+                    .claim_hibernation_announcing(id, lifetime, term, notice, warning.as_ref())
                     .await
             }
         };
@@ -606,13 +610,11 @@ impl Hibernator {
         details: serde_json::Value,
     ) {
         self.failures.remove(id);
-        // Announced by the script that records the change, never holding it up.
-        let event = self
-            .announcer
-            .announcement_if_enabled(event_reason(claim.reason));
+        // The claim's event (with NATS) is queued by the script that records
+        // the landing, whichever records it first: this one or the mirror's.
         let finished = self
             .store
-            .finish_hibernation_announcing(id, self.fence.term(), uid, generation, event.as_ref())
+            .finish_hibernation(id, self.fence.term(), uid, generation)
             .await;
         match finished {
             Ok(FinishOutcome::Fenced) => {
@@ -629,8 +631,8 @@ impl Hibernator {
             }
             Ok(FinishOutcome::Finished) => {}
             Err(e) => {
-                // Nor is the event queued: it goes with the record. The patch
-                // landed: record it again once Redis answers.
+                // The patch landed: record it again once Redis answers (the
+                // watch may record it first; either queues the claim's event).
                 self.metrics.store_error(Task::Hibernate);
                 tracing::warn!(error = %e, "recording a finished hibernation failed; recorded again once Redis answers");
                 self.unrecorded.insert(
@@ -638,7 +640,6 @@ impl Hibernator {
                     Unrecorded {
                         uid: uid.map(str::to_owned),
                         generation,
-                        event: event.clone(),
                     },
                 );
             }
@@ -651,7 +652,7 @@ impl Hibernator {
         );
         self.metrics.hibernation(HibernationResult::Hibernated);
         tracing::info!("Session hibernated");
-        if event.is_some() {
+        if self.announcer.enabled() {
             self.announcer.nudge();
         }
     }
@@ -665,24 +666,17 @@ impl Hibernator {
             };
             let recorded = self
                 .store
-                .finish_hibernation_announcing(
-                    &id,
-                    self.fence.term(),
-                    u.uid.as_deref(),
-                    u.generation,
-                    u.event.as_ref(),
-                )
+                .finish_hibernation(&id, self.fence.term(), u.uid.as_deref(), u.generation)
                 .await;
             match recorded {
                 Ok(outcome) => {
                     tracing::info!(session_id = %id, ?outcome, "a hibernation recorded late");
-                    let announced = u.event.is_some();
                     self.unrecorded.remove(&id);
                     if outcome == FinishOutcome::Fenced {
                         self.fence.fenced("finish_hibernation");
                         return;
                     }
-                    if announced {
+                    if self.announcer.enabled() {
                         self.announcer.nudge();
                     }
                 }

@@ -7,7 +7,9 @@
 --          then optionally an announcement of the hibernation: event id,
 --          platform, reason (the claim's own reason replaces it for a max
 --          duration), and of a warning: event id, platform, reason (unused:
---          always max_duration) ('' each for none)
+--          always max_duration) ('' each for none), then '1' when the
+--          hibernation's announcement is for its landing (Kubernetes with
+--          NATS) rather than for the claim (the docker platform)
 -- Returns  {'claimed', generation, uid, idle timeout ms or 'off', reason,
 --          max duration ms, connection id, user id, ...} ('' where unknown),
 --          reason 'idle' or 'max_duration', then the connections the claim
@@ -35,6 +37,10 @@
 --          claim and a second event. A warning's event (where NATS is
 --          configured) is queued with the warning, so it is published
 --          exactly when the warning is recorded, whatever happens next.
+--          Kubernetes with NATS: the claim carries its hibernate event (hn)
+--          for whoever records the patch's landing, a finish or the mirror
+--          (announce_landing in common.lua), so a landing recorded by another
+--          leader, or found late by a read or the watch, is announced too.
 --          An earlier patch released as unsure (lp/lx) is held to this new
 --          decision: connections made before it no longer ask for a wake
 --          if a hibernation lands.
@@ -122,13 +128,15 @@ if kind == 'max_duration' then
     if last_conn then note_ended(S, m, 0, last_conn, last_end) end
   end
 end
-if eid ~= '' then
+local why = kind == 'max_duration' and 'max_duration' or ARGV[9]
+if eid ~= '' and ARGV[13] ~= '1' then
   set_meta(S, m, 'hx', nil)
   set_meta(S, m, 'he', eid)
-  local why = kind == 'max_duration' and 'max_duration' or ARGV[9]
   emit_event(S, m, eid, 'hibernate', ARGV[8], why, now, true)
 else
   set_meta(S, m, 'hx', ms(now + life))
+  -- Always written: an older claim's event is not this one's.
+  set_meta(S, m, 'hn', eid ~= '' and table.concat({ eid, ARGV[8], why }, ' ') or nil)
 end
 local after = snapshot(S, m)
 account(before, after)

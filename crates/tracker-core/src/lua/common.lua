@@ -46,7 +46,9 @@
 --       (IdleSource: s spec, d default, a annotation, e empty, x invalid);
 --       gen resource generation (of a declared session: its declaration
 --       counter); he / we the event id of a hibernate / wake announced to
---       NATS and not yet acknowledged;
+--       NATS and not yet acknowledged; hn the hibernate event a claim's patch
+--       announces once it is seen to land, whoever records that (Kubernetes
+--       with NATS): "<event id> <platform> <reason>";
 --       ph phase: "h" hibernating (claimed), "w" waking (wake pending);
 --       hx claim lapses at (ms); ht term of the claim's holder;
 --       hr why it was claimed: "idle" or "max_duration";
@@ -420,7 +422,7 @@ end
 -- takes the name, and when the session is forgotten; one list, so a field
 -- added to the lifecycle is dropped everywhere.
 local function drop_identity(S, m)
-  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'lp', 'lx', 'he', 'we', 'rs', 'wn', 'wq' }) do
+  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'lp', 'lx', 'he', 'hn', 'we', 'rs', 'wn', 'wq' }) do
     set_meta(S, m, f, nil)
   end
   redis.call('ZREM', K_WAKE, S.id)
@@ -437,6 +439,25 @@ local function record_settings(S, m, owner, ks, ito, ios, md, wb)
   set_meta(S, m, 'md', md ~= '' and md or nil)
   set_meta(S, m, 'wb', wb)
   redis.call('SADD', K_KNOWN, S.id)
+end
+
+-- Queues a session event for NATS in the script that makes the change it
+-- announces, so the change and its announcement happen together or not at
+-- all. `finishes`: the event's acknowledgement completes the change (the
+-- docker platform), so its entry carries the generation it was decided on.
+local function emit_event(S, m, eid, kind, platform, reason, now, finishes)
+  redis.call('XADD', K_EVENTS, '*', 'e', eid, 'k', kind, 's', S.id,
+    'u', m.own or '', 'p', platform, 'r', reason, 't', ms(now),
+    'g', m.gen or '', 'x', finishes and '1' or '0', 'su', m.uid or '')
+end
+
+-- The hibernation a claim patched landed (a finish, or the mirror seeing it):
+-- queue the hibernate event the claim carries, once, whoever records it.
+local function announce_landing(S, m, now)
+  if not m.hn then return end
+  local eid, platform, reason = string.match(m.hn, '^(%S+) (%S+) (%S+)$')
+  if eid then emit_event(S, m, eid, 'hibernate', platform, reason, now, false) end
+  set_meta(S, m, 'hn', nil)
 end
 
 -- Follows a state the platform reports (a Session resource, or a declaration
@@ -456,6 +477,17 @@ local function follow_state(S, m, was, n, now, window)
     if was ~= 'running' or not m.rs then start_period(S, m, now) end
   else
     end_period(S, m)
+  end
+  if m.hn and m.ks ~= 'running' then
+    -- Hibernated from running while a claim was on (ended by a wake since,
+    -- or not), or while its released patch could still land: the claim's
+    -- hibernation happened, by our patch or someone else's. Anything else
+    -- is not the claim's news.
+    if m.ks == 'hibernated' and was == 'running'
+        and (m.ph or (m.lx and now <= tonumber(m.lx))) then
+      announce_landing(S, m, now)
+    end
+    set_meta(S, m, 'hn', nil)
   end
   if (m.ks == 'hibernated' and m.ph == 'h') or m.ks == 'terminated' then
     set_meta(S, m, 'ph', nil)
@@ -478,14 +510,4 @@ local function follow_state(S, m, was, n, now, window)
     set_meta(S, m, 'lp', nil)
     set_meta(S, m, 'lx', nil)
   end
-end
-
--- Queues a session event for NATS in the script that makes the change it
--- announces, so the change and its announcement happen together or not at
--- all. `finishes`: the event's acknowledgement completes the change (the
--- docker platform), so its entry carries the generation it was decided on.
-local function emit_event(S, m, eid, kind, platform, reason, now, finishes)
-  redis.call('XADD', K_EVENTS, '*', 'e', eid, 'k', kind, 's', S.id,
-    'u', m.own or '', 'p', platform, 'r', reason, 't', ms(now),
-    'g', m.gen or '', 'x', finishes and '1' or '0', 'su', m.uid or '')
 end

@@ -2,9 +2,7 @@
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, uid of the
---          patched resource, its generation ('' if unknown), then the
---          hibernate event to queue for NATS: event id, platform, reason
---          ('' each for none)
+--          patched resource, its generation ('' if unknown)
 -- Returns  'finished' when recorded and this term's claim ended; 'fenced' when
 --          a newer leader wrote here; 'not_claimed' when recorded but the claim
 --          is not this term's any more (lapsed and taken, rolled back, or ended
@@ -14,14 +12,14 @@
 -- Atomic   the end of the claim with the state change, which also ends the
 --          running period (max duration). A wake recorded while
 --          the patch was in flight stays pending, so it is not lost; a live
---          connection found now records one. The event, if any, is queued
---          with the state whoever's claim it was (the patch landed), but not
---          when fenced or stale: the store knows a newer state of the
---          Session, whose own event may be queued already, and a hibernate
---          event after it would tell consumers the wrong end state. The
---          reaper calls this again with the same event when Redis failed to
---          answer; a call that ran but whose answer was lost queues the event
---          twice under one id, which NATS keeps once.
+--          connection found now records one. The hibernate event the claim
+--          carries (Kubernetes with NATS), if the mirror has not queued it
+--          yet, is queued with the state whoever's claim it was (the patch
+--          landed), but not when fenced or stale: the store knows a newer
+--          state of the Session, whose own event may be queued already, and
+--          a hibernate event after it would tell consumers the wrong end
+--          state. Queued once: the claim's event is gone once queued, so a
+--          call repeated after a lost answer queues nothing more.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
@@ -52,9 +50,7 @@ if not gen or not m.gen or gen >= tonumber(m.gen) then
   set_meta(S, m, 'lp', nil)
   set_meta(S, m, 'lx', nil)
   if gen then set_meta(S, m, 'gen', ms(gen)) end
-  if (ARGV[7] or '') ~= '' then
-    emit_event(S, m, ARGV[7], 'hibernate', ARGV[8], ARGV[9], now, false)
-  end
+  announce_landing(S, m, now)
   wake_if_in_use(S, m, now, window)
 else
   outcome = 'stale'

@@ -36,6 +36,8 @@ set_meta(S, m, 'hx', nil)
 set_meta(S, m, 'ht', nil)
 set_meta(S, m, 'hr', nil)
 set_meta(S, m, 'nb', ms(now + delay))
+-- A patch that may still land keeps its event for the landing (follow_state).
+if not may_land then set_meta(S, m, 'hn', nil) end
 account(before, snapshot(S, m))
 refresh_due(S, m, before.n)
 return 1

@@ -1166,22 +1166,31 @@ impl Store {
         term: Term,
         dry_run: bool,
     ) -> Result<ClaimOutcome> {
-        self.claim(session, lifetime, term, dry_run, None, None)
-            .await
+        self.claim(
+            session,
+            lifetime,
+            term,
+            dry_run,
+            HibernationNotice::Silent,
+            None,
+        )
+        .await
     }
 
-    /// [`Store::claim_hibernation`] that queues NATS events in the claim's
-    /// own script (never a dry run: a dry run announces nothing):
-    /// `hibernation` with the claim (the docker platform: the claim then ends
-    /// when NATS acknowledges it, see [`Store::claim_hibernation_announced`]),
-    /// `warning` if the claim records the warning before a max duration. An
-    /// event so queued is published exactly when its change is made.
+    /// [`Store::claim_hibernation`] that announces on NATS (never a dry run:
+    /// a dry run announces nothing): the `hibernation` as its notice says
+    /// (with the claim on the docker platform: the claim then ends when NATS
+    /// acknowledges it, see [`Store::claim_hibernation_announced`]; or once
+    /// the patch is seen to land), and `warning` if the claim records the
+    /// warning before a max duration. An event is queued by the script that
+    /// makes the change it announces, so it is published exactly when the
+    /// change is made.
     pub async fn claim_hibernation_announcing(
         &self,
         session: &SessionId,
         lifetime: Duration,
         term: Term,
-        hibernation: Option<&Announcement>,
+        hibernation: HibernationNotice<'_>,
         warning: Option<&Announcement>,
     ) -> Result<ClaimOutcome> {
         self.claim(session, lifetime, term, false, hibernation, warning)
@@ -1194,16 +1203,22 @@ impl Store {
         lifetime: Duration,
         term: Term,
         dry_run: bool,
-        hibernation: Option<&Announcement>,
+        hibernation: HibernationNotice<'_>,
         warning: Option<&Announcement>,
     ) -> Result<ClaimOutcome> {
         let op = &self.scripts.claim_hibernation;
+        let (event, on_landing) = match hibernation {
+            HibernationNotice::Silent => (None, false),
+            HibernationNotice::WithClaim(e) => (Some(e), false),
+            HibernationNotice::OnLanding(e) => (Some(e), true),
+        };
         let args = (
             millis(lifetime),
             term.0,
             u8::from(dry_run),
-            event_args(hibernation),
+            event_args(event),
             event_args(warning),
+            u8::from(on_landing),
         );
         let reply: Vec<String> = self.eval_session(op, session, args).await?;
         self.claim_reply(session, &reply).await
@@ -1263,7 +1278,10 @@ impl Store {
         }
     }
 
-    /// The hibernation patch landed on the resource `uid` (with its new generation).
+    /// The hibernation patch landed on the resource `uid` (with its new
+    /// generation). The hibernate event the claim carries
+    /// ([`HibernationNotice::OnLanding`]) is queued with the record, unless
+    /// the mirror queued it already.
     pub async fn finish_hibernation(
         &self,
         session: &SessionId,
@@ -1271,28 +1289,8 @@ impl Store {
         uid: Option<&str>,
         generation: Option<i64>,
     ) -> Result<FinishOutcome> {
-        self.finish_hibernation_announcing(session, term, uid, generation, None)
-            .await
-    }
-
-    /// [`Store::finish_hibernation`] that also queues `event`, the hibernate
-    /// event for NATS, in the same script (unless fenced), so it is published
-    /// exactly when the hibernation is recorded.
-    pub async fn finish_hibernation_announcing(
-        &self,
-        session: &SessionId,
-        term: Term,
-        uid: Option<&str>,
-        generation: Option<i64>,
-        event: Option<&Announcement>,
-    ) -> Result<FinishOutcome> {
         let op = &self.scripts.finish_hibernation;
-        let args = (
-            term.0,
-            uid.unwrap_or_default(),
-            opt_i64(generation),
-            event_args(event),
-        );
+        let args = (term.0, uid.unwrap_or_default(), opt_i64(generation));
         let reply: String = self.eval_session(op, session, args).await?;
         match reply.as_str() {
             "finished" => Ok(FinishOutcome::Finished),
@@ -1472,7 +1470,8 @@ impl Store {
         event: &Announcement,
     ) -> Result<ClaimOutcome> {
         // Such a claim does not lapse: no lifetime.
-        self.claim(session, Duration::ZERO, term, false, Some(event), None)
+        let notice = HibernationNotice::WithClaim(event);
+        self.claim(session, Duration::ZERO, term, false, notice, None)
             .await
     }
 

@@ -583,6 +583,21 @@ impl Announcement {
     }
 }
 
+/// How a claim's hibernation is announced on NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HibernationNotice<'a> {
+    /// Not announced (no NATS, or a dry run).
+    Silent,
+    /// Queued with the claim; NATS's acknowledgement completes the
+    /// hibernation (the docker platform).
+    WithClaim(&'a Announcement),
+    /// Carried by the claim and queued when its patch is seen to land, by
+    /// whoever records that: this leader's finish, another leader's, or the
+    /// mirror (Kubernetes with NATS). So a landing found late, by a read
+    /// again or the watch, or recorded by the next leader is announced too.
+    OnLanding(&'a Announcement),
+}
+
 /// A session event waiting in a shard's event outbox for NATS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedEvent {

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tracker_core::testing::Backend;
 use tracker_core::{
-    Announcement, ClaimOutcome, ClaimRefusal, ClockOffset, EndReason, FinishOutcome, Limits,
-    Protocol, RegisterOutcome, ResourceState, SessionId, SessionState, ShardKey, Store, Term,
-    Written,
+    Announcement, ClaimOutcome, ClaimRefusal, ClockOffset, EndReason, EventKind, FinishOutcome,
+    HibernationNotice, Limits, Protocol, RegisterOutcome, ResourceState, SessionId, SessionState,
+    ShardKey, Store, Term, Written,
 };
 
 use crate::support::*;
@@ -38,6 +38,9 @@ crate::both!(
     a_late_landing_after_a_wake_ended_the_claim_still_wakes,
     a_dead_connection_not_yet_swept_wakes_a_resource_created_before_it,
     a_late_finish_announces_unless_the_session_moved_on,
+    a_landing_recorded_by_the_next_leader_is_announced,
+    a_released_patch_landing_late_is_announced_while_it_may_land,
+    a_landing_after_a_wake_ended_the_claim_is_announced,
     a_new_claim_after_a_released_patch_is_not_undone_when_it_lands,
 );
 
@@ -49,6 +52,31 @@ const T2: Term = Term(2);
 async fn claimed(store: &Store, s: &SessionId, term: Term) {
     let outcome = store.claim_hibernation(s, CLAIM, term).await.unwrap();
     assert!(matches!(outcome, ClaimOutcome::Claimed(_)), "{outcome:?}");
+}
+
+/// `term` claims the session's hibernation carrying its event for the
+/// landing (Kubernetes with NATS), which must succeed and queue nothing yet.
+async fn claimed_announcing(store: &Store, s: &SessionId, term: Term) -> Announcement {
+    let before = queued(store).await.len();
+    let event = Announcement::new("kubernetes", "idle_timeout");
+    let notice = HibernationNotice::OnLanding(&event);
+    let outcome = store
+        .claim_hibernation_announcing(s, CLAIM, term, notice, None)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Claimed(_)), "{outcome:?}");
+    assert_eq!(queued(store).await.len(), before, "announced before it landed");
+    event
+}
+
+/// What is queued for NATS: kinds and event ids.
+async fn announced(store: &Store) -> Vec<(EventKind, String)> {
+    let events = queued(store).await;
+    events.into_iter().map(|e| (e.kind, e.event_id)).collect()
+}
+
+fn hibernate(event: &Announcement) -> (EventKind, String) {
+    (EventKind::Hibernate, event.event_id.clone())
 }
 
 /// A running session idle past its timeout, claimed by `T1`, then connected
@@ -581,75 +609,166 @@ async fn a_late_landing_after_a_wake_ended_the_claim_still_wakes(backend: Backen
 
 /// Finding: on Kubernetes with NATS, the hibernate and wake events were
 /// queued by a call of their own after the patch was recorded: a leader dying
-/// in between lost them. Now the recording script queues them, and a fenced
-/// leader's record queues nothing.
+/// in between lost them. Now the recording script queues them (the
+/// hibernation's is the one its claim carries), a fenced leader's record
+/// queues nothing, and a record repeated after a lost answer nothing more.
 async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
     mirror_as(&store, T2, &s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(3));
-    claimed(&store, &s, T2).await;
-    let event = |reason| Announcement::new("kubernetes", reason);
+    let event = claimed_announcing(&store, &s, T2).await;
     let stale = store
-        .finish_hibernation_announcing(&s, T1, Some("u1"), Some(2), Some(&event("idle_timeout")))
+        .finish_hibernation(&s, T1, Some("u1"), Some(2))
         .await
         .unwrap();
     assert_eq!(stale, FinishOutcome::Fenced);
-    assert_eq!(store.events_backlog().await.unwrap(), 0);
-    let finished = store
-        .finish_hibernation_announcing(&s, T2, Some("u1"), Some(2), Some(&event("idle_timeout")))
-        .await
-        .unwrap();
-    assert_eq!(finished, FinishOutcome::Finished);
-    assert_eq!(store.events_backlog().await.unwrap(), 1);
+    assert!(queued(&store).await.is_empty());
+    for _ in 0..2 {
+        store
+            .finish_hibernation(&s, T2, Some("u1"), Some(2))
+            .await
+            .unwrap();
+        assert_eq!(announced(&store).await, [hibernate(&event)]);
+    }
     created(
         store
             .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
             .await
             .unwrap(),
     );
+    let woken = Announcement::new("kubernetes", "connection");
     let acked = store
-        .ack_wake_announcing(&s, T2, Some("u1"), Some(3), Some(&event("connection")))
+        .ack_wake_announcing(&s, T2, Some("u1"), Some(3), Some(&woken))
         .await
         .unwrap();
     assert_eq!(acked, Written::Done);
-    assert_eq!(store.events_backlog().await.unwrap(), 2);
+    assert_eq!(
+        announced(&store).await,
+        [hibernate(&event), (EventKind::Wake, woken.event_id.clone())]
+    );
     assert_eq!(state(&store, &s).await, SessionState::Running);
 }
 
 /// Finding: the record of a landed hibernation failed (Redis cut) and the
-/// watch recorded the state first; its event was lost with the record. The
-/// reaper records it again, which must still queue the event, once per call
-/// (NATS keeps one per id). But once the store knows a newer generation (the
-/// Session was woken since), a late hibernate event would follow the wake's
-/// and tell consumers the wrong end state: nothing is queued.
+/// watch recorded the state first: the hibernate event went with the
+/// reaper's record and was lost when the watch recorded the state first, or
+/// when the leader changed before the record was made again. The claim now
+/// carries its event, so the mirror queues it, and the late record queues
+/// nothing more. But once the store knows a newer generation (the Session
+/// was woken since), a late hibernate event would follow the wake's and tell
+/// consumers the wrong end state: nothing is queued.
 async fn a_late_finish_announces_unless_the_session_moved_on(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
     mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(3));
-    claimed(&store, &s, T1).await;
+    let event = claimed_announcing(&store, &s, T1).await;
     // The patch landed (generation 2); the watch records it before the finish.
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
-    let event = Announcement::new("kubernetes", "idle_timeout");
+    assert_eq!(announced(&store).await, [hibernate(&event)]);
     let late = store
-        .finish_hibernation_announcing(&s, T1, Some("u1"), Some(2), Some(&event))
+        .finish_hibernation(&s, T1, Some("u1"), Some(2))
         .await
         .unwrap();
     assert_eq!(late, FinishOutcome::NotClaimed);
-    assert_eq!(store.events_backlog().await.unwrap(), 1);
+    assert_eq!(announced(&store).await, [hibernate(&event)]);
 
-    // Woken since (generation 3): a finish of generation 2 queues nothing.
+    // Woken (3) and idle again: a new claim whose patch lands (4), but the
+    // Session is woken again (5) and the watch shows that first.
     mirror_as(&store, T1, &s, "u1", ResourceState::Running, 3).await;
-    let superseded = Announcement::new("kubernetes", "idle_timeout");
+    clock.advance(Duration::from_secs(3));
+    claimed_announcing(&store, &s, T1).await;
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 5).await;
     let stale = store
-        .finish_hibernation_announcing(&s, T1, Some("u1"), Some(2), Some(&superseded))
+        .finish_hibernation(&s, T1, Some("u1"), Some(4))
         .await
         .unwrap();
     assert_eq!(stale, FinishOutcome::Stale);
-    assert_eq!(store.events_backlog().await.unwrap(), 1);
+    assert_eq!(announced(&store).await, [hibernate(&event)]);
     // Running, no connection: idle, not hibernated.
     assert_eq!(state(&store, &s).await, SessionState::Idle);
+    // Hibernated later by someone else: not the old claim's news.
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 6).await;
+    assert_eq!(announced(&store).await, [hibernate(&event)]);
+}
+
+/// Finding (noted last stop): the claimer's patch landed, its record failed
+/// with Redis, and the leader changed before Redis answered again. The next
+/// leader's watch recorded the hibernation, but the event lived in the old
+/// leader's memory: lost. The claim carries it now.
+async fn a_landing_recorded_by_the_next_leader_is_announced(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(3));
+    let event = claimed_announcing(&store, &s, T1).await;
+    mirror_as(&store, T2, &s, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(announced(&store).await, [hibernate(&event)]);
+    assert_eq!(state(&store, &s).await, SessionState::Hibernated);
+    // The old leader's late record is fenced and queues nothing.
+    let late = store
+        .finish_hibernation(&s, T1, Some("u1"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(late, FinishOutcome::Fenced);
+    assert_eq!(announced(&store).await, [hibernate(&event)]);
+}
+
+/// A patch released as unsure that lands while it still may is the claim's
+/// hibernation: announced when the mirror sees it, once. One that shows up
+/// after that time is someone else's and is not.
+async fn a_released_patch_landing_late_is_announced_while_it_may_land(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let [s, t] = [sid("desk-1"), sid("desk-2")];
+    let may_land = Duration::from_secs(60);
+    for x in [&s, &t] {
+        mirror_as(&store, T1, x, "u1", ResourceState::Running, 1).await;
+    }
+    clock.advance(Duration::from_secs(3));
+    let mut events = Vec::new();
+    for x in [&s, &t] {
+        events.push(claimed_announcing(&store, x, T1).await);
+        let released = store
+            .rollback_unsure_hibernation(x, T1, Duration::from_secs(30), may_land)
+            .await
+            .unwrap();
+        assert_eq!(released, Written::Done);
+    }
+    assert!(queued(&store).await.is_empty());
+    clock.advance(Duration::from_secs(5));
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(announced(&store).await, [hibernate(&events[0])]);
+    clock.advance(may_land);
+    mirror_as(&store, T1, &t, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(announced(&store).await, [hibernate(&events[0])]);
+}
+
+/// A wake ends the claim while its patch is in flight; the patch lands and
+/// the watch shows it before the claimer records it: the hibernation is
+/// announced (and the wake recorded), as its own record would have.
+async fn a_landing_after_a_wake_ended_the_claim_is_announced(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    let event = claimed_announcing(&store, &s, T1).await;
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(announced(&store).await, [hibernate(&event)]);
+    assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
+    let late = store
+        .finish_hibernation(&s, T1, Some("u1"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(late, FinishOutcome::NotClaimed);
+    assert_eq!(announced(&store).await, [hibernate(&event)]);
 }
 
 /// Finding (races, seed 42, 2,000 episodes): a patch released as unsure

@@ -40,14 +40,6 @@ async fn state(store: &Store, s: &SessionId) -> SessionState {
     store.session(s).await.unwrap().expect("known").state
 }
 
-async fn queued(store: &Store) -> Vec<QueuedEvent> {
-    let mut all = Vec::new();
-    for shard in store.keys().shards() {
-        all.extend(store.events_read(shard, 100).await.unwrap().events);
-    }
-    all
-}
-
 /// Declares `s` running and idle past its timeout, then claims it with an
 /// announcement; answers the queued hibernate event.
 async fn claimed(store: &Store, clock: &tracker_core::ClockOffset, s: &SessionId) -> QueuedEvent {

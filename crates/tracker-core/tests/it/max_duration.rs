@@ -7,8 +7,8 @@ use std::time::Duration;
 use tracker_core::testing::{self, Backend};
 use tracker_core::{
     Announcement, ClaimOutcome, ClaimRefusal, ClockOffset, ConnectionId, EndReason, FinishOutcome,
-    HibernationReason, IdleTimeout, Limits, Protocol, ResourceState, SessionId, SessionMeta,
-    SessionState, Store, Term, Warning, Written,
+    HibernationNotice, HibernationReason, IdleTimeout, Limits, Protocol, ResourceState, SessionId,
+    SessionMeta, SessionState, Store, Term, Warning, Written,
 };
 
 use crate::support::*;
@@ -273,7 +273,9 @@ async fn the_warning_event_is_queued_by_the_claim_that_records_the_warning(backe
     connect(&store, &s, "alice").await;
     clock.advance(MAX - WARN);
     let event = Announcement::new("kubernetes", "max_duration");
-    let claim = |term| store.claim_hibernation_announcing(&s, CLAIM, term, None, Some(&event));
+    let claim = |term| {
+        store.claim_hibernation_announcing(&s, CLAIM, term, HibernationNotice::Silent, Some(&event))
+    };
     warned(claim(T).await.unwrap());
     assert_eq!(store.events_backlog().await.unwrap(), 1);
     // Recorded once: another leader's claim queues nothing more.

@@ -5,8 +5,8 @@ use futures::future::join_all;
 use tracker_core::testing::{self, Backend};
 use tracker_core::{
     ClockOffset, ConnectionId, IdleTimeout, Limits, NewConnection, OutboxEntry, Protocol,
-    RegisterOutcome, Registered, ResourceState, SessionId, SessionMeta, Store, Term, UserAgent,
-    UserId, Written,
+    QueuedEvent, RegisterOutcome, Registered, ResourceState, SessionId, SessionMeta, Store, Term,
+    UserAgent, UserId, Written,
 };
 
 /// The leader term of tests that play one leader.
@@ -197,6 +197,15 @@ pub async fn mirror_as(
     generation: i64,
 ) -> Written {
     mirror_created(store, term, session, uid, state, generation, None).await
+}
+
+/// Every session event queued for NATS, shard by shard, oldest first in each.
+pub async fn queued(store: &Store) -> Vec<QueuedEvent> {
+    let mut all = Vec::new();
+    for shard in store.keys().shards() {
+        all.extend(store.events_read(shard, 100).await.unwrap().events);
+    }
+    all
 }
 
 /// [`mirror_as`] for a resource created at `created_at`.

@@ -11,22 +11,13 @@ use tracker_core::testing::Backend;
 use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
 use tracker_e2e::nats_server::NatsServer;
 use tracker_reaper::config::Secret;
-use tracker_reaper::nats::{Payload, STREAM};
+use tracker_reaper::nats::Payload;
 use tracker_reaper::{Config, Platform};
 
 use crate::helpers::{
-    answer_next_patch_late, eventually, kube_state, metric, patched_states, session_json, sid,
-    wait_kube_state, Env, Reaper, NS,
+    answer_next_patch_late, eventually, kube_state, metric, nats_dir, patched_states, session_json,
+    sid, stream_events, wait_kube_state, Env, Reaper, NS,
 };
-
-/// One event as the stream holds it.
-#[derive(Debug, Clone)]
-struct Stored {
-    sequence: u64,
-    subject: String,
-    msg_id: Option<String>,
-    payload: Payload,
-}
 
 fn docker_config(env: &Env, nats: &NatsServer) -> Config {
     let mut cfg = env.config();
@@ -48,42 +39,6 @@ fn declared(name: &str, state: ResourceState, idle: Duration) -> SessionMeta {
         max_session_duration: None,
         created_at: None,
     }
-}
-
-fn nats_dir(tag: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!(
-        "tracker-it-nats-{tag}-{}",
-        uuid::Uuid::new_v4().simple()
-    ))
-}
-
-/// Every message of the events stream, oldest first (empty if none yet).
-async fn stream_events(url: &str) -> Vec<Stored> {
-    let Ok(client) = async_nats::connect(url).await else {
-        return Vec::new();
-    };
-    let js = async_nats::jetstream::new(client);
-    let Ok(mut stream) = js.get_stream(STREAM).await else {
-        return Vec::new();
-    };
-    let Ok(info) = stream.info().await else {
-        return Vec::new();
-    };
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    let mut out = Vec::new();
-    for seq in first.max(1)..=last {
-        let m = stream.get_raw_message(seq).await.unwrap();
-        out.push(Stored {
-            sequence: m.sequence,
-            subject: m.subject.to_string(),
-            msg_id: m
-                .headers
-                .get(async_nats::header::NATS_MESSAGE_ID)
-                .map(|v| v.as_str().to_owned()),
-            payload: serde_json::from_slice(&m.payload).unwrap(),
-        });
-    }
-    out
 }
 
 /// Declares a running "canary" with a 1 s idle timeout and waits until the

@@ -15,6 +15,7 @@ use tracker_core::{
     ClockOffset, ConnectionId, Limits, NewConnection, Protocol, RegisterOutcome, SessionId, Store,
     StoreConfig, UserAgent,
 };
+use tracker_reaper::nats::{Payload, STREAM};
 use tracker_reaper::{Application, Config, Election, Overrides, Platform};
 
 /// Namespace of the Sessions and Leases in tests.
@@ -383,4 +384,50 @@ pub fn answer_next_patch_late(fake: &fake_kube::FakeKube, name: &str) {
             apply: fake_kube::ApplyAt::BeforeDelay,
         },
     );
+}
+
+/// One event as the stream holds it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub sequence: u64,
+    pub subject: String,
+    pub msg_id: Option<String>,
+    pub payload: Payload,
+}
+
+/// A fresh data directory for a test's own `nats-server`.
+pub fn nats_dir(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "tracker-it-nats-{tag}-{}",
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+/// Every message of the events stream, oldest first (empty if none yet).
+pub async fn stream_events(url: &str) -> Vec<Stored> {
+    let Ok(client) = async_nats::connect(url).await else {
+        return Vec::new();
+    };
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream(STREAM).await else {
+        return Vec::new();
+    };
+    let Ok(info) = stream.info().await else {
+        return Vec::new();
+    };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    for seq in first.max(1)..=last {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        out.push(Stored {
+            sequence: m.sequence,
+            subject: m.subject.to_string(),
+            msg_id: m
+                .headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.as_str().to_owned()),
+            payload: serde_json::from_slice(&m.payload).unwrap(),
+        });
+    }
+    out
 }

@@ -9,9 +9,12 @@ use sqlx::PgPool;
 use tracker_core::testing::Backend;
 use tracker_core::{IdleTimeout, ResourceState, SessionMeta, SessionState};
 
+use tracker_e2e::nats_server::NatsServer;
+use tracker_reaper::config::Secret;
+
 use crate::helpers::{
-    eventually, fault_next_patch, kube_state, patched_states, session_json, sid, wait_kube_state,
-    Env, Reaper, NS,
+    eventually, fault_next_patch, kube_state, nats_dir, patched_states, session_json, sid,
+    stream_events, wait_kube_state, Env, Reaper, NS,
 };
 
 #[sqlx::test(migrations = "../../migrations")]
@@ -276,6 +279,11 @@ async fn nothing_is_hibernated_for_a_window_after_leadership_or_data_loss(pool: 
 /// on it (and re-read the Session still running) lands after a user came and
 /// went: the connection, made after the decision, wakes the session, even
 /// though it ended before the reaper saw the late landing.
+///
+/// With NATS (both variants), finding: the hibernate event went with the
+/// reaper's own record of its patch, which a landing seen only by the mirror
+/// never made, so the wake was announced and the hibernation never was. The
+/// claim now carries its event for whoever records the landing.
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_late_landing_of_a_released_patch_is_undone_for_a_connection_since(pool: PgPool) {
     late_landing_after_a_visit(pool, WatchAfterLanding::Relists).await;
@@ -299,6 +307,9 @@ enum WatchAfterLanding {
 
 async fn late_landing_after_a_visit(pool: PgPool, watch: WatchAfterLanding) {
     let env = Env::new(Backend::Standalone, Duration::from_secs(1), &pool).await;
+    let mut nats = NatsServer::start(&nats_dir("late-landing")).await.unwrap();
+    let mut cfg = env.kube_config();
+    cfg.nats_url = Some(Secret::new(nats.url()));
     let fake = FakeKube::start().await.unwrap();
     fake.apply_session(NS, session_json("s1", "running", Some("8s"), false))
         .unwrap();
@@ -312,7 +323,7 @@ async fn late_landing_after_a_visit(pool: PgPool, watch: WatchAfterLanding) {
             apply: ApplyAt::AfterDelay,
         },
     );
-    let reaper = Reaper::start(env.kube_config(), env.kube_overrides(&fake)).await;
+    let reaper = Reaper::start(cfg, env.kube_overrides(&fake)).await;
     fake.wait_for_injected(|f| !f.is_empty(), Duration::from_secs(15))
         .await
         .unwrap();
@@ -334,7 +345,28 @@ async fn late_landing_after_a_visit(pool: PgPool, watch: WatchAfterLanding) {
 
     wait_kube_state(&fake, "s1", "running", Duration::from_secs(10)).await;
     assert_eq!(patched_states(&fake, "s1"), ["hibernated", "running"]);
+    // Each change announced, in order (the wake's event is queued when its
+    // patch is recorded; the hibernation's, at the latest, with it). The
+    // session idles again afterwards: a later hibernation may follow.
+    let subjects = eventually(Duration::from_secs(10), "both events on NATS", || async {
+        let subjects: Vec<String> = stream_events(&nats.url())
+            .await
+            .into_iter()
+            .filter(|e| e.payload.session_id == "s1")
+            .map(|e| e.subject)
+            .collect();
+        (subjects.len() >= 2).then(|| subjects[..2].to_vec())
+    })
+    .await;
+    assert_eq!(
+        subjects,
+        [
+            "streamspace.session.hibernate.kubernetes",
+            "streamspace.session.wake.kubernetes"
+        ]
+    );
     reaper.stop().await;
+    nats.stop().await.unwrap();
 }
 
 /// Finding (races, seed 43): kube's client retried a PATCH answered 504, and
