@@ -63,7 +63,7 @@ scripts! {
         register, close, sweep, get_connection, list_connections, session_view,
         claim_hibernation, finish_hibernation, rollback_hibernation, ack_wake,
         mirror_session, forget_session, explain, leader_facts, declare_session,
-        announce_wake, event_ack,
+        announce_wake, event_ack, arm_wake,
     ],
     session: [session_state],
     plain: [

@@ -367,7 +367,10 @@ impl Server {
                 tracing::info!("would wake (dry run)");
                 Served::Unchanged
             }
-            Acting::RecordOnly => self.acknowledge(wake, None, None, true).await,
+            Acting::RecordOnly => match self.arm(wake).await {
+                Some(served) => served,
+                None => self.acknowledge(wake, None, None, true).await,
+            },
             Acting::Patch(api) => self.patch(api.as_ref(), wake, ours).await,
             Acting::Announce => self.announce(wake).await,
         }
@@ -430,6 +433,9 @@ impl Server {
         };
         match wake_action(resource_state(&current)) {
             WakeAction::Patch => {
+                if let Some(served) = self.arm(wake).await {
+                    return served;
+                }
                 let rv = current
                     .metadata
                     .resource_version
@@ -475,6 +481,33 @@ impl Server {
         }
     }
 
+    /// With NATS, before the Session is woken: the wake event goes to the
+    /// store first, and whoever acknowledges the wake queues it, so a wake
+    /// made by a leader that dies before recording it is still announced.
+    /// `Some` when the wake is not to be made now.
+    async fn arm(&self, wake: &PendingWake) -> Option<Served> {
+        if !self.announcer.enabled() {
+            return None;
+        }
+        let event = self.announcer.announcement("connection");
+        match self
+            .store
+            .arm_wake(&wake.session_id, self.fence.term(), &event)
+            .await
+        {
+            Ok(Written::Done) => None,
+            Ok(Written::Noop) => {
+                tracing::debug!("no wake pending any more");
+                Some(Served::Done)
+            }
+            Ok(Written::Fenced) => {
+                self.fence.fenced("arm_wake");
+                Some(Served::Unchanged)
+            }
+            Err(e) => Some(self.store_failed(&e.into())),
+        }
+    }
+
     /// The resource is running (patched by us if `patched`): the wake is done.
     async fn acknowledge(
         &self,
@@ -484,13 +517,11 @@ impl Server {
         patched: bool,
     ) -> Served {
         let id = &wake.session_id;
-        // Our patch is announced by the script that records it.
-        let event = patched
-            .then(|| self.announcer.announcement_if_enabled("connection"))
-            .flatten();
+        // The wake event, armed before the patch (by this leader or the one
+        // before), is queued by the script that records the wake.
         let acked = self
             .store
-            .ack_wake_announcing(id, self.fence.term(), uid, generation, event.as_ref())
+            .ack_wake(id, self.fence.term(), uid, generation)
             .await;
         let served = match acked {
             Ok(Written::Fenced) => {
@@ -526,12 +557,13 @@ impl Server {
             );
             self.metrics.wake(WakeResult::Woken);
             tracing::info!(latency = ?latency, "Session woken");
-            if event.is_some() {
-                self.announcer.nudge();
-            }
         } else {
             self.metrics.wake(WakeResult::AlreadyRunning);
             tracing::info!("Session already running; wake acknowledged");
+        }
+        if self.announcer.enabled() {
+            // Armed here or by the leader before: the record queued it.
+            self.announcer.nudge();
         }
         served
     }

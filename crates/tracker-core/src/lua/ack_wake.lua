@@ -2,16 +2,17 @@
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, uid of the
---          resource read or patched, its generation ('' if unknown), then
---          the wake event to queue for NATS: event id, platform, reason ('' each
---          for none; given when the caller patched the resource)
+--          resource read or patched, its generation ('' if unknown)
 -- Returns  1 if a pending wake was acknowledged, 0 if none was pending, -1 if fenced.
 -- Atomic   removal of the request with the state change, so each request
 --          leads to one patch; a session woken with nobody connected is idle
 --          from now, and a woken session starts a new running period (max
 --          duration). A resource that is not the one mirrored (deleted and
---          created again) acknowledges nothing. The event, if any, is queued
---          whatever the outcome but fenced: the patch landed.
+--          created again) acknowledges nothing. The wake event armed before
+--          the patch (arm_wake.lua, Kubernetes with NATS), if any, is queued
+--          whatever the outcome but fenced, and once: the Session is running,
+--          by that patch or by someone else's after the wake was asked for,
+--          and whichever leader acknowledges it.
 
 local window = tonumber(ARGV[2])
 local S = session_at(1, ARGV[3])
@@ -19,9 +20,7 @@ local term, uid, gen = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local now = now_ms()
 if fenced(term) then return -1 end
 local m = load_meta(S)
-if (ARGV[7] or '') ~= '' then
-  emit_event(S, m, ARGV[7], 'wake', ARGV[8], ARGV[9], now, false)
-end
+emit_kept(S, m, 'wk', 'wake', now)
 if m.uid and uid ~= '' and m.uid ~= uid then return 0 end
 local before = snapshot(S, m)
 local acked = redis.call('ZREM', K_WAKE, S.id)

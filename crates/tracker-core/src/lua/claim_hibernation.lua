@@ -136,7 +136,7 @@ if eid ~= '' and ARGV[13] ~= '1' then
 else
   set_meta(S, m, 'hx', ms(now + life))
   -- Always written: an older claim's event is not this one's.
-  set_meta(S, m, 'hn', eid ~= '' and table.concat({ eid, ARGV[8], why }, ' ') or nil)
+  set_meta(S, m, 'hn', eid ~= '' and kept_event(eid, ARGV[8], why) or nil)
 end
 local after = snapshot(S, m)
 account(before, after)

@@ -48,7 +48,8 @@
 --       counter); he / we the event id of a hibernate / wake announced to
 --       NATS and not yet acknowledged; hn the hibernate event a claim's patch
 --       announces once it is seen to land, whoever records that (Kubernetes
---       with NATS): "<event id> <platform> <reason>";
+--       with NATS): "<event id> <platform> <reason>"; wk likewise, the wake
+--       event of a wake patch sent, queued by whoever acknowledges the wake;
 --       ph phase: "h" hibernating (claimed), "w" waking (wake pending);
 --       hx claim lapses at (ms); ht term of the claim's holder;
 --       hr why it was claimed: "idle" or "max_duration";
@@ -422,7 +423,7 @@ end
 -- takes the name, and when the session is forgotten; one list, so a field
 -- added to the lifecycle is dropped everywhere.
 local function drop_identity(S, m)
-  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'lp', 'lx', 'he', 'hn', 'we', 'rs', 'wn', 'wq' }) do
+  for _, f in ipairs({ 'res', 'ks', 'gen', 'ph', 'hx', 'ht', 'hr', 'nb', 'lp', 'lx', 'he', 'hn', 'we', 'wk', 'rs', 'wn', 'wq' }) do
     set_meta(S, m, f, nil)
   end
   redis.call('ZREM', K_WAKE, S.id)
@@ -451,13 +452,24 @@ local function emit_event(S, m, eid, kind, platform, reason, now, finishes)
     'g', m.gen or '', 'x', finishes and '1' or '0', 'su', m.uid or '')
 end
 
+-- An event one script keeps in a metadata field for whichever script later
+-- makes the change it announces (hn, wk): "<event id> <platform> <reason>".
+local function kept_event(eid, platform, reason)
+  return table.concat({ eid, platform, reason }, ' ')
+end
+
+-- Queues the event kept in `field`, once: the field goes with it.
+local function emit_kept(S, m, field, kind, now)
+  if not m[field] then return end
+  local eid, platform, reason = string.match(m[field], '^(%S+) (%S+) (%S+)$')
+  if eid then emit_event(S, m, eid, kind, platform, reason, now, false) end
+  set_meta(S, m, field, nil)
+end
+
 -- The hibernation a claim patched landed (a finish, or the mirror seeing it):
 -- queue the hibernate event the claim carries, once, whoever records it.
 local function announce_landing(S, m, now)
-  if not m.hn then return end
-  local eid, platform, reason = string.match(m.hn, '^(%S+) (%S+) (%S+)$')
-  if eid then emit_event(S, m, eid, 'hibernate', platform, reason, now, false) end
-  set_meta(S, m, 'hn', nil)
+  emit_kept(S, m, 'hn', 'hibernate', now)
 end
 
 -- Follows a state the platform reports (a Session resource, or a declaration

@@ -1358,6 +1358,8 @@ impl Store {
     }
 
     /// The resource `uid` is running again: the wake is no longer pending.
+    /// The wake event armed before the patch ([`Store::arm_wake`]), if any,
+    /// is queued with the record, whichever leader makes it.
     pub async fn ack_wake(
         &self,
         session: &SessionId,
@@ -1365,27 +1367,23 @@ impl Store {
         uid: Option<&str>,
         generation: Option<i64>,
     ) -> Result<Written> {
-        self.ack_wake_announcing(session, term, uid, generation, None)
-            .await
+        let op = &self.scripts.ack_wake;
+        let args = (term.0, uid.unwrap_or_default(), opt_i64(generation));
+        let n: i64 = self.eval_session(op, session, args).await?;
+        Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
     }
 
-    /// [`Store::ack_wake`] that also queues `event`, the wake event for NATS,
-    /// in the same script (unless fenced).
-    pub async fn ack_wake_announcing(
+    /// A wake patch is about to be sent (Kubernetes with NATS): `event` is
+    /// queued when the wake is acknowledged, by this leader or the next.
+    /// `Noop` if no wake is pending.
+    pub async fn arm_wake(
         &self,
         session: &SessionId,
         term: Term,
-        uid: Option<&str>,
-        generation: Option<i64>,
-        event: Option<&Announcement>,
+        event: &Announcement,
     ) -> Result<Written> {
-        let op = &self.scripts.ack_wake;
-        let args = (
-            term.0,
-            uid.unwrap_or_default(),
-            opt_i64(generation),
-            event_args(event),
-        );
+        let op = &self.scripts.arm_wake;
+        let args = (term.0, event_args(Some(event)));
         let n: i64 = self.eval_session(op, session, args).await?;
         Written::from_reply(n).ok_or_else(|| bad_reply(op, &[n]))
     }

@@ -41,6 +41,7 @@ crate::both!(
     a_landing_recorded_by_the_next_leader_is_announced,
     a_released_patch_landing_late_is_announced_while_it_may_land,
     a_landing_after_a_wake_ended_the_claim_is_announced,
+    a_wake_patched_by_a_leader_that_died_is_announced_by_the_next,
     a_new_claim_after_a_released_patch_is_not_undone_when_it_lands,
 );
 
@@ -65,7 +66,11 @@ async fn claimed_announcing(store: &Store, s: &SessionId, term: Term) -> Announc
         .await
         .unwrap();
     assert!(matches!(outcome, ClaimOutcome::Claimed(_)), "{outcome:?}");
-    assert_eq!(queued(store).await.len(), before, "announced before it landed");
+    assert_eq!(
+        queued(store).await.len(),
+        before,
+        "announced before it landed"
+    );
     event
 }
 
@@ -638,10 +643,14 @@ async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
             .unwrap(),
     );
     let woken = Announcement::new("kubernetes", "connection");
-    let acked = store
-        .ack_wake_announcing(&s, T2, Some("u1"), Some(3), Some(&woken))
-        .await
-        .unwrap();
+    let armed = store.arm_wake(&s, T2, &woken).await.unwrap();
+    assert_eq!(armed, Written::Done);
+    assert_eq!(
+        announced(&store).await,
+        [hibernate(&event)],
+        "not woken yet"
+    );
+    let acked = store.ack_wake(&s, T2, Some("u1"), Some(3)).await.unwrap();
     assert_eq!(acked, Written::Done);
     assert_eq!(
         announced(&store).await,
@@ -713,6 +722,54 @@ async fn a_landing_recorded_by_the_next_leader_is_announced(backend: Backend) {
         .unwrap();
     assert_eq!(late, FinishOutcome::Fenced);
     assert_eq!(announced(&store).await, [hibernate(&event)]);
+}
+
+/// Finding: the wake event went with the waker's record of its patch, and
+/// a leader that died between the patch and the record (Redis failed on it)
+/// took the event along: the next leader found the Session running and
+/// acknowledged the wake as someone else's, unannounced. The event is now
+/// armed in the store before the patch and queued by whoever acknowledges
+/// the wake, once; arming with no wake pending arms nothing.
+async fn a_wake_patched_by_a_leader_that_died_is_announced_by_the_next(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 1).await;
+    let nothing = Announcement::new("kubernetes", "connection");
+    assert_eq!(
+        store.arm_wake(&s, T1, &nothing).await.unwrap(),
+        Written::Noop
+    );
+    created(
+        store
+            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
+            .await
+            .unwrap(),
+    );
+    clock.advance(Duration::from_secs(1));
+    let first = Announcement::new("kubernetes", "connection");
+    let woken = Announcement::new("kubernetes", "connection");
+    for attempt in [&first, &woken] {
+        assert_eq!(
+            store.arm_wake(&s, T1, attempt).await.unwrap(),
+            Written::Done
+        );
+    }
+    assert!(queued(&store).await.is_empty(), "armed, not announced");
+    // T1's patch lands (2) and T1 dies; T2's watch shows it, then its waker
+    // reads the Session running and acknowledges the wake.
+    mirror_as(&store, T2, &s, "u1", ResourceState::Running, 2).await;
+    let fenced = store.arm_wake(&s, T1, &first).await.unwrap();
+    assert_eq!(fenced, Written::Fenced);
+    assert!(queued(&store).await.is_empty());
+    for _ in 0..2 {
+        store.ack_wake(&s, T2, Some("u1"), Some(2)).await.unwrap();
+        assert_eq!(
+            announced(&store).await,
+            [(EventKind::Wake, woken.event_id.clone())],
+            "the last armed event, once"
+        );
+    }
+    assert_eq!(state(&store, &s).await, SessionState::Running);
 }
 
 /// A patch released as unsure that lands while it still may is the claim's

@@ -16,9 +16,12 @@ use tracker_reaper::platform::{KubeSessions, SessionApi};
 use tracker_reaper::session::Session;
 use tracker_reaper::Overrides;
 
+use tracker_e2e::nats_server::NatsServer;
+use tracker_reaper::config::Secret;
+
 use crate::helpers::{
-    answer_next_patch_late, eventually, fault_next_patch, kube_state, metric, patched_states,
-    session_json, sid, wait_kube_state, Env, Reaper, NS,
+    answer_next_patch_late, eventually, fault_next_patch, kube_state, metric, nats_dir,
+    patched_states, session_json, sid, stream_events, wait_kube_state, Env, Reaper, NS,
 };
 
 /// A fake API server whose Session s1 is hibernated, and a reaper on `cfg`
@@ -335,6 +338,50 @@ async fn a_wake_recorded_after_a_redis_cut_is_still_ours(pool: PgPool) {
     woken_by_this_reaper(&env, &reaper).await;
     assert_eq!(patched_states(&fake, "s1"), ["running"]);
     reaper.stop().await;
+}
+
+/// Finding (noted last stop): on Kubernetes with NATS, the leader woke s1,
+/// Redis failed on the record, and the leader died before Redis answered.
+/// The next leader found s1 running and acknowledged the wake as someone
+/// else's; the wake event lived in the dead leader's memory and was never
+/// published. The waker now arms the event in the store before the patch,
+/// and whoever acknowledges the wake queues it.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_wake_made_by_a_leader_that_died_is_announced_by_the_next(pool: PgPool) {
+    let env = Env::new(Backend::Standalone, Duration::from_secs(5), &pool).await;
+    let mut nats = NatsServer::start(&nats_dir("wake-leader")).await.unwrap();
+    let (mut cfg, proxy) = env.kube_config_behind_proxy().await;
+    cfg.nats_url = Some(Secret::new(nats.url()));
+    let (fake, first) = leading_over_hibernated_s1(&env, cfg).await;
+    answer_next_patch_late(&fake, "s1");
+    env.connect("s1", "alice").await;
+    wait_kube_state(&fake, "s1", "running", Duration::from_secs(5)).await;
+    proxy.set_enabled(false);
+    eventually(Duration::from_secs(10), "the record failed", || async {
+        let (_, text) = first.get("/metrics").await;
+        (metric(&text, "tracker_reaper_store_errors_total{task=\"wake\"}") >= 1.0).then_some(())
+    })
+    .await;
+    first.kill().await;
+
+    let mut cfg = env.kube_config();
+    cfg.nats_url = Some(Secret::new(nats.url()));
+    let mut second = Reaper::start(cfg, env.kube_overrides(&fake)).await;
+    second.wait_leader(Duration::from_secs(15)).await;
+    let wakes = eventually(Duration::from_secs(15), "the wake announced", || async {
+        let wakes: Vec<_> = stream_events(&nats.url())
+            .await
+            .into_iter()
+            .filter(|e| e.subject == "streamspace.session.wake.kubernetes")
+            .collect();
+        (!wakes.is_empty() && env.state("s1").await == Some(SessionState::Running)).then_some(wakes)
+    })
+    .await;
+    assert_eq!(wakes.len(), 1, "{wakes:#?}");
+    assert_eq!(wakes[0].payload.session_id, "s1");
+    assert_eq!(patched_states(&fake, "s1"), ["running"], "woken once");
+    second.stop().await;
+    nats.stop().await.unwrap();
 }
 
 /// kube's client used to retry a PATCH answered 504; when the first one was
