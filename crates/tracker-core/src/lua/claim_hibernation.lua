@@ -107,24 +107,12 @@ if kind == 'max_duration' then
   end
   if not dry then
     local present = redis.call('ZRANGE', S.c, 0, -1, 'WITHSCORES')
-    local last_end, last_conn = nil, nil
-    for j = 1, #present, 2 do
-      local cid, hb = present[j], tonumber(present[j + 1])
-      local raw = redis.call('HGET', K_CONN, cid)
-      if raw then
-        local rec = decode(raw)
-        local why, ended = 'max_duration', now
-        -- Dead already: history says so, as the sweep would have.
-        if hb <= now - window then why, ended = 'expired', hb + window end
-        finish_conn(S, m, cid, rec, hb, ended, why)
-        out[#out + 1] = cid
-        out[#out + 1] = rec[2]
-        if not last_conn or rec[6] > last_conn then last_conn = rec[6] end
-        if not last_end or ended > last_end then last_end = ended end
-      else
-        redis.call('ZREM', S.c, cid)
-      end
+    local function ending(hb)
+      -- Dead already: history says so, as the sweep would have.
+      if hb <= now - window then return hb + window, 'expired' end
+      return now, 'max_duration'
     end
+    local _, last_conn, last_end = end_listed(S, m, present, ending, out, false)
     if last_conn then note_ended(S, m, 0, last_conn, last_end) end
   end
 end

@@ -340,6 +340,33 @@ local function note_ended(S, m, n, connected, ended)
   end
 end
 
+-- Ends the connections `listed` as ZRANGE ... WITHSCORES gives them (id,
+-- heartbeat, ...): `ending(hb)` says when and why each ended. Appends to
+-- `out` the session id if `named`, then the id and user of each one ended;
+-- returns how many were listed, and the newest start and end among them (nil
+-- if none), for note_ended.
+local function end_listed(S, m, listed, ending, out, named)
+  local last_conn, last_end = nil, nil
+  for j = 1, #listed, 2 do
+    local cid, hb = listed[j], tonumber(listed[j + 1])
+    local ended, reason = ending(hb)
+    local raw = redis.call('HGET', K_CONN, cid)
+    if raw then
+      local rec = decode(raw)
+      finish_conn(S, m, cid, rec, hb, ended, reason)
+      if named then out[#out + 1] = S.id end
+      out[#out + 1] = cid
+      out[#out + 1] = rec[2]
+      if not last_conn or rec[6] > last_conn then last_conn = rec[6] end
+    else
+      -- Cannot happen while every writer goes through these scripts; heal it.
+      redis.call('ZREM', S.c, cid)
+    end
+    if not last_end or ended > last_end then last_end = ended end
+  end
+  return #listed / 2, last_conn, last_end
+end
+
 -- Flat connection fields: id, session, user, protocol, ip, ua, connected, heartbeat.
 local function conn_fields(cid, rec, hb)
   return { cid, rec[1], rec[2], rec[3], rec[4], ua_text(rec[5]), ms(rec[6]), ms(hb) }

@@ -20,6 +20,8 @@ local left = tonumber(ARGV[3])
 local now = now_ms()
 local cutoff = now - window
 local out = { 0 }
+-- Silent for a window: ended then, as history says.
+local function expired(hb) return hb + window, 'expired' end
 for i = 4, #ARGV do
   if left <= 0 then
     out[1] = 1
@@ -29,24 +31,8 @@ for i = 4, #ARGV do
   local m = load_meta(S)
   local before = snapshot(S, m)
   local dead = redis.call('ZRANGEBYSCORE', S.c, '-inf', ms(cutoff), 'WITHSCORES', 'LIMIT', 0, left)
-  local last_end, last_conn = nil, nil
-  for j = 1, #dead, 2 do
-    local cid, hb = dead[j], tonumber(dead[j + 1])
-    local raw = redis.call('HGET', K_CONN, cid)
-    if raw then
-      local rec = decode(raw)
-      finish_conn(S, m, cid, rec, hb, hb + window, 'expired')
-      out[#out + 1] = S.id
-      out[#out + 1] = cid
-      out[#out + 1] = rec[2]
-      if not last_conn or rec[6] > last_conn then last_conn = rec[6] end
-    else
-      -- Cannot happen while every writer goes through these scripts; heal it.
-      redis.call('ZREM', S.c, cid)
-    end
-    left = left - 1
-    if not last_end or hb + window > last_end then last_end = hb + window end
-  end
+  local n, last_conn, last_end = end_listed(S, m, dead, expired, out, true)
+  left = left - n
   -- The budget ran out inside this session: it may hold more dead ones.
   if left <= 0 and redis.call('ZCOUNT', S.c, '-inf', ms(cutoff)) > 0 then out[1] = 1 end
   local after = snapshot(S, m)
