@@ -7,8 +7,8 @@ use std::time::Duration;
 use tracker_core::testing::Backend;
 use tracker_core::{
     Announcement, ClaimOutcome, ClaimRefusal, ClockOffset, EndReason, EventKind, FinishOutcome,
-    HibernationNotice, Limits, Protocol, RegisterOutcome, ResourceState, SessionId, SessionState,
-    ShardKey, Store, Term, Written,
+    HibernationNotice, Limits, Protocol, RegisterOutcome, Registered, ResourceState, SessionId,
+    SessionState, ShardKey, Store, Term, Written,
 };
 
 use crate::support::*;
@@ -55,6 +55,20 @@ async fn claimed(store: &Store, s: &SessionId, term: Term) {
     assert!(matches!(outcome, ClaimOutcome::Claimed(_)), "{outcome:?}");
 }
 
+/// `term` records that its hibernation patch landed on the resource "u1",
+/// as `generation`.
+async fn finish(store: &Store, s: &SessionId, term: Term, generation: i64) -> FinishOutcome {
+    let uid = Some("u1");
+    let finished = store.finish_hibernation(s, term, uid, Some(generation));
+    finished.await.unwrap()
+}
+
+/// Alice connects to `s` over VNC, which must succeed.
+async fn connect_alice(store: &Store, s: &SessionId) -> Registered {
+    let alice = conn(s, "alice", Protocol::Vnc);
+    created(store.register(&alice, Limits::default()).await.unwrap())
+}
+
 /// `term` claims the session's hibernation carrying its event for the
 /// landing (Kubernetes with NATS), which must succeed and queue nothing yet.
 async fn claimed_announcing(store: &Store, s: &SessionId, term: Term) -> Announcement {
@@ -90,12 +104,7 @@ async fn claimed_then_connected(store: &Store, clock: &ClockOffset, s: &SessionI
     mirror_as(store, T1, s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(2));
     claimed(store, s, T1).await;
-    created(
-        store
-            .register(&conn(s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    connect_alice(store, s).await;
 }
 
 async fn state(store: &tracker_core::Store, s: &tracker_core::SessionId) -> SessionState {
@@ -108,12 +117,7 @@ async fn state(store: &tracker_core::Store, s: &tracker_core::SessionId) -> Sess
 async fn a_session_learned_hibernated_while_in_use_gets_a_wake(backend: Backend) {
     let (store, _) = store(backend).await;
     let s = sid("desk-1");
-    created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    connect_alice(&store, &s).await;
     assert_eq!(state(&store, &s).await, SessionState::Unknown);
     let written = mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 4).await;
     assert_eq!(written, Written::Done);
@@ -149,12 +153,7 @@ async fn a_rolled_back_patch_that_landed_after_all_gets_a_wake(backend: Backend)
         .await
         .unwrap();
     assert_eq!(rolled, Written::Done);
-    let reg = created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    let reg = connect_alice(&store, &s).await;
     assert_eq!(reg.session.state, SessionState::Running);
     assert!(pending_wake_ids(&store).await.is_empty());
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
@@ -174,10 +173,7 @@ async fn a_new_leaders_ack_does_not_hide_the_old_leaders_late_patch(backend: Bac
     assert_eq!(acked, Written::Done);
     assert!(pending_wake_ids(&store).await.is_empty());
     // The old leader's patch lands (generation 2) and it tries to record it.
-    let finished = store
-        .finish_hibernation(&s, T1, Some("u1"), Some(2))
-        .await
-        .unwrap();
+    let finished = finish(&store, &s, T1, 2).await;
     assert_eq!(finished, FinishOutcome::Fenced);
     assert_eq!(state(&store, &s).await, SessionState::Running);
     // The new leader's watch shows the landed patch: in use, so a wake.
@@ -450,12 +446,7 @@ async fn a_wake_for_the_old_resource_does_not_wake_the_new_one(backend: Backend)
     assert!(pending_wake_ids(&store).await.is_empty());
     assert_eq!(state(&store, &s).await, SessionState::Hibernated);
     // Someone connected: the new resource is woken.
-    created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    connect_alice(&store, &s).await;
     assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
 }
 
@@ -623,25 +614,14 @@ async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
     mirror_as(&store, T2, &s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(3));
     let event = claimed_announcing(&store, &s, T2).await;
-    let stale = store
-        .finish_hibernation(&s, T1, Some("u1"), Some(2))
-        .await
-        .unwrap();
+    let stale = finish(&store, &s, T1, 2).await;
     assert_eq!(stale, FinishOutcome::Fenced);
     assert!(queued(&store).await.is_empty());
     for _ in 0..2 {
-        store
-            .finish_hibernation(&s, T2, Some("u1"), Some(2))
-            .await
-            .unwrap();
+        finish(&store, &s, T2, 2).await;
         assert_eq!(announced(&store).await, [hibernate(&event)]);
     }
-    created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    connect_alice(&store, &s).await;
     let woken = Announcement::new("kubernetes", "connection");
     let armed = store.arm_wake(&s, T2, &woken).await.unwrap();
     assert_eq!(armed, Written::Done);
@@ -676,10 +656,7 @@ async fn a_late_finish_announces_unless_the_session_moved_on(backend: Backend) {
     // The patch landed (generation 2); the watch records it before the finish.
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(announced(&store).await, [hibernate(&event)]);
-    let late = store
-        .finish_hibernation(&s, T1, Some("u1"), Some(2))
-        .await
-        .unwrap();
+    let late = finish(&store, &s, T1, 2).await;
     assert_eq!(late, FinishOutcome::NotClaimed);
     assert_eq!(announced(&store).await, [hibernate(&event)]);
 
@@ -689,10 +666,7 @@ async fn a_late_finish_announces_unless_the_session_moved_on(backend: Backend) {
     clock.advance(Duration::from_secs(3));
     claimed_announcing(&store, &s, T1).await;
     mirror_as(&store, T1, &s, "u1", ResourceState::Running, 5).await;
-    let stale = store
-        .finish_hibernation(&s, T1, Some("u1"), Some(4))
-        .await
-        .unwrap();
+    let stale = finish(&store, &s, T1, 4).await;
     assert_eq!(stale, FinishOutcome::Stale);
     assert_eq!(announced(&store).await, [hibernate(&event)]);
     // Running, no connection: idle, not hibernated.
@@ -716,10 +690,7 @@ async fn a_landing_recorded_by_the_next_leader_is_announced(backend: Backend) {
     assert_eq!(announced(&store).await, [hibernate(&event)]);
     assert_eq!(state(&store, &s).await, SessionState::Hibernated);
     // The old leader's late record is fenced and queues nothing.
-    let late = store
-        .finish_hibernation(&s, T1, Some("u1"), Some(2))
-        .await
-        .unwrap();
+    let late = finish(&store, &s, T1, 2).await;
     assert_eq!(late, FinishOutcome::Fenced);
     assert_eq!(announced(&store).await, [hibernate(&event)]);
 }
@@ -739,12 +710,7 @@ async fn a_wake_patched_by_a_leader_that_died_is_announced_by_the_next(backend: 
         store.arm_wake(&s, T1, &nothing).await.unwrap(),
         Written::Noop
     );
-    created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    connect_alice(&store, &s).await;
     clock.advance(Duration::from_secs(1));
     let first = Announcement::new("kubernetes", "connection");
     let woken = Announcement::new("kubernetes", "connection");
@@ -811,19 +777,11 @@ async fn a_landing_after_a_wake_ended_the_claim_is_announced(backend: Backend) {
     mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
     clock.advance(Duration::from_secs(2));
     let event = claimed_announcing(&store, &s, T1).await;
-    created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    connect_alice(&store, &s).await;
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(announced(&store).await, [hibernate(&event)]);
     assert_eq!(pending_wake_ids(&store).await, vec![s.clone()]);
-    let late = store
-        .finish_hibernation(&s, T1, Some("u1"), Some(2))
-        .await
-        .unwrap();
+    let late = finish(&store, &s, T1, 2).await;
     assert_eq!(late, FinishOutcome::NotClaimed);
     assert_eq!(announced(&store).await, [hibernate(&event)]);
 }
@@ -863,10 +821,7 @@ async fn a_new_claim_after_a_released_patch_is_not_undone_when_it_lands(backend:
     // connected since the claim: no wake.
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(pending_wake_ids(&store).await, Vec::<SessionId>::new());
-    let finished = store
-        .finish_hibernation(&s, T1, Some("u1"), Some(2))
-        .await
-        .unwrap();
+    let finished = finish(&store, &s, T1, 2).await;
     assert_eq!(finished, FinishOutcome::NotClaimed);
     assert_eq!(state(&store, &s).await, SessionState::Hibernated);
     // t: the new claim's patch surely failed; a user came and went after the
@@ -890,10 +845,7 @@ async fn a_finish_after_a_wake_ended_the_claim_is_not_claimed(backend: Backend) 
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
     claimed_then_connected(&store, &clock, &s).await;
-    let finished = store
-        .finish_hibernation(&s, T1, Some("u1"), Some(2))
-        .await
-        .unwrap();
+    let finished = finish(&store, &s, T1, 2).await;
     assert_eq!(finished, FinishOutcome::NotClaimed);
     assert_eq!(state(&store, &s).await, SessionState::Waking);
     assert_eq!(pending_wake_ids(&store).await, vec![s]);
@@ -978,12 +930,7 @@ async fn a_late_event_of_a_resource_forgotten_by_a_relist_is_ignored(backend: Ba
         Written::Noop
     );
     assert_eq!(store.session(&s).await.unwrap(), None);
-    created(
-        store
-            .register(&conn(&s, "alice", Protocol::Vnc), Limits::default())
-            .await
-            .unwrap(),
-    );
+    connect_alice(&store, &s).await;
 }
 
 /// Finding (the model, with creation times): the mirror's wake for a
