@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::client::{token, ApiClient, Endpoints};
 use crate::db::TestDatabase;
 use crate::metrics;
+use crate::nats_server::NatsServer;
 use crate::process::{free_port, Binaries, ChildProcess};
 use crate::proxy::Proxy;
 use crate::settings::{humantime, Services, Timing};
@@ -67,6 +68,9 @@ pub struct HarnessOptions {
     pub kube_timeout: Option<Duration>,
     /// Keep the run directory (logs) even after a clean shutdown.
     pub keep_run_dir: bool,
+    /// Start a private `nats-server` with JetStream and give the reapers its
+    /// `TRACKER_NATS_URL`: every hibernation and wake is published too.
+    pub nats: bool,
 }
 
 impl Default for HarnessOptions {
@@ -83,6 +87,7 @@ impl Default for HarnessOptions {
             redis_timeout: None,
             kube_timeout: None,
             keep_run_dir: std::env::var_os("TRACKER_E2E_KEEP").is_some(),
+            nats: false,
         }
     }
 }
@@ -91,6 +96,8 @@ impl Default for HarnessOptions {
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts at starting a process whose port was taken meanwhile.
 const START_ATTEMPTS: usize = 3;
+/// The JetStream stream the reaper publishes session events to (docs/platforms.md).
+const EVENTS_STREAM: &str = "TRACKER_SESSION_EVENTS";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -185,7 +192,16 @@ pub struct Harness {
     probe: reqwest::Client,
     apis: Vec<Replica>,
     reapers: Vec<Replica>,
+    nats: Option<NatsServer>,
     finished: bool,
+}
+
+/// One message of the session events stream, as a NATS consumer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PublishedEvent {
+    pub subject: String,
+    pub event_id: String,
+    pub session_id: String,
 }
 
 impl Harness {
@@ -214,6 +230,11 @@ impl Harness {
         let reapers = (0..opts.reapers)
             .map(|index| Replica::new(Role::Reaper, index))
             .collect::<Result<Vec<_>>>()?;
+        let nats = if opts.nats {
+            Some(NatsServer::start(&run_dir.join("nats")).await?)
+        } else {
+            None
+        };
         let endpoints = Endpoints::new(apis.iter().filter_map(|r| r.listen).collect());
         let client = ApiClient::new(endpoints.clone(), token)?;
         let probe = reqwest::Client::builder()
@@ -235,6 +256,7 @@ impl Harness {
             probe,
             apis,
             reapers,
+            nats,
             finished: false,
         };
         h.start_processes().await?;
@@ -292,6 +314,58 @@ impl Harness {
     /// The fake Kubernetes API server.
     pub fn fake(&self) -> &FakeKube {
         &self.fake
+    }
+
+    /// Waits until the leading reaper's NATS outbox is empty: every session
+    /// event queued so far is published.
+    pub async fn wait_events_published(&self, timeout: Duration) -> Result<()> {
+        crate::poll::until(
+            timeout,
+            Duration::from_millis(200),
+            "the NATS outbox empty",
+            || async {
+                let leader = self.wait_leader(timeout).await?;
+                let text = self.reaper_metrics(leader).await.unwrap_or_default();
+                let backlog = metrics::value(&text, metrics::NATS_OUTBOX);
+                Ok((backlog == Some(0.0)).then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// Every message of the session events stream (`TRACKER_SESSION_EVENTS`),
+    /// oldest first; empty without NATS or before the reaper created it.
+    pub async fn published_events(&self) -> Result<Vec<PublishedEvent>> {
+        let Some(nats) = &self.nats else {
+            return Ok(Vec::new());
+        };
+        let failed =
+            |what: &str, e: &dyn std::fmt::Display| Error::Setup(format!("NATS: {what}: {e}"));
+        let client = async_nats::connect(nats.url())
+            .await
+            .map_err(|e| failed("connect", &e))?;
+        let js = async_nats::jetstream::new(client);
+        let Ok(mut stream) = js.get_stream(EVENTS_STREAM).await else {
+            return Ok(Vec::new());
+        };
+        let info = stream.info().await.map_err(|e| failed("stream info", &e))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let mut out = Vec::new();
+        for seq in first.max(1)..=last {
+            let m = stream
+                .get_raw_message(seq)
+                .await
+                .map_err(|e| failed("read a message", &e))?;
+            let payload: serde_json::Value = serde_json::from_slice(&m.payload)
+                .map_err(|e| failed("a message's payload", &e))?;
+            let field = |k: &str| payload[k].as_str().unwrap_or_default().to_owned();
+            out.push(PublishedEvent {
+                subject: m.subject.to_string(),
+                event_id: field("event_id"),
+                session_id: field("session_id"),
+            });
+        }
+        Ok(out)
     }
 
     pub fn db(&self) -> Result<&TestDatabase> {
@@ -398,6 +472,9 @@ impl Harness {
                 set("TRACKER_LEASE_DURATION", humantime(t.lease_duration));
                 if let Some(timeout) = self.opts.kube_timeout {
                     set("TRACKER_KUBE_TIMEOUT", humantime(timeout));
+                }
+                if let Some(nats) = &self.nats {
+                    set("TRACKER_NATS_URL", nats.url());
                 }
                 set("KUBECONFIG", self.kubeconfig.display().to_string());
                 set("POD_NAME", format!("{}-{}", slot.name(), slot.incarnation));

@@ -39,6 +39,9 @@ pub fn sum(text: &str, name: &str) -> f64 {
 /// The reaper's leadership gauge, `tracker_reaper_is_leader`.
 pub const IS_LEADER: &str = "tracker_reaper_is_leader";
 
+/// The reaper's gauge of session events waiting in Redis for NATS.
+pub const NATS_OUTBOX: &str = "tracker_reaper_nats_outbox_events";
+
 #[cfg(test)]
 mod tests {
     use super::*;

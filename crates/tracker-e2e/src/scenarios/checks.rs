@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::load::Registration;
 use crate::db::HistoryRow;
-use crate::harness::StatePatch;
+use crate::harness::{PublishedEvent, StatePatch};
 use fake_kube::SessionChange;
 
 /// How long before a hibernation patch a connection must have been proven live for the patch
@@ -544,6 +544,98 @@ impl fmt::Display for HistoryFigures {
     }
 }
 
+/// What the NATS stream holds against what landed (races with `--nats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFigures {
+    pub hibernate_events: usize,
+    pub wake_events: usize,
+    /// `hibernated` and `running` landings of patches (not births: nobody
+    /// announces that a Session was created).
+    pub hibernate_landings: usize,
+    pub wake_landings: usize,
+    // Violations.
+    /// Sessions with more events of a kind than landings of it: announced
+    /// twice, or a change announced that never landed.
+    pub doubled: Vec<String>,
+    /// Event ids published more than once.
+    pub duplicate_ids: Vec<String>,
+    /// Sessions with fewer events of a kind than landings: a change that
+    /// landed and was never announced.
+    pub missing: Vec<String>,
+}
+
+impl EventFigures {
+    pub fn violations(&self) -> usize {
+        self.doubled.len() + self.duplicate_ids.len() + self.missing.len()
+    }
+}
+
+/// Compares, session by session, the hibernate and wake events published
+/// with the patches that landed: each landing is announced once.
+pub fn check_events(landings: &[Landing], events: &[PublishedEvent]) -> EventFigures {
+    let mut f = EventFigures::default();
+    // (session, kind) -> (landings, events)
+    let mut counts: BTreeMap<(&str, &str), (usize, usize)> = BTreeMap::new();
+    for l in landings.iter().filter(|l| !l.birth) {
+        let kind = match l.state.as_str() {
+            "hibernated" => {
+                f.hibernate_landings += 1;
+                "hibernate"
+            }
+            "running" => {
+                f.wake_landings += 1;
+                "wake"
+            }
+            _ => continue,
+        };
+        counts.entry((l.session.as_str(), kind)).or_default().0 += 1;
+    }
+    let mut ids = HashSet::new();
+    for e in events {
+        if !ids.insert(e.event_id.as_str()) {
+            f.duplicate_ids.push(e.event_id.clone());
+        }
+        let kind = if e.subject.contains(".hibernate.") {
+            f.hibernate_events += 1;
+            "hibernate"
+        } else if e.subject.contains(".wake.") {
+            f.wake_events += 1;
+            "wake"
+        } else {
+            continue;
+        };
+        counts.entry((e.session_id.as_str(), kind)).or_default().1 += 1;
+    }
+    for ((session, kind), (landed, announced)) in counts {
+        let line = format!("{session}: {landed} {kind} landings, {announced} events");
+        if announced > landed {
+            f.doubled.push(line);
+        } else if announced < landed {
+            f.missing.push(line);
+        }
+    }
+    f
+}
+
+impl fmt::Display for EventFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  NATS: {} hibernate events for {} landings, {} wake events for {} landings",
+            self.hibernate_events, self.hibernate_landings, self.wake_events, self.wake_landings
+        )?;
+        writeln!(
+            f,
+            "  events missing: {}{}; doubled: {}{}; duplicate ids: {}",
+            self.missing.len(),
+            some(&self.missing, 10),
+            self.doubled.len(),
+            some(&self.doubled, 10),
+            self.duplicate_ids.len()
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::load::{Ending, Kind};
@@ -794,5 +886,44 @@ mod tests {
         assert_eq!(f.unexpected.len(), 1);
         assert_eq!(f.wrong_reason.len(), 1);
         assert_eq!(f.violations(), 3);
+    }
+
+    #[test]
+    fn events_are_counted_against_landings_session_by_session() {
+        let landing = |session: &str, state: &str, birth| Landing {
+            session: session.into(),
+            state: state.into(),
+            at: t(0),
+            birth,
+        };
+        let event = |session: &str, kind: &str, id: &str| PublishedEvent {
+            subject: format!("streamspace.session.{kind}.kubernetes"),
+            event_id: id.into(),
+            session_id: session.into(),
+        };
+        let landings = [
+            landing("a", "hibernated", false),
+            landing("a", "running", false),
+            landing("b", "hibernated", true),
+            landing("b", "running", false),
+        ];
+        let exact = [
+            event("a", "hibernate", "1"),
+            event("a", "wake", "2"),
+            event("b", "wake", "3"),
+        ];
+        let f = check_events(&landings, &exact);
+        assert_eq!(f.violations(), 0, "{f}");
+        assert_eq!((f.hibernate_landings, f.wake_landings), (1, 2));
+        // a's wake missing; b's birth announced as a hibernation; id 3 twice.
+        let wrong = [
+            event("a", "hibernate", "1"),
+            event("b", "hibernate", "3"),
+            event("b", "wake", "3"),
+        ];
+        let f = check_events(&landings, &wrong);
+        assert_eq!(f.missing.len(), 1, "{f}");
+        assert_eq!(f.doubled.len(), 1, "{f}");
+        assert_eq!(f.duplicate_ids, ["3"]);
     }
 }

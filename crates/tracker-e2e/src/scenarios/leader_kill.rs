@@ -28,6 +28,10 @@ pub struct LeaderKillParams {
     pub concurrency: usize,
     #[arg(skip)]
     pub seed: u64,
+    /// Give the reapers a private NATS and check that every hibernation and
+    /// wake that landed was published once, across the kills.
+    #[arg(long)]
+    pub nats: bool,
 }
 
 impl LeaderKillParams {
@@ -37,6 +41,7 @@ impl LeaderKillParams {
             sessions: 16,
             concurrency: 10,
             seed,
+            nats: false,
         }
     }
 
@@ -46,6 +51,7 @@ impl LeaderKillParams {
             sessions: 100,
             concurrency: 48,
             seed,
+            nats: false,
         }
     }
 }
@@ -123,7 +129,8 @@ impl fmt::Display for LeaderKillFigures {
 }
 
 /// Runs the leader-kill scenario on a fresh harness.
-pub async fn run(opts: HarnessOptions, params: LeaderKillParams) -> Result<LeaderKillFigures> {
+pub async fn run(mut opts: HarnessOptions, params: LeaderKillParams) -> Result<LeaderKillFigures> {
+    opts.nats |= params.nats;
     let mut h = Harness::start(opts).await?;
     let names = sessions(&h, params.sessions).await?;
     let timing = h.timing();
@@ -212,6 +219,7 @@ pub async fn run(opts: HarnessOptions, params: LeaderKillParams) -> Result<Leade
         concurrency: params.concurrency,
         seed: params.seed,
         faults: 0.0,
+        nats: params.nats,
     };
     // A wake recorded just before a kill waits for the takeover.
     let wake_deadline = WAKE_DEADLINE + lease + TAKEOVER_MARGIN;

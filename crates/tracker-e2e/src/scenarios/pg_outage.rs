@@ -132,6 +132,7 @@ pub async fn run(mut opts: HarnessOptions, params: PgOutageParams) -> Result<PgO
         concurrency: params.concurrency,
         seed: params.seed,
         faults: 0.0,
+        nats: false,
     };
     let run = finish(&h, &recorder, WAKE_DEADLINE, races_params, load_time).await?;
     let figures = PgOutageFigures {

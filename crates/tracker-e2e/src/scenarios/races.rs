@@ -26,7 +26,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::checks::{
-    check_history, check_landings, landings_from_changes, some, HistoryFigures, SessionFigures,
+    check_events, check_history, check_landings, landings_from_changes, some, EventFigures,
+    HistoryFigures, Landing, SessionFigures,
 };
 use super::load::{self, Kind, LoadParams, Recorder, Registration, Target};
 use super::{conclude, drain, live_connections, sessions, write_result};
@@ -48,6 +49,10 @@ pub struct RacesParams {
     /// whether it re-creates Sessions and opens watch gaps (0: a well-behaved server).
     #[arg(long, default_value_t = 0.1)]
     pub faults: f64,
+    /// Give the reapers a private NATS (JetStream) and check that every
+    /// hibernation and wake that landed was published once.
+    #[arg(long)]
+    pub nats: bool,
 }
 
 impl RacesParams {
@@ -59,6 +64,7 @@ impl RacesParams {
             concurrency: 16,
             seed,
             faults: 0.1,
+            nats: false,
         }
     }
 
@@ -70,6 +76,7 @@ impl RacesParams {
             concurrency: 96,
             seed,
             faults: 0.1,
+            nats: false,
         }
     }
 }
@@ -296,6 +303,8 @@ pub struct RacesFigures {
     pub faults: FaultFigures,
     pub live_after_drain: u64,
     pub events: Vec<(String, i64)>,
+    /// With NATS: the published events against the landings.
+    pub published: Option<EventFigures>,
     pub exits: String,
     pub unclean_exits: usize,
 }
@@ -312,6 +321,9 @@ impl RacesFigures {
         }
         if self.history.violations() > 0 {
             p.push(format!("{} history violations", self.history.violations()));
+        }
+        if let Some(e) = self.published.as_ref().filter(|e| e.violations() > 0) {
+            p.push(format!("{} NATS event violations", e.violations()));
         }
         if self.load.failures() > 0 {
             p.push(format!("{} client-visible failures", self.load.failures()));
@@ -357,6 +369,9 @@ impl fmt::Display for RacesFigures {
             self.live_after_drain
         )?;
         writeln!(f, "  session_events: {:?}", self.events)?;
+        if let Some(published) = &self.published {
+            write!(f, "{published}")?;
+        }
         writeln!(f, "  exits: {}", self.exits)?;
         write_result(f, &self.problems())
     }
@@ -365,6 +380,7 @@ impl fmt::Display for RacesFigures {
 /// Runs the races scenario on a fresh harness.
 pub async fn run(mut opts: HarnessOptions, params: RacesParams) -> Result<RacesFigures> {
     let faulty = params.faults > 0.0;
+    opts.nats |= params.nats;
     if faulty && opts.kube_timeout.is_none() {
         opts.kube_timeout = Some(FAULT_KUBE_TIMEOUT);
     }
@@ -516,6 +532,11 @@ pub(crate) async fn finish(
     let wake_deadline = chrono::Duration::from_std(wake_deadline).unwrap_or_default();
     let sessions = check_landings(&regs, &patches, &landings, wake_deadline);
     let faults = FaultFigures::from_log(&h.fake().injected_faults());
+    let published = if params.nats {
+        Some(check_published(h, &landings).await?)
+    } else {
+        None
+    };
     let rows = h.db()?.history().await?;
     let history = check_history(&regs, &rows);
     let events = h.db()?.event_counts().await.unwrap_or_default();
@@ -547,7 +568,33 @@ pub(crate) async fn finish(
         faults,
         live_after_drain,
         events,
+        published,
         exits: String::new(),
         unclean_exits: 0,
     })
+}
+
+/// How long a landing may take to be announced. The watch shows one at once;
+/// one found by a read again after a lost answer may take up to 47 s.
+const ANNOUNCE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Checks the NATS stream against the landings: none of `landed` (read
+/// before) unannounced once the deadline passed, and no more events than
+/// landings, counted after the events were read (sessions go on idling and
+/// hibernating meanwhile: an event only ever follows its landing).
+async fn check_published(h: &Harness, landed: &[Landing]) -> Result<EventFigures> {
+    let deadline = Instant::now() + ANNOUNCE_DEADLINE;
+    let events = loop {
+        h.wait_events_published(ANNOUNCE_DEADLINE).await?;
+        let events = h.published_events().await?;
+        if check_events(landed, &events).missing.is_empty() || Instant::now() >= deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let landed_since = landings_from_changes(&h.session_changes());
+    let mut figures = check_events(landed, &events);
+    let after = check_events(&landed_since, &events);
+    figures.doubled = after.doubled;
+    Ok(figures)
 }
