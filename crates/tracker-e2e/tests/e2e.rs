@@ -33,7 +33,12 @@ fn seed() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn races_short() {
     let _one = SERIAL.lock().await;
-    let figures = races::run(HarnessOptions::default(), races::RacesParams::short(seed()))
+    // With NATS: every landing's event is checked too.
+    let params = races::RacesParams {
+        nats: true,
+        ..races::RacesParams::short(seed())
+    };
+    let figures = races::run(HarnessOptions::default(), params)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{figures}");
@@ -42,12 +47,13 @@ async fn races_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_once() {
     let _one = SERIAL.lock().await;
-    let figures = leader_kill::run(
-        HarnessOptions::default(),
-        leader_kill::LeaderKillParams::short(seed()),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let params = leader_kill::LeaderKillParams {
+        nats: true,
+        ..leader_kill::LeaderKillParams::short(seed())
+    };
+    let figures = leader_kill::run(HarnessOptions::default(), params)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{figures}");
 }
 
