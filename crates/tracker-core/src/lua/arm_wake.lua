@@ -1,5 +1,8 @@
 -- arm_wake.lua: a wake patch is about to be sent (Kubernetes with NATS):
--- record the wake event it announces once the wake is seen done.
+-- record the wake event it announces once the wake is seen done. The waker
+-- has just read the Session hibernated: a claim's hibernation the store has
+-- not recorded yet has landed, and is announced now, before the wake (its own
+-- record would come after the wake's and be refused as superseded).
 --
 -- KEYS     the shard keys (common.lua), then the session's keys
 -- ARGV     clock offset ms, window ms, session id, leader term, event id,
@@ -18,5 +21,6 @@ local term = tonumber(ARGV[4])
 if fenced(term) then return -1 end
 local m = load_meta(S)
 if m.ph ~= 'w' then return 0 end
+announce_landing(S, m, now_ms())
 set_meta(S, m, 'wk', kept_event(ARGV[5], ARGV[6], ARGV[7]))
 return 1

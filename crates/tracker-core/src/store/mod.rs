@@ -1375,7 +1375,9 @@ impl Store {
 
     /// A wake patch is about to be sent (Kubernetes with NATS): `event` is
     /// queued when the wake is acknowledged, by this leader or the next.
-    /// `Noop` if no wake is pending.
+    /// `Noop` if no wake is pending. The caller has just read the Session
+    /// hibernated: the hibernate event of a claim whose landing the store has
+    /// not recorded yet is queued now, ahead of the wake's.
     pub async fn arm_wake(
         &self,
         session: &SessionId,

@@ -42,6 +42,7 @@ crate::both!(
     a_released_patch_landing_late_is_announced_while_it_may_land,
     a_landing_after_a_wake_ended_the_claim_is_announced,
     a_wake_patched_by_a_leader_that_died_is_announced_by_the_next,
+    a_hibernation_unrecorded_when_the_wake_comes_is_announced_first,
     a_new_claim_after_a_released_patch_is_not_undone_when_it_lands,
 );
 
@@ -736,6 +737,33 @@ async fn a_wake_patched_by_a_leader_that_died_is_announced_by_the_next(backend: 
         );
     }
     assert_eq!(state(&store, &s).await, SessionState::Running);
+}
+
+/// Found by reading, while adding the NATS check to the races: the patch
+/// lands unseen (a watch gap), a connection asks for a wake, and the waker
+/// wakes the Session before the hibernator records its landing: that record
+/// is then superseded and refused, and consumers would hear of a wake for a
+/// hibernation never announced. The waker has just read the Session
+/// hibernated when it arms the wake: the claim's event goes first.
+async fn a_hibernation_unrecorded_when_the_wake_comes_is_announced_first(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    let slept = claimed_announcing(&store, &s, T1).await;
+    connect_alice(&store, &s).await;
+    let woken = Announcement::new("kubernetes", "connection");
+    assert_eq!(store.arm_wake(&s, T1, &woken).await.unwrap(), Written::Done);
+    assert_eq!(announced(&store).await, [hibernate(&slept)]);
+    let acked = store.ack_wake(&s, T1, Some("u1"), Some(3)).await.unwrap();
+    assert_eq!(acked, Written::Done);
+    let late = finish(&store, &s, T1, 2).await;
+    assert_eq!(late, FinishOutcome::Stale);
+    mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
+    assert_eq!(
+        announced(&store).await,
+        [hibernate(&slept), (EventKind::Wake, woken.event_id.clone())]
+    );
 }
 
 /// A patch released as unsure that lands while it still may is the claim's
