@@ -2,7 +2,7 @@
 //! with its receive time), what the clients observed ([`Registration`]s) and what PostgreSQL
 //! holds. Pure functions over those records, so they are unit-tested here without processes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use chrono::{DateTime, Duration, Utc};
@@ -559,6 +559,9 @@ pub struct EventFigures {
     pub doubled: Vec<String>,
     /// Event ids published more than once.
     pub duplicate_ids: Vec<String>,
+    /// Sessions whose events came in another order than their landings
+    /// (a wake announced before the hibernation it undid, say).
+    pub out_of_order: Vec<String>,
     /// Sessions with fewer events of a kind than landings: a change that
     /// landed and was never announced.
     pub missing: Vec<String>,
@@ -571,7 +574,7 @@ pub struct EventFigures {
 
 impl EventFigures {
     pub fn violations(&self) -> usize {
-        self.doubled.len() + self.duplicate_ids.len() + self.missing.len()
+        self.doubled.len() + self.duplicate_ids.len() + self.missing.len() + self.out_of_order.len()
     }
 }
 
@@ -579,25 +582,21 @@ impl EventFigures {
 /// with the patches that landed: each landing is announced once.
 pub fn check_events(landings: &[Landing], events: &[PublishedEvent]) -> EventFigures {
     let mut f = EventFigures::default();
-    // (session, kind) -> (landings, events)
-    let mut counts: BTreeMap<(&str, &str), (usize, usize)> = BTreeMap::new();
+    // Per session, the kinds in order: of the landings, of the events.
+    let mut landed: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut announced: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut births: HashMap<&str, usize> = HashMap::new();
-    for l in landings.iter().filter(|l| l.birth) {
-        *births.entry(l.session.as_str()).or_default() += 1;
-    }
-    for l in landings.iter().filter(|l| !l.birth) {
+    for l in landings {
+        if l.birth {
+            *births.entry(l.session.as_str()).or_default() += 1;
+            continue;
+        }
         let kind = match l.state.as_str() {
-            "hibernated" => {
-                f.hibernate_landings += 1;
-                "hibernate"
-            }
-            "running" => {
-                f.wake_landings += 1;
-                "wake"
-            }
+            "hibernated" => "hibernate",
+            "running" => "wake",
             _ => continue,
         };
-        counts.entry((l.session.as_str(), kind)).or_default().0 += 1;
+        landed.entry(l.session.as_str()).or_default().push(kind);
     }
     let mut ids = HashSet::new();
     for e in events {
@@ -605,24 +604,48 @@ pub fn check_events(landings: &[Landing], events: &[PublishedEvent]) -> EventFig
             f.duplicate_ids.push(e.event_id.clone());
         }
         let kind = if e.subject.contains(".hibernate.") {
-            f.hibernate_events += 1;
             "hibernate"
         } else if e.subject.contains(".wake.") {
-            f.wake_events += 1;
             "wake"
         } else {
             continue;
         };
-        counts.entry((e.session_id.as_str(), kind)).or_default().1 += 1;
+        announced
+            .entry(e.session_id.as_str())
+            .or_default()
+            .push(kind);
     }
-    for ((session, kind), (landed, announced)) in counts {
-        let line = format!("{session}: {landed} {kind} landings, {announced} events");
-        if announced > landed {
-            f.doubled.push(line);
-        } else if announced < landed && births.get(session).copied().unwrap_or(0) > 1 {
-            f.missing_recreated.push(line);
-        } else if announced < landed {
-            f.missing.push(line);
+    let count = |kinds: &[&str], kind: &str| kinds.iter().filter(|k| **k == kind).count();
+    let sessions: BTreeSet<&str> = landed.keys().chain(announced.keys()).copied().collect();
+    for session in sessions {
+        let l = landed.get(session).map(Vec::as_slice).unwrap_or_default();
+        let a = announced
+            .get(session)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let recreated = births.get(session).copied().unwrap_or(0) > 1;
+        f.hibernate_landings += count(l, "hibernate");
+        f.wake_landings += count(l, "wake");
+        f.hibernate_events += count(a, "hibernate");
+        f.wake_events += count(a, "wake");
+        let mut doubled = false;
+        for kind in ["hibernate", "wake"] {
+            let (landed, announced) = (count(l, kind), count(a, kind));
+            let line = format!("{session}: {landed} {kind} landings, {announced} events");
+            if announced > landed {
+                doubled = true;
+                f.doubled.push(line);
+            } else if announced < landed && recreated {
+                f.missing_recreated.push(line);
+            } else if announced < landed {
+                f.missing.push(line);
+            }
+        }
+        // Events follow their landings: in the same order, the latest
+        // landings perhaps not announced yet.
+        if !doubled && !recreated && !l.starts_with(a) {
+            f.out_of_order
+                .push(format!("{session}: landed {l:?}, announced {a:?}"));
         }
     }
     f
@@ -637,12 +660,14 @@ impl fmt::Display for EventFigures {
         )?;
         writeln!(
             f,
-            "  events missing: {}{}; doubled: {}{}; duplicate ids: {}; \
+            "  events missing: {}{}; doubled: {}{}; out of order: {}{}; duplicate ids: {}; \
              missing on re-created Sessions (not a violation): {}{}",
             self.missing.len(),
             some(&self.missing, 10),
             self.doubled.len(),
             some(&self.doubled, 10),
+            self.out_of_order.len(),
+            some(&self.out_of_order, 10),
             self.duplicate_ids.len(),
             self.missing_recreated.len(),
             some(&self.missing_recreated, 5)
@@ -945,5 +970,14 @@ mod tests {
         let f = check_events(&recreated, &wrong);
         assert!(f.missing.is_empty(), "{f}");
         assert_eq!(f.missing_recreated.len(), 1, "{f}");
+        // a's wake announced before its hibernation.
+        let swapped = [
+            event("a", "wake", "2"),
+            event("a", "hibernate", "1"),
+            event("b", "wake", "3"),
+        ];
+        let f = check_events(&landings, &swapped);
+        assert_eq!(f.out_of_order.len(), 1, "{f}");
+        assert_eq!(f.violations(), 1, "{f}");
     }
 }

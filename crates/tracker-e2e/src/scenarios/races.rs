@@ -596,5 +596,6 @@ async fn check_published(h: &Harness, landed: &[Landing]) -> Result<EventFigures
     let mut figures = check_events(landed, &events);
     let after = check_events(&landed_since, &events);
     figures.doubled = after.doubled;
+    figures.out_of_order = after.out_of_order;
     Ok(figures)
 }
