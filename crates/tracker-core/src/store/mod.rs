@@ -726,6 +726,9 @@ impl Store {
                     .ok_or_else(|| bad_reply(op, &reply))
             })
             .collect::<Result<Vec<_>>>()?;
+        // The script answers by connection set, not by position.
+        let mut refused = refused;
+        refused.sort_unstable_by_key(|&(k, _)| k);
         Ok((at, refused))
     }
 

@@ -18,6 +18,7 @@ crate::both!(
     closing_a_dead_connection_archives_it_as_expired,
     history_in_the_outbox_signals_the_archiver_once,
     batch_heartbeats_report_exactly_the_unknown_pairs,
+    batch_heartbeats_of_one_session_check_each_connection,
     concurrent_single_heartbeats_each_get_their_own_answer,
     a_heartbeat_refused_to_its_caller_records_nothing,
     a_users_registration_checks_the_owner_in_the_call_that_registers,
@@ -248,6 +249,42 @@ async fn batch_heartbeats_report_exactly_the_unknown_pairs(backend: Backend) {
     assert_eq!(outcome.alive, 29);
     assert_eq!(outcome.unknown, vec![closed, stranger, wrong_session]);
     assert_eq!(store.heartbeat_batch(&[]).await.unwrap().alive, 0);
+}
+
+/// The script checks the connections of one session together (one
+/// ZMSCORE, one ZADD, in chunks of 512): each is still checked on its own,
+/// and the refusals come back in pair order.
+async fn batch_heartbeats_of_one_session_check_each_connection(backend: Backend) {
+    let (store, clock) = store(backend).await;
+    let s = sid("desk-1");
+    let register = |user: &str| {
+        let c = conn(&s, user, Protocol::Http);
+        let store = &store;
+        async move {
+            created(store.register(&c, Limits::default()).await.unwrap());
+            (c.session_id.clone(), c.connection_id)
+        }
+    };
+    let dead = register("alice").await;
+    clock.advance(WINDOW + Duration::from_secs(1));
+    let mut live = Vec::new();
+    for i in 0..600 {
+        live.push(register(&format!("user-{}", i % 7)).await);
+    }
+    let closed = live[10].clone();
+    store.close(&closed.0, closed.1).await.unwrap();
+    let stranger = (s.clone(), ConnectionId::new_random());
+    let mut batch = vec![dead.clone()];
+    batch.extend(live.iter().cloned());
+    batch.push(stranger.clone());
+
+    clock.advance(WINDOW / 2);
+    let outcome = store.heartbeat_batch(&batch).await.unwrap();
+    assert_eq!(outcome.alive, 599);
+    assert_eq!(outcome.unknown, vec![dead, closed, stranger]);
+    // Recorded: past the registrations' window, only the dead one expires.
+    clock.advance(WINDOW / 2 + Duration::from_secs(1));
+    assert_eq!(sweep_all(&store).await, 1);
 }
 
 async fn stats_follow_every_change(backend: Backend) {
