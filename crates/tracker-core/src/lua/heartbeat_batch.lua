@@ -2,15 +2,16 @@
 -- (or, on a standalone Redis, of any shards): the batch endpoint's pairs, and
 -- single heartbeats that arrived together (store/coalesce.rs).
 --
--- KEYS     the connection set (c) of each pair's session, in pair order (a
---          session may appear more than once); then the metadata (m) of the
+-- KEYS     the connection set (c) of each pair's session, in pair order, the
+--          pairs of one session next to each other (they are checked
+--          together); then the metadata (m) of the
 --          session of each pair whose caller must own it, in ARGV's order
 -- ARGV     clock offset ms, window ms, one connection id per pair; then, for
 --          each pair whose caller must own its session (a user's heartbeat,
 --          over HTTP or a WebSocket), its 1-based position and the user.
 --          Services and admins add nothing.
--- Returns  {now ms, r1, r2, ...}: one number per refused pair (in no
---          particular order), 4 x its position + why: 1 the connection is
+-- Returns  {now ms, r1, r2, ...}: one number per refused pair, by position,
+--          4 x its position + why: 1 the connection is
 --          unknown or dead, 2 the session has no owner (for a user: no such
 --          session), 3 another user owns it.
 -- Atomic   each pair's liveness check with its update: a heartbeat that lands
@@ -31,53 +32,48 @@ for j = 1, owned do
 end
 local refused = { now }
 local function refuse(i, why) refused[#refused + 1] = 4 * i + why end
--- A user's pairs are checked against the owner first; the pairs left are
--- grouped by connection set, so that connections of one session cost one
--- ZMSCORE and one ZADD between them, not two calls each.
-local sets, order = {}, {}
-for i = 1, n do
-  local why = 0
+-- A user's pair is refused unless its session is the user's.
+local function owner_ok(i)
   local owner = must[i]
-  if owner then
-    local own = redis.call('HGET', owner[1], 'own')
-    if not own then why = 2 elseif own ~= owner[2] then why = 3 end
-  end
-  if why > 0 then
-    refuse(i, why)
-  else
-    local set = sets[KEYS[i]]
-    if not set then
-      set = {}
-      sets[KEYS[i]] = set
-      order[#order + 1] = KEYS[i]
-    end
-    set[#set + 1] = i
-  end
+  if not owner then return true end
+  local own = redis.call('HGET', owner[1], 'own')
+  if not own then refuse(i, 2) elseif own ~= owner[2] then refuse(i, 3) end
+  return own == owner[2]
 end
--- Arguments of one call stay well below Lua's unpack limit (8,000).
+-- Pairs of one connection set come together (the caller sorts them): one
+-- ZMSCORE and one ZADD for a run of them, in chunks well below Lua's unpack
+-- limit (8,000), instead of two calls each.
 local CHUNK = 512
-for _, key in ipairs(order) do
-  local set = sets[key]
-  if #set == 1 then
+local first = 1
+while first <= n do
+  local key = KEYS[first]
+  local last = first
+  while last < n and KEYS[last + 1] == key do last = last + 1 end
+  if last == first then
     -- The common case (one connection a session): no tables to build.
-    local i = set[1]
-    local hb = redis.call('ZSCORE', key, ARGV[i + 2])
-    if not hb or tonumber(hb) <= cutoff then
-      refuse(i, 1)
-    else
-      redis.call('ZADD', key, now, ARGV[i + 2])
+    if owner_ok(first) then
+      local cid = ARGV[first + 2]
+      local hb = redis.call('ZSCORE', key, cid)
+      if not hb or tonumber(hb) <= cutoff then
+        refuse(first, 1)
+      else
+        redis.call('ZADD', key, now, cid)
+      end
     end
   else
-    for first = 1, #set, CHUNK do
-      local last = math.min(first + CHUNK - 1, #set)
+    local pos = {}
+    for i = first, last do
+      if owner_ok(i) then pos[#pos + 1] = i end
+    end
+    for from = 1, #pos, CHUNK do
       local ids = {}
-      for j = first, last do ids[#ids + 1] = ARGV[set[j] + 2] end
+      for j = from, math.min(from + CHUNK - 1, #pos) do ids[#ids + 1] = ARGV[pos[j] + 2] end
       local scores = redis.call('ZMSCORE', key, unpack(ids))
       local zadd = {}
       for k, id in ipairs(ids) do
         local hb = scores[k]
         if not hb or tonumber(hb) <= cutoff then
-          refuse(set[first + k - 1], 1)
+          refuse(pos[from + k - 1], 1)
         else
           zadd[#zadd + 1] = now
           zadd[#zadd + 1] = id
@@ -86,5 +82,6 @@ for _, key in ipairs(order) do
       if #zadd > 0 then redis.call('ZADD', key, unpack(zadd)) end
     end
   end
+  first = last + 1
 end
 return refused

@@ -691,10 +691,16 @@ impl Store {
     async fn heartbeat_call(&self, pairs: Vec<Heartbeat>) -> Result<(i64, Vec<(usize, Refusal)>)> {
         let op = &self.scripts.heartbeat_batch;
         let n = pairs.len();
+        // The script checks the pairs of one session together when they come
+        // next to each other: sent sorted by key, answered by sent position.
+        let mut pairs: Vec<(usize, Heartbeat)> = pairs.into_iter().enumerate().collect();
+        pairs.sort_by(|(_, a), (_, b)| a.key.cmp(&b.key));
+        let mut order = Vec::with_capacity(n);
         let mut keys = Vec::with_capacity(n);
         let mut args = Vec::with_capacity(n);
         let mut owned = Vec::new();
-        for (i, beat) in pairs.into_iter().enumerate() {
+        for (i, (k, beat)) in pairs.into_iter().enumerate() {
+            order.push(k);
             keys.push(beat.key);
             args.push(beat.id);
             if let Some(owner) = beat.owner {
@@ -721,12 +727,11 @@ impl Store {
                 };
                 usize::try_from(r / 4 - 1)
                     .ok()
-                    .filter(|&k| k < n)
-                    .map(|k| (k, why))
+                    .and_then(|sent| order.get(sent))
+                    .map(|&k| (k, why))
                     .ok_or_else(|| bad_reply(op, &reply))
             })
             .collect::<Result<Vec<_>>>()?;
-        // The script answers by connection set, not by position.
         let mut refused = refused;
         refused.sort_unstable_by_key(|&(k, _)| k);
         Ok((at, refused))
