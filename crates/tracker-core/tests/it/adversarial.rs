@@ -99,6 +99,23 @@ fn hibernate(event: &Announcement) -> (EventKind, String) {
     (EventKind::Hibernate, event.event_id.clone())
 }
 
+fn wake(event: &Announcement) -> (EventKind, String) {
+    (EventKind::Wake, event.event_id.clone())
+}
+
+/// `s` mirrored running by `term`, idle past its timeout, then claimed by
+/// `term` with its event for the landing.
+async fn idle_then_claimed(
+    store: &Store,
+    clock: &ClockOffset,
+    s: &SessionId,
+    term: Term,
+) -> Announcement {
+    mirror_as(store, term, s, "u1", ResourceState::Running, 1).await;
+    clock.advance(Duration::from_secs(2));
+    claimed_announcing(store, s, term).await
+}
+
 /// A running session idle past its timeout, claimed by `T1`, then connected
 /// to: the registration ends the claim with a wake.
 async fn claimed_then_connected(store: &Store, clock: &ClockOffset, s: &SessionId) {
@@ -612,9 +629,7 @@ async fn a_late_landing_after_a_wake_ended_the_claim_still_wakes(backend: Backen
 async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror_as(&store, T2, &s, "u1", ResourceState::Running, 1).await;
-    clock.advance(Duration::from_secs(3));
-    let event = claimed_announcing(&store, &s, T2).await;
+    let event = idle_then_claimed(&store, &clock, &s, T2).await;
     let stale = finish(&store, &s, T1, 2).await;
     assert_eq!(stale, FinishOutcome::Fenced);
     assert!(queued(&store).await.is_empty());
@@ -633,10 +648,7 @@ async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
     );
     let acked = store.ack_wake(&s, T2, Some("u1"), Some(3)).await.unwrap();
     assert_eq!(acked, Written::Done);
-    assert_eq!(
-        announced(&store).await,
-        [hibernate(&event), (EventKind::Wake, woken.event_id.clone())]
-    );
+    assert_eq!(announced(&store).await, [hibernate(&event), wake(&woken)]);
     assert_eq!(state(&store, &s).await, SessionState::Running);
 }
 
@@ -651,9 +663,7 @@ async fn a_patch_and_its_event_are_recorded_together(backend: Backend) {
 async fn a_late_finish_announces_unless_the_session_moved_on(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
-    clock.advance(Duration::from_secs(3));
-    let event = claimed_announcing(&store, &s, T1).await;
+    let event = idle_then_claimed(&store, &clock, &s, T1).await;
     // The patch landed (generation 2); the watch records it before the finish.
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(announced(&store).await, [hibernate(&event)]);
@@ -684,9 +694,7 @@ async fn a_late_finish_announces_unless_the_session_moved_on(backend: Backend) {
 async fn a_landing_recorded_by_the_next_leader_is_announced(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
-    clock.advance(Duration::from_secs(3));
-    let event = claimed_announcing(&store, &s, T1).await;
+    let event = idle_then_claimed(&store, &clock, &s, T1).await;
     mirror_as(&store, T2, &s, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(announced(&store).await, [hibernate(&event)]);
     assert_eq!(state(&store, &s).await, SessionState::Hibernated);
@@ -732,7 +740,7 @@ async fn a_wake_patched_by_a_leader_that_died_is_announced_by_the_next(backend: 
         store.ack_wake(&s, T2, Some("u1"), Some(2)).await.unwrap();
         assert_eq!(
             announced(&store).await,
-            [(EventKind::Wake, woken.event_id.clone())],
+            [wake(&woken)],
             "the last armed event, once"
         );
     }
@@ -748,9 +756,7 @@ async fn a_wake_patched_by_a_leader_that_died_is_announced_by_the_next(backend: 
 async fn a_hibernation_unrecorded_when_the_wake_comes_is_announced_first(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
-    clock.advance(Duration::from_secs(2));
-    let slept = claimed_announcing(&store, &s, T1).await;
+    let slept = idle_then_claimed(&store, &clock, &s, T1).await;
     connect_alice(&store, &s).await;
     let woken = Announcement::new("kubernetes", "connection");
     assert_eq!(store.arm_wake(&s, T1, &woken).await.unwrap(), Written::Done);
@@ -760,10 +766,7 @@ async fn a_hibernation_unrecorded_when_the_wake_comes_is_announced_first(backend
     let late = finish(&store, &s, T1, 2).await;
     assert_eq!(late, FinishOutcome::Stale);
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
-    assert_eq!(
-        announced(&store).await,
-        [hibernate(&slept), (EventKind::Wake, woken.event_id.clone())]
-    );
+    assert_eq!(announced(&store).await, [hibernate(&slept), wake(&woken)]);
 }
 
 /// A patch released as unsure that lands while it still may is the claim's
@@ -802,9 +805,7 @@ async fn a_released_patch_landing_late_is_announced_while_it_may_land(backend: B
 async fn a_landing_after_a_wake_ended_the_claim_is_announced(backend: Backend) {
     let (store, clock) = store(backend).await;
     let s = sid("desk-1");
-    mirror_as(&store, T1, &s, "u1", ResourceState::Running, 1).await;
-    clock.advance(Duration::from_secs(2));
-    let event = claimed_announcing(&store, &s, T1).await;
+    let event = idle_then_claimed(&store, &clock, &s, T1).await;
     connect_alice(&store, &s).await;
     mirror_as(&store, T1, &s, "u1", ResourceState::Hibernated, 2).await;
     assert_eq!(announced(&store).await, [hibernate(&event)]);
