@@ -32,7 +32,8 @@ have redis-cli || missing+=(redis-tools)
 if ! have pg_ctlcluster || ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
   missing+=(postgresql)
 fi
-# The docker platform's tests start their own nats-server from here (or PATH).
+# The docker platform's tests and the e2e scenarios' NATS checks start their
+# own nats-server from here (or PATH).
 [[ -x /usr/sbin/nats-server ]] || have nats-server || missing+=(nats-server)
 # The browser tests (crates/tracker-browser) use these paths unless
 # TRACKER_CHROMIUM / TRACKER_CHROMEDRIVER name others.
