@@ -339,33 +339,20 @@ impl Harness {
         let Some(nats) = &self.nats else {
             return Ok(Vec::new());
         };
-        let failed =
-            |what: &str, e: &dyn std::fmt::Display| Error::Setup(format!("NATS: {what}: {e}"));
-        let client = async_nats::connect(nats.url())
-            .await
-            .map_err(|e| failed("connect", &e))?;
-        let js = async_nats::jetstream::new(client);
-        let Ok(mut stream) = js.get_stream(EVENTS_STREAM).await else {
-            return Ok(Vec::new());
-        };
-        let info = stream.info().await.map_err(|e| failed("stream info", &e))?;
-        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-        let mut out = Vec::new();
-        for seq in first.max(1)..=last {
-            let m = stream
-                .get_raw_message(seq)
-                .await
-                .map_err(|e| failed("read a message", &e))?;
-            let payload: serde_json::Value = serde_json::from_slice(&m.payload)
-                .map_err(|e| failed("a message's payload", &e))?;
-            let field = |k: &str| payload[k].as_str().unwrap_or_default().to_owned();
-            out.push(PublishedEvent {
-                subject: m.subject.to_string(),
-                event_id: field("event_id"),
-                session_id: field("session_id"),
-            });
-        }
-        Ok(out)
+        let messages = crate::nats_server::read_stream(&nats.url(), EVENTS_STREAM).await?;
+        messages
+            .into_iter()
+            .map(|m| {
+                let payload: Value = serde_json::from_slice(&m.payload)
+                    .map_err(|e| Error::Setup(format!("NATS: a message's payload: {e}")))?;
+                let field = |k: &str| payload[k].as_str().unwrap_or_default().to_owned();
+                Ok(PublishedEvent {
+                    subject: m.subject,
+                    event_id: field("event_id"),
+                    session_id: field("session_id"),
+                })
+            })
+            .collect()
     }
 
     pub fn db(&self) -> Result<&TestDatabase> {

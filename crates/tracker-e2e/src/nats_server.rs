@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 use crate::local_server::{LocalServer, ServerKind};
+use crate::{Error, Result};
 
 /// Where Debian's package installs it; `PATH` is tried otherwise.
 const DEBIAN_BINARY: &str = "/usr/sbin/nats-server";
@@ -76,4 +77,46 @@ pub async fn greets_with_jetstream(port: u16) -> bool {
         tokio::time::timeout(Duration::from_secs(1), attempt).await,
         Ok(Some(true))
     )
+}
+
+/// One message of a JetStream stream, as the server keeps it.
+#[derive(Debug, Clone)]
+pub struct StreamMessage {
+    pub sequence: u64,
+    pub subject: String,
+    /// Its `Nats-Msg-Id` header, if any.
+    pub msg_id: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+/// Every message of `stream` on the NATS server at `url`, oldest first;
+/// empty while the stream does not exist.
+pub async fn read_stream(url: &str, stream: &str) -> Result<Vec<StreamMessage>> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| Error::Setup(format!("NATS: {what}: {e}"));
+    let client = async_nats::connect(url)
+        .await
+        .map_err(|e| failed("connect", &e))?;
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream(stream).await else {
+        return Ok(Vec::new());
+    };
+    let info = stream.info().await.map_err(|e| failed("stream info", &e))?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    for seq in first.max(1)..=last {
+        let m = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| failed("read a message", &e))?;
+        out.push(StreamMessage {
+            sequence: m.sequence,
+            subject: m.subject.to_string(),
+            msg_id: m
+                .headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.as_str().to_owned()),
+            payload: m.payload.to_vec(),
+        });
+    }
+    Ok(out)
 }

@@ -403,31 +403,19 @@ pub fn nats_dir(tag: &str) -> std::path::PathBuf {
     ))
 }
 
-/// Every message of the events stream, oldest first (empty if none yet).
+/// Every message of the events stream, oldest first (empty if none yet, or
+/// while NATS does not answer).
 pub async fn stream_events(url: &str) -> Vec<Stored> {
-    let Ok(client) = async_nats::connect(url).await else {
-        return Vec::new();
-    };
-    let js = async_nats::jetstream::new(client);
-    let Ok(mut stream) = js.get_stream(STREAM).await else {
-        return Vec::new();
-    };
-    let Ok(info) = stream.info().await else {
-        return Vec::new();
-    };
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    let mut out = Vec::new();
-    for seq in first.max(1)..=last {
-        let m = stream.get_raw_message(seq).await.unwrap();
-        out.push(Stored {
+    let messages = tracker_e2e::nats_server::read_stream(url, STREAM)
+        .await
+        .unwrap_or_default();
+    messages
+        .into_iter()
+        .map(|m| Stored {
             sequence: m.sequence,
-            subject: m.subject.to_string(),
-            msg_id: m
-                .headers
-                .get(async_nats::header::NATS_MESSAGE_ID)
-                .map(|v| v.as_str().to_owned()),
+            subject: m.subject,
+            msg_id: m.msg_id,
             payload: serde_json::from_slice(&m.payload).unwrap(),
-        });
-    }
-    out
+        })
+        .collect()
 }
