@@ -4,16 +4,17 @@
 --
 -- KEYS     the connection set (c) of each pair's session, in pair order, the
 --          pairs of one session next to each other (they are checked
---          together); then the metadata (m) of the
---          session of each pair whose caller must own it, in ARGV's order
+--          together); then the metadata (m) of the session of each pair whose
+--          caller must own it, in ARGV's order
 -- ARGV     clock offset ms, window ms, one connection id per pair; then, for
 --          each pair whose caller must own its session (a user's heartbeat,
 --          over HTTP or a WebSocket), its 1-based position and the user.
 --          Services and admins add nothing.
--- Returns  {now ms, r1, r2, ...}: one number per refused pair, by position,
---          4 x its position + why: 1 the connection is
---          unknown or dead, 2 the session has no owner (for a user: no such
---          session), 3 another user owns it.
+-- Returns  {now ms, r1, r2, ...}: one number per refused pair (not in pair
+--          order: a run's owner refusals come before its dead connections),
+--          4 x its position + why: 1 the connection is unknown or dead, 2 the
+--          session has no owner (for a user: no such session), 3 another
+--          user owns it.
 -- Atomic   each pair's liveness check with its update: a heartbeat that lands
 --          after the window or after the sweep never brings the connection
 --          back; and a user's check of the owner with it, instead of a session

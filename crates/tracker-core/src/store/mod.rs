@@ -716,7 +716,7 @@ impl Store {
         let Some((&at, refused)) = reply.split_first() else {
             return Err(bad_reply(op, &reply));
         };
-        let refused = refused
+        let mut refused = refused
             .iter()
             .map(|&r| {
                 let why = match r % 4 {
@@ -732,7 +732,6 @@ impl Store {
                     .ok_or_else(|| bad_reply(op, &reply))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut refused = refused;
         refused.sort_unstable_by_key(|&(k, _)| k);
         Ok((at, refused))
     }
@@ -1491,12 +1490,7 @@ impl Store {
         event: &Announcement,
     ) -> Result<WakeAnnounce> {
         let op = &self.scripts.announce_wake;
-        let args = (
-            term.0,
-            event.event_id.as_str(),
-            event.platform.as_str(),
-            event.reason.as_str(),
-        );
+        let args = (term.0, event_args(Some(event)));
         let n: i64 = self.eval_session(op, session, args).await?;
         match n {
             1 => Ok(WakeAnnounce::Queued),
